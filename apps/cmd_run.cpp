@@ -1,0 +1,85 @@
+// `dilu run`: flags -> typed configs -> engine::run_job, then the end-of-run summary.
+#include <iomanip>
+#include <iostream>
+
+#include "apps/commands.h"
+#include "engine/run_config.h"
+#include "engine/run_job.h"
+#include "engine/version.h"
+#include "kernels/error.h"
+#include "parallel/world.h"
+
+namespace dilu::app {
+
+namespace {
+
+struct RunFlags {
+  std::string model, input, output, config;
+  std::vector<std::string> sets;
+};
+
+std::string keys_help() {
+  std::string s = "Run configuration keys (set in --config YAML or with --set key=value):\n";
+  for (const RunConfigKey& k : run_config_keys())
+    s += "  " + k.key + std::string(k.key.size() < 22 ? 22 - k.key.size() : 1, ' ') + k.type + " = " +
+         k.default_value + "  " + k.help + "\n";
+  return s;
+}
+
+int run(const RunFlags& f) {
+  int argc = 0;
+  char** argv = nullptr;
+  MpiSession mpi(&argc, &argv);
+  const World& world = mpi.world();
+  std::optional<std::filesystem::path> config_file;
+  if (!f.config.empty()) config_file = f.config;
+  const RunConfig cfg = load_run_config(config_file, f.sets);
+  const int ranks_needed = cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.dp;
+  DILU_USER_CHECK(ranks_needed == world.size, "parallel.tp x parallel.pp x parallel.dp = ", ranks_needed,
+                  " ranks, but dilu was launched with ", world.size,
+                  "; set them so that their product equals the number of ranks (mpirun -np N)");
+  DILU_USER_CHECK(world.size == 1, "this version of dilu runs on one rank; multi-rank runs (tensor, pipeline and data "
+                                   "parallel) arrive in a later version: launch one process");
+  std::cout << "dilu " << version_string() << " | " << world.str() << "\n"
+            << "resolved run configuration:\n" << run_config_to_yaml(cfg) << std::flush;
+
+  RunJobOptions o{f.model, f.input, f.output};
+  const RunSummary s = run_job(o, cfg, std::cerr);
+  const double gen = std::max(s.generate_seconds, 1e-9);
+  std::cout << std::fixed << std::setprecision(1) << "dilu: done: " << s.requests_done << " requests, "
+            << s.requests_failed << " failed; " << s.prompt_tokens << " prompt tokens (" << s.prompt_tokens / gen
+            << " tok/s), " << s.completion_tokens << " completion tokens (" << s.completion_tokens / gen
+            << " tok/s); load " << s.load_seconds << " s, generation " << s.generate_seconds << " s; output "
+            << f.output << "\n";
+  if (s.requests_failed > 0) {
+    std::cerr << "dilu: " << s.requests_failed << " input line(s) failed; their error records are in " << f.output
+              << "\n";
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace
+
+void add_run_command(CLI::App& root, Action& action) {
+  auto flags = std::make_shared<RunFlags>();
+  CLI::App* cmd = root.add_subcommand("run", "Generate completions for every line of a JSONL prompts file.");
+  cmd->add_option("--model", flags->model, "Hugging Face checkpoint directory (config.json + *.safetensors)")
+      ->required();
+  cmd->add_option("--input", flags->input,
+                  "JSONL input, one request per line: {\"id\": ..., \"prompt_token_ids\": [...], \"max_tokens\": N, "
+                  "\"temperature\": 0, \"ignore_eos\": false}")
+      ->required();
+  cmd->add_option("--output", flags->output,
+                  "JSONL output, one line per input line: {\"id\", \"token_ids\", \"finish_reason\", \"usage\"} or "
+                  "{\"id\", \"error\": {\"message\"}}; must not exist yet (or be empty)")
+      ->required();
+  cmd->add_option("--config", flags->config, "YAML run configuration (see configs/runs/default.yaml)")
+      ->check(CLI::ExistingFile);
+  cmd->add_option("--set", flags->sets, "Override one configuration key, e.g. --set kv.block_size=32 (repeatable)")
+      ->expected(1);
+  cmd->footer(keys_help());
+  cmd->callback([flags, &action] { action = [flags] { return run(*flags); }; });
+}
+
+}  // namespace dilu::app

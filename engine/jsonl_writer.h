@@ -1,0 +1,32 @@
+// Appends JSON lines to the output file: each line goes out in one write() so a crash never
+// leaves half a line behind a finished one; data is synced to disk periodically and at close.
+#pragma once
+
+#include <chrono>
+#include <filesystem>
+#include <string>
+
+#include <nlohmann/json_fwd.hpp>
+
+namespace dilu {
+
+class JsonlWriter {
+ public:
+  // Refuses an existing non-empty file, so earlier results are never overwritten.
+  explicit JsonlWriter(const std::filesystem::path& path);
+  ~JsonlWriter();
+  JsonlWriter(const JsonlWriter&) = delete;
+  JsonlWriter& operator=(const JsonlWriter&) = delete;
+
+  void write(const nlohmann::json& record);
+  void sync();  // fdatasync; throws UserError naming the file on failure (disk full, I/O error)
+  int64_t lines_written() const { return lines_; }
+
+ private:
+  std::filesystem::path path_;
+  int fd_ = -1;
+  int64_t lines_ = 0;
+  std::chrono::steady_clock::time_point last_sync_;
+};
+
+}  // namespace dilu

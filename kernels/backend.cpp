@@ -1,0 +1,15 @@
+// Chooses the op backend by name.
+#include "kernels/cpu/cpu_ops.h"
+#include "kernels/ops.h"
+
+namespace dilu {
+
+std::unique_ptr<Ops> make_ops(const std::string& backend, int cpu_threads) {
+  if (backend == "cpu" || backend == "auto") return make_cpu_ops(cpu_threads);
+  if (backend == "cuda")
+    throw UserError(
+        "backend 'cuda': the CUDA backend's ops are not implemented yet in this build; use --set backend=cpu");
+  throw UserError("unknown backend '" + backend + "'; choose cpu, cuda or auto");
+}
+
+}  // namespace dilu

@@ -1,0 +1,127 @@
+// The op interface every backend implements (CPU reference now, CUDA next). The model describes
+// computation through it and never touches device memory itself; each op checks dtypes and
+// shapes at its boundary. Shapes use the paper's symbols: T tokens in the step, D hidden size,
+// H heads, C = kv_lora_rank, R = qk_rope_head_dim, E routed experts, K experts per token.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "kernels/tensor.h"
+
+namespace dilu {
+
+// A linear layer's weight W [out, in] as stored: F32/BF16/F16, or F8E4M3 with a block scale
+// `scale_inv` [ceil(out/block_out), ceil(in/block_in)] so that W = fp8 * scale_inv per block.
+struct LinearWeight {
+  Tensor weight;     // [out, in]
+  Tensor scale_inv;  // [ceil(out/block_out), ceil(in/block_in)] F32, only for F8E4M3 weights
+  int64_t block_out = 0;
+  int64_t block_in = 0;
+  int64_t out_features() const { return weight.dim(0); }
+  int64_t in_features() const { return weight.dim(1); }
+};
+
+struct ExpertWeights {  // one SwiGLU MLP: down(silu(gate(x)) * up(x))
+  LinearWeight gate;  // [F, D]
+  LinearWeight up;    // [F, D]
+  LinearWeight down;  // [D, F]
+};
+
+// DeepSeek-V3 "noaux_tc" routing parameters.
+struct RouterParams {
+  int64_t num_experts = 0;    // E
+  int64_t top_k = 0;          // K
+  int64_t n_group = 1;
+  int64_t topk_group = 1;
+  bool norm_topk_prob = true;
+  float routed_scaling_factor = 1.0f;
+};
+
+// One step's attention layout: which sequence each token belongs to, where it sits, and the
+// blocks of the paged latent cache each sequence reads. Host-side integers; backends copy them.
+struct AttentionLayout {
+  std::vector<int32_t> token_seq;       // [T] sequence index of each token
+  std::vector<int32_t> token_pos;       // [T] position of each token (attends to 0..pos)
+  std::vector<int64_t> token_slot;      // [T] cache slot (block * block_size + offset) written by the token
+  std::vector<std::vector<int32_t>> block_tables;  // [S][blocks] cache blocks of each sequence
+  int64_t block_size = 0;
+};
+
+struct MlaParams {
+  int64_t num_heads = 0;         // H
+  int64_t qk_nope_head_dim = 0;
+  int64_t qk_rope_head_dim = 0;  // R
+  int64_t kv_lora_rank = 0;      // C
+  int64_t v_head_dim = 0;
+  float softmax_scale = 1.0f;
+};
+
+class Ops {
+ public:
+  virtual ~Ops() = default;
+  virtual Device device() const = 0;
+  virtual std::string name() const = 0;
+  // The dtype activations are kept in on this backend.
+  virtual DType activation_dtype() const = 0;
+
+  // ---- memory ----
+  // Bytes this backend can still allocate (host: MemAvailable; GPU: free device memory).
+  virtual size_t free_memory_bytes() const = 0;
+  virtual Tensor empty(DType dtype, Shape shape) = 0;
+  // A checkpoint vector (norm weight, bias) placed on the device as FP32.
+  virtual Tensor place_vector(const Tensor& host) = 0;
+  // A checkpoint matrix placed on the device in the form this backend computes with.
+  virtual LinearWeight place_linear(const Tensor& weight, const Tensor& scale_inv, int64_t block_out,
+                                    int64_t block_in) = 0;
+  // An embedding table [V, D] placed on the device.
+  virtual Tensor place_embedding(const Tensor& host) = 0;
+  // W exactly dequantized to FP32 on the device, [out, in].
+  virtual Tensor dequantize(const LinearWeight& w) = 0;
+  virtual void copy_to_host(const Tensor& src, void* dst) = 0;
+  virtual void copy_from_host(const void* src, Tensor& dst) = 0;
+
+  // ---- ops ----
+  // out[t] = table[ids[t]]; ids host-side, validated by the caller.
+  virtual void embedding(const Tensor& table, std::span<const int32_t> ids, Tensor& out) = 0;
+  // Normalizes the first d = w.numel() columns of each row of x [N, W] (W >= d):
+  // out[:, :d] = x * rsqrt(mean(x^2) + eps) * w. Other columns of out are untouched; out may alias x.
+  virtual void rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& out) = 0;
+  // out [N, W] = x[rows] for x [T, W].
+  virtual void gather_rows(const Tensor& x, std::span<const int32_t> rows, Tensor& out) = 0;
+  // x += y
+  virtual void add(Tensor& x, const Tensor& y) = 0;
+  // out [T, out] = x [T, in] @ W^T
+  virtual void linear(const Tensor& x, const LinearWeight& w, Tensor& out) = 0;
+  // out = silu(gate) * up, all [T, F]
+  virtual void silu_mul(const Tensor& gate, const Tensor& up, Tensor& out) = 0;
+  // Rotates interleaved pairs (x[2i], x[2i+1]) of columns [offset, offset + 2*inv_freq.size()) of
+  // every row of x [T, N, W] by angle pos[t] * inv_freq[i], scaling cos and sin by attention_factor.
+  virtual void rope(Tensor& x, int64_t offset, std::span<const int32_t> pos, std::span<const float> inv_freq,
+                    float attention_factor) = 0;
+  // Stores each token's cache entry [C + R] (normalized latent then rotated key) at its slot.
+  // cache: [num_blocks, block_size, C + R]; entry: [T, C + R].
+  virtual void cache_write(Tensor& cache, const Tensor& entry, const AttentionLayout& layout) = 0;
+  // Multi-head latent attention in the absorbed form over the paged cache.
+  // q [T, H, nope + R] (rope applied), w_kv_b = dequantized kv_b_proj [H*(nope+v), C],
+  // cache [num_blocks, block_size, C + R], out [T, H*v].
+  virtual void mla_attention(const Tensor& q, const Tensor& w_kv_b, const Tensor& cache,
+                             const AttentionLayout& layout, const MlaParams& p, Tensor& out) = 0;
+  // Router: sigmoid scores of x [T, D] against gate [E, D] (FP32), biased group/expert choice,
+  // unbiased weights. ids [T, K] I32, weights [T, K] F32.
+  virtual void moe_route(const Tensor& x, const Tensor& gate, const Tensor& bias, const RouterParams& p,
+                         Tensor& ids, Tensor& weights) = 0;
+  // out [T, D] = sum_k weights[t,k] * expert_{ids[t,k]}(x[t]), summed in ascending expert order.
+  virtual void moe_experts(const Tensor& x, std::span<const ExpertWeights> experts, const Tensor& ids,
+                           const Tensor& weights, Tensor& out) = 0;
+  // Greedy choice per row of logits [N, V]: index of the first maximum.
+  virtual std::vector<int32_t> argmax(const Tensor& logits) = 0;
+};
+
+// "cpu" always; "cuda" when built with it. Throws UserError for an unknown or unavailable name.
+std::unique_ptr<Ops> make_ops(const std::string& backend, int cpu_threads);
+
+}  // namespace dilu
