@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Installs what is missing, builds everything with warnings as errors, and runs the whole test
+# suite (unit tests, end-to-end CLI tests, golden parity against Hugging Face transformers).
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+scripts/setup.sh
+build="${BUILD_DIR:-$root/build}"
+BUILD_DIR="$build" scripts/build.sh -DDILU_WERROR=ON -DDILU_BUILD_TESTS=ON
+ctest --test-dir "$build" --output-on-failure -j "$(nproc)" --timeout 600
