@@ -59,12 +59,24 @@ std::variant<Request, RequestError> parse_request(const std::string& text, int64
     if (!j.is_object()) fail("expected a JSON object per line, got " + j.dump().substr(0, 80));
     if (!j.contains("id")) fail("missing 'id' (a string or number that names the request in the output)");
     if (!id.is_string() && !id.is_number_integer()) fail("'id' must be a string or an integer, got " + id.dump());
-    static const std::set<std::string> kKnown = {"id", "prompt_token_ids", "max_tokens", "temperature", "ignore_eos",
-                                                 "top_p", "top_k", "seed", "prompt", "messages"};
+    static const std::set<std::string> kKnown = {"id",   "prompt_token_ids", "max_tokens", "temperature", "ignore_eos",
+                                                 "top_p", "top_k",          "seed",       "n",           "stop",
+                                                 "logprobs", "top_logprobs", "prompt",    "messages"};
     for (auto it = j.begin(); it != j.end(); ++it)
       if (!kKnown.count(it.key()))
         fail("unknown field '" + it.key() +
-             "'; this version reads id, prompt_token_ids, max_tokens, temperature, ignore_eos, top_p, top_k, seed");
+             "'; a request line may hold id, prompt_token_ids, max_tokens, temperature, top_p, top_k, seed, "
+             "ignore_eos, n, stop, logprobs, top_logprobs");
+    // Fields of the full request format that this version accepts only at their neutral value.
+    auto neutral = [&](const char* key, auto is_neutral, const char* what) {
+      if (j.contains(key) && !j[key].is_null() && !is_neutral(j[key]))
+        fail(std::string("'") + key + "' = " + j[key].dump() + ": " + what +
+             " is not implemented in this version of dilu yet; leave it out");
+    };
+    neutral("n", [](const json& v) { return v == 1; }, "more than one sample per prompt");
+    neutral("stop", [](const json& v) { return v.is_array() && v.empty(); }, "stop strings (they need the tokenizer)");
+    neutral("logprobs", [](const json& v) { return v == false || v == 0; }, "returning logprobs");
+    neutral("top_logprobs", [](const json& v) { return v == 0; }, "returning logprobs");
     if (j.contains("prompt") || j.contains("messages"))
       fail("text prompts ('prompt', 'messages') need the tokenizer, which this version of dilu does not have yet; "
            "give 'prompt_token_ids'");
