@@ -6,7 +6,7 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 scripts/setup.sh
-TARGET=dilu scripts/build.sh -DDILU_BUILD_TESTS=OFF >/dev/null
+TARGET=dilu scripts/build.sh >/dev/null
 dilu="${BUILD_DIR:-$root/build}/apps/dilu"
 
 rm -rf demo
