@@ -77,7 +77,7 @@ void add_run_command(CLI::App& root, Action& action) {
   cmd->add_option("--config", flags->config, "YAML run configuration (see configs/runs/default.yaml)")
       ->check(CLI::ExistingFile);
   cmd->add_option("--set", flags->sets, "Override one configuration key, e.g. --set kv.block_size=32 (repeatable)")
-      ->expected(1);
+      ->allow_extra_args(false);
   cmd->footer(keys_help());
   cmd->callback([flags, &action] { action = [flags] { return run(*flags); }; });
 }

@@ -15,7 +15,8 @@ namespace dilu {
 
 JsonlWriter::JsonlWriter(const std::filesystem::path& path) : path_(path), last_sync_(std::chrono::steady_clock::now()) {
   std::error_code ec;
-  if (std::filesystem::exists(path, ec) && std::filesystem::file_size(path, ec) > 0)
+  // Only a regular file can hold earlier results; pipes and devices (/dev/stdout) are fine.
+  if (std::filesystem::is_regular_file(path, ec) && std::filesystem::file_size(path, ec) > 0)
     throw UserError("output file '" + path.string() +
                     "' already exists and is not empty; dilu never overwrites results: remove it or choose another "
                     "--output");

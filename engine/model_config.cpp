@@ -2,12 +2,12 @@
 #include "engine/model_config.h"
 
 #include <cmath>
-#include <fstream>
 #include <numbers>
 #include <set>
 
 #include <nlohmann/json.hpp>
 
+#include "engine/json_file.h"
 #include "kernels/error.h"
 
 namespace dilu {
@@ -226,14 +226,7 @@ ModelConfig load_model_config(const std::filesystem::path& model_dir) {
   DILU_USER_CHECK(fs::is_directory(model_dir), "model directory '", model_dir.string(),
                   "' does not exist or is not a directory; pass --model a Hugging Face checkpoint directory");
   const fs::path path = model_dir / "config.json";
-  std::ifstream in(path);
-  DILU_USER_CHECK(in.good(), "cannot read '", path.string(), "'; a checkpoint directory must hold config.json");
-  json j;
-  try {
-    j = json::parse(in);
-  } catch (const json::parse_error& e) {
-    throw UserError(path.string() + ": not valid JSON: " + e.what());
-  }
+  const json j = read_json_file(path);
   return model_config_from_json(j, path.string());
 }
 

@@ -9,11 +9,11 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
-#include <fstream>
 #include <limits>
 
 #include <nlohmann/json.hpp>
 
+#include "engine/json_file.h"
 #include "kernels/error.h"
 
 namespace dilu {
@@ -136,20 +136,15 @@ Tensor SafetensorsFile::tensor(const std::string& name) const {
 }
 
 Checkpoint Checkpoint::open(const fs::path& model_dir) {
+  DILU_USER_CHECK(fs::is_directory(model_dir), "model directory '", model_dir.string(),
+                  "' does not exist or is not a directory");
   Checkpoint c;
   c.dir_ = model_dir;
   const fs::path index_path = model_dir / "model.safetensors.index.json";
   std::vector<fs::path> shard_paths;
   std::map<std::string, std::string> weight_map;
   if (fs::exists(index_path)) {
-    std::ifstream in(index_path);
-    DILU_USER_CHECK(in.good(), "cannot read '", index_path.string(), "'");
-    json j;
-    try {
-      j = json::parse(in);
-    } catch (const json::parse_error& e) {
-      throw UserError(index_path.string() + ": not valid JSON (" + e.what() + ")");
-    }
+    const json j = read_json_file(index_path);
     DILU_USER_CHECK(j.is_object() && j.contains("weight_map") && j["weight_map"].is_object(), index_path.string(),
                     ": needs a \"weight_map\" object mapping tensor names to shard files");
     std::vector<std::string> missing;

@@ -53,7 +53,9 @@ TEST(Fp8E4M3, DecodesAll256Codes) {
   for (int m = 0; m < 8; ++m) EXPECT_EQ(fp8e4m3_to_f32(static_cast<uint8_t>(m)), std::ldexp(static_cast<float>(m), -9));
   // The largest finite magnitude is 448: every non-NaN code is at most that.
   for (int c = 0; c < 256; ++c)
-    if (!is_fp8_nan(c)) EXPECT_LE(std::fabs(fp8e4m3_to_f32(static_cast<uint8_t>(c))), 448.0f);
+    if (!is_fp8_nan(c)) {
+      EXPECT_LE(std::fabs(fp8e4m3_to_f32(static_cast<uint8_t>(c))), 448.0f);
+    }
 }
 
 TEST(Fp8E4M3, EncodeRoundTripsEveryFiniteCode) {
