@@ -9,6 +9,7 @@
 
 #include "engine/deepseek_v3.h"
 #include "engine/jsonl_writer.h"
+#include "engine/block_manager.h"
 #include "engine/kv_cache.h"
 #include "engine/request.h"
 #include "engine/safetensors.h"
@@ -26,7 +27,8 @@ struct Completion {
 };
 
 // Greedy generation of one request over freshly allocated cache blocks.
-Completion generate(DeepseekV3& model, Ops& ops, KvCache& cache, const Request& r, int64_t max_seq_len) {
+Completion generate(DeepseekV3& model, Ops& ops, KvCache& cache, BlockManager& block_manager, const Request& r,
+                    int64_t max_seq_len) {
   const ModelConfig& c = model.config();
   Completion out{{}, "length"};
   const int64_t prompt_len = static_cast<int64_t>(r.prompt.size());
@@ -34,8 +36,8 @@ Completion generate(DeepseekV3& model, Ops& ops, KvCache& cache, const Request& 
   if (limit <= 0) return out;
   std::vector<int32_t> blocks;
   const int64_t needed = cache.blocks_for(prompt_len + limit);
-  DILU_CHECK(cache.blocks().can_allocate(needed), "KV cache too small for one request");
-  cache.blocks().allocate(needed, blocks);
+  DILU_CHECK(block_manager.can_allocate(needed), "KV cache too small for one request");
+  block_manager.allocate(needed, blocks);
 
   StepInput step;
   step.layout.block_size = cache.block_size();
@@ -66,7 +68,7 @@ Completion generate(DeepseekV3& model, Ops& ops, KvCache& cache, const Request& 
     place(prompt_len + static_cast<int64_t>(out.tokens.size()) - 1);
     step.logit_rows = {0};
   }
-  cache.blocks().release(blocks);
+  block_manager.release(blocks);
   return out;
 }
 
@@ -97,6 +99,7 @@ RunSummary run_job(const RunJobOptions& o, const RunConfig& cfg, std::ostream& l
   DILU_USER_CHECK(num_blocks >= 1, "the KV cache gets no block: ", block_bytes, " bytes per block of ", block_size,
                   " tokens do not fit; lower kv.block_size or model.max_seq_len, or raise kv.memory_fraction");
   KvCache cache(*ops, mc.num_hidden_layers, num_blocks, block_size, mc.kv_lora_rank + mc.qk_rope_head_dim);
+  BlockManager block_manager(num_blocks);
   s.load_seconds = seconds_since(t_load);
   log << "dilu: model loaded in " << s.load_seconds << " s on " << ops->name() << "; KV cache " << num_blocks
       << " blocks of " << block_size << " tokens (" << (num_blocks * block_bytes >> 20) << " MiB)\n";
@@ -117,7 +120,7 @@ RunSummary run_job(const RunJobOptions& o, const RunConfig& cfg, std::ostream& l
     }
     const Request& r = std::get<Request>(parsed);
     if (cache.blocks_for(std::min<int64_t>(static_cast<int64_t>(r.prompt.size()) + r.max_tokens, limits.max_seq_len)) >
-        cache.blocks().num_blocks()) {
+        cache.num_blocks()) {
       RequestError e{line, r.id,
                      "line " + std::to_string(line) + ": prompt plus max_tokens needs more KV-cache blocks than exist (" +
                          std::to_string(num_blocks) + "); lower max_tokens or raise kv.num_blocks"};
@@ -125,7 +128,7 @@ RunSummary run_job(const RunJobOptions& o, const RunConfig& cfg, std::ostream& l
       ++s.requests_failed;
       continue;
     }
-    Completion done = generate(model, *ops, cache, r, limits.max_seq_len);
+    Completion done = generate(model, *ops, cache, block_manager, r, limits.max_seq_len);
     writer.write(completion_record(r, done.tokens, done.finish_reason, cfg.output.token_ids));
     ++s.requests_done;
     s.prompt_tokens += static_cast<int64_t>(r.prompt.size());

@@ -83,6 +83,8 @@ class Ops {
   virtual Tensor dequantize(const LinearWeight& w) = 0;
   virtual void copy_to_host(const Tensor& src, void* dst) = 0;
   virtual void copy_from_host(const void* src, Tensor& dst) = 0;
+  // dst = src, both on this device, same dtype and size.
+  virtual void copy(const Tensor& src, Tensor& dst) = 0;
 
   // ---- ops ----
   // out[t] = table[ids[t]]; ids host-side, validated by the caller.

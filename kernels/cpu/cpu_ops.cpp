@@ -97,6 +97,11 @@ class CpuOps final : public Ops {
 
   void copy_to_host(const Tensor& src, void* dst) override { std::memcpy(dst, src.raw(), src.nbytes()); }
   void copy_from_host(const void* src, Tensor& dst) override { std::memcpy(dst.raw(), src, dst.nbytes()); }
+  void copy(const Tensor& src, Tensor& dst) override {
+    DILU_CHECK(src.dtype() == dst.dtype() && src.nbytes() == dst.nbytes(), "copy of ", shape_str(src.shape()), " into ",
+               shape_str(dst.shape()));
+    std::memcpy(dst.raw(), src.raw(), src.nbytes());
+  }
 
   void embedding(const Tensor& table, std::span<const int32_t> ids, Tensor& out) override {
     check_f32(out, "embedding output");
