@@ -113,15 +113,17 @@ std::vector<Sequence*> Scheduler::fork(Sequence* seq) {
     std::vector<int32_t> shared(seq->block_table.begin(), seq->block_table.begin() + full);
     blocks_.share(shared);
     f->block_table = std::move(shared);
+    const bool room = static_cast<int64_t>(running_.size()) < limits_.max_seqs && (!partial || blocks_.can_allocate(1));
+    if (!room) {
+      // No room among the running sequences (or no block for its own copy of the partial
+      // block): the sample waits and recomputes its prompt when admitted.
+      blocks_.release(f->block_table);
+      f->num_computed = 0;
+      waiting_.push_front(std::move(f));
+      out.push_back(waiting_.front().get());
+      continue;
+    }
     if (partial) {
-      if (!blocks_.can_allocate(1)) {
-        // No block for its own copy of the partial block: the fork recomputes its prompt later.
-        blocks_.release(f->block_table);
-        f->num_computed = 0;
-        waiting_.push_front(std::move(f));
-        out.push_back(waiting_.front().get());
-        continue;
-      }
       blocks_.allocate(1, f->block_table);
       pending_copies_.push_back({seq->block_table[static_cast<size_t>(full)], f->block_table.back()});
     }
