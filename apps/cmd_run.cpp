@@ -1,4 +1,7 @@
 // `dilu run`: flags -> typed configs -> engine::run_job, then the end-of-run summary.
+#include <atomic>
+#include <csignal>
+#include <cstdlib>
 #include <iomanip>
 #include <iostream>
 
@@ -16,7 +19,18 @@ namespace {
 struct RunFlags {
   std::string model, input, output, config;
   std::vector<std::string> sets;
+  bool overwrite = false;
+  bool no_resume = false;
 };
+
+// SIGINT / SIGTERM (Slurm's warning before a time limit) ask the run to stop cleanly; a second
+// one ends the process at once.
+std::atomic<bool> g_stop{false};
+std::atomic<int> g_signal{0};
+extern "C" void on_stop_signal(int sig) {
+  if (g_stop.exchange(true)) std::_Exit(128 + sig);
+  g_signal = sig;
+}
 
 std::string keys_help() {
   std::string s = "Run configuration keys (set in --config YAML or with --set key=value):\n";
@@ -43,14 +57,28 @@ int run(const RunFlags& f) {
   std::cout << "dilu " << version_string() << " | " << world.str() << "\n"
             << "resolved run configuration:\n" << run_config_to_yaml(cfg) << std::flush;
 
-  RunJobOptions o{f.model, f.input, f.output};
+  RunJobOptions o;
+  o.model_dir = f.model;
+  o.input = f.input;
+  o.output = f.output;
+  o.overwrite = f.overwrite;
+  o.resume = !f.no_resume;
+  o.stop = &g_stop;
+  std::signal(SIGINT, on_stop_signal);
+  std::signal(SIGTERM, on_stop_signal);
   const RunSummary s = run_job(o, cfg, std::cerr);
   const double gen = std::max(s.generate_seconds, 1e-9);
   std::cout << std::fixed << std::setprecision(1) << "dilu: done: " << s.requests_done << " requests, "
-            << s.requests_failed << " failed; " << s.prompt_tokens << " prompt tokens (" << s.prompt_tokens / gen
+            << s.requests_failed << " failed, " << s.requests_skipped << " skipped (answered earlier); "
+            << s.prompt_tokens << " prompt tokens (" << s.prompt_tokens / gen
             << " tok/s), " << s.completion_tokens << " completion tokens (" << s.completion_tokens / gen
             << " tok/s); load " << s.load_seconds << " s, generation " << s.generate_seconds << " s; output "
             << f.output << "\n";
+  if (s.interrupted) {
+    std::cerr << "dilu: stopped by signal " << g_signal.load() << "; finished requests are in " << f.output
+              << ", run the same command again to resume\n";
+    return 128 + g_signal.load();
+  }
   if (s.requests_failed > 0) {
     std::cerr << "dilu: " << s.requests_failed << " input line(s) failed; their error records are in " << f.output
               << "\n";
@@ -67,13 +95,18 @@ void add_run_command(CLI::App& root, Action& action) {
   cmd->add_option("--model", flags->model, "Hugging Face checkpoint directory (config.json + *.safetensors)")
       ->required();
   cmd->add_option("--input", flags->input,
-                  "JSONL input, one request per line: {\"id\": ..., \"prompt_token_ids\": [...], \"max_tokens\": N, "
-                  "\"temperature\": 0, \"ignore_eos\": false}")
+                  "JSONL input, one request per line: {\"id\", \"prompt\" | \"messages\" | \"prompt_token_ids\", "
+                  "\"max_tokens\", \"temperature\", \"top_p\", \"top_k\", \"min_p\", \"seed\", \"n\", \"stop\", "
+                  "\"stop_token_ids\", \"ignore_eos\", \"logprobs\", \"top_logprobs\"}, or OpenAI Batch API lines "
+                  "{\"custom_id\", \"method\", \"url\", \"body\"}")
       ->required();
   cmd->add_option("--output", flags->output,
-                  "JSONL output, one line per input line: {\"id\", \"token_ids\", \"finish_reason\", \"usage\"} or "
-                  "{\"id\", \"error\": {\"message\"}}; must not exist yet (or be empty)")
+                  "JSONL output, one record per input line, in completion order: {\"id\", \"text\", \"token_ids\", "
+                  "\"finish_reason\", \"usage\"}, an OpenAI Batch response for Batch lines, or {\"id\", \"error\"}. "
+                  "If it exists, the run resumes: lines it answers are skipped")
       ->required();
+  cmd->add_flag("--overwrite", flags->overwrite, "Start over: truncate an existing output instead of resuming");
+  cmd->add_flag("--no-resume", flags->no_resume, "Refuse an existing non-empty output instead of resuming");
   cmd->add_option("--config", flags->config, "YAML run configuration (see configs/runs/default.yaml)")
       ->check(CLI::ExistingFile);
   cmd->add_option("--set", flags->sets, "Override one configuration key, e.g. --set kv.block_size=32 (repeatable)")

@@ -13,17 +13,19 @@
 
 namespace dilu {
 
-JsonlWriter::JsonlWriter(const std::filesystem::path& path) : path_(path), last_sync_(std::chrono::steady_clock::now()) {
+JsonlWriter::JsonlWriter(const std::filesystem::path& path, Mode mode)
+    : path_(path), last_sync_(std::chrono::steady_clock::now()) {
   std::error_code ec;
   // Only a regular file can hold earlier results; pipes and devices (/dev/stdout) are fine.
-  if (std::filesystem::is_regular_file(path, ec) && std::filesystem::file_size(path, ec) > 0)
+  if (mode == Mode::Create && std::filesystem::is_regular_file(path, ec) && std::filesystem::file_size(path, ec) > 0)
     throw UserError("output file '" + path.string() +
                     "' already exists and is not empty; dilu never overwrites results: remove it or choose another "
                     "--output");
   if (path.has_parent_path() && !std::filesystem::exists(path.parent_path()))
     throw UserError("cannot write '" + path.string() + "': directory '" + path.parent_path().string() +
                     "' does not exist");
-  fd_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+  const bool truncate = mode == Mode::Overwrite && std::filesystem::is_regular_file(path, ec);
+  fd_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | (truncate ? O_TRUNC : 0), 0644);
   DILU_USER_CHECK(fd_ >= 0, "cannot open output file '", path.string(), "': ", std::strerror(errno));
 }
 

@@ -12,8 +12,12 @@ namespace dilu {
 
 class JsonlWriter {
  public:
-  // Refuses an existing non-empty file, so earlier results are never overwritten.
-  explicit JsonlWriter(const std::filesystem::path& path);
+  enum class Mode {
+    Create,     // refuse an existing non-empty file, so earlier results are never overwritten
+    Append,     // resume: keep what is there (the caller has cut a torn last line)
+    Overwrite,  // start over: truncate
+  };
+  JsonlWriter(const std::filesystem::path& path, Mode mode);
   ~JsonlWriter();
   JsonlWriter(const JsonlWriter&) = delete;
   JsonlWriter& operator=(const JsonlWriter&) = delete;

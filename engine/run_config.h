@@ -48,7 +48,8 @@ struct SamplingConfig {
 };
 
 struct OutputConfig {
-  bool token_ids = true;  // write token ids in output lines
+  bool token_ids = true;          // write token ids in output lines
+  bool split_reasoning = false;   // put R1's <think>...</think> text in a reasoning_content field
   friend bool operator==(const OutputConfig&, const OutputConfig&) = default;
 };
 

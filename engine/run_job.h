@@ -1,10 +1,11 @@
-// `dilu run` as a library call: load the model, stream the input JSONL through generation,
-// write one output line per input line. The app only turns flags into these options.
+// `dilu run` as a library call: load the model, stream the input JSONL through the engine,
+// append one output line per input line (resuming what an earlier run left). The app only turns
+// flags into these options.
 #pragma once
 
+#include <atomic>
 #include <filesystem>
 #include <iosfwd>
-#include <optional>
 
 #include "engine/run_config.h"
 
@@ -14,15 +15,24 @@ struct RunJobOptions {
   std::filesystem::path model_dir;
   std::filesystem::path input;
   std::filesystem::path output;
+  bool resume = true;      // keep an existing output and skip the ids it answers
+  bool overwrite = false;  // start over: truncate an existing output
+  // Set (by a signal handler) to stop: no new work is admitted and the run ends after the
+  // current step; requests in flight are left for a resumed run.
+  const std::atomic<bool>* stop = nullptr;
 };
 
 struct RunSummary {
   int64_t requests_done = 0;
   int64_t requests_failed = 0;
+  int64_t requests_skipped = 0;  // answered by an earlier run (resume)
   int64_t prompt_tokens = 0;
   int64_t completion_tokens = 0;
+  int64_t steps = 0;
+  int64_t preemptions = 0;
   double load_seconds = 0;
   double generate_seconds = 0;
+  bool interrupted = false;
 };
 
 // Throws UserError before any compute when the model or the files are unusable.

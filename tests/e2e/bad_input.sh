@@ -52,9 +52,19 @@ expect = {1: ("good-1", 3), 2: (None, None), 3: ("no-prompt", None), 5: ("empty"
           7: ("too-long", None), 9: (8, 2), 10: (None, None), 11: ("good-3", 5)}
 assert [n for n, _ in numbered] == sorted(expect), [n for n, _ in numbered]
 words = {2: "JSON", 3: "prompt_token_ids", 5: "empty", 6: "vocabulary", 7: "max_seq_len", 10: "object"}
-for (n, _), text in zip(numbered, out_lines):
+# Records come in completion order (error records at once, completions when done): match them to
+# input lines by error.line or by id.
+by_id = {v[0]: n for n, v in expect.items() if v[1] is not None}
+records = {}
+for text in out_lines:
     rec = json.loads(text)
     assert isinstance(rec, dict), text
+    n = rec["error"]["line"] if "error" in rec else by_id[rec["id"]]
+    assert n not in records, f"line {n} answered twice"
+    records[n] = (rec, text)
+assert sorted(records) == sorted(expect), sorted(records)
+for n in sorted(records):
+    rec, text = records[n]
     want_id, max_tokens = expect[n]
     assert rec.get("id") == want_id, f"line {n}: id {rec.get('id')!r}, expected {want_id!r}"
     if max_tokens is None:

@@ -116,11 +116,11 @@ rc=0
 grep -qF "$scratch/no-input.jsonl" "$scratch/no_input.stderr" || fail "missing input not named: $(cat "$scratch/no_input.stderr")"
 [ ! -e "$scratch/no_input.jsonl" ] || fail "missing input: the output file was created"
 
-# The output file already holds results: refused, and left exactly as it was.
+# With --no-resume, an output file that already holds results is refused and left as it was.
 printf '{"id": "earlier", "token_ids": [1]}\n' >"$scratch/existing.jsonl"
 cp "$scratch/existing.jsonl" "$scratch/existing.orig"
 rc=0
-"$dilu" run --model "$scratch/m" --input "$scratch/in.jsonl" --output "$scratch/existing.jsonl" \
+"$dilu" run --model "$scratch/m" --input "$scratch/in.jsonl" --output "$scratch/existing.jsonl" --no-resume \
   >/dev/null 2>"$scratch/existing.stderr" || rc=$?
 [ "$rc" = 2 ] || fail "existing output: exit code $rc, expected 2"
 grep -qF "$scratch/existing.jsonl" "$scratch/existing.stderr" || fail "existing output not named: $(cat "$scratch/existing.stderr")"

@@ -32,7 +32,7 @@ TEST(JsonlWriter, RefusesAnExistingNonEmptyFile) {
   const fs::path dir = test::scratch_dir();
   const fs::path p = dir / "out.jsonl";
   test::write_bytes(p, "{\"id\": 1}\n");
-  test::expect_user_error([&] { JsonlWriter w(p); }, {p.string(), "not empty"});
+  test::expect_user_error([&] { JsonlWriter w(p, JsonlWriter::Mode::Create); }, {p.string(), "not empty"});
   EXPECT_EQ(test::read_bytes(p), "{\"id\": 1}\n") << "the file must be left untouched";
 }
 
@@ -40,12 +40,12 @@ TEST(JsonlWriter, AcceptsAnEmptyFileAndRejectsAMissingDirectory) {
   const fs::path dir = test::scratch_dir();
   test::write_bytes(dir / "empty.jsonl", "");
   {
-    JsonlWriter w(dir / "empty.jsonl");
+    JsonlWriter w(dir / "empty.jsonl", JsonlWriter::Mode::Create);
     w.write(json{{"id", 1}});
   }
   EXPECT_EQ(lines_of(dir / "empty.jsonl").size(), 1u);
   const fs::path missing = dir / "no_such_dir" / "out.jsonl";
-  test::expect_user_error([&] { JsonlWriter w(missing); }, {missing.string()});
+  test::expect_user_error([&] { JsonlWriter w(missing, JsonlWriter::Mode::Create); }, {missing.string()});
 }
 
 TEST(JsonlWriter, AppendsOneValidJsonObjectPerLine) {
@@ -57,7 +57,7 @@ TEST(JsonlWriter, AppendsOneValidJsonObjectPerLine) {
       json{{"id", nullptr}},
   };
   {
-    JsonlWriter w(p);
+    JsonlWriter w(p, JsonlWriter::Mode::Create);
     for (const json& r : records) w.write(r);
     EXPECT_EQ(w.lines_written(), 4);
     w.sync();
@@ -89,7 +89,7 @@ TEST(JsonlWriter, FileSizeLimitIsAUserErrorLeavingOnlyCompleteLines) {
     struct rlimit lim{kLimit, kLimit};
     if (::setrlimit(RLIMIT_FSIZE, &lim) != 0) ::_exit(10);
     try {
-      JsonlWriter w(p);
+      JsonlWriter w(p, JsonlWriter::Mode::Create);
       for (int i = 0; i < 1000; ++i)
         w.write(json{{"id", i}, {"token_ids", {i, i + 1, i + 2, i + 3}}, {"finish_reason", "length"}});
       ::_exit(11);  // never refused

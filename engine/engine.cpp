@@ -1,0 +1,210 @@
+// See engine.h.
+#include "engine/engine.h"
+
+#include <algorithm>
+
+#include "engine/tokenizer.h"
+
+namespace dilu {
+
+struct Engine::SequenceState {
+  int64_t handle = 0;
+  std::unique_ptr<DecodeStream> stream;  // null without a tokenizer
+  SampleOutput out;
+  size_t stop_scan_from = 0;  // text before this offset was searched for stop strings already
+  bool done = false;
+};
+
+struct Engine::RequestState {
+  EngineRequest req;
+  int64_t max_tokens = 0;  // per sample, capped by max_seq_len
+  std::vector<SampleOutput> samples;
+  int64_t num_done = 0;
+};
+
+Engine::Engine(DeepseekV3& model, Ops& ops, KvCache& cache, EngineOptions options, const Tokenizer* tokenizer)
+    : model_(model),
+      ops_(ops),
+      cache_(cache),
+      options_(std::move(options)),
+      tokenizer_(tokenizer),
+      scheduler_(options_.limits, cache.num_blocks()) {
+  DILU_CHECK(options_.limits.block_size == cache.block_size(), "scheduler and cache block sizes differ");
+}
+
+Engine::~Engine() = default;
+
+int64_t Engine::blocks_needed(const EngineRequest& r) const {
+  const int64_t len = std::min<int64_t>(static_cast<int64_t>(r.prompt.size()) + r.sampling.max_tokens, options_.max_seq_len);
+  return scheduler_.blocks_for(std::max<int64_t>(len, 1));
+}
+
+void Engine::submit(EngineRequest r) {
+  DILU_CHECK(!r.prompt.empty() && r.sampling.n >= 1, "bad engine request");
+  DILU_CHECK(!requests_.count(r.handle), "duplicate handle ", r.handle);
+  auto st = std::make_unique<RequestState>();
+  st->max_tokens = std::min<int64_t>(r.sampling.max_tokens, options_.max_seq_len - static_cast<int64_t>(r.prompt.size()));
+  st->samples.resize(static_cast<size_t>(r.sampling.n));
+  if (st->max_tokens <= 0) {  // nothing to generate: answered without touching the model
+    for (auto& s : st->samples) s.finish_reason = "length";
+    ready_.push_back({r.handle, static_cast<int64_t>(r.prompt.size()), std::move(st->samples)});
+    return;
+  }
+  auto seq = std::make_unique<Sequence>();
+  seq->request = r.handle;
+  seq->tokens = r.prompt;
+  seq->prompt_len = static_cast<int64_t>(r.prompt.size());
+  seq->pending_forks = r.sampling.n - 1;
+  Sequence* s = scheduler_.add(std::move(seq));
+  auto ss = std::make_unique<SequenceState>();
+  ss->handle = r.handle;
+  if (tokenizer_) ss->stream = std::make_unique<DecodeStream>(*tokenizer_, /*skip_special_tokens=*/true);
+  seqs_[s] = std::move(ss);
+  st->req = std::move(r);
+  requests_[st->req.handle] = std::move(st);
+}
+
+void Engine::accept(Sequence* seq, const SampleResult& sampled) {
+  SequenceState& ss = *seqs_.at(seq);
+  RequestState& rs = *requests_.at(ss.handle);
+  const SamplingParams& p = rs.req.sampling;
+  scheduler_.append(seq, sampled.token);
+  SampleOutput& out = ss.out;
+  out.token_ids.push_back(sampled.token);
+  if (p.logprobs) {
+    auto text_of = [&](int32_t id) {
+      return tokenizer_ ? tokenizer_->decode(std::span<const int32_t>(&id, 1), false) : std::string();
+    };
+    PositionLogprobs lp;
+    lp.chosen = {sampled.token, text_of(sampled.token), sampled.logprob};
+    for (auto [id, logprob] : sampled.top) lp.top.push_back({id, text_of(id), logprob});
+    out.logprobs.push_back(std::move(lp));
+  }
+  if (ss.stream) out.text += ss.stream->push(sampled.token);
+
+  const auto& eos = options_.eos_token_ids;
+  const bool is_eos = std::find(eos.begin(), eos.end(), sampled.token) != eos.end();
+  const bool is_stop_token =
+      std::find(p.stop_token_ids.begin(), p.stop_token_ids.end(), sampled.token) != p.stop_token_ids.end();
+  if (is_stop_token) {
+    out.finish_reason = "stop";
+    out.stop_reason = sampled.token;
+    ss.done = true;
+  } else if (is_eos && !p.ignore_eos) {
+    out.finish_reason = "stop";
+    ss.done = true;
+  }
+  // Stop strings: search only the text that could hold a match not seen before.
+  if (!ss.done && !p.stop.empty()) {
+    size_t longest = 0;
+    for (const auto& s : p.stop) longest = std::max(longest, s.size());
+    const size_t from = ss.stop_scan_from;
+    size_t best = std::string::npos;
+    const std::string* hit = nullptr;
+    for (const auto& s : p.stop) {
+      if (s.empty()) continue;
+      const size_t at = out.text.find(s, from);
+      if (at != std::string::npos && at < best) {
+        best = at;
+        hit = &s;
+      }
+    }
+    if (hit) {
+      out.text.resize(p.include_stop_str_in_output ? best + hit->size() : best);
+      out.finish_reason = "stop";
+      out.stop_reason = *hit;
+      ss.done = true;
+      ss.stream.reset();  // the text ends here
+    } else if (out.text.size() + 1 > longest) {
+      ss.stop_scan_from = out.text.size() + 1 - longest;
+    }
+  }
+  if (!ss.done && (seq->num_generated() >= rs.max_tokens)) {
+    out.finish_reason = "length";
+    ss.done = true;
+  }
+  if (ss.done && ss.stream) out.text += ss.stream->flush();
+}
+
+void Engine::finish(Sequence* seq, std::vector<EngineResult>& done) {
+  auto node = seqs_.extract(seq);
+  SequenceState& ss = *node.mapped();
+  RequestState& rs = *requests_.at(ss.handle);
+  rs.samples[static_cast<size_t>(seq->sample)] = std::move(ss.out);
+  scheduler_.finish(seq);
+  if (++rs.num_done == rs.req.sampling.n) {
+    done.push_back({rs.req.handle, static_cast<int64_t>(rs.req.prompt.size()), std::move(rs.samples)});
+    requests_.erase(rs.req.handle);
+  }
+}
+
+std::vector<EngineResult> Engine::step() {
+  std::vector<EngineResult> done = std::move(ready_);
+  ready_.clear();
+  last_ = {};
+  if (scheduler_.idle()) return done;
+  StepPlan plan = scheduler_.schedule();
+  DILU_CHECK(!plan.empty(), "the scheduler made no progress with ", scheduler_.num_running(), " running and ",
+             scheduler_.num_waiting(), " waiting sequences");
+  if (!plan.block_copies.empty()) cache_.copy_blocks(ops_, plan.block_copies);
+
+  // Step input: every chunk's tokens, each sequence reading its own blocks.
+  StepInput in;
+  in.layout.block_size = cache_.block_size();
+  const int64_t bs = cache_.block_size();
+  for (size_t i = 0; i < plan.chunks.size(); ++i) {
+    const ScheduledChunk& c = plan.chunks[i];
+    in.layout.block_tables.push_back(c.seq->block_table);
+    for (int64_t p = c.start; p < c.start + c.count; ++p) {
+      in.token_ids.push_back(c.seq->tokens[static_cast<size_t>(p)]);
+      in.layout.token_seq.push_back(static_cast<int32_t>(i));
+      in.layout.token_pos.push_back(static_cast<int32_t>(p));
+      in.layout.token_slot.push_back(static_cast<int64_t>(c.seq->block_table[static_cast<size_t>(p / bs)]) * bs + p % bs);
+    }
+    if (c.wants_logits) in.logit_rows.push_back(static_cast<int32_t>(in.token_ids.size() - 1));
+    (c.count == 1 && c.start >= c.seq->prompt_len ? last_.decode_tokens : last_.prefill_tokens) += c.count;
+  }
+  last_.sequences = static_cast<int64_t>(plan.chunks.size());
+
+  Tensor logits_dev = model_.forward(in, cache_);
+  const int64_t vocab = model_.config().vocab_size;
+  std::vector<float> logits(static_cast<size_t>(logits_dev.numel()));
+  ops_.copy_to_host(logits_dev, logits.data());
+
+  // Which sequences sample from which logits row (the forks of a prompt share its row).
+  std::vector<std::pair<Sequence*, size_t>> draws;
+  size_t row = 0;
+  for (const ScheduledChunk& c : plan.chunks) {
+    scheduler_.completed(c);
+    if (!c.wants_logits) continue;
+    draws.push_back({c.seq, row});
+    if (c.seq->pending_forks > 0) {
+      for (Sequence* f : scheduler_.fork(c.seq)) {
+        auto ss = std::make_unique<SequenceState>();
+        ss->handle = c.seq->request;
+        if (tokenizer_) ss->stream = std::make_unique<DecodeStream>(*tokenizer_, true);
+        seqs_[f] = std::move(ss);
+        draws.push_back({f, row});
+      }
+    }
+    ++row;
+  }
+  std::vector<SampleResult> results(draws.size());
+#pragma omp parallel for schedule(dynamic) if (draws.size() > 1)
+  for (size_t i = 0; i < draws.size(); ++i) {
+    Sequence* s = draws[i].first;
+    const RequestState& rs = *requests_.at(s->request);
+    std::span<const float> row_logits(logits.data() + draws[i].second * static_cast<size_t>(vocab), static_cast<size_t>(vocab));
+    results[i] = sample(row_logits, rs.req.sampling, rs.req.seed, s->sample, s->num_generated());
+  }
+  std::vector<Sequence*> finished;
+  for (size_t i = 0; i < draws.size(); ++i) {
+    accept(draws[i].first, results[i]);
+    if (seqs_.at(draws[i].first)->done) finished.push_back(draws[i].first);
+  }
+  last_.tokens_generated = static_cast<int64_t>(draws.size());
+  for (Sequence* s : finished) finish(s, done);
+  return done;
+}
+
+}  // namespace dilu

@@ -1,0 +1,88 @@
+// The engine loop: requests in, one model step at a time over a continuously batched set of
+// sequences, finished requests out. Owns the scheduler, the per-sequence decode state (text,
+// stop strings, logprobs) and the sampling; knows nothing of files (run_job.cpp does the I/O).
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <vector>
+
+#include "engine/deepseek_v3.h"
+#include "engine/kv_cache.h"
+#include "engine/output_record.h"
+#include "engine/sampler.h"
+#include "engine/scheduler.h"
+
+namespace dilu {
+
+class Tokenizer;
+class DecodeStream;
+
+// A request ready to run: prompt encoded, sampling resolved.
+struct EngineRequest {
+  int64_t handle = 0;            // the caller's key, returned with the result
+  std::vector<int32_t> prompt;   // token ids
+  SamplingParams sampling;
+  uint64_t seed = 0;             // of its draws (request_seed)
+};
+
+struct EngineResult {
+  int64_t handle = 0;
+  int64_t prompt_tokens = 0;
+  std::vector<SampleOutput> samples;  // n, in sample order
+};
+
+struct EngineOptions {
+  SchedulerLimits limits;
+  int64_t max_seq_len = 0;                 // prompt + completion tokens at most
+  std::vector<int32_t> eos_token_ids;      // config.json eos_token_id
+};
+
+struct StepStats {
+  int64_t prefill_tokens = 0;
+  int64_t decode_tokens = 0;
+  int64_t sequences = 0;
+  int64_t tokens_generated = 0;
+};
+
+class Engine {
+ public:
+  // `tokenizer` may be null (token ids only: no text, no stop strings).
+  Engine(DeepseekV3& model, Ops& ops, KvCache& cache, EngineOptions options, const Tokenizer* tokenizer);
+  ~Engine();
+
+  // The blocks a request needs at its longest; a request that needs more than the cache holds
+  // can never run and must be refused by the caller.
+  int64_t blocks_needed(const EngineRequest& r) const;
+  int64_t num_blocks() const { return scheduler_.num_blocks(); }
+  void submit(EngineRequest r);
+  bool idle() const { return requests_.empty(); }
+  int64_t num_requests() const { return static_cast<int64_t>(requests_.size()); }
+  int64_t num_waiting_sequences() const { return scheduler_.num_waiting(); }
+  // Runs one model step; returns the requests that finished in it.
+  std::vector<EngineResult> step();
+  const StepStats& last_step() const { return last_; }
+  int64_t num_preemptions() const { return scheduler_.num_preemptions(); }
+  int64_t blocks_in_use() const { return scheduler_.blocks().num_used(); }
+
+ private:
+  struct SequenceState;
+  struct RequestState;
+  // Appends the sampled token and decides whether the sequence is done.
+  void accept(Sequence* seq, const SampleResult& s);
+  void finish(Sequence* seq, std::vector<EngineResult>& done);
+
+  DeepseekV3& model_;
+  Ops& ops_;
+  KvCache& cache_;
+  EngineOptions options_;
+  const Tokenizer* tokenizer_;
+  Scheduler scheduler_;
+  std::map<int64_t, std::unique_ptr<RequestState>> requests_;       // by handle
+  std::map<const Sequence*, std::unique_ptr<SequenceState>> seqs_;  // decode state per sequence
+  std::vector<EngineResult> ready_;                                 // finished without a step (max_tokens 0)
+  StepStats last_;
+};
+
+}  // namespace dilu

@@ -1,0 +1,23 @@
+// Resuming a run: reads the output file an earlier run left, cuts a torn last line, and tells
+// which input lines are answered already (by id, or by line number for lines without an id).
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <set>
+#include <string>
+
+namespace dilu {
+
+struct ResumeState {
+  std::set<std::string> done_ids;   // ids (JSON text: "\"a\"", "17") with a record in the output
+  std::set<int64_t> done_lines;     // input lines answered by an error record without an id
+  int64_t records = 0;              // complete lines found
+  bool cut_torn_line = false;       // the last line was incomplete and has been removed
+};
+
+// Missing or empty file: nothing done. A torn (unterminated or unparsable) last line is cut off
+// the file; a damaged line elsewhere is a UserError naming the file and line.
+ResumeState load_resume_state(const std::filesystem::path& output);
+
+}  // namespace dilu
