@@ -72,7 +72,7 @@ int run(const RunFlags& f) {
             << s.requests_failed << " failed, " << s.requests_skipped << " skipped (answered earlier); "
             << s.prompt_tokens << " prompt tokens (" << s.prompt_tokens / gen
             << " tok/s), " << s.completion_tokens << " completion tokens (" << s.completion_tokens / gen
-            << " tok/s); load " << s.load_seconds << " s, generation " << s.generate_seconds << " s; output "
+            << " tok/s); " << s.steps << " steps, " << s.preemptions << " preemptions; load " << s.load_seconds << " s, generation " << s.generate_seconds << " s; output "
             << f.output << "\n";
   if (s.interrupted) {
     std::cerr << "dilu: stopped by signal " << g_signal.load() << "; finished requests are in " << f.output

@@ -56,31 +56,46 @@ double sum_of(std::span<const float> w) {
   return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
 }
 
-// Floats as int32 in the same order (for non-NaN values): integer max/min vectorize where float
-// ones may not, and NaNs land outside [key(-inf), key(+inf)] where they are easy to see.
+// Floats as int32 in the same order (-0 and +0 equal; NaNs outside [key(-inf), key(+inf)]):
+// integer max/min vectorize where float ones may not.
 inline int32_t order_key(float x) {
-  const auto bits = std::bit_cast<int32_t>(x);
+  const auto bits = std::bit_cast<int32_t>(x + 0.0f);  // + 0 turns -0 into +0
   return bits ^ ((bits >> 31) & 0x7fffffff);
 }
 
-// The first index of the largest logit. Aborts on NaN: a broken forward pass, not a user error.
-int32_t first_argmax(std::span<const float> logits) {
-  int32_t hi = INT32_MIN, lo = INT32_MAX;
-  for (const float l : logits) {
-    const int32_t k = order_key(l);
-    hi = k > hi ? k : hi;
-    lo = k < lo ? k : lo;
+// The largest order key of each block of kBlock logits: one vectorized pass that lets the
+// searches below skip every block that cannot hold what they look for.
+constexpr size_t kBlock = 64;
+std::vector<int32_t> block_max_keys(std::span<const float> logits) {
+  std::vector<int32_t> out((logits.size() + kBlock - 1) / kBlock);
+  for (size_t b = 0; b < out.size(); ++b) {
+    const size_t begin = b * kBlock, end = std::min(begin + kBlock, logits.size());
+    int32_t m = INT32_MIN;
+    for (size_t i = begin; i < end; ++i) {
+      const int32_t k = order_key(logits[i]);
+      m = k > m ? k : m;
+    }
+    out[b] = m;
   }
-  const float inf = std::numeric_limits<float>::infinity();
-  DILU_CHECK(hi <= order_key(inf) && lo >= order_key(-inf), "NaN among the logits: the forward pass is broken");
-  for (size_t i = 0;; ++i)
+  return out;
+}
+
+// The first index of the largest logit. Aborts on NaN: a broken forward pass, not a user error.
+int32_t first_argmax(std::span<const float> logits, const std::vector<int32_t>& block_max) {
+  int32_t hi = INT32_MIN;
+  for (const int32_t m : block_max) hi = m > hi ? m : hi;
+  DILU_CHECK(hi <= order_key(std::numeric_limits<float>::infinity()), "NaN among the logits: the forward pass is broken");
+  size_t b = 0;
+  while (block_max[b] != hi) ++b;
+  for (size_t i = b * kBlock;; ++i)
     if (order_key(logits[i]) == hi) return static_cast<int32_t>(i);
 }
 
 // The n best token ids (larger logit first, lower id on ties), best first. A small n keeps a
-// sorted buffer (one float compare per token once it is full); a large n counts tokens per
-// bucket of logit values to find where the n-th best falls, and sorts only that bucket.
-std::vector<int32_t> best_tokens(std::span<const float> logits, int64_t n) {
+// sorted buffer and skips every block whose maximum cannot beat the worst kept logit; a large n
+// counts tokens per bucket of logit values to find where the n-th best falls, and sorts only that
+// bucket.
+std::vector<int32_t> best_tokens(std::span<const float> logits, const std::vector<int32_t>& block_max, int64_t n) {
   const auto vocab = static_cast<int64_t>(logits.size());
   n = std::min(n, vocab);
   auto before = [&](int32_t a, int32_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); };
@@ -88,26 +103,29 @@ std::vector<int32_t> best_tokens(std::span<const float> logits, int64_t n) {
   if (n <= 0) return out;
   if (n <= 64) {
     out.reserve(static_cast<size_t>(n) + 1);
-    float worst = -std::numeric_limits<float>::infinity();
-    for (int32_t i = 0; i < vocab; ++i) {
-      // Once full, a token must beat the worst kept one; an equal logit loses (higher id).
-      if (static_cast<int64_t>(out.size()) == n && !(logits[static_cast<size_t>(i)] > worst)) continue;
-      out.insert(std::upper_bound(out.begin(), out.end(), i, before), i);
-      if (static_cast<int64_t>(out.size()) > n) out.pop_back();
-      worst = logits[static_cast<size_t>(out.back())];
+    int32_t worst = INT32_MIN;  // order key of the worst kept logit once the buffer is full
+    for (size_t b = 0; b < block_max.size(); ++b) {
+      // A logit equal to the worst kept one loses to it (higher id), so only larger ones enter.
+      if (static_cast<int64_t>(out.size()) == n && block_max[b] <= worst) continue;
+      const auto end = static_cast<int32_t>(std::min<size_t>((b + 1) * kBlock, logits.size()));
+      for (auto i = static_cast<int32_t>(b * kBlock); i < end; ++i) {
+        if (static_cast<int64_t>(out.size()) == n && order_key(logits[static_cast<size_t>(i)]) <= worst) continue;
+        out.insert(std::upper_bound(out.begin(), out.end(), i, before), i);
+        if (static_cast<int64_t>(out.size()) > n) out.pop_back();
+        if (static_cast<int64_t>(out.size()) == n) worst = order_key(logits[static_cast<size_t>(out.back())]);
+      }
     }
     return out;
   }
-  // Buckets: the top 16 bits of the order key, made unsigned.
-  auto key = [](float x) { return static_cast<uint32_t>(order_key(x)) ^ 0x80000000u; };
+  auto bucket_of = [](float x) { return (static_cast<uint32_t>(order_key(x)) ^ 0x80000000u) >> 16; };
   std::vector<int32_t> count(65536, 0);
-  for (const float l : logits) ++count[key(l) >> 16];
+  for (const float l : logits) ++count[bucket_of(l)];
   uint32_t bucket = 65536;
   int64_t above = 0;
   while (bucket-- > 0 && above + count[bucket] < n) above += count[bucket];
   std::vector<int32_t> edge;
   for (int32_t i = 0; i < vocab; ++i) {
-    const uint32_t b = key(logits[static_cast<size_t>(i)]) >> 16;
+    const uint32_t b = bucket_of(logits[static_cast<size_t>(i)]);
     if (b > bucket) out.push_back(i);
     else if (b == bucket) edge.push_back(i);
   }
@@ -171,7 +189,8 @@ size_t inverse_cdf(std::span<const float> w, double u) {
 // nucleus ends; only that bucket is sorted. Linear, and no unpredictable branch over V.
 struct Nucleus {
   float tau = 0.0f;
-  int64_t tie_keep = INT64_MAX;
+  int64_t tie_keep = 0;   // of tie_count weights equal to tau
+  int64_t tie_count = 0;
 };
 Nucleus find_nucleus(std::span<const float> w, double goal) {
   constexpr uint32_t kBuckets = (std::bit_cast<uint32_t>(1.0f) >> 16) + 2;  // weights <= 1 (+ rounding)
@@ -181,7 +200,7 @@ Nucleus find_nucleus(std::span<const float> w, double goal) {
   uint32_t b = kBuckets;
   double above = 0.0;
   while (b-- > 0 && above + mass[b] < goal) above += mass[b];
-  if (b >= kBuckets) return {};  // rounding kept the total below goal: keep everything
+  if (b >= kBuckets) return {};  // rounding kept the total below goal: keep everything (tau 0)
   std::vector<std::pair<float, int64_t>> edge;  // (weight, position) of bucket b
   for (size_t i = 0; i < w.size(); ++i)
     if (bucket_of(w[i]) == b) edge.emplace_back(w[i], static_cast<int64_t>(i));
@@ -192,20 +211,34 @@ Nucleus find_nucleus(std::span<const float> w, double goal) {
     above += static_cast<double>(edge[last].first);
     if (above >= goal) break;
   }
-  Nucleus out{edge[last].first, 0};
-  for (size_t i = 0; i <= last; ++i) out.tie_keep += edge[i].first == out.tau ? 1 : 0;
+  Nucleus out{edge[last].first, 0, 0};
+  for (size_t i = 0; i < edge.size(); ++i) {
+    out.tie_keep += i <= last && edge[i].first == out.tau ? 1 : 0;
+    out.tie_count += edge[i].first == out.tau ? 1 : 0;
+  }
   return out;
+}
+
+// Zeroes the weights below `floor`. Weights are >= 0, so their bits compare as integers: a
+// mask, not a branch, and the loop vectorizes.
+void keep_at_least(std::vector<float>& w, float floor) {
+  const auto floor_bits = std::bit_cast<int32_t>(floor);
+  for (float& x : w) {
+    const auto bits = std::bit_cast<int32_t>(x);
+    x = std::bit_cast<float>(bits & (bits >= floor_bits ? -1 : 0));
+  }
 }
 
 // The token of a sampled (temperature > 0) request; see sample() in sampler.h. Works on the
 // candidates in id order throughout: the cuts only decide membership, so nothing is sorted.
-int32_t draw_token(std::span<const float> logits, const SamplingParams& params, float max_logit, double u) {
+int32_t draw_token(std::span<const float> logits, const std::vector<int32_t>& block_max, const SamplingParams& params,
+                   float max_logit, double u) {
   const auto vocab = static_cast<int64_t>(logits.size());
   const auto inv_t = static_cast<float>(1.0 / params.temperature);
   // Candidates (all tokens, or the top k in id order) and their weights p / p_max.
   std::vector<int32_t> ids;
   if (params.top_k > 0 && params.top_k < vocab) {
-    ids = best_tokens(logits, params.top_k);
+    ids = best_tokens(logits, block_max, params.top_k);
     std::sort(ids.begin(), ids.end());
   }
   const bool all = ids.empty();
@@ -219,16 +252,16 @@ int32_t draw_token(std::span<const float> logits, const SamplingParams& params, 
 
   if (params.top_p < 1.0) {
     const Nucleus nucleus = find_nucleus(w, params.top_p * sum_of(w));
-    int64_t ties = nucleus.tie_keep;
-    for (float& x : w)
-      if (!(x > nucleus.tau || (x == nucleus.tau && ties-- > 0))) x = 0.0f;
+    keep_at_least(w, nucleus.tau);
+    if (nucleus.tie_keep < nucleus.tie_count) {  // rare: only the first tie_keep ties are in
+      int64_t ties = nucleus.tie_keep;
+      for (float& x : w)
+        if (x == nucleus.tau && ties-- <= 0) x = 0.0f;
+    }
   }
   // min-p: weights are relative to p_max, so the threshold is min_p itself. The argmax (w = 1)
   // survives every cut, so the draw never runs out of tokens.
-  if (params.min_p > 0.0) {
-    const auto min_w = static_cast<float>(params.min_p);
-    for (float& x : w) x = x >= min_w ? x : 0.0f;
-  }
+  if (params.min_p > 0.0) keep_at_least(w, static_cast<float>(params.min_p));
   const size_t drawn = inverse_cdf(w, u);
   return all ? static_cast<int32_t>(drawn) : ids[drawn];
 }
@@ -249,21 +282,22 @@ uint64_t derive_seed(uint64_t run_seed, std::string_view request_key) {
 SampleResult sample(std::span<const float> logits, const SamplingParams& params, uint64_t seed, int64_t sample_index,
                     int64_t position) {
   DILU_CHECK(!logits.empty(), "sample() needs at least one logit");
-  const int32_t argmax = first_argmax(logits);
+  const std::vector<int32_t> block_max = block_max_keys(logits);
+  const int32_t argmax = first_argmax(logits, block_max);
   const float max_logit = logits[static_cast<size_t>(argmax)];
   DILU_CHECK(max_logit > -std::numeric_limits<float>::infinity(), "every logit is -inf: no token can be chosen");
 
   SampleResult result;
   result.token = params.temperature < kGreedyTemperature
                      ? argmax
-                     : draw_token(logits, params, max_logit, sample_uniform(seed, sample_index, position));
+                     : draw_token(logits, block_max, params, max_logit, sample_uniform(seed, sample_index, position));
   if (params.logprobs) {
     const double lse = log_sum_exp(logits, max_logit);
     auto logprob = [&](int32_t t) {
       return static_cast<float>(static_cast<double>(logits[static_cast<size_t>(t)]) - lse);
     };
     result.logprob = logprob(result.token);
-    for (const int32_t t : best_tokens(logits, params.top_logprobs)) result.top.emplace_back(t, logprob(t));
+    for (const int32_t t : best_tokens(logits, block_max, params.top_logprobs)) result.top.emplace_back(t, logprob(t));
   }
   return result;
 }

@@ -471,8 +471,8 @@ struct HeapSymbol {
   bool alive;
 };
 struct MergeCandidate {
-  uint32_t rank, pos;
-  int32_t merged;
+  uint64_t order;             // rank << 32 | position: lowest rank first, then leftmost
+  int32_t left, right, merged;  // the pair when pushed; a popped entry whose pair changed is stale
 };
 
 // Everything one encode() call writes to; pooled so that encoding allocates little.
@@ -678,14 +678,13 @@ struct Tokenizer::Impl {
   void merge_heap(EncodeScratch& s) const {
     std::vector<HeapSymbol>& sym = s.heap_symbols;
     std::vector<MergeCandidate>& heap = s.heap;
-    const auto later = [](const MergeCandidate& a, const MergeCandidate& b) {
-      return a.rank != b.rank ? a.rank > b.rank : a.pos > b.pos;
-    };
+    const auto later = [](const MergeCandidate& a, const MergeCandidate& b) { return a.order > b.order; };
     const auto push = [&](int32_t pos) {
-      const int32_t next = sym[static_cast<size_t>(pos)].next;
-      const MergeTable::Entry e = merges.find(sym[static_cast<size_t>(pos)].id, sym[static_cast<size_t>(next)].id);
+      const HeapSymbol& left = sym[static_cast<size_t>(pos)];
+      const int32_t right = sym[static_cast<size_t>(left.next)].id;
+      const MergeTable::Entry e = merges.find(left.id, right);
       if (e.rank == MergeTable::kNone) return;
-      heap.push_back({e.rank, static_cast<uint32_t>(pos), e.merged});
+      heap.push_back({(uint64_t{e.rank} << 32) | static_cast<uint32_t>(pos), left.id, right, e.merged});
       std::push_heap(heap.begin(), heap.end(), later);
     };
     const auto n = static_cast<int32_t>(s.symbols.size());
@@ -697,20 +696,22 @@ struct Tokenizer::Impl {
       std::pop_heap(heap.begin(), heap.end(), later);
       const MergeCandidate top = heap.back();
       heap.pop_back();
-      HeapSymbol& cur = sym[top.pos];
-      if (!cur.alive || cur.next < 0) continue;
+      const auto pos = static_cast<int32_t>(top.order & 0xFFFFFFFFu);
+      HeapSymbol& cur = sym[static_cast<size_t>(pos)];
+      if (!cur.alive || cur.next < 0 || cur.id != top.left) continue;
       HeapSymbol& right = sym[static_cast<size_t>(cur.next)];
-      if (merges.find(cur.id, right.id).merged != top.merged) continue;  // stale entry
+      if (right.id != top.right) continue;
       cur.id = top.merged;
       right.alive = false;
       cur.next = right.next;
-      if (cur.next >= 0) sym[static_cast<size_t>(cur.next)].prev = static_cast<int32_t>(top.pos);
+      if (cur.next >= 0) sym[static_cast<size_t>(cur.next)].prev = pos;
       if (cur.prev >= 0) push(cur.prev);
-      if (cur.next >= 0) push(static_cast<int32_t>(top.pos));
+      if (cur.next >= 0) push(pos);
     }
     s.symbols.clear();
     for (int32_t i = 0; i >= 0; i = sym[static_cast<size_t>(i)].next) s.symbols.push_back(sym[static_cast<size_t>(i)].id);
   }
+
 };
 
 // ---- Loading -----------------------------------------------------------------------------------

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Continuous batching never changes a greedy answer: every golden case gives the reference
+# tokens with one sequence per step, three, sixty-four, with prompts chunked over many steps,
+# with a cache so small that sequences are preempted and recomputed many times, and with n = 3
+# samples sharing one prefill. Usage: batching.sh DILU_BINARY SCRATCH_DIR
+set -euo pipefail
+dilu=$1
+scratch=$2
+rm -rf "$scratch"
+mkdir -p "$scratch"
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+golden="$here/../golden"
+
+fail() {
+  echo "FAIL: $*" >&2
+  exit 1
+}
+
+for case_dir in "$golden"/data/*/; do
+  case=$(basename "$case_dir")
+  while read -r name settings; do
+    out="$scratch/$case-$name.jsonl"
+    # shellcheck disable=SC2086  # settings is a list of --set arguments
+    "$dilu" run --model "$case_dir/model" --input "$case_dir/input.jsonl" --output "$out" $settings \
+      >"$scratch/$case-$name.stdout" 2>"$scratch/$case-$name.stderr" ||
+      fail "$case/$name: dilu run failed: $(tail -3 "$scratch/$case-$name.stderr")"
+    python3 "$golden/check_golden.py" "$out" "$case_dir/expected.jsonl" >/dev/null ||
+      fail "$case/$name: tokens differ from the reference: $(python3 "$golden/check_golden.py" "$out" "$case_dir/expected.jsonl")"
+  done <<'VARIANTS'
+seqs1 --set batch.max_seqs=1
+seqs3 --set batch.max_seqs=3
+seqs64 --set batch.max_seqs=64
+chunked --set batch.max_tokens=7
+preempt --set kv.block_size=4 --set kv.num_blocks=16
+VARIANTS
+  preemptions=$(grep -o '[0-9]* preemptions' "$scratch/$case-preempt.stdout" | cut -d' ' -f1)
+  [ "${preemptions:-0}" -gt 0 ] || fail "$case/preempt: no preemption happened ($(cat "$scratch/$case-preempt.stdout" | tail -1))"
+
+  # n = 3 greedy samples of each prompt: all three equal the reference.
+  python3 - "$case_dir/input.jsonl" "$scratch/$case-n3-in.jsonl" <<'PY'
+import json, sys
+with open(sys.argv[2], "w") as f:
+    for line in open(sys.argv[1]):
+        if line.strip():
+            r = json.loads(line)
+            r["n"] = 3
+            f.write(json.dumps(r) + "\n")
+PY
+  "$dilu" run --model "$case_dir/model" --input "$scratch/$case-n3-in.jsonl" --output "$scratch/$case-n3.jsonl" \
+    --set kv.block_size=4 >/dev/null 2>&1 || fail "$case/n3: dilu run failed"
+  python3 - "$scratch/$case-n3.jsonl" "$case_dir/expected.jsonl" <<'PY' || fail "$case/n3: samples differ"
+import json, sys
+want = {r["id"]: r for r in map(json.loads, open(sys.argv[2]))}
+got = [json.loads(l) for l in open(sys.argv[1])]
+assert len(got) == len(want), (len(got), len(want))
+for r in got:
+    w = want[r["id"]]
+    assert len(r["choices"]) == 3, r
+    for c in r["choices"]:
+        assert c["token_ids"] == w["token_ids"], (r["id"], c["index"], c["token_ids"], w["token_ids"])
+        assert c["finish_reason"] == w["finish_reason"], (r["id"], c)
+    assert r["usage"]["completion_tokens"] == 3 * len(w["token_ids"]), r["usage"]
+PY
+  echo "batching: $case ok (preemptions in the small-cache run: $preemptions)"
+done
