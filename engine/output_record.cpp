@@ -158,11 +158,15 @@ json batch_record(const Request& r, const std::vector<SampleOutput>& samples, in
       {"created", created_time(ctx)},
       {"model", ctx.model_name},
       {"choices", std::move(choices)},
-      {"usage", {{"prompt_tokens", prompt_tokens}, {"completion_tokens", generated}, {"total_tokens", prompt_tokens + generated}}},
+      {"usage",
+       {{"prompt_tokens", prompt_tokens},
+        {"completion_tokens", generated},
+        {"total_tokens", prompt_tokens + generated}}},
   };
   return {{"id", "batch_req_" + unique_hex(ctx, r.line, "batch_req")},
           {"custom_id", r.id},
-          {"response", {{"status_code", 200}, {"request_id", "req_" + unique_hex(ctx, r.line, "req")}, {"body", std::move(body)}}},
+          {"response",
+           {{"status_code", 200}, {"request_id", "req_" + unique_hex(ctx, r.line, "req")}, {"body", std::move(body)}}},
           {"error", nullptr}};
 }
 
@@ -176,14 +180,15 @@ json output_record(const Request& r, const std::vector<SampleOutput>& samples, i
 
 json error_record(const RequestError& e, const RecordContext& ctx) {
   if (!is_openai_batch(e.format)) return json{{"id", e.id}, {"error", {{"message", e.message}, {"line", e.line}}}};
-  return {{"id", "batch_req_" + unique_hex(ctx, e.line, "batch_req")},
-          {"custom_id", e.id},
-          {"response", {{"status_code", 400}, {"request_id", "req_" + unique_hex(ctx, e.line, "req")}, {"body", nullptr}}},
-          {"error",
-           {{"code", "invalid_request"},
-            {"message", e.message},
-            {"param", e.field.empty() ? json() : json(e.field)},
-            {"line", e.line}}}};
+  return {
+      {"id", "batch_req_" + unique_hex(ctx, e.line, "batch_req")},
+      {"custom_id", e.id},
+      {"response", {{"status_code", 400}, {"request_id", "req_" + unique_hex(ctx, e.line, "req")}, {"body", nullptr}}},
+      {"error",
+       {{"code", "invalid_request"},
+        {"message", e.message},
+        {"param", e.field.empty() ? json() : json(e.field)},
+        {"line", e.line}}}};
 }
 
 json completion_record(const Request& r, const std::vector<int32_t>& tokens, const std::string& finish_reason,

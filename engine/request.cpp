@@ -46,9 +46,12 @@ int nesting_depth(const std::string& text) {
   bool in_string = false, escaped = false;
   for (const char c : text) {
     if (in_string) {
-      if (escaped) escaped = false;
-      else if (c == '\\') escaped = true;
-      else if (c == '"') in_string = false;
+      if (escaped)
+        escaped = false;
+      else if (c == '\\')
+        escaped = true;
+      else if (c == '"')
+        in_string = false;
     } else if (c == '"') {
       in_string = true;
     } else if (c == '[' || c == '{') {
@@ -69,8 +72,9 @@ std::string json_error_message(const json::exception& e) {
   if (what.size() > 240) what = what.substr(0, 237) + "...";
   std::string hint;
   if (what.find("surrogate") != std::string::npos)
-    hint = "a lone UTF-16 surrogate escape (\\ud800-\\udfff without its other half) is not text; the program "
-           "that wrote this line produced broken Unicode; ";
+    hint =
+        "a lone UTF-16 surrogate escape (\\ud800-\\udfff without its other half) is not text; the program "
+        "that wrote this line produced broken Unicode; ";
   else if (what.find("UTF-8") != std::string::npos)
     hint = "the line is not valid UTF-8; ";
   return "not valid JSON: " + hint + "(" + what + ")";
@@ -176,8 +180,8 @@ void check_messages(const json& m, const std::string& field) {
     for (size_t j = 0; j < content->size(); ++j) {
       const json& part = (*content)[j];
       const std::string pf = cf + "[" + std::to_string(j) + "]";
-      const bool text_part = part.is_object() && part.value("type", json()) == "text" && part.contains("text") &&
-                             part["text"].is_string();
+      const bool text_part =
+          part.is_object() && part.value("type", json()) == "text" && part.contains("text") && part["text"].is_string();
       if (!text_part)
         fail(pf, quoted(pf) + " must be {\"type\": \"text\", \"text\": \"...\"}; DeepSeek-V3 reads text only");
     }
@@ -188,10 +192,9 @@ void check_messages(const json& m, const std::string& field) {
 enum class Dialect { Dilu, Chat, Completions };
 
 const std::set<std::string>& sampling_keys(Dialect d) {
-  static const std::set<std::string> kCommon = {
-      "max_tokens", "temperature",    "top_p",     "top_k",        "min_p",
-      "seed",       "stop",           "stop_token_ids", "ignore_eos", "n",
-      "logprobs",   "include_stop_str_in_output"};
+  static const std::set<std::string> kCommon = {"max_tokens", "temperature", "top_p",    "top_k",
+                                                "min_p",      "seed",        "stop",     "stop_token_ids",
+                                                "ignore_eos", "n",           "logprobs", "include_stop_str_in_output"};
   static const std::set<std::string> kDilu = [] {
     auto s = kCommon;
     s.insert("top_logprobs");
@@ -208,13 +211,14 @@ const std::set<std::string>& sampling_keys(Dialect d) {
 SamplingParams read_sampling(const Fields& f, Dialect d, const RequestLimits& limits) {
   SamplingParams s = limits.defaults;
   // OpenAI deprecated max_tokens for chat in favour of max_completion_tokens, which wins (as vLLM).
-  const std::string max_key = d == Dialect::Chat && f.has("max_completion_tokens") ? "max_completion_tokens" : "max_tokens";
+  const std::string max_key =
+      d == Dialect::Chat && f.has("max_completion_tokens") ? "max_completion_tokens" : "max_tokens";
   if (f.has(max_key)) s.max_tokens = f.integer(max_key, 0, INT64_MAX, "an integer >= 0");
   if (f.has("temperature")) {
     s.temperature = f.number("temperature");
     if (s.temperature < 0)
-      fail(f.name("temperature"), quoted(f.name("temperature")) + " must be >= 0 (0: greedy), got " +
-                                      brief(*f.get("temperature")));
+      fail(f.name("temperature"),
+           quoted(f.name("temperature")) + " must be >= 0 (0: greedy), got " + brief(*f.get("temperature")));
   }
   if (f.has("top_p")) {
     s.top_p = f.number("top_p");
@@ -243,7 +247,8 @@ SamplingParams read_sampling(const Fields& f, Dialect d, const RequestLimits& li
       s.stop.push_back(stop->get<std::string>());
     } else if (stop->is_array()) {
       for (const json& x : *stop) {
-        if (!x.is_string()) fail(field, quoted(field) + " must be a string or a list of strings, got " + brief(x) + " in it");
+        if (!x.is_string())
+          fail(field, quoted(field) + " must be a string or a list of strings, got " + brief(x) + " in it");
         s.stop.push_back(x.get<std::string>());
       }
     } else {
@@ -252,7 +257,8 @@ SamplingParams read_sampling(const Fields& f, Dialect d, const RequestLimits& li
     for (const std::string& x : s.stop)
       if (x.empty()) fail(field, quoted(field) + " holds an empty string, which would stop before the first token");
   }
-  if (const json* ids = f.get("stop_token_ids")) s.stop_token_ids = token_ids(*ids, f.name("stop_token_ids"), limits.vocab_size);
+  if (const json* ids = f.get("stop_token_ids"))
+    s.stop_token_ids = token_ids(*ids, f.name("stop_token_ids"), limits.vocab_size);
 
   // logprobs: a boolean plus top_logprobs (chat), an integer count (completions), either (dilu).
   const std::string top_range = "in [0, " + std::to_string(kMaxTopLogprobs) + "]";
@@ -263,8 +269,9 @@ SamplingParams read_sampling(const Fields& f, Dialect d, const RequestLimits& li
       s.top_logprobs = f.integer("logprobs", 0, kMaxTopLogprobs, top_range);
       s.logprobs = true;
       if (f.has("top_logprobs"))
-        fail(f.name("top_logprobs"), "give either an integer 'logprobs' (the number of top tokens) or 'logprobs': "
-                                     "true with 'top_logprobs', not both");
+        fail(f.name("top_logprobs"),
+             "give either an integer 'logprobs' (the number of top tokens) or 'logprobs': "
+             "true with 'top_logprobs', not both");
     } else {
       fail(f.name("logprobs"), quoted(f.name("logprobs")) + " must be " +
                                    (d == Dialect::Chat          ? "true or false"
@@ -286,15 +293,16 @@ const std::set<std::string> kDiluPromptKeys = {"prompt", "messages", "prompt_tok
 Request parse_dilu_line(const json& j, int64_t line, const RequestLimits& limits) {
   static const std::set<std::string> kId = {"id"};
   Fields f(j, "");
-  if (!j.contains("id"))
-    fail("id", "missing 'id' (a string or integer that names the request in the output)");
+  if (!j.contains("id")) fail("id", "missing 'id' (a string or integer that names the request in the output)");
   if (!j["id"].is_string() && !j["id"].is_number_integer())
     fail("id", "'id' must be a string or an integer, got " + brief(j["id"]));
   if (const auto bad = f.unknown({&kId, &kDiluPromptKeys, &sampling_keys(Dialect::Dilu)}); !bad.empty())
-    fail(bad.front(),
-         "unknown field(s) " + join_quoted(bad) + "; a line holds 'id', one of 'prompt', 'messages', 'prompt_token_ids', " +
-             "and optionally max_tokens, temperature, top_p, top_k, min_p, seed, stop, stop_token_ids, ignore_eos, n, " +
-             "logprobs, top_logprobs, include_stop_str_in_output");
+    fail(
+        bad.front(),
+        "unknown field(s) " + join_quoted(bad) +
+            "; a line holds 'id', one of 'prompt', 'messages', 'prompt_token_ids', " +
+            "and optionally max_tokens, temperature, top_p, top_k, min_p, seed, stop, stop_token_ids, ignore_eos, n, " +
+            "logprobs, top_logprobs, include_stop_str_in_output");
 
   Request r;
   r.line = line;
@@ -302,7 +310,8 @@ Request parse_dilu_line(const json& j, int64_t line, const RequestLimits& limits
   r.format = ResponseFormat::Dilu;
   int prompts = 0;
   for (const std::string& k : kDiluPromptKeys) prompts += f.has(k) ? 1 : 0;
-  if (prompts == 0) fail("prompt", "missing the prompt: give one of 'prompt' (text), 'messages' (chat) or 'prompt_token_ids'");
+  if (prompts == 0)
+    fail("prompt", "missing the prompt: give one of 'prompt' (text), 'messages' (chat) or 'prompt_token_ids'");
   if (prompts > 1) fail("prompt", "give only one of 'prompt', 'messages' and 'prompt_token_ids'");
   if (f.has("prompt")) {
     r.kind = RequestKind::Completion;
@@ -315,7 +324,8 @@ Request parse_dilu_line(const json& j, int64_t line, const RequestLimits& limits
   } else {
     r.kind = RequestKind::TokenIds;
     r.prompt_token_ids = token_ids(j["prompt_token_ids"], "prompt_token_ids", limits.vocab_size);
-    if (r.prompt_token_ids.empty()) fail("prompt_token_ids", "'prompt_token_ids' is empty; a prompt needs at least one token");
+    if (r.prompt_token_ids.empty())
+      fail("prompt_token_ids", "'prompt_token_ids' is empty; a prompt needs at least one token");
   }
   r.sampling = read_sampling(f, Dialect::Dilu, limits);
   return r;
@@ -323,10 +333,11 @@ Request parse_dilu_line(const json& j, int64_t line, const RequestLimits& limits
 
 // Batch body fields that do not change the output, whatever their value (vLLM ignores them too):
 // the model name (one model per run: the --model checkpoint answers every line), who asked, how
-// the answer is stored or scheduled, streaming options, and tool-call parallelism (no tools).
-const std::set<std::string> kIgnoredBodyKeys = {"model",    "user",          "metadata",         "store",
-                                                "service_tier", "stream_options", "parallel_tool_calls",
-                                                "priority", "request_id",    "return_token_ids"};
+// the answer is stored or scheduled, streaming options, tool-call parallelism (no tools), the
+// caller's request id, and return_token_ids (token ids in the output follow output.token_ids).
+const std::set<std::string> kIgnoredBodyKeys = {
+    "model",    "user",       "metadata",        "store", "service_tier", "stream_options", "parallel_tool_calls",
+    "priority", "request_id", "return_token_ids"};
 
 // Batch body fields accepted only at the value that leaves the output as dilu makes it: anything
 // else would change the semantics (streaming, penalties, biases, tools, structured output, beam
@@ -414,7 +425,8 @@ Request parse_batch_line(const json& j, int64_t line, const RequestLimits& limit
     fail("url", "'url' must be \"/v1/chat/completions\" or \"/v1/completions\"");
   const std::string url = j["url"].get<std::string>();
   if (url != "/v1/chat/completions" && url != "/v1/completions")
-    fail("url", "'url' = " + brief(j["url"]) + " is not served; dilu answers \"/v1/chat/completions\" and \"/v1/completions\"");
+    fail("url", "'url' = " + brief(j["url"]) +
+                    " is not served; dilu answers \"/v1/chat/completions\" and \"/v1/completions\"");
   if (!top.has("body") || !j["body"].is_object())
     fail("body", "'body' must be an object with the request, got " + (top.has("body") ? brief(j["body"]) : "nothing"));
 
@@ -428,12 +440,13 @@ Request parse_batch_line(const json& j, int64_t line, const RequestLimits& limit
     for (const NeutralField& nf : neutral_body_fields()) s.insert(nf.key);
     return s;
   }();
-  if (const auto bad = f.unknown({d == Dialect::Chat ? &kChatPrompt : &kCompletionPrompt, &sampling_keys(d),
-                                  &kIgnoredBodyKeys, &kNeutral});
+  if (const auto bad = f.unknown(
+          {d == Dialect::Chat ? &kChatPrompt : &kCompletionPrompt, &sampling_keys(d), &kIgnoredBodyKeys, &kNeutral});
       !bad.empty())
     fail(bad.front(),
          "unknown field(s) " + join_quoted(bad) + " in the body of a " + url +
-             " request; dilu reads messages/prompt, max_tokens" + (d == Dialect::Chat ? ", max_completion_tokens" : "") +
+             " request; dilu reads messages/prompt, max_tokens" +
+             (d == Dialect::Chat ? ", max_completion_tokens" : "") +
              ", temperature, top_p, top_k, min_p, seed, stop, stop_token_ids, n, logprobs" +
              (d == Dialect::Chat ? ", top_logprobs" : "") +
              ", ignore_eos, include_stop_str_in_output, and ignores model, user, metadata, store, service_tier, "
@@ -454,7 +467,8 @@ Request parse_batch_line(const json& j, int64_t line, const RequestLimits& limit
     if (!f.has("prompt")) fail("body.prompt", "missing 'body.prompt' (text, or a list of token ids)");
     json prompt = body["prompt"];
     // A list of one prompt is that prompt; more than one would be several requests in one line.
-    if (prompt.is_array() && prompt.size() == 1 && (prompt[0].is_string() || prompt[0].is_array())) prompt = json(prompt[0]);
+    if (prompt.is_array() && prompt.size() == 1 && (prompt[0].is_string() || prompt[0].is_array()))
+      prompt = json(prompt[0]);
     if (prompt.is_string()) {
       r.kind = RequestKind::Completion;
       r.prompt_text = prompt.get<std::string>();
@@ -472,8 +486,9 @@ Request parse_batch_line(const json& j, int64_t line, const RequestLimits& limit
   }
   r.sampling = read_sampling(f, d, limits);
   if (f.has("best_of") && f.integer("best_of", 1, INT64_MAX, ">= 1") != r.sampling.n)
-    fail("body.best_of", "'body.best_of' different from 'n' (keeping the best of several samples) is not supported; "
-                         "leave it out");
+    fail("body.best_of",
+         "'body.best_of' different from 'n' (keeping the best of several samples) is not supported; "
+         "leave it out");
   return r;
 }
 
@@ -504,8 +519,9 @@ std::variant<Request, RequestError> parse_request(const std::string& text, int64
   ResponseFormat format =
       text.find("\"custom_id\"") != std::string::npos ? ResponseFormat::OpenAIBatchChat : ResponseFormat::Dilu;
   if (nesting_depth(text) > kMaxDepth)
-    return RequestError{line, nullptr, where + "not valid JSON: nested deeper than " + std::to_string(kMaxDepth) + " levels",
-                        format, ""};
+    return RequestError{line, nullptr,
+                        where + "not valid JSON: nested deeper than " + std::to_string(kMaxDepth) + " levels", format,
+                        ""};
   json j;
   try {
     j = json::parse(text);
@@ -516,7 +532,7 @@ std::variant<Request, RequestError> parse_request(const std::string& text, int64
     return RequestError{line, nullptr, where + "expected a JSON object per line, got " + brief(j), format, ""};
   const bool batch = j.contains("custom_id") || j.contains("body") || j.contains("url") || j.contains("method");
   format = batch ? (j.value("url", json()) == "/v1/completions" ? ResponseFormat::OpenAIBatchCompletion
-                                                               : ResponseFormat::OpenAIBatchChat)
+                                                                : ResponseFormat::OpenAIBatchChat)
                  : ResponseFormat::Dilu;
   const char* id_key = batch ? "custom_id" : "id";
   const json id = j.contains(id_key) && (j[id_key].is_string() || j[id_key].is_number_integer()) ? j[id_key] : json();

@@ -31,8 +31,8 @@ enum class ResponseFormat {
 inline bool is_openai_batch(ResponseFormat f) { return f != ResponseFormat::Dilu; }
 
 struct Request {
-  int64_t line = 0;                       // 1-based line number in the input file
-  nlohmann::json id;                      // "id" (dilu) or "custom_id" (Batch), echoed as given
+  int64_t line = 0;   // 1-based line number in the input file
+  nlohmann::json id;  // "id" (dilu) or "custom_id" (Batch), echoed as given
   RequestKind kind = RequestKind::TokenIds;
   ResponseFormat format = ResponseFormat::Dilu;
   std::string prompt_text;                // Completion: non-empty

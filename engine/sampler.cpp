@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <bit>
 #include <cmath>
-#include <functional>
 #include <limits>
 
 #include "kernels/error.h"
@@ -64,27 +63,32 @@ inline int32_t order_key(float x) {
 }
 
 // The largest order key of each block of kBlock logits: one vectorized pass that lets the
-// searches below skip every block that cannot hold what they look for.
+// searches below skip every block that cannot hold what they look for. Aborts on NaN (of either
+// sign): a broken forward pass, not a user error.
 constexpr size_t kBlock = 64;
 std::vector<int32_t> block_max_keys(std::span<const float> logits) {
   std::vector<int32_t> out((logits.size() + kBlock - 1) / kBlock);
+  int32_t lo = INT32_MAX, hi = INT32_MIN;
   for (size_t b = 0; b < out.size(); ++b) {
     const size_t begin = b * kBlock, end = std::min(begin + kBlock, logits.size());
-    int32_t m = INT32_MIN;
+    int32_t m = INT32_MIN, block_lo = INT32_MAX;
     for (size_t i = begin; i < end; ++i) {
       const int32_t k = order_key(logits[i]);
       m = k > m ? k : m;
+      block_lo = k < block_lo ? k : block_lo;
     }
     out[b] = m;
+    hi = m > hi ? m : hi;
+    lo = block_lo < lo ? block_lo : lo;
   }
+  const float inf = std::numeric_limits<float>::infinity();
+  DILU_CHECK(lo >= order_key(-inf) && hi <= order_key(inf), "NaN among the logits: the forward pass is broken");
   return out;
 }
 
-// The first index of the largest logit. Aborts on NaN: a broken forward pass, not a user error.
+// The first index of the largest logit.
 int32_t first_argmax(std::span<const float> logits, const std::vector<int32_t>& block_max) {
-  int32_t hi = INT32_MIN;
-  for (const int32_t m : block_max) hi = m > hi ? m : hi;
-  DILU_CHECK(hi <= order_key(std::numeric_limits<float>::infinity()), "NaN among the logits: the forward pass is broken");
+  const int32_t hi = *std::max_element(block_max.begin(), block_max.end());
   size_t b = 0;
   while (block_max[b] != hi) ++b;
   for (size_t i = b * kBlock;; ++i)
@@ -126,8 +130,10 @@ std::vector<int32_t> best_tokens(std::span<const float> logits, const std::vecto
   std::vector<int32_t> edge;
   for (int32_t i = 0; i < vocab; ++i) {
     const uint32_t b = bucket_of(logits[static_cast<size_t>(i)]);
-    if (b > bucket) out.push_back(i);
-    else if (b == bucket) edge.push_back(i);
+    if (b > bucket)
+      out.push_back(i);
+    else if (b == bucket)
+      edge.push_back(i);
   }
   std::sort(edge.begin(), edge.end(), before);
   out.insert(out.end(), edge.begin(), edge.begin() + (n - above));
@@ -189,7 +195,7 @@ size_t inverse_cdf(std::span<const float> w, double u) {
 // nucleus ends; only that bucket is sorted. Linear, and no unpredictable branch over V.
 struct Nucleus {
   float tau = 0.0f;
-  int64_t tie_keep = 0;   // of tie_count weights equal to tau
+  int64_t tie_keep = 0;  // of tie_count weights equal to tau
   int64_t tie_count = 0;
 };
 Nucleus find_nucleus(std::span<const float> w, double goal) {
@@ -200,12 +206,13 @@ Nucleus find_nucleus(std::span<const float> w, double goal) {
   uint32_t b = kBuckets;
   double above = 0.0;
   while (b-- > 0 && above + mass[b] < goal) above += mass[b];
-  if (b >= kBuckets) return {};  // rounding kept the total below goal: keep everything (tau 0)
+  if (b >= kBuckets) return {};                 // rounding kept the total below goal: keep everything (tau 0)
   std::vector<std::pair<float, int64_t>> edge;  // (weight, position) of bucket b
   for (size_t i = 0; i < w.size(); ++i)
     if (bucket_of(w[i]) == b) edge.emplace_back(w[i], static_cast<int64_t>(i));
-  std::sort(edge.begin(), edge.end(),
-            [](const auto& x, const auto& y) { return x.first > y.first || (x.first == y.first && x.second < y.second); });
+  std::sort(edge.begin(), edge.end(), [](const auto& x, const auto& y) {
+    return x.first > y.first || (x.first == y.first && x.second < y.second);
+  });
   size_t last = 0;  // the last weight in, in sorted order
   for (; last + 1 < edge.size(); ++last) {
     above += static_cast<double>(edge[last].first);
@@ -247,7 +254,8 @@ int32_t draw_token(std::span<const float> logits, const std::vector<int32_t>& bl
   if (all) {
     for (size_t i = 0; i < count; ++i) w[i] = exp_nonpositive((logits[i] - max_logit) * inv_t);
   } else {
-    for (size_t i = 0; i < count; ++i) w[i] = exp_nonpositive((logits[static_cast<size_t>(ids[i])] - max_logit) * inv_t);
+    for (size_t i = 0; i < count; ++i)
+      w[i] = exp_nonpositive((logits[static_cast<size_t>(ids[i])] - max_logit) * inv_t);
   }
 
   if (params.top_p < 1.0) {

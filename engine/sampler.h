@@ -15,19 +15,19 @@ namespace dilu {
 // How one request is generated. Parsed from its input line (engine/request.h); fields the line
 // leaves out come from the run config's `sampling.*`.
 struct SamplingParams {
-  double temperature = 1.0;             // < 1e-5 (0 included): greedy, as vLLM
-  double top_p = 1.0;                   // (0, 1]; 1: off
-  int64_t top_k = 0;                    // 0: off (a line's -1 is stored as 0)
-  double min_p = 0.0;                   // [0, 1]; drop tokens with p < min_p * p_max; 0: off
-  std::optional<uint64_t> seed;         // none: derived from the run seed and the request id
-  int64_t n = 1;                        // samples of one prompt
-  int64_t max_tokens = 0;               // completion tokens at most, per sample
+  double temperature = 1.0;      // < 1e-5 (0 included): greedy, as vLLM
+  double top_p = 1.0;            // (0, 1]; 1: off
+  int64_t top_k = 0;             // 0: off (a line's -1 is stored as 0)
+  double min_p = 0.0;            // [0, 1]; drop tokens with p < min_p * p_max; 0: off
+  std::optional<uint64_t> seed;  // none: derived from the run seed and the request id
+  int64_t n = 1;                 // samples of one prompt
+  int64_t max_tokens = 0;        // completion tokens at most, per sample
   bool ignore_eos = false;
   std::vector<std::string> stop;        // stop strings, matched on the detokenized text
   std::vector<int32_t> stop_token_ids;  // stop tokens besides EOS (they count even with ignore_eos)
   bool include_stop_str_in_output = false;
-  bool logprobs = false;                // return the chosen token's logprob per position
-  int64_t top_logprobs = 0;             // and this many most likely tokens, [0, 20]
+  bool logprobs = false;     // return the chosen token's logprob per position
+  int64_t top_logprobs = 0;  // and this many most likely tokens, [0, 20]
   friend bool operator==(const SamplingParams&, const SamplingParams&) = default;
 };
 

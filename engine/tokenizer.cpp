@@ -679,19 +679,23 @@ struct Tokenizer::Impl {
     std::vector<HeapSymbol>& sym = s.heap_symbols;
     std::vector<MergeCandidate>& heap = s.heap;
     const auto later = [](const MergeCandidate& a, const MergeCandidate& b) { return a.order > b.order; };
-    const auto push = [&](int32_t pos) {
+    const auto add = [&](int32_t pos) {
       const HeapSymbol& left = sym[static_cast<size_t>(pos)];
       const int32_t right = sym[static_cast<size_t>(left.next)].id;
       const MergeTable::Entry e = merges.find(left.id, right);
-      if (e.rank == MergeTable::kNone) return;
+      if (e.rank == MergeTable::kNone) return false;
       heap.push_back({(uint64_t{e.rank} << 32) | static_cast<uint32_t>(pos), left.id, right, e.merged});
-      std::push_heap(heap.begin(), heap.end(), later);
+      return true;
+    };
+    const auto push = [&](int32_t pos) {
+      if (add(pos)) std::push_heap(heap.begin(), heap.end(), later);
     };
     const auto n = static_cast<int32_t>(s.symbols.size());
     sym.resize(s.symbols.size());
     for (int32_t i = 0; i < n; ++i) sym[static_cast<size_t>(i)] = {s.symbols[static_cast<size_t>(i)], i - 1, i + 1 < n ? i + 1 : -1, true};
     heap.clear();
-    for (int32_t i = 0; i + 1 < n; ++i) push(i);
+    for (int32_t i = 0; i + 1 < n; ++i) add(i);
+    std::make_heap(heap.begin(), heap.end(), later);
     while (!heap.empty()) {
       std::pop_heap(heap.begin(), heap.end(), later);
       const MergeCandidate top = heap.back();
@@ -951,6 +955,7 @@ std::unique_ptr<Tokenizer> Tokenizer::load(const fs::path& model_dir, const Toke
   m->token_bytes.resize(size);
   m->token_flags.assign(size, 0);
   m->byte_ids.fill(-1);
+  m->model_ids_by_bytes.reserve(model_ids.size());
   for (const auto& [token, id] : model_ids) {
     const auto i = static_cast<size_t>(id);
     m->tokens[i] = token;
@@ -962,7 +967,7 @@ std::unique_ptr<Tokenizer> Tokenizer::load(const fs::path& model_dir, const Toke
       m->model_ids_by_bytes.emplace(*bytes, id);
     }
   }
-  m->token_ids = model_ids;
+  m->token_ids = std::move(model_ids);
   for (size_t i = 0; i < m->added.size(); ++i) {
     const AddedToken& t = m->added[i];
     const auto id = static_cast<size_t>(t.id);

@@ -8,6 +8,11 @@ packages=(
   libopenmpi-dev openmpi-bin libhdf5-dev libcli11-dev libyaml-cpp-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev libpcre2-dev
 )
+# The tokenizer parity test runs a JavaScript reference (tests/tokenizer, see scripts/setup-js.sh).
+# A node that is already on PATH (NodeSource, nvm) is kept: Debian's npm conflicts with NodeSource's.
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  packages+=(nodejs npm)
+fi
 
 missing=()
 for p in "${packages[@]}"; do

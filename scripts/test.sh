@@ -7,5 +7,6 @@ cd "$root"
 scripts/setup.sh
 build="${BUILD_DIR:-$root/build}"
 BUILD_DIR="$build" scripts/build.sh -DDILU_WERROR=ON -DDILU_BUILD_TESTS=ON
+scripts/setup-js.sh
 # GPU-labelled tests need an NVIDIA GPU; run them there with: ctest --test-dir build -L gpu
 ctest --test-dir "$build" --output-on-failure -j "$(nproc)" --timeout 600 -LE gpu

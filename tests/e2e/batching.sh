@@ -16,6 +16,7 @@ fail() {
   exit 1
 }
 
+total_preemptions=0
 for case_dir in "$golden"/data/*/; do
   case=$(basename "$case_dir")
   while read -r name settings; do
@@ -31,10 +32,34 @@ seqs1 --set batch.max_seqs=1
 seqs3 --set batch.max_seqs=3
 seqs64 --set batch.max_seqs=64
 chunked --set batch.max_tokens=7
-preempt --set kv.block_size=4 --set kv.num_blocks=16
 VARIANTS
+
+  # Four copies of every prompt in a cache that holds just the longest sequence (blocks of 4
+  # tokens): sequences are preempted and recomputed many times.
+  python3 - "$case_dir/input.jsonl" "$case_dir/expected.jsonl" "$scratch/$case-x4" <<'PY'
+import json, sys
+inp = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+exp = [json.loads(l) for l in open(sys.argv[2]) if l.strip()]
+# max_tokens cut to what the reference generated (an EOS stop still ends in "stop"), so that the
+# cache can be sized to the longest sequence.
+length = {r["id"]: len(r["token_ids"]) for r in exp}
+for r in inp:
+    r["max_tokens"] = length[r["id"]]
+with open(sys.argv[3] + "-in.jsonl", "w") as fi, open(sys.argv[3] + "-expected.jsonl", "w") as fe:
+    for k in range(4):
+        for r in inp:
+            fi.write(json.dumps(dict(r, id=f"{r['id']}#{k}")) + "\n")
+        for r in exp:
+            fe.write(json.dumps(dict(r, id=f"{r['id']}#{k}")) + "\n")
+print(max((len(r["prompt_token_ids"]) + r["max_tokens"] + 3) // 4 for r in inp), file=open(sys.argv[3] + "-blocks", "w"))
+PY
+  "$dilu" run --model "$case_dir/model" --input "$scratch/$case-x4-in.jsonl" --output "$scratch/$case-preempt.jsonl" \
+    --set kv.block_size=4 --set kv.num_blocks="$(cat "$scratch/$case-x4-blocks")" >"$scratch/$case-preempt.stdout" 2>&1 || fail "$case/preempt: dilu run failed"
+  python3 "$golden/check_golden.py" "$scratch/$case-preempt.jsonl" "$scratch/$case-x4-expected.jsonl" >/dev/null ||
+    fail "$case/preempt: tokens differ from the reference"
   preemptions=$(grep -o '[0-9]* preemptions' "$scratch/$case-preempt.stdout" | cut -d' ' -f1)
-  [ "${preemptions:-0}" -gt 0 ] || fail "$case/preempt: no preemption happened ($(cat "$scratch/$case-preempt.stdout" | tail -1))"
+  [ "${preemptions:-0}" -ge 1 ] || fail "$case/preempt: no preemption ($(tail -1 "$scratch/$case-preempt.stdout"))"
+  total_preemptions=$((total_preemptions + preemptions))
 
   # n = 3 greedy samples of each prompt: all three equal the reference.
   python3 - "$case_dir/input.jsonl" "$scratch/$case-n3-in.jsonl" <<'PY'
@@ -63,3 +88,5 @@ for r in got:
 PY
   echo "batching: $case ok (preemptions in the small-cache run: $preemptions)"
 done
+[ "$total_preemptions" -ge 10 ] || fail "only $total_preemptions preemptions over all cases; the small-cache runs should preempt many times"
+echo "batching: ok, $total_preemptions preemptions in all"

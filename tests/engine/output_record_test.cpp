@@ -150,7 +150,8 @@ TEST(OutputRecord, OpenAIBatchChatCompletion) {
   EXPECT_EQ(two["response"]["body"]["choices"], json::parse(R"([
       {"index": 0, "message": {"role": "assistant", "content": "a"}, "logprobs": null, "finish_reason": "length", "stop_reason": null},
       {"index": 1, "message": {"role": "assistant", "content": "b"}, "logprobs": null, "finish_reason": "stop", "stop_reason": "\n"}])"));
-  EXPECT_EQ(two["response"]["body"]["usage"], json::parse(R"({"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6})"));
+  EXPECT_EQ(two["response"]["body"]["usage"],
+            json::parse(R"({"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6})"));
 }
 
 TEST(OutputRecord, OpenAIBatchTextCompletion) {
@@ -209,11 +210,12 @@ TEST(ErrorRecord, BatchShape) {
                                    6);
   json er = error_record(e, context());
   expect_and_blank_ids(er, "");
-  EXPECT_EQ(er, (json{{"id", "ID"},
-                      {"custom_id", "b"},
-                      {"response", {{"status_code", 400}, {"request_id", "RID"}, {"body", nullptr}}},
-                      {"error",
-                       {{"code", "invalid_request"}, {"message", e.message}, {"param", "body.stream"}, {"line", 6}}}}));
+  EXPECT_EQ(
+      er,
+      (json{{"id", "ID"},
+            {"custom_id", "b"},
+            {"response", {{"status_code", 400}, {"request_id", "RID"}, {"body", nullptr}}},
+            {"error", {{"code", "invalid_request"}, {"message", e.message}, {"param", "body.stream"}, {"line", 6}}}}));
 
   json broken = error_record(parse_bad(R"({"custom_id": "b", "method": )", 9), context());
   expect_and_blank_ids(broken, "");

@@ -54,8 +54,9 @@ TEST(ParseRequest, TokenIdLines) {
 
   EXPECT_EQ(parse_ok(R"({"id": 0, "prompt_token_ids": [1], "max_tokens": 0})").sampling.max_tokens, 0);
   // A prompt of exactly max_seq_len tokens is allowed.
-  EXPECT_EQ(parse_ok(R"({"id": 1, "prompt_token_ids": [1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16]})").prompt_token_ids.size(),
-            16u);
+  EXPECT_EQ(
+      parse_ok(R"({"id": 1, "prompt_token_ids": [1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16]})").prompt_token_ids.size(),
+      16u);
 }
 
 TEST(ParseRequest, TextAndChatLinesAreKeptUntokenized) {
@@ -163,8 +164,10 @@ struct BadLine {
   std::string words;  // must appear in the message
 };
 
-const std::string kChat = R"({"custom_id": "b", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": "hi"}], )";
-const std::string kCompl = R"({"custom_id": "b", "method": "POST", "url": "/v1/completions", "body": {"prompt": "hi", )";
+const std::string kChat =
+    R"({"custom_id": "b", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": "hi"}], )";
+const std::string kCompl =
+    R"({"custom_id": "b", "method": "POST", "url": "/v1/completions", "body": {"prompt": "hi", )";
 
 std::vector<BadLine> bad_lines() {
   return {
@@ -181,7 +184,8 @@ std::vector<BadLine> bad_lines() {
       {"id float", R"({"id": 1.5, "prompt_token_ids": [1]})", "id", "'id'"},
       {"id object", R"({"id": {"a": 1}, "prompt_token_ids": [1]})", "id", "'id'"},
       {"missing prompt", R"({"id": 1})", "prompt", "'prompt_token_ids'"},
-      {"two prompts", R"({"id": 1, "prompt": "a", "messages": [{"role": "user", "content": "b"}]})", "prompt", "only one"},
+      {"two prompts", R"({"id": 1, "prompt": "a", "messages": [{"role": "user", "content": "b"}]})", "prompt",
+       "only one"},
       {"prompt not a list", R"({"id": 1, "prompt_token_ids": 5})", "prompt_token_ids", "'prompt_token_ids'"},
       {"empty token prompt", R"({"id": 1, "prompt_token_ids": []})", "prompt_token_ids", "empty"},
       {"empty text prompt", R"({"id": 1, "prompt": ""})", "prompt", "empty"},
@@ -230,7 +234,8 @@ std::vector<BadLine> bad_lines() {
        R"({"id": 1, "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": 5}]})",
        "messages[1].content", "'messages[1].content'"},
       {"content missing", R"({"id": 1, "messages": [{"role": "user"}]})", "messages[0].content", "no \"content\""},
-      {"image part", R"({"id": 1, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]})",
+      {"image part",
+       R"({"id": 1, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]})",
        "messages[0].content[0]", "text only"},
       {"text part without text", R"({"id": 1, "messages": [{"role": "user", "content": [{"type": "text"}]}]})",
        "messages[0].content[0]", "'messages[0].content[0]'"},
@@ -243,8 +248,8 @@ std::vector<BadLine> bad_lines() {
        "/v1/embeddings"},
       {"body not an object", R"({"custom_id": "b", "method": "POST", "url": "/v1/completions", "body": "x"})", "body",
        "'body'"},
-      {"unknown top-level field", R"({"custom_id": "b", "method": "POST", "url": "/v1/completions", "body": {}, "x": 1})",
-       "x", "'x'"},
+      {"unknown top-level field",
+       R"({"custom_id": "b", "method": "POST", "url": "/v1/completions", "body": {}, "x": 1})", "x", "'x'"},
       {"chat without messages", R"({"custom_id": "b", "method": "POST", "url": "/v1/chat/completions", "body": {}})",
        "body.messages", "'body.messages'"},
       {"chat unknown role",

@@ -139,7 +139,7 @@ TEST(Sampler, MatchesTheFullSortReference) {
     int64_t top_k;
     double min_p;
   };
-  const std::vector<Case> cases = {{1.0, 1.0, 0, 0.0},  {0.7, 0.9, 0, 0.0},   {1.3, 0.5, 0, 0.0},
+  const std::vector<Case> cases = {{1.0, 1.0, 0, 0.0},  {0.7, 0.9, 0, 0.0},    {1.3, 0.5, 0, 0.0},
                                    {1.0, 1.0, 50, 0.0}, {1.0, 1.0, 2000, 0.0}, {0.8, 0.95, 40, 0.0},
                                    {1.0, 1.0, 0, 0.1},  {0.6, 0.9, 100, 0.05}, {2.0, 0.99, 0, 0.01}};
   for (const Case& c : cases) {
@@ -267,6 +267,37 @@ TEST(Sampler, ChosenLogprobCountsTiesAndMaskedTokens) {
     EXPECT_EQ(r.top[3].first, 1);
     EXPECT_TRUE(std::isinf(r.top[3].second));
   }
+}
+
+TEST(Sampler, TiesAtACutGoToTheLowerIds) {
+  // Equal logits: top-p 0.35 of ten equal tokens keeps four (0.4 is the first mass >= 0.35), and
+  // top-k keeps the k lowest ids, for the small-k buffer and the large-k histogram alike.
+  const std::vector<float> flat(10, 0.5f);
+  SamplingParams nucleus = sampled(1.0);
+  nucleus.top_p = 0.35;
+  std::set<int32_t> seen;
+  for (int64_t i = 0; i < 2000; ++i) seen.insert(sample(flat, nucleus, 1, 0, i).token);
+  EXPECT_EQ(seen, (std::set<int32_t>{0, 1, 2, 3}));
+
+  const std::vector<float> wide(300, -2.0f);
+  for (const int64_t k : {3, 100}) {
+    SCOPED_TRACE(k);
+    SamplingParams top_k = sampled(1.0);
+    top_k.top_k = k;
+    std::set<int32_t> drawn;
+    for (int64_t i = 0; i < 3000; ++i) drawn.insert(sample(wide, top_k, 2, 0, i).token);
+    EXPECT_EQ(static_cast<int64_t>(drawn.size()), k);
+    EXPECT_EQ(*drawn.rbegin(), k - 1);
+  }
+}
+
+TEST(SamplerDeathTest, NaNLogitsAbort) {
+  // A NaN logit is a broken forward pass (an invariant), whatever its sign bit.
+  std::vector<float> logits(200, 0.0f);
+  logits[150] = -std::numeric_limits<float>::quiet_NaN();
+  EXPECT_DEATH(sample(logits, sampled(0.0), 0, 0, 0), "NaN");
+  logits[150] = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_DEATH(sample(logits, sampled(1.0), 0, 0, 0), "NaN");
 }
 
 TEST(DeriveSeed, DependsOnRunSeedAndKey) {

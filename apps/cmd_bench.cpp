@@ -1,0 +1,89 @@
+// `dilu bench`: prefill and decode throughput over a list of batch sizes, printed as a table
+// with each row's ratio to batch 1 (the baseline batching must beat).
+#include <iomanip>
+#include <iostream>
+#include <sstream>
+
+#include "apps/commands.h"
+#include "engine/bench.h"
+#include "engine/run_config.h"
+#include "engine/version.h"
+#include "kernels/error.h"
+
+namespace dilu::app {
+
+namespace {
+
+struct BenchFlags {
+  std::string model, config, batch_sizes = "1,8,32";
+  std::vector<std::string> sets;
+  int64_t input_len = 128, output_len = 128;
+  uint64_t seed = 0;
+};
+
+std::vector<int64_t> parse_sizes(const std::string& text) {
+  std::vector<int64_t> out;
+  std::stringstream ss(text);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    try {
+      size_t used = 0;
+      const int64_t v = std::stoll(item, &used);
+      DILU_USER_CHECK(used == item.size() && v >= 1, "--batch-sizes: '", item, "' is not a positive integer");
+      out.push_back(v);
+    } catch (const std::logic_error&) {
+      throw UserError("--batch-sizes: '" + item + "' is not a positive integer");
+    }
+  }
+  DILU_USER_CHECK(!out.empty(), "--batch-sizes needs at least one size, e.g. 1,8,32");
+  return out;
+}
+
+int bench(const BenchFlags& f) {
+  std::optional<std::filesystem::path> config_file;
+  if (!f.config.empty()) config_file = f.config;
+  const RunConfig cfg = load_run_config(config_file, f.sets);
+  BenchOptions o;
+  o.model_dir = f.model;
+  o.batch_sizes = parse_sizes(f.batch_sizes);
+  o.input_len = f.input_len;
+  o.output_len = f.output_len;
+  o.seed = f.seed;
+  std::cout << "dilu " << version_string() << " bench: model " << f.model << ", backend " << cfg.backend
+            << ", input " << o.input_len << " tokens, output " << o.output_len << " tokens, greedy\n";
+  const std::vector<BenchRow> rows = run_bench(o, cfg, std::cerr);
+  double base = 0;
+  for (const BenchRow& r : rows)
+    if (r.batch == 1) base = r.decode_tok_s();
+  std::cout << std::fixed << std::setprecision(1) << std::setw(7) << "batch" << std::setw(16) << "prefill tok/s"
+            << std::setw(16) << "decode tok/s" << std::setw(16) << "ms/decode step" << std::setw(20)
+            << "decode vs batch 1" << "\n";
+  for (const BenchRow& r : rows) {
+    std::cout << std::setw(7) << r.batch << std::setw(16) << r.prefill_tok_s() << std::setw(16) << r.decode_tok_s()
+              << std::setw(16) << std::setprecision(2) << r.ms_per_decode_step() << std::setw(19);
+    if (base > 0) std::cout << std::setprecision(2) << r.decode_tok_s() / base << "x";
+    else std::cout << "-";
+    std::cout << std::setprecision(1) << "\n";
+  }
+  if (base == 0) std::cout << "(include batch size 1 for the ratio column)\n";
+  return 0;
+}
+
+}  // namespace
+
+void add_bench_command(CLI::App& root, Action& action) {
+  auto flags = std::make_shared<BenchFlags>();
+  CLI::App* cmd = root.add_subcommand(
+      "bench", "Measure prefill and decode throughput over batch sizes with random prompts (greedy, ignore_eos).");
+  cmd->add_option("--model", flags->model, "Checkpoint directory (e.g. one written by dilu make-model)")->required();
+  cmd->add_option("--batch-sizes", flags->batch_sizes, "Comma list of batch sizes (requests run together)")
+      ->capture_default_str();
+  cmd->add_option("--input-len", flags->input_len, "Prompt tokens per request")->capture_default_str();
+  cmd->add_option("--output-len", flags->output_len, "Generated tokens per request")->capture_default_str();
+  cmd->add_option("--seed", flags->seed, "Seed of the random prompts")->capture_default_str();
+  cmd->add_option("--config", flags->config, "YAML run configuration")->check(CLI::ExistingFile);
+  cmd->add_option("--set", flags->sets, "Override one configuration key (repeatable)")->allow_extra_args(false);
+  cmd->callback([flags, &action] { action = [flags] { return bench(*flags); }; });
+}
+
+}  // namespace dilu::app
