@@ -13,5 +13,6 @@ using Action = std::function<int()>;
 void add_run_command(CLI::App& root, Action& action);
 void add_make_model_command(CLI::App& root, Action& action);
 void add_bench_command(CLI::App& root, Action& action);
+void add_tokenize_command(CLI::App& root, Action& action);
 
 }  // namespace dilu::app
