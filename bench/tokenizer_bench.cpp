@@ -110,9 +110,10 @@ int main(int argc, char** argv) {
 
     const Result on = encode_all(*cached, docs, bytes);
     const Result off = encode_all(*uncached, docs, bytes);
-    std::printf("encode, pre-token cache on : %7.2f MB/s  %5.2fx the %.0f MB/s target  (%zu tokens, %.2f bytes/token)\n",
-                on.mb_per_s, on.mb_per_s / kTargetMBps, kTargetMBps, on.tokens,
-                static_cast<double>(bytes) / static_cast<double>(on.tokens));
+    std::printf(
+        "encode, pre-token cache on : %7.2f MB/s  %5.2fx the %.0f MB/s target  (%zu tokens, %.2f bytes/token)\n",
+        on.mb_per_s, on.mb_per_s / kTargetMBps, kTargetMBps, on.tokens,
+        static_cast<double>(bytes) / static_cast<double>(on.tokens));
     std::printf("encode, pre-token cache off: %7.2f MB/s  %5.2fx the %.0f MB/s target\n", off.mb_per_s,
                 off.mb_per_s / kTargetMBps, kTargetMBps);
     DILU_CHECK(on.tokens == off.tokens, "the cache changed the result: ", on.tokens, " vs ", off.tokens, " tokens");

@@ -27,7 +27,7 @@ namespace fs = std::filesystem;
 // ---- UTF-8 -------------------------------------------------------------------------------------
 
 struct Utf8Step {
-  size_t length;   // bytes of the character, or of the maximal invalid subpart
+  size_t length;  // bytes of the character, or of the maximal invalid subpart
   bool valid;
   bool truncated;  // a valid prefix that ran into the end of the input
 };
@@ -254,8 +254,8 @@ class Regex {
     const uint32_t options = PCRE2_UTF | (literal ? PCRE2_LITERAL : PCRE2_UCP | PCRE2_MULTILINE);
     code_ = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(source.data()), source.size(), options, &error, &offset, cc);
     pcre2_compile_context_free(cc);
-    DILU_USER_CHECK(code_ != nullptr, where, ": cannot compile the regex '", pattern, "' (PCRE2: ", pcre2_message(error),
-                    " at offset ", offset, ")");
+    DILU_USER_CHECK(code_ != nullptr, where, ": cannot compile the regex '", pattern,
+                    "' (PCRE2: ", pcre2_message(error), " at offset ", offset, ")");
     jit_ = pcre2_jit_compile(code_, PCRE2_JIT_COMPLETE) == 0;  // without JIT support: interpreted, slower
   }
   ~Regex() { pcre2_code_free(code_); }
@@ -471,7 +471,7 @@ struct HeapSymbol {
   bool alive;
 };
 struct MergeCandidate {
-  uint64_t order;             // rank << 32 | position: lowest rank first, then leftmost
+  uint64_t order;               // rank << 32 | position: lowest rank first, then leftmost
   int32_t left, right, merged;  // the pair when pushed; a popped entry whose pair changed is stale
 };
 
@@ -533,20 +533,20 @@ struct Tokenizer::Impl {
   explicit Impl(const TokenizerOptions& options) : cache(options.cache_entries) {}
 
   nlohmann::json config;
-  std::vector<std::string> tokens;       // by id: tokenizer.json spelling
-  std::vector<std::string> token_bytes;  // by id: what decode() emits
-  std::vector<uint8_t> token_flags;      // by id: kHasToken | kSpecial
-  StringMap<int32_t> token_ids;          // spelling → id; added tokens take precedence
+  std::vector<std::string> tokens;        // by id: tokenizer.json spelling
+  std::vector<std::string> token_bytes;   // by id: what decode() emits
+  std::vector<uint8_t> token_flags;       // by id: kHasToken | kSpecial
+  StringMap<int32_t> token_ids;           // spelling → id; added tokens take precedence
   StringMap<int32_t> model_ids_by_bytes;  // raw bytes → model id (for ignore_merges)
-  std::array<int32_t, 256> byte_ids{};   // the model id of each single byte, -1 when absent
+  std::array<int32_t, 256> byte_ids{};    // the model id of each single byte, -1 when absent
   MergeTable merges;
   std::optional<int32_t> unk_id;
   bool fuse_unk = false;
   bool ignore_merges = false;
 
   std::vector<AddedToken> added;
-  AddedTokenTrie raw_trie;         // added tokens with normalized false, matched first
-  AddedTokenTrie normalized_trie;  // the rest, matched in what the first pass left
+  AddedTokenTrie raw_trie;           // added tokens with normalized false, matched first
+  AddedTokenTrie normalized_trie;    // the rest, matched in what the first pass left
   std::unique_ptr<Regex> word_char;  // Rust's \w, for single_word; only built when needed
 
   std::vector<PreTokenizerStep> pre_tokenizer;
@@ -565,8 +565,8 @@ struct Tokenizer::Impl {
   // `tokenizers`' AddedVocabulary::find_matches: calls f(piece, id) in order, id -1 for text
   // between added tokens; single_word, lstrip and rstrip as there.
   template <class F>
-  void split_added(std::string_view text, const AddedTokenTrie& trie, std::vector<AddedMatch>& matches,
-                   MatchScratch& m, F&& f) const {
+  void split_added(std::string_view text, const AddedTokenTrie& trie, std::vector<AddedMatch>& matches, MatchScratch& m,
+                   F&& f) const {
     if (text.empty()) return;
     trie.find_all(text, matches);
     size_t start_offset = 0;
@@ -692,7 +692,8 @@ struct Tokenizer::Impl {
     };
     const auto n = static_cast<int32_t>(s.symbols.size());
     sym.resize(s.symbols.size());
-    for (int32_t i = 0; i < n; ++i) sym[static_cast<size_t>(i)] = {s.symbols[static_cast<size_t>(i)], i - 1, i + 1 < n ? i + 1 : -1, true};
+    for (int32_t i = 0; i < n; ++i)
+      sym[static_cast<size_t>(i)] = {s.symbols[static_cast<size_t>(i)], i - 1, i + 1 < n ? i + 1 : -1, true};
     heap.clear();
     for (int32_t i = 0; i + 1 < n; ++i) add(i);
     std::make_heap(heap.begin(), heap.end(), later);
@@ -713,9 +714,9 @@ struct Tokenizer::Impl {
       if (cur.next >= 0) push(pos);
     }
     s.symbols.clear();
-    for (int32_t i = 0; i >= 0; i = sym[static_cast<size_t>(i)].next) s.symbols.push_back(sym[static_cast<size_t>(i)].id);
+    for (int32_t i = 0; i >= 0; i = sym[static_cast<size_t>(i)].next)
+      s.symbols.push_back(sym[static_cast<size_t>(i)].id);
   }
-
 };
 
 // ---- Loading -----------------------------------------------------------------------------------
@@ -732,30 +733,33 @@ class Reader {
     throw UserError(file_ + ": " + where + " " + what);
   }
   std::string at(const std::string& where) const { return file_ + ": " + where; }
+  static std::string field(const std::string& where, const std::string& key) {
+    return where.empty() ? key : where + "." + key;
+  }
   const json* find(const json& obj, const std::string& key) const {
     const auto it = obj.find(key);
     return it == obj.end() || it->is_null() ? nullptr : &*it;
   }
   const json& object(const json& obj, const std::string& key, const std::string& where) const {
     const json* v = find(obj, key);
-    if (!v) fail(where + "." + key, "is missing");
-    if (!v->is_object()) fail(where + "." + key, "must be an object, got " + v->dump().substr(0, 80));
+    if (!v) fail(field(where, key), "is missing");
+    if (!v->is_object()) fail(field(where, key), "must be an object, got " + v->dump().substr(0, 80));
     return *v;
   }
   const json& array(const json& obj, const std::string& key, const std::string& where) const {
     const json* v = find(obj, key);
-    if (!v || !v->is_array()) fail(where + "." + key, "must be a list");
+    if (!v || !v->is_array()) fail(field(where, key), "must be a list");
     return *v;
   }
   std::string string(const json& obj, const std::string& key, const std::string& where) const {
     const json* v = find(obj, key);
-    if (!v || !v->is_string()) fail(where + "." + key, "must be a string");
+    if (!v || !v->is_string()) fail(field(where, key), "must be a string");
     return v->get<std::string>();
   }
   bool boolean(const json& obj, const std::string& key, bool fallback, const std::string& where) const {
     const json* v = find(obj, key);
     if (!v) return fallback;
-    if (!v->is_boolean()) fail(where + "." + key, "must be true or false, got " + v->dump());
+    if (!v->is_boolean()) fail(field(where, key), "must be true or false, got " + v->dump());
     return v->get<bool>();
   }
   int32_t id(const json& v, const std::string& where) const {
@@ -790,7 +794,8 @@ void read_pre_tokenizer_step(const Reader& r, const json& p, const std::string& 
   if (type == "Sequence") {
     const json& list = r.array(p, "pretokenizers", where);
     for (size_t i = 0; i < list.size(); ++i)
-      read_pre_tokenizer_step(r, list[i], where + ".pretokenizers[" + std::to_string(i) + "]", last && i + 1 == list.size(), steps);
+      read_pre_tokenizer_step(r, list[i], where + ".pretokenizers[" + std::to_string(i) + "]",
+                              last && i + 1 == list.size(), steps);
     return;
   }
   PreTokenizerStep step;
@@ -814,7 +819,8 @@ void read_pre_tokenizer_step(const Reader& r, const json& p, const std::string& 
   } else {
     r.unsupported(where, type, "Split, ByteLevel and Sequence");
   }
-  if (step.byte_level && !last) r.fail(where, "is followed by other pre-tokenizers; dilu needs ByteLevel to be the last one");
+  if (step.byte_level && !last)
+    r.fail(where, "is followed by other pre-tokenizers; dilu needs ByteLevel to be the last one");
   steps.push_back(std::move(step));
 }
 
@@ -879,15 +885,17 @@ std::unique_ptr<Tokenizer> Tokenizer::load(const fs::path& model_dir, const Toke
   read_normalizer(r, j);
 
   // Model: vocabulary and merges.
-  const json& model = r.object(j, "model", "tokenizer");
+  const json& model = r.object(j, "model", "");
   if (const json* type = r.find(model, "type"); type && *type != "BPE")
     r.unsupported("model", type->is_string() ? type->get<std::string>() : type->dump(), "BPE");
-  if (const json* dropout = r.find(model, "dropout"); dropout && !(dropout->is_number() && dropout->get<double>() == 0.0))
+  if (const json* dropout = r.find(model, "dropout");
+      dropout && !(dropout->is_number() && dropout->get<double>() == 0.0))
     r.fail("model.dropout", "is " + dropout->dump() + "; dilu supports only BPE without dropout (null)");
   if (r.boolean(model, "byte_fallback", false, "model"))
     r.fail("model.byte_fallback", "is true; dilu supports byte-level BPE, which needs no byte fallback");
   for (const char* key : {"continuing_subword_prefix", "end_of_word_suffix"})
-    if (const json* v = r.find(model, key); v && *v != "") r.fail(std::string("model.") + key, "is set; dilu does not support it");
+    if (const json* v = r.find(model, key); v && *v != "")
+      r.fail(std::string("model.") + key, "is set; dilu does not support it");
   m->fuse_unk = r.boolean(model, "fuse_unk", false, "model");
   m->ignore_merges = r.boolean(model, "ignore_merges", false, "model");
 
@@ -977,7 +985,8 @@ std::unique_ptr<Tokenizer> Tokenizer::load(const fs::path& model_dir, const Toke
     m->token_ids.insert_or_assign(t.content, t.id);
     (t.normalized ? m->normalized_trie : m->raw_trie).add(t.content, static_cast<int32_t>(i));
     if (t.single_word && !m->word_char)  // Rust regex's Unicode \w
-      m->word_char = std::make_unique<Regex>(R"(\A[\p{Alphabetic}\p{M}\p{Nd}\p{Pc}\p{Join_Control}])", false, "added_tokens");
+      m->word_char =
+          std::make_unique<Regex>(R"(\A[\p{Alphabetic}\p{M}\p{Nd}\p{Pc}\p{Join_Control}])", false, "added_tokens");
   }
 
   // Pre-tokenizer: must end with ByteLevel, so that pieces can be merged as raw bytes.
@@ -989,10 +998,12 @@ std::unique_ptr<Tokenizer> Tokenizer::load(const fs::path& model_dir, const Toke
 
   const json* decoder = r.find(j, "decoder");
   if (!decoder) r.fail("decoder", "is null; dilu needs the ByteLevel decoder (byte-level BPE)");
-  if (const std::string type = r.string(*decoder, "type", "decoder"); type != "ByteLevel") r.unsupported("decoder", type, "ByteLevel");
+  if (const std::string type = r.string(*decoder, "type", "decoder"); type != "ByteLevel")
+    r.unsupported("decoder", type, "ByteLevel");
 
   std::vector<int32_t> template_prefix, template_suffix;
-  if (const json* post = r.find(j, "post_processor")) read_post_processor(r, *post, "post_processor", template_prefix, template_suffix);
+  if (const json* post = r.find(j, "post_processor"))
+    read_post_processor(r, *post, "post_processor", template_prefix, template_suffix);
 
   // tokenizer_config.json: bos/eos, and what encode(..., add_special_tokens) adds.
   const fs::path config_path = model_dir / "tokenizer_config.json";
@@ -1013,14 +1024,15 @@ std::unique_ptr<Tokenizer> Tokenizer::load(const fs::path& model_dir, const Toke
   const std::string tokenizer_class = r.find(m->config, "tokenizer_class") && m->config["tokenizer_class"].is_string()
                                           ? m->config["tokenizer_class"].get<std::string>()
                                           : "";
-  const bool llama_style = tokenizer_class.starts_with("LlamaTokenizer") || tokenizer_class.starts_with("CodeLlamaTokenizer") ||
-                           r.find(m->config, "add_bos_token") || r.find(m->config, "add_eos_token");
+  const bool llama_style = tokenizer_class.starts_with("LlamaTokenizer") ||
+                           tokenizer_class.starts_with("CodeLlamaTokenizer") || r.find(m->config, "add_bos_token") ||
+                           r.find(m->config, "add_eos_token");
   if (llama_style) {
-    if (c.boolean(m->config, "add_bos_token", true, "tokenizer_config")) {
+    if (c.boolean(m->config, "add_bos_token", true, "")) {
       if (!m->bos) c.fail("add_bos_token", "is true but bos_token is not set; set bos_token or add_bos_token: false");
       m->prefix.push_back(*m->bos);
     }
-    if (c.boolean(m->config, "add_eos_token", false, "tokenizer_config")) {
+    if (c.boolean(m->config, "add_eos_token", false, "")) {
       if (!m->eos) c.fail("add_eos_token", "is true but eos_token is not set; set eos_token or add_eos_token: false");
       m->suffix.push_back(*m->eos);
     }
@@ -1078,19 +1090,23 @@ std::optional<int32_t> Tokenizer::token_to_id(std::string_view token) const {
 }
 
 std::optional<std::string> Tokenizer::id_to_token(int32_t id) const {
-  if (id < 0 || static_cast<size_t>(id) >= impl_->tokens.size() || !(impl_->token_flags[static_cast<size_t>(id)] & kHasToken))
+  if (id < 0 || static_cast<size_t>(id) >= impl_->tokens.size() ||
+      !(impl_->token_flags[static_cast<size_t>(id)] & kHasToken))
     return std::nullopt;
   return impl_->tokens[static_cast<size_t>(id)];
 }
 
 std::optional<int32_t> Tokenizer::bos_id() const { return impl_->bos; }
 std::optional<int32_t> Tokenizer::eos_id() const { return impl_->eos; }
-bool Tokenizer::add_bos_token() const { return impl_->bos && !impl_->prefix.empty() && impl_->prefix.front() == *impl_->bos; }
+bool Tokenizer::add_bos_token() const {
+  return impl_->bos && !impl_->prefix.empty() && impl_->prefix.front() == *impl_->bos;
+}
 int64_t Tokenizer::vocab_size() const { return static_cast<int64_t>(impl_->tokens.size()); }
 const nlohmann::json& Tokenizer::config() const { return impl_->config; }
 
 bool Tokenizer::is_special(int32_t id) const {
-  return id >= 0 && static_cast<size_t>(id) < impl_->tokens.size() && (impl_->token_flags[static_cast<size_t>(id)] & kSpecial);
+  return id >= 0 && static_cast<size_t>(id) < impl_->tokens.size() &&
+         (impl_->token_flags[static_cast<size_t>(id)] & kSpecial);
 }
 
 DecodeStream::DecodeStream(const Tokenizer& tokenizer, bool skip_special_tokens)

@@ -19,6 +19,7 @@ using nlohmann::json;
 using test::expect_user_error;
 using Ids = std::vector<int32_t>;
 using Merges = std::vector<std::pair<std::string, std::string>>;
+const std::string kFffd = "\xEF\xBF\xBD";  // U+FFFD, what broken UTF-8 decodes to
 
 // ---- A tiny byte-level tokenizer --------------------------------------------------------------
 
@@ -62,20 +63,28 @@ struct Tiny {
       if (!vocab.contains(bl(a + b))) vocab[bl(a + b)] = static_cast<int>(vocab.size());
       merge_list.push_back(bl(a) + " " + bl(b));
     }
-    file = {{"version", "1.0"},
-            {"added_tokens", json::array()},
-            {"normalizer", nullptr},
-            {"pre_tokenizer", {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", true}}},
-            {"post_processor", {{"type", "ByteLevel"}}},
-            {"decoder", {{"type", "ByteLevel"}, {"add_prefix_space", true}, {"trim_offsets", true}, {"use_regex", true}}},
-            {"model", {{"type", "BPE"}, {"dropout", nullptr}, {"unk_token", nullptr}, {"fuse_unk", false},
-                       {"byte_fallback", false}, {"vocab", vocab}, {"merges", merge_list}}}};
+    file = {
+        {"version", "1.0"},
+        {"added_tokens", json::array()},
+        {"normalizer", nullptr},
+        {"pre_tokenizer",
+         {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", true}}},
+        {"post_processor", {{"type", "ByteLevel"}}},
+        {"decoder", {{"type", "ByteLevel"}, {"add_prefix_space", true}, {"trim_offsets", true}, {"use_regex", true}}},
+        {"model",
+         {{"type", "BPE"},
+          {"dropout", nullptr},
+          {"unk_token", nullptr},
+          {"fuse_unk", false},
+          {"byte_fallback", false},
+          {"vocab", vocab},
+          {"merges", merge_list}}}};
   }
   int32_t id_of(const std::string& raw) const { return file["model"]["vocab"][bl(raw)].get<int32_t>(); }
   int32_t add_token(const std::string& content, json flags = json::object()) {
     const auto id = static_cast<int32_t>(file["model"]["vocab"].size() + file["added_tokens"].size());
-    json t = {{"id", id}, {"content", content}, {"single_word", false}, {"lstrip", false}, {"rstrip", false},
-              {"normalized", true}, {"special", false}};
+    json t = {{"id", id},        {"content", content}, {"single_word", false}, {"lstrip", false},
+              {"rstrip", false}, {"normalized", true}, {"special", false}};
     t.update(flags);
     file["added_tokens"].push_back(t);
     return id;
@@ -105,9 +114,7 @@ Ids cat(std::initializer_list<Ids> parts) {
   return out;
 }
 
-TEST(Tokenizer, NoTokenizerJsonMeansNoTokenizer) {
-  EXPECT_EQ(Tokenizer::load(test::scratch_dir()), nullptr);
-}
+TEST(Tokenizer, NoTokenizerJsonMeansNoTokenizer) { EXPECT_EQ(Tokenizer::load(test::scratch_dir()), nullptr); }
 
 TEST(Tokenizer, MergesByRankNotByPosition) {
   // "b c" has the lower rank, so "abc" becomes a + bc although "a b" comes first in the word.
@@ -129,8 +136,7 @@ TEST(Tokenizer, MergesChainIntoWholeWords) {
   const Tiny t(Merges{{"h", "e"}, {"l", "l"}, {"he", "ll"}, {"hell", "o"}, {" ", "w"}, {" w", "o"}});
   const auto tok = t.load();
   // GPT-2's regex (ByteLevel use_regex) splits " world" from "hello"; merges stay inside pieces.
-  EXPECT_EQ(tok->encode("hello world", false),
-            (Ids{t.id_of("hello"), t.id_of(" wo"), 'r', 'l', 'd'}));
+  EXPECT_EQ(tok->encode("hello world", false), (Ids{t.id_of("hello"), t.id_of(" wo"), 'r', 'l', 'd'}));
   EXPECT_EQ(tok->encode("hellohello", false), (Ids{t.id_of("hello"), t.id_of("hello")}));
   EXPECT_EQ(tok->encode("", false), Ids{});
 }
@@ -180,12 +186,12 @@ TEST(Tokenizer, DecodeRoundTripsAndTokensAreByteLevel) {
 
 TEST(Tokenizer, DecodeReplacesBrokenUtf8AndSkipsUnknownIds) {
   const auto tok = Tiny().load();
-  EXPECT_EQ(tok->decode(Ids{0xC3}, false), "\xEF\xBF\xBD");                    // half of é
-  EXPECT_EQ(tok->decode(Ids{'a', 0xC3, 'b'}, false), "a\xEF\xBF\xBD" "b");
+  EXPECT_EQ(tok->decode(Ids{0xC3}, false), kFffd);  // half of é
+  EXPECT_EQ(tok->decode(Ids{'a', 0xC3, 'b'}, false), "a" + kFffd + "b");
   EXPECT_EQ(tok->decode(Ids{0xC3, 0xA9}, false), "é");
-  EXPECT_EQ(tok->decode(Ids{0xE2, 0x82}, false), "\xEF\xBF\xBD");              // one U+FFFD per maximal subpart
-  EXPECT_EQ(tok->decode(Ids{0xFF, 0xFE}, false), "\xEF\xBF\xBD\xEF\xBF\xBD");
-  EXPECT_EQ(tok->decode(Ids{'a', -1, 5000, 'b'}, false), "ab");                // as `tokenizers`: no token, no text
+  EXPECT_EQ(tok->decode(Ids{0xE2, 0x82}, false), kFffd);  // one U+FFFD per maximal subpart
+  EXPECT_EQ(tok->decode(Ids{0xFF, 0xFE}, false), kFffd + kFffd);
+  EXPECT_EQ(tok->decode(Ids{'a', -1, 5000, 'b'}, false), "ab");  // as `tokenizers`: no token, no text
 }
 
 TEST(Tokenizer, InvalidUtf8TextIsAUserError) {
@@ -312,12 +318,14 @@ TEST(Tokenizer, SplitPatternsFollowOnigurumaMeaning) {
   // U+180E is whitespace to PCRE2's \s but not to Oniguruma's (Unicode White_Space): with \S+ it
   // must stay in the piece of "a" so that the merges can join them.
   const std::string mvs = "\u180E";
-  Tiny t(Merges{{"a", mvs.substr(0, 1)}, {"a" + mvs.substr(0, 1), mvs.substr(1, 1)}, {"a" + mvs.substr(0, 2), mvs.substr(2, 1)}});
+  Tiny t(Merges{
+      {"a", mvs.substr(0, 1)}, {"a" + mvs.substr(0, 1), mvs.substr(1, 1)}, {"a" + mvs.substr(0, 2), mvs.substr(2, 1)}});
   const json byte_level = {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", false}};
   t.file["pre_tokenizer"] = {
       {"type", "Sequence"},
       {"pretokenizers",
-       {{{"type", "Split"}, {"pattern", {{"Regex", "\\S+"}}}, {"behavior", "Isolated"}, {"invert", false}}, byte_level}}};
+       {{{"type", "Split"}, {"pattern", {{"Regex", "\\S+"}}}, {"behavior", "Isolated"}, {"invert", false}},
+        byte_level}}};
   EXPECT_EQ(t.load("s")->encode("a" + mvs, false), (Ids{t.id_of("a" + mvs)}));
 
   // $ ends every line, as in Oniguruma: both x are pieces of their own, so "x\n" never merges.
@@ -353,11 +361,11 @@ TEST(DecodeStream, NeverSplitsACharacter) {
   EXPECT_EQ(s.push(t.id_of("\xF0\x9F\x91")), "");
   EXPECT_EQ(s.push(eos), "");  // skipped special tokens do not disturb the pending bytes
   EXPECT_EQ(s.push(0x8D), "👍");
-  EXPECT_EQ(s.push(0xFF), "\xEF\xBF\xBD");  // never valid: replaced at once
+  EXPECT_EQ(s.push(0xFF), kFffd);  // never valid: replaced at once
   EXPECT_EQ(s.push(0xE4), "");
-  EXPECT_EQ(s.push('b'), "\xEF\xBF\xBD" "b");  // E4 cut short by 'b'
+  EXPECT_EQ(s.push('b'), kFffd + "b");  // E4 cut short by 'b'
   EXPECT_EQ(s.push(0xE4), "");
-  EXPECT_EQ(s.flush(), "\xEF\xBF\xBD");  // an unfinished character at the end
+  EXPECT_EQ(s.flush(), kFffd);  // an unfinished character at the end
   EXPECT_EQ(s.flush(), "");
 
   DecodeStream keep(*tok, false);
@@ -388,11 +396,13 @@ TEST(Tokenizer, MalformedOrUnsupportedFilesNameTheFileAndPart) {
   bad.file["normalizer"] = {{"type", "NFC"}};
   expect_load_error(bad, {"tokenizer.json", "normalizer", "'NFC'"});
   bad = t;
-  bad.file["pre_tokenizer"] = {{"type", "Sequence"},
-                               {"pretokenizers", {{{"type", "Split"}, {"pattern", {{"Regex", "x"}}}, {"behavior", "Removed"}},
-                                                  t.file["pre_tokenizer"]}}};
+  bad.file["pre_tokenizer"] = {
+      {"type", "Sequence"},
+      {"pretokenizers",
+       {{{"type", "Split"}, {"pattern", {{"Regex", "x"}}}, {"behavior", "Removed"}}, t.file["pre_tokenizer"]}}};
   expect_load_error(bad, {"tokenizer.json", "pre_tokenizer.pretokenizers[0].behavior", "'Removed'", "Isolated"});
-  bad.file["pre_tokenizer"]["pretokenizers"][0] = {{"type", "Split"}, {"pattern", {{"Regex", "(unclosed"}}}, {"behavior", "Isolated"}};
+  bad.file["pre_tokenizer"]["pretokenizers"][0] = {
+      {"type", "Split"}, {"pattern", {{"Regex", "(unclosed"}}}, {"behavior", "Isolated"}};
   expect_load_error(bad, {"tokenizer.json", "pre_tokenizer.pretokenizers[0].pattern", "(unclosed", "PCRE2"});
   bad.file["pre_tokenizer"]["pretokenizers"][0] = {{"type", "Digits"}, {"individual_digits", true}};
   expect_load_error(bad, {"pre_tokenizer.pretokenizers[0]", "'Digits'"});
@@ -400,7 +410,10 @@ TEST(Tokenizer, MalformedOrUnsupportedFilesNameTheFileAndPart) {
   bad.file["pre_tokenizer"] = {{"type", "Metaspace"}};
   expect_load_error(bad, {"pre_tokenizer", "'Metaspace'"});
   bad = t;
-  bad.file["pre_tokenizer"] = {{"type", "Sequence"}, {"pretokenizers", {t.file["pre_tokenizer"], {{"type", "Split"}, {"pattern", {{"Regex", "x"}}}, {"behavior", "Isolated"}}}}};
+  bad.file["pre_tokenizer"] = {
+      {"type", "Sequence"},
+      {"pretokenizers",
+       {t.file["pre_tokenizer"], {{"type", "Split"}, {"pattern", {{"Regex", "x"}}}, {"behavior", "Isolated"}}}}};
   expect_load_error(bad, {"pre_tokenizer.pretokenizers[0]", "last"});
   bad = t;
   bad.file["decoder"] = {{"type", "Metaspace"}};
@@ -441,7 +454,8 @@ constexpr const char* kSetupHint =
     "(npm ci in tests/tokenizer) and run the tests again";
 
 const Tokenizer* deepseek_v3() {
-  static const std::unique_ptr<Tokenizer> tok = fs::exists(kModels / "tokenizer.json") ? Tokenizer::load(kModels) : nullptr;
+  static const std::unique_ptr<Tokenizer> tok =
+      fs::exists(kModels / "tokenizer.json") ? Tokenizer::load(kModels) : nullptr;
   return tok.get();
 }
 
@@ -481,8 +495,8 @@ TEST(TokenizerDeepSeekV3, MatchesTheReferenceOnTheCorpus) {
   ASSERT_NE(tok, nullptr) << kSetupHint;
   const fs::path out = test::scratch_dir() / "reference.jsonl";
   const fs::path err = test::scratch_dir() / "node.err";
-  const std::string command = "cd '" + kJsDir.string() + "' && node encode_reference.mjs corpus.jsonl '" + out.string() +
-                              "' 2> '" + err.string() + "'";
+  const std::string command = "cd '" + kJsDir.string() + "' && node encode_reference.mjs corpus.jsonl '" +
+                              out.string() + "' 2> '" + err.string() + "'";
   const int rc = std::system(command.c_str());
   ASSERT_EQ(rc, 0) << "the reference encoder failed (" << command << "): " << test::read_bytes(err) << "\n"
                    << "If node is missing, run scripts/setup.sh; if packages are missing, " << kSetupHint;
@@ -509,6 +523,20 @@ TEST(TokenizerDeepSeekV3, MatchesTheReferenceOnTheCorpus) {
     streamed += stream.flush();
     EXPECT_EQ(streamed, text);
   }
+}
+
+TEST(TokenizerDeepSeekV3, CacheSizeDoesNotChangeResults) {
+  const Tokenizer* tok = deepseek_v3();
+  ASSERT_NE(tok, nullptr) << kSetupHint;
+  const auto uncached = Tokenizer::load(kModels, {.cache_entries = 0});
+  const auto tiny_cache = Tokenizer::load(kModels, {.cache_entries = 64});  // one entry a shard: constant eviction
+  for (int round = 0; round < 2; ++round)
+    for (const json& c : read_jsonl(kJsDir / "corpus.jsonl")) {
+      const std::string text = c.at("text");
+      const Ids want = tok->encode(text, false);
+      EXPECT_EQ(uncached->encode(text, false), want) << c.at("name");
+      EXPECT_EQ(tiny_cache->encode(text, false), want) << c.at("name");
+    }
 }
 
 TEST(TokenizerDeepSeekV3, ThreadsEncodeAtOnce) {
