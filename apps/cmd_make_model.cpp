@@ -50,6 +50,9 @@ void add_make_model_command(CLI::App& root, Action& action) {
                   "layers than the dense prefix + 1, only layer 0 is dense)")
       ->check(CLI::PositiveNumber);
   cmd->add_flag("--force", opts->force, "Write into a non-empty directory, replacing a checkpoint there");
+  cmd->add_option("--tokenizer", opts->tokenizer_dir,
+                  "Directory with tokenizer.json and tokenizer_config.json to ship with the model (vocab_size, bos "
+                  "and eos follow it), so that text prompts and chat messages work");
 
   cmd->callback([&action, opts, dtype] {
     action = [opts, dtype] {

@@ -3,6 +3,8 @@
 // order, and the BF16 and FP8 checkpoints of one seed hold the same underlying weights.
 #include "engine/make_model.h"
 
+#include "engine/tokenizer.h"
+
 #include <algorithm>
 #include <cerrno>
 #include <cmath>
@@ -358,6 +360,15 @@ MakeModelSummary make_model(const MakeModelOptions& o) {
   c.torch_dtype = "bfloat16";
   if (c.quantization)
     DILU_CHECK(c.quantization->block_out > 0 && c.quantization->block_in > 0, "bad FP8 block size");
+  std::unique_ptr<Tokenizer> tokenizer;
+  if (!o.tokenizer_dir.empty()) {
+    tokenizer = Tokenizer::load(o.tokenizer_dir);
+    DILU_USER_CHECK(tokenizer != nullptr, "--tokenizer ", o.tokenizer_dir.string(), " holds no tokenizer.json");
+    // Published checkpoints pad the embedding past the tokenizer's last id (R1: 129280).
+    c.vocab_size = (tokenizer->vocab_size() + 127) / 128 * 128;
+    if (tokenizer->bos_id()) c.bos_token_id = *tokenizer->bos_id();
+    if (tokenizer->eos_id()) c.eos_token_ids = {*tokenizer->eos_id()};
+  }
   try {
     prepare_out_dir(o.out_dir, o.force);
   } catch (const std::filesystem::filesystem_error& e) {
@@ -401,6 +412,17 @@ MakeModelSummary make_model(const MakeModelOptions& o) {
       // Last, so that a directory with a config.json holds a complete checkpoint.
       {"config.json", model_config_to_json(c).dump(2) + "\n"},
   };
+  if (tokenizer) {
+    for (const char* name : {"tokenizer.json", "tokenizer_config.json"}) {
+      std::error_code ec;
+      std::filesystem::copy_file(o.tokenizer_dir / name, o.out_dir / name,
+                                 std::filesystem::copy_options::overwrite_existing, ec);
+      DILU_USER_CHECK(!ec, "cannot copy ", (o.tokenizer_dir / name).string(), " to ", o.out_dir.string(), ": ",
+                      ec.message());
+      summary.files.push_back(o.out_dir / name);
+      if (o.progress) o.progress(std::string("copied ") + name);
+    }
+  }
   for (const auto& [name, text] : texts) {
     write_text_file(o.out_dir / name, text);
     summary.files.push_back(o.out_dir / name);

@@ -36,6 +36,9 @@ struct MakeModelOptions {
   uint64_t seed = 0;
   int64_t layers = 0;    // 0: the preset's default
   bool force = false;    // write into a non-empty directory (replacing an earlier checkpoint's files)
+  // A directory with tokenizer.json and tokenizer_config.json to ship with the model: they are
+  // copied, and vocab_size, bos and eos follow the tokenizer so text prompts work end to end.
+  std::filesystem::path tokenizer_dir;
   std::function<void(const std::string&)> progress;  // optional: told about each file written
 };
 
