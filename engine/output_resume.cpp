@@ -41,7 +41,7 @@ ResumeState load_resume_state(const std::filesystem::path& output) {
     // lines without a readable id carry the line number.
     const nlohmann::json* id = j.contains("custom_id") ? &j["custom_id"] : j.contains("id") ? &j["id"] : nullptr;
     if (id && !id->is_null()) {
-      st.done_ids.insert(id->dump());
+      ++st.done_ids[id->dump()];
     } else if (j.contains("error") && j["error"].is_object() && j["error"].contains("line") &&
                j["error"]["line"].is_number_integer()) {
       st.done_lines.insert(j["error"]["line"].get<int64_t>());
@@ -52,6 +52,13 @@ ResumeState load_resume_state(const std::filesystem::path& output) {
                     output.string(), "'");
   }
   return st;
+}
+
+bool take_done(ResumeState& st, const std::string& id) {
+  auto it = st.done_ids.find(id);
+  if (it == st.done_ids.end()) return false;
+  if (--it->second == 0) st.done_ids.erase(it);
+  return true;
 }
 
 }  // namespace dilu

@@ -4,13 +4,16 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <map>
 #include <set>
 #include <string>
 
 namespace dilu {
 
 struct ResumeState {
-  std::set<std::string> done_ids;   // ids (JSON text: "\"a\"", "17") with a record in the output
+  // Records per id (JSON text: "\"a\"", "17"): an id given twice in the input has two records
+  // once both lines are answered (a result and a duplicate-id error).
+  std::map<std::string, int64_t> done_ids;
   std::set<int64_t> done_lines;     // input lines answered by an error record without an id
   int64_t records = 0;              // complete lines found
   bool cut_torn_line = false;       // the last line was incomplete and has been removed
@@ -19,5 +22,8 @@ struct ResumeState {
 // Missing or empty file: nothing done. A torn (unterminated or unparsable) last line is cut off
 // the file; a damaged line elsewhere is a UserError naming the file and line.
 ResumeState load_resume_state(const std::filesystem::path& output);
+
+// True when an input line with this id was answered by an earlier run; consumes one record.
+bool take_done(ResumeState& st, const std::string& id);
 
 }  // namespace dilu

@@ -135,7 +135,7 @@ RunSummary run_job(const RunJobOptions& o, const RunConfig& cfg, std::ostream& l
       }
       auto parsed = parse_request(text, line, limits);
       if (auto* err = std::get_if<RequestError>(&parsed)) {
-        if (!err->id.is_null() && resume.done_ids.count(err->id.dump())) {
+        if (!err->id.is_null() && take_done(resume, err->id.dump())) {
           ++s.requests_skipped;
           continue;
         }
@@ -144,11 +144,12 @@ RunSummary run_job(const RunJobOptions& o, const RunConfig& cfg, std::ostream& l
       }
       Request& r = std::get<Request>(parsed);
       const std::string key = r.id.dump();
-      if (resume.done_ids.count(key)) {
+      const bool first = seen_ids.insert(key).second;
+      if (take_done(resume, key)) {  // answered by an earlier run (its duplicate-id error too)
         ++s.requests_skipped;
         continue;
       }
-      if (!seen_ids.insert(key).second) {
+      if (!first) {
         fail(request_error(r, is_openai_batch(r.format) ? "custom_id" : "id",
                            "duplicate id " + key + ": an earlier line has it; ids must be unique"));
         continue;
