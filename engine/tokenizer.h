@@ -25,8 +25,8 @@ struct TokenizerOptions {
 // What is supported, and why it is enough: normalizer null (or an empty Sequence); pre_tokenizer
 // Split (behavior Isolated, regex or string pattern) and ByteLevel, alone or in a Sequence that ends
 // with ByteLevel; model BPE without dropout or byte fallback; decoder ByteLevel; post_processor
-// ByteLevel, TemplateProcessing or a Sequence of them. That covers DeepSeek V2/V3/R1, GPT-2,
-// Llama 3 and Qwen-style files; anything else is a UserError naming the component. Regexes run
+// ByteLevel, TemplateProcessing or a Sequence of them. That covers DeepSeek-V3/R1's files and the
+// GPT-2 and Llama-3 layouts; anything else is a UserError naming the component. Regexes run
 // on PCRE2 (JIT), with `\s`, `\w`, `\h` and `$` translated to their Oniguruma meaning, which is
 // what the `tokenizers` library uses.
 //
@@ -75,7 +75,8 @@ class Tokenizer {
 
 // Incremental detokenizer for streaming output: feed ids one at a time; push() returns only
 // complete UTF-8 text (never half a character) and flush() the rest. The concatenation of all
-// pieces equals decode() of all ids, because byte-level decoding only concatenates bytes.
+// pieces equals decode() of all ids, because byte-level decoding only concatenates bytes. The
+// tokenizer must outlive the stream; one stream per sequence, not shared between threads.
 class DecodeStream {
  public:
   DecodeStream(const Tokenizer& tokenizer, bool skip_special_tokens);

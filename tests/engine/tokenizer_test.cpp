@@ -340,6 +340,20 @@ TEST(Tokenizer, SplitPatternsFollowOnigurumaMeaning) {
   EXPECT_EQ(u.load("string")->encode("x\nx", false), (Ids{'x', '\n', 'x'}));
 }
 
+TEST(Tokenizer, LoadsTheLlama3Layout) {
+  // Split with Llama 3's pattern (a case-insensitive group, \s inside and outside classes), then
+  // ByteLevel without its own regex: "'LL" is one piece, so its merge applies.
+  Tiny t(Merges{{"'", "L"}, {"'L", "L"}});
+  t.file["pre_tokenizer"] = json::parse(R"({"type": "Sequence", "pretokenizers": [
+      {"type": "Split", "behavior": "Isolated", "invert": false, "pattern": {"Regex":
+       "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"}},
+      {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]})");
+  const auto tok = t.load();
+  EXPECT_EQ(tok->encode("I'LL", false), (Ids{'I', t.id_of("'LL")}));
+  const std::string text = "Don't stop 12345 \n\n  x\t";
+  EXPECT_EQ(tok->decode(tok->encode(text, false), false), text);
+}
+
 TEST(Tokenizer, ByteLevelAddPrefixSpace) {
   Tiny t(Merges{{" ", "h"}});
   t.file["pre_tokenizer"]["add_prefix_space"] = true;
