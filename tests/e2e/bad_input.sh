@@ -1,17 +1,8 @@
 #!/usr/bin/env bash
 # Bad input lines do not stop a run: each gets an error record naming its line, good lines are
 # answered, and the exit code is 1. Usage: bad_input.sh DILU_BINARY SCRATCH_DIR
-set -euo pipefail
-dilu=$1
-scratch=$2
-rm -rf "$scratch"
-mkdir -p "$scratch"
-
-fail() {
-  echo "FAIL: $*" >&2
-  exit 1
-}
-
+# shellcheck source=lib/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh" "$@"
 "$dilu" make-model --preset tiny --out "$scratch/m" >/dev/null
 vocab=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["vocab_size"])' "$scratch/m/config.json")
 

@@ -3,18 +3,9 @@
 # tokens with one sequence per step, three, sixty-four, with prompts chunked over many steps,
 # with a cache so small that sequences are preempted and recomputed many times, and with n = 3
 # samples sharing one prefill. Usage: batching.sh DILU_BINARY SCRATCH_DIR
-set -euo pipefail
-dilu=$1
-scratch=$2
-rm -rf "$scratch"
-mkdir -p "$scratch"
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=lib/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh" "$@"
 golden="$here/../golden"
-
-fail() {
-  echo "FAIL: $*" >&2
-  exit 1
-}
 
 total_preemptions=0
 for case_dir in "$golden"/data/*/; do

@@ -1,17 +1,8 @@
 #!/usr/bin/env bash
 # The command line: every --help exits 0 and lists its flags; unknown subcommands and flags are
 # usage errors (exit 2). Usage: cli_help.sh DILU_BINARY SCRATCH_DIR
-set -euo pipefail
-dilu=$1
-scratch=$2
-rm -rf "$scratch"
-mkdir -p "$scratch"
-
-fail() {
-  echo "FAIL: $*" >&2
-  exit 1
-}
-
+# shellcheck source=lib/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh" "$@"
 # expect_exit CODE COMMAND...: runs COMMAND with stdout/stderr in $scratch/out and $scratch/err.
 expect_exit() {
   local want=$1

@@ -1,17 +1,8 @@
 #!/usr/bin/env bash
 # Greedy runs are reproducible: the same input gives byte-identical output files, and the number
 # of CPU threads does not change a token. Usage: deterministic.sh DILU_BINARY SCRATCH_DIR
-set -euo pipefail
-dilu=$1
-scratch=$2
-rm -rf "$scratch"
-mkdir -p "$scratch"
-
-fail() {
-  echo "FAIL: $*" >&2
-  exit 1
-}
-
+# shellcheck source=lib/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh" "$@"
 "$dilu" make-model --preset tiny --out "$scratch/m" >/dev/null
 cat >"$scratch/in.jsonl" <<'EOF'
 {"id": "a", "prompt_token_ids": [1, 2, 3, 4, 5, 6, 7, 8], "max_tokens": 12}

