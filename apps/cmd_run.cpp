@@ -10,6 +10,7 @@
 #include "engine/run_job.h"
 #include "engine/version.h"
 #include "kernels/error.h"
+#include "parallel/groups.h"
 #include "parallel/world.h"
 
 namespace dilu::app {
@@ -48,14 +49,11 @@ int run(const RunFlags& f) {
   std::optional<std::filesystem::path> config_file;
   if (!f.config.empty()) config_file = f.config;
   const RunConfig cfg = load_run_config(config_file, f.sets);
-  const int ranks_needed = cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.dp;
-  DILU_USER_CHECK(ranks_needed == world.size, "parallel.tp x parallel.pp x parallel.dp = ", ranks_needed,
-                  " ranks, but dilu was launched with ", world.size,
-                  "; set them so that their product equals the number of ranks (mpirun -np N)");
-  DILU_USER_CHECK(world.size == 1, "this version of dilu runs on one rank; multi-rank runs (tensor, pipeline and data "
-                                   "parallel) arrive in a later version: launch one process");
-  std::cout << "dilu " << version_string() << " | " << world.str() << "\n"
-            << "resolved run configuration:\n" << run_config_to_yaml(cfg) << std::flush;
+  const ParallelGroups groups = make_parallel_groups(world, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp);
+  if (world.is_root())
+    std::cout << "dilu " << version_string() << " | " << world.str() << " | tp " << groups.tp << ", pp " << groups.pp
+              << ", dp " << groups.dp << "\n"
+              << "resolved run configuration:\n" << run_config_to_yaml(cfg) << std::flush;
 
   RunJobOptions o;
   o.model_dir = f.model;
@@ -64,9 +62,31 @@ int run(const RunFlags& f) {
   o.overwrite = f.overwrite;
   o.resume = !f.no_resume;
   o.stop = &g_stop;
+  o.groups = &groups;
   std::signal(SIGINT, on_stop_signal);
   std::signal(SIGTERM, on_stop_signal);
-  const RunSummary s = run_job(o, cfg, std::cerr);
+  RunSummary s;
+  try {
+    s = run_job(o, cfg, std::cerr);
+  } catch (const std::exception& e) {
+    if (world.size == 1) throw;
+    // One rank failed: say so once, from that rank, and end every rank so that none waits in a
+    // collective. Records already written stay valid for a resumed run.
+    const bool user = dynamic_cast<const UserError*>(&e) != nullptr;
+    std::cerr << "dilu: rank " << world.rank << " (" << world.hostname << "): " << (user ? "error: " : "") << e.what()
+              << "\ndilu: stopping all " << world.size << " ranks\n"
+              << std::flush;
+    MpiSession::abort(user ? 2 : 3);
+  }
+  // Counts of every replica, summed on rank 0.
+  s.requests_done = groups.world_comm->sum(s.requests_done);
+  s.requests_failed = groups.world_comm->sum(s.requests_failed);
+  s.requests_skipped = groups.world_comm->sum(s.requests_skipped);
+  s.prompt_tokens = groups.world_comm->sum(s.prompt_tokens);
+  s.completion_tokens = groups.world_comm->sum(s.completion_tokens);
+  s.preemptions = groups.world_comm->sum(s.preemptions);
+  s.interrupted = groups.world_comm->sum(s.interrupted ? 1 : 0) > 0;
+  if (!world.is_root()) return s.interrupted ? 128 + g_signal.load() : (s.requests_failed > 0 ? 1 : 0);
   const double gen = std::max(s.generate_seconds, 1e-9);
   std::cout << std::fixed << std::setprecision(1) << "dilu: done: " << s.requests_done << " requests, "
             << s.requests_failed << " failed, " << s.requests_skipped << " skipped (answered earlier); "

@@ -1,6 +1,7 @@
 // DeepSeek-V3 weights check, placement and forward pass (see deepseek_v3.h).
 #include "engine/deepseek_v3.h"
 
+#include <cstring>
 #include <iostream>
 #include <set>
 
@@ -64,8 +65,40 @@ std::vector<std::string> check_checkpoint(const ModelConfig& config, const Check
   return problems;
 }
 
-DeepseekV3::DeepseekV3(const ModelConfig& config, const Checkpoint& ckpt, Ops& ops)
-    : config_(config), ops_(ops), rope_(make_rope_table(config)) {
+namespace {
+
+// Rows [r0, r1) and columns [c0, c1) of a checkpoint matrix, exactly dequantized to FP32 on the
+// host. Only those rows' bytes are touched in the memory map.
+Tensor dequantize_slice(const Checkpoint& ckpt, const std::string& name, int64_t r0, int64_t r1, int64_t c0,
+                        int64_t c1, const std::optional<FP8Quantization>& q) {
+  const Tensor w = ckpt.tensor(name);
+  const int64_t cols = w.dim(1);
+  DILU_CHECK(0 <= r0 && r0 <= r1 && r1 <= w.dim(0) && 0 <= c0 && c0 <= c1 && c1 <= cols, "slice of ", name);
+  Tensor out = Tensor::host(DType::F32, {r1 - r0, c1 - c0});
+  const size_t esz = dtype_size(w.dtype());
+  Tensor scale;
+  if (w.dtype() == DType::F8E4M3) scale = ckpt.tensor(scale_name(name));
+  std::vector<float> scale_row;
+  for (int64_t r = r0; r < r1; ++r) {
+    float* dst = out.data<float>() + (r - r0) * (c1 - c0);
+    const auto* src = static_cast<const uint8_t*>(w.raw()) + static_cast<size_t>(r * cols + c0) * esz;
+    convert_to_f32(w.dtype(), src, dst, static_cast<size_t>(c1 - c0));
+    if (w.dtype() == DType::F8E4M3) {
+      const int64_t sc = scale.dim(1);
+      scale_row.resize(static_cast<size_t>(sc));
+      const auto* srow = static_cast<const uint8_t*>(scale.raw()) +
+                         static_cast<size_t>((r / q->block_out) * sc) * dtype_size(scale.dtype());
+      convert_to_f32(scale.dtype(), srow, scale_row.data(), static_cast<size_t>(sc));
+      for (int64_t c = c0; c < c1; ++c) dst[c - c0] *= scale_row[static_cast<size_t>(c / q->block_in)];
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+DeepseekV3::DeepseekV3(const ModelConfig& config, const Checkpoint& ckpt, Ops& ops, TensorParallel tp)
+    : config_(config), ops_(ops), tp_(tp), rope_(make_rope_table(config)) {
   std::vector<std::string> problems = check_checkpoint(config, ckpt);
   if (!problems.empty()) {
     std::string msg = "checkpoint " + ckpt.dir().string() + " does not match its config.json (" +
@@ -75,9 +108,27 @@ DeepseekV3::DeepseekV3(const ModelConfig& config, const Checkpoint& ckpt, Ops& o
     if (shown < problems.size()) msg += "\n  ... and " + std::to_string(problems.size() - shown) + " more";
     throw UserError(msg + "\nUse a complete checkpoint whose config.json describes it.");
   }
+  const int64_t n = tp.size, r = tp.rank;
+  DILU_CHECK(n >= 1 && r >= 0 && r < n && (n == 1 || tp.comm != nullptr), "bad tensor-parallel shard");
+  auto divisible = [&](const char* field, int64_t v) {
+    DILU_USER_CHECK(v % n == 0, "parallel.tp = ", n, " must divide the model's ", field, " (", v,
+                    "); choose a tensor-parallel size that divides it");
+  };
+  divisible("num_attention_heads", config.num_attention_heads);
+  if (n > 1) {
+    divisible("intermediate_size", config.intermediate_size);
+    if (config.n_routed_experts > 0) {
+      divisible("n_routed_experts", config.n_routed_experts);
+      divisible("moe_intermediate_size x n_shared_experts", config.moe_intermediate_size * config.n_shared_experts);
+    }
+  }
+  local_heads_ = config.num_attention_heads / n;
+  vocab_shard_ = (config.vocab_size + n - 1) / n;
+  vocab_first_ = r * vocab_shard_;
+
   int64_t mtp_tensors = 0;
   for (const std::string& name : ckpt.names()) mtp_tensors += layer_of(name) >= config.num_hidden_layers;
-  if (mtp_tensors > 0)
+  if (mtp_tensors > 0 && r == 0)
     std::cerr << "dilu: skipping " << mtp_tensors << " tensors of the multi-token-prediction layer(s) (layer index >= "
               << config.num_hidden_layers << "); dilu decodes without speculative MTP\n";
 
@@ -89,12 +140,34 @@ DeepseekV3::DeepseekV3(const ModelConfig& config, const Checkpoint& ckpt, Ops& o
     Tensor s = w.dtype() == DType::F8E4M3 ? ckpt.tensor(scale_name(name)) : Tensor();
     return ops.place_linear(w, s, block_out, block_in);
   };
+  // Shards: this rank's rows (column-parallel) or columns (row-parallel) of a matrix.
+  auto lin_rows = [&](const std::string& name, int64_t rows_per_rank) {
+    if (n == 1) return lin(name);
+    const int64_t cols = ckpt.info(name).shape[1];
+    return ops.place_linear(
+        dequantize_slice(ckpt, name, r * rows_per_rank, (r + 1) * rows_per_rank, 0, cols, config.quantization),
+        Tensor(), 0, 0);
+  };
+  auto lin_cols = [&](const std::string& name, int64_t cols_per_rank) {
+    if (n == 1) return lin(name);
+    const int64_t rows = ckpt.info(name).shape[0];
+    return ops.place_linear(
+        dequantize_slice(ckpt, name, 0, rows, r * cols_per_rank, (r + 1) * cols_per_rank, config.quantization),
+        Tensor(), 0, 0);
+  };
   auto swiglu = [&](const std::string& prefix) {
     return ExpertWeights{lin(prefix + "gate_proj.weight"), lin(prefix + "up_proj.weight"),
                          lin(prefix + "down_proj.weight")};
   };
+  auto swiglu_sharded = [&](const std::string& prefix, int64_t width) {
+    return ExpertWeights{lin_rows(prefix + "gate_proj.weight", width / n), lin_rows(prefix + "up_proj.weight", width / n),
+                         lin_cols(prefix + "down_proj.weight", width / n)};
+  };
 
-  embed_tokens_ = ops.place_embedding(ckpt.tensor("model.embed_tokens.weight"));
+  const Tensor embed = ckpt.tensor("model.embed_tokens.weight");
+  embed_tokens_ = ops.place_embedding(embed.rows(std::min(vocab_first_, config.vocab_size),
+                                                 std::min(vocab_first_ + vocab_shard_, config.vocab_size)));
+  const int64_t qk = config.qk_head_dim(), kv_b_rows = config.qk_nope_head_dim + config.v_head_dim;
   for (int64_t l = 0; l < config.num_hidden_layers; ++l) {
     const std::string p = "model.layers." + std::to_string(l) + ".";
     const std::string a = p + "self_attn.";
@@ -104,29 +177,48 @@ DeepseekV3::DeepseekV3(const ModelConfig& config, const Checkpoint& ckpt, Ops& o
     if (config.q_lora_rank) {
       lw.attn.q_a_proj = lin(a + "q_a_proj.weight");
       lw.attn.q_a_layernorm = vec(a + "q_a_layernorm.weight");
-      lw.attn.q_b_proj = lin(a + "q_b_proj.weight");
+      lw.attn.q_b_proj = lin_rows(a + "q_b_proj.weight", local_heads_ * qk);
     } else {
-      lw.attn.q_b_proj = lin(a + "q_proj.weight");
+      lw.attn.q_b_proj = lin_rows(a + "q_proj.weight", local_heads_ * qk);
     }
     lw.attn.kv_a_proj_with_mqa = lin(a + "kv_a_proj_with_mqa.weight");
     lw.attn.kv_a_layernorm = vec(a + "kv_a_layernorm.weight");
-    lw.attn.kv_b = ops.dequantize(lin(a + "kv_b_proj.weight"));
-    lw.attn.o_proj = lin(a + "o_proj.weight");
+    lw.attn.kv_b = ops.dequantize(lin_rows(a + "kv_b_proj.weight", local_heads_ * kv_b_rows));
+    lw.attn.o_proj = lin_cols(a + "o_proj.weight", local_heads_ * config.v_head_dim);
     lw.is_moe = config.is_moe_layer(l);
     if (lw.is_moe) {
       lw.router = vec(p + "mlp.gate.weight");
       if (ckpt.contains(p + "mlp.gate.e_score_correction_bias")) lw.router_bias = vec(p + "mlp.gate.e_score_correction_bias");
-      for (int64_t e = 0; e < config.n_routed_experts; ++e)
+      const int64_t per_rank = config.n_routed_experts / n;
+      first_expert_ = r * per_rank;
+      for (int64_t e = first_expert_; e < first_expert_ + per_rank; ++e)
         lw.experts.push_back(swiglu(p + "mlp.experts." + std::to_string(e) + "."));
-      if (config.n_shared_experts > 0) lw.shared_expert = swiglu(p + "mlp.shared_experts.");
+      if (config.n_shared_experts > 0)
+        lw.shared_expert = swiglu_sharded(p + "mlp.shared_experts.", config.moe_intermediate_size * config.n_shared_experts);
     } else {
-      lw.mlp = swiglu(p + "mlp.");
+      lw.mlp = n == 1 ? swiglu(p + "mlp.") : swiglu_sharded(p + "mlp.", config.intermediate_size);
     }
     layers_.push_back(std::move(lw));
   }
   norm_ = vec("model.norm.weight");
   const std::string head = config.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight";
-  lm_head_ = ops.place_linear(ckpt.tensor(head), Tensor(), 0, 0);
+  if (n == 1) {
+    lm_head_ = ops.place_linear(ckpt.tensor(head), Tensor(), 0, 0);
+  } else {
+    // Every shard has ceil(V / tp) rows so that the logits gather evenly; the last one is
+    // zero-padded past the vocabulary, and those columns are dropped after the gather.
+    Tensor shard = Tensor::host(DType::F32, {vocab_shard_, config.hidden_size});
+    const int64_t end = std::min(vocab_first_ + vocab_shard_, config.vocab_size);
+    if (end > vocab_first_) {
+      Tensor part = dequantize_slice(ckpt, head, vocab_first_, end, 0, config.hidden_size, std::nullopt);
+      std::memcpy(shard.raw(), part.raw(), part.nbytes());
+    }
+    lm_head_ = ops.place_linear(shard, Tensor(), 0, 0);
+  }
+}
+
+void DeepseekV3::all_reduce(Tensor& t) {
+  if (tp_.size > 1) tp_.comm->all_reduce_sum(t);
 }
 
 Tensor DeepseekV3::forward(const StepInput& step, KvCache& cache) {
@@ -136,14 +228,17 @@ Tensor DeepseekV3::forward(const StepInput& step, KvCache& cache) {
   Tensor x = ops_.empty(act, {t_count, d});         // residual stream [T, D]
   Tensor h = ops_.empty(act, {t_count, d});         // normalized input of a sublayer [T, D]
   Tensor y = ops_.empty(act, {t_count, d});         // sublayer output [T, D]
-  ops_.embedding(embed_tokens_, step.token_ids, x);
+  ops_.embedding(embed_tokens_, step.token_ids, x, vocab_first_);
+  all_reduce(x);  // each token's row comes from the one rank holding it; the others add zeros
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const LayerWeights& lw = layers_[static_cast<size_t>(l)];
     ops_.rms_norm(x, lw.input_layernorm, static_cast<float>(c.rms_norm_eps), h);
     attention(l, h, step, cache, y);
+    all_reduce(y);
     ops_.add(x, y);
     ops_.rms_norm(x, lw.post_attention_layernorm, static_cast<float>(c.rms_norm_eps), h);
     mlp(lw, h, y);
+    all_reduce(y);
     ops_.add(x, y);
   }
   const int64_t n = static_cast<int64_t>(step.logit_rows.size());
@@ -151,14 +246,22 @@ Tensor DeepseekV3::forward(const StepInput& step, KvCache& cache) {
   ops_.gather_rows(x, step.logit_rows, last);
   ops_.rms_norm(last, norm_, static_cast<float>(c.rms_norm_eps), last);
   Tensor logits = ops_.empty(DType::F32, {n, c.vocab_size});
-  ops_.linear(last, lm_head_, logits);
+  if (tp_.size == 1) {
+    ops_.linear(last, lm_head_, logits);
+    return logits;
+  }
+  Tensor local = ops_.empty(DType::F32, {n, vocab_shard_});
+  ops_.linear(last, lm_head_, local);
+  Tensor parts = ops_.empty(DType::F32, {tp_.size, n, vocab_shard_});
+  tp_.comm->all_gather(local, parts);
+  ops_.concat_columns(parts, logits);
   return logits;
 }
 
 void DeepseekV3::attention(int64_t layer, const Tensor& x, const StepInput& step, KvCache& cache, Tensor& out) {
   const ModelConfig& c = config_;
   const AttentionWeights& w = layers_[static_cast<size_t>(layer)].attn;
-  const int64_t t_count = x.dim(0), h = c.num_attention_heads, qk = c.qk_head_dim();
+  const int64_t t_count = x.dim(0), h = local_heads_, qk = c.qk_head_dim();
   const DType act = ops_.activation_dtype();
   const float eps = static_cast<float>(c.rms_norm_eps);
 
@@ -221,7 +324,7 @@ void DeepseekV3::mlp(const LayerWeights& lw, const Tensor& x, Tensor& out) {
   Tensor ids = ops_.empty(DType::I32, {t_count, rp.top_k});
   Tensor weights = ops_.empty(DType::F32, {t_count, rp.top_k});
   ops_.moe_route(x, lw.router, lw.router_bias, rp, ids, weights);
-  ops_.moe_experts(x, lw.experts, ids, weights, out);
+  ops_.moe_experts(x, lw.experts, ids, weights, out, first_expert_);
   if (lw.shared_expert) {
     Tensor shared = ops_.empty(act, {t_count, c.hidden_size});
     swiglu(*lw.shared_expert, shared);

@@ -9,6 +9,7 @@
 #include "engine/model_config.h"
 #include "engine/safetensors.h"
 #include "kernels/ops.h"
+#include "parallel/communicator.h"
 
 namespace dilu {
 
@@ -38,15 +39,26 @@ struct LayerWeights {
   ExpertWeights mlp;                // dense layers
   Tensor router;                    // [E, D] F32
   Tensor router_bias;               // [E] F32 e_score_correction_bias
-  std::vector<ExpertWeights> experts;  // [E]
+  std::vector<ExpertWeights> experts;  // [E / tp] this rank's experts
   std::optional<ExpertWeights> shared_expert;
+};
+
+// This rank's share of a tensor-parallel group. Attention heads, the dense and shared MLPs and
+// the vocabulary (embedding, lm_head) are split evenly; routed experts are placed whole (rank r
+// holds experts [r·E/tp, (r+1)·E/tp)); norms, q_a, kv_a and the router are replicated. Partial
+// outputs are summed by one all-reduce after attention and one after the MLP/MoE.
+struct TensorParallel {
+  int rank = 0;
+  int size = 1;
+  Communicator* comm = nullptr;  // required when size > 1
 };
 
 class DeepseekV3 {
  public:
   // Checks the checkpoint against the config (every problem reported at once, by name) and
-  // places the weights on the backend. Throws UserError before any compute on a mismatch.
-  DeepseekV3(const ModelConfig& config, const Checkpoint& checkpoint, Ops& ops);
+  // places this rank's share of the weights on the backend (reading only its slices from the
+  // memory map). Throws UserError before any compute on a mismatch.
+  DeepseekV3(const ModelConfig& config, const Checkpoint& checkpoint, Ops& ops, TensorParallel tp = {});
 
   const ModelConfig& config() const { return config_; }
   // Runs every token of the step through the model, writing each token's latent cache entry,
@@ -57,13 +69,20 @@ class DeepseekV3 {
   void attention(int64_t layer, const Tensor& x, const StepInput& step, KvCache& cache, Tensor& out);
   void mlp(const LayerWeights& lw, const Tensor& x, Tensor& out);
 
+  void all_reduce(Tensor& t);
+
   ModelConfig config_;
   Ops& ops_;
+  TensorParallel tp_;
+  int64_t local_heads_ = 0;    // H / tp
+  int64_t first_expert_ = 0;   // of the routed experts this rank holds
+  int64_t vocab_first_ = 0;    // first token id of this rank's vocabulary shard
+  int64_t vocab_shard_ = 0;    // rows per vocabulary shard: ceil(V / tp) (the last one padded)
   RopeTable rope_;
-  Tensor embed_tokens_;  // [V, D]
+  Tensor embed_tokens_;  // [V / tp, D] this rank's vocabulary rows
   std::vector<LayerWeights> layers_;
   Tensor norm_;          // [D]
-  LinearWeight lm_head_; // [V, D]
+  LinearWeight lm_head_; // [ceil(V / tp), D] this rank's vocabulary rows (zero-padded)
 };
 
 // Checks names, shapes and dtypes of a checkpoint against the config without loading anything;

@@ -2,6 +2,7 @@
 #include "engine/engine.h"
 
 #include <algorithm>
+#include <cstring>
 
 #include "engine/tokenizer.h"
 
@@ -22,12 +23,98 @@ struct Engine::RequestState {
   int64_t num_done = 0;
 };
 
-Engine::Engine(DeepseekV3& model, Ops& ops, KvCache& cache, EngineOptions options, const Tokenizer* tokenizer)
+namespace {
+
+// A step as the root sends it to the other ranks of its TP group: block copies, then the step
+// input. An empty message means "stop".
+void put(std::vector<uint8_t>& b, const void* p, size_t n) {
+  const auto* c = static_cast<const uint8_t*>(p);
+  b.insert(b.end(), c, c + n);
+}
+template <class T>
+void put_vec(std::vector<uint8_t>& b, const std::vector<T>& v) {
+  const uint64_t n = v.size();
+  put(b, &n, sizeof n);
+  put(b, v.data(), n * sizeof(T));
+}
+struct Reader {
+  const std::vector<uint8_t>& b;
+  size_t at = 0;
+  void get(void* p, size_t n) {
+    DILU_CHECK(at + n <= b.size(), "truncated step message");
+    std::memcpy(p, b.data() + at, n);
+    at += n;
+  }
+  template <class T>
+  std::vector<T> vec() {
+    uint64_t n = 0;
+    get(&n, sizeof n);
+    std::vector<T> v(n);
+    get(v.data(), n * sizeof(T));
+    return v;
+  }
+};
+
+std::vector<uint8_t> encode_step(const StepInput& in, const std::vector<std::pair<int32_t, int32_t>>& copies) {
+  std::vector<uint8_t> b;
+  put_vec(b, copies);
+  put_vec(b, in.token_ids);
+  put_vec(b, in.layout.token_seq);
+  put_vec(b, in.layout.token_pos);
+  put_vec(b, in.layout.token_slot);
+  put(b, &in.layout.block_size, sizeof in.layout.block_size);
+  const uint64_t tables = in.layout.block_tables.size();
+  put(b, &tables, sizeof tables);
+  for (const auto& t : in.layout.block_tables) put_vec(b, t);
+  put_vec(b, in.logit_rows);
+  return b;
+}
+
+StepInput decode_step(const std::vector<uint8_t>& b, std::vector<std::pair<int32_t, int32_t>>& copies) {
+  Reader r{b};
+  StepInput in;
+  copies = r.vec<std::pair<int32_t, int32_t>>();
+  in.token_ids = r.vec<int32_t>();
+  in.layout.token_seq = r.vec<int32_t>();
+  in.layout.token_pos = r.vec<int32_t>();
+  in.layout.token_slot = r.vec<int64_t>();
+  r.get(&in.layout.block_size, sizeof in.layout.block_size);
+  uint64_t tables = 0;
+  r.get(&tables, sizeof tables);
+  for (uint64_t i = 0; i < tables; ++i) in.layout.block_tables.push_back(r.vec<int32_t>());
+  in.logit_rows = r.vec<int32_t>();
+  return in;
+}
+
+}  // namespace
+
+void follow_steps(DeepseekV3& model, Ops& ops, KvCache& cache, Communicator& tp_group) {
+  for (;;) {
+    std::vector<uint8_t> msg;
+    tp_group.broadcast(msg, 0);
+    if (msg.empty()) return;
+    std::vector<std::pair<int32_t, int32_t>> copies;
+    const StepInput in = decode_step(msg, copies);
+    if (!copies.empty()) cache.copy_blocks(ops, copies);
+    model.forward(in, cache);
+  }
+}
+
+void Engine::stop_followers() {
+  if (tp_group_ && tp_group_->size() > 1) {
+    std::vector<uint8_t> empty;
+    tp_group_->broadcast(empty, 0);
+  }
+}
+
+Engine::Engine(DeepseekV3& model, Ops& ops, KvCache& cache, EngineOptions options, const Tokenizer* tokenizer,
+               Communicator* tp_group)
     : model_(model),
       ops_(ops),
       cache_(cache),
       options_(std::move(options)),
       tokenizer_(tokenizer),
+      tp_group_(tp_group),
       scheduler_(options_.limits, cache.num_blocks()) {
   DILU_CHECK(options_.limits.block_size == cache.block_size(), "scheduler and cache block sizes differ");
 }
@@ -166,6 +253,10 @@ std::vector<EngineResult> Engine::step() {
   }
   last_.sequences = static_cast<int64_t>(plan.chunks.size());
 
+  if (tp_group_ && tp_group_->size() > 1) {
+    std::vector<uint8_t> msg = encode_step(in, plan.block_copies);
+    tp_group_->broadcast(msg, 0);
+  }
   Tensor logits_dev = model_.forward(in, cache_);
   const int64_t vocab = model_.config().vocab_size;
   std::vector<float> logits(static_cast<size_t>(logits_dev.numel()));

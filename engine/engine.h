@@ -48,9 +48,14 @@ struct StepStats {
 
 class Engine {
  public:
-  // `tokenizer` may be null (token ids only: no text, no stop strings).
-  Engine(DeepseekV3& model, Ops& ops, KvCache& cache, EngineOptions options, const Tokenizer* tokenizer);
+  // `tokenizer` may be null (token ids only: no text, no stop strings). With `tp_group` of
+  // several ranks, this is its root: every step's input is broadcast to the other ranks, which
+  // run follow_steps() until stop_followers().
+  Engine(DeepseekV3& model, Ops& ops, KvCache& cache, EngineOptions options, const Tokenizer* tokenizer,
+         Communicator* tp_group = nullptr);
   ~Engine();
+  // Tells the ranks in follow_steps() that no step comes any more.
+  void stop_followers();
 
   // The blocks a request needs at its longest; a request that needs more than the cache holds
   // can never run and must be refused by the caller.
@@ -78,11 +83,16 @@ class Engine {
   KvCache& cache_;
   EngineOptions options_;
   const Tokenizer* tokenizer_;
+  Communicator* tp_group_;
   Scheduler scheduler_;
   std::map<int64_t, std::unique_ptr<RequestState>> requests_;       // by handle
   std::map<const Sequence*, std::unique_ptr<SequenceState>> seqs_;  // decode state per sequence
   std::vector<EngineResult> ready_;                                 // finished without a step (max_tokens 0)
   StepStats last_;
 };
+
+// The loop of a tensor-parallel rank that does not schedule: receives each step from the root,
+// runs its share of the model on it (taking part in the collectives), until the root stops.
+void follow_steps(DeepseekV3& model, Ops& ops, KvCache& cache, Communicator& tp_group);
 
 }  // namespace dilu

@@ -3,7 +3,9 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <fstream>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -59,6 +61,41 @@ bool take_done(ResumeState& st, const std::string& id) {
   if (it == st.done_ids.end()) return false;
   if (--it->second == 0) st.done_ids.erase(it);
   return true;
+}
+
+std::filesystem::path part_file(const std::filesystem::path& output, int replica, int replicas) {
+  return output.string() + ".dp-" + std::to_string(replica) + "-of-" + std::to_string(replicas) + ".part";
+}
+
+int64_t merge_part_files(const std::filesystem::path& output) {
+  namespace fs = std::filesystem;
+  const fs::path dir = output.has_parent_path() ? output.parent_path() : fs::path(".");
+  const std::string prefix = output.filename().string() + ".dp-";
+  std::vector<fs::path> parts;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    const std::string name = e.path().filename().string();
+    if (name.rfind(prefix, 0) == 0 && name.size() > 5 && name.substr(name.size() - 5) == ".part") parts.push_back(e.path());
+  }
+  std::sort(parts.begin(), parts.end());
+  int64_t merged = 0;
+  for (const fs::path& part : parts) {
+    load_resume_state(part);  // cuts a torn last line; refuses a damaged one
+    std::ifstream in(part, std::ios::binary);
+    std::ofstream out(output, std::ios::binary | std::ios::app);
+    DILU_USER_CHECK(in.good() && out.good(), "cannot merge '", part.string(), "' into '", output.string(), "'");
+    std::string line;
+    while (std::getline(in, line)) {
+      out << line << '\n';
+      ++merged;
+    }
+    out.flush();
+    DILU_USER_CHECK(out.good(), "cannot append to '", output.string(), "' while merging '", part.string(),
+                    "' (disk full?); the part file is kept for the next run");
+    out.close();
+    fs::remove(part);
+  }
+  return merged;
 }
 
 }  // namespace dilu

@@ -23,6 +23,12 @@ struct ResumeState {
 // the file; a damaged line elsewhere is a UserError naming the file and line.
 ResumeState load_resume_state(const std::filesystem::path& output);
 
+// Data-parallel replicas write their records to part files beside the output
+// ("OUT.dp-<r>-of-<n>.part"); this appends the complete lines of every part file to the output
+// and removes the parts. Run before resuming and at the end of a run, on one rank.
+std::filesystem::path part_file(const std::filesystem::path& output, int replica, int replicas);
+int64_t merge_part_files(const std::filesystem::path& output);
+
 // True when an input line with this id was answered by an earlier run; consumes one record.
 bool take_done(ResumeState& st, const std::string& id);
 

@@ -57,13 +57,42 @@ int64_t cache_blocks(const RunConfig& cfg, const ModelConfig& mc, const Ops& ops
 RunSummary run_job(const RunJobOptions& o, const RunConfig& cfg, std::ostream& log) {
   RunSummary s;
   const auto t_load = Clock::now();
+  ParallelGroups single;
+  if (!o.groups) {
+    single = make_parallel_groups(World{}, 1, 1, 1);
+  }
+  const ParallelGroups& g = o.groups ? *o.groups : single;
+  DILU_USER_CHECK(g.pp == 1, "parallel.pp = ", g.pp, ": pipeline parallelism is not implemented yet; use parallel.tp "
+                  "and parallel.dp");
   const ModelConfig mc = load_model_config(o.model_dir);
   std::ifstream in(o.input);
   DILU_USER_CHECK(in.good(), "cannot read input file '", o.input.string(), "'");
+
+  // Records of replicas that an earlier run left in part files join the output first, so that
+  // resuming works whatever the data-parallel size was.
+  std::string merge_error;
+  if (g.world.rank == 0) {
+    try {
+      if (o.overwrite) {
+        std::error_code ec;
+        std::filesystem::remove(o.output, ec);
+        for (int r = 0; r < 64; ++r) {
+          std::filesystem::remove(part_file(o.output, r, g.dp), ec);
+        }
+      }
+      merge_part_files(o.output);
+      if (o.resume && !o.overwrite) load_resume_state(o.output);  // cuts a torn last line, once
+    } catch (const UserError& e) {
+      merge_error = e.what();
+    }
+  }
+  g.world_comm->barrier();
+  DILU_USER_CHECK(merge_error.empty(), merge_error);
+
   const PromptEncoder encoder(o.model_dir);
   const Checkpoint ckpt = Checkpoint::open(o.model_dir);
   std::unique_ptr<Ops> ops = make_ops(cfg.backend, cfg.cpu.threads);
-  DeepseekV3 model(mc, ckpt, *ops);
+  DeepseekV3 model(mc, ckpt, *ops, TensorParallel{g.tp_rank, g.tp, g.tp_comm.get()});
   const RequestLimits limits = request_limits(mc, cfg);
 
   int64_t block_bytes = 0;
@@ -75,8 +104,14 @@ RunSummary run_job(const RunJobOptions& o, const RunConfig& cfg, std::ostream& l
   eo.limits = {cfg.batch.max_seqs, cfg.batch.max_tokens, cfg.kv.block_size};
   eo.max_seq_len = limits.max_seq_len;
   for (int64_t e : mc.eos_token_ids) eo.eos_token_ids.push_back(static_cast<int32_t>(e));
-  Engine engine(model, *ops, cache, eo, encoder.tokenizer());
   s.load_seconds = seconds_since(t_load);
+  if (!g.is_replica_root()) {
+    follow_steps(model, *ops, cache, *g.tp_comm);
+    g.world_comm->barrier();
+    g.world_comm->barrier();
+    return s;
+  }
+  Engine engine(model, *ops, cache, eo, encoder.tokenizer(), g.tp_comm.get());
   log << "dilu: model loaded in " << std::fixed << std::setprecision(2) << s.load_seconds << " s on " << ops->name()
       << "; tokenizer " << (encoder.tokenizer() ? "loaded" : "absent (token ids only)") << "; chat template "
       << (encoder.chat_template() ? encoder.chat_template()->name() : std::string("none")) << "; KV cache "
@@ -91,8 +126,18 @@ RunSummary run_job(const RunJobOptions& o, const RunConfig& cfg, std::ostream& l
       log << "dilu: resuming: " << o.output.string() << " holds " << resume.records << " records"
           << (resume.cut_torn_line ? " (a torn last line was cut)" : "") << "; their input lines are skipped\n";
   }
-  JsonlWriter writer(o.output, o.overwrite ? JsonlWriter::Mode::Overwrite
-                                           : (o.resume ? JsonlWriter::Mode::Append : JsonlWriter::Mode::Create));
+  // One replica writes the output itself; several write part files merged at the end.
+  const std::filesystem::path out_path = g.dp == 1 ? o.output : part_file(o.output, g.dp_rank, g.dp);
+  if (g.dp > 1 && !o.resume) {
+    std::error_code ec;
+    DILU_USER_CHECK(!std::filesystem::is_regular_file(o.output, ec) || std::filesystem::file_size(o.output, ec) == 0,
+                    "output file '", o.output.string(), "' already exists and is not empty (--no-resume)");
+  }
+  std::optional<JsonlWriter> writer_storage;
+  writer_storage.emplace(out_path, o.overwrite ? JsonlWriter::Mode::Overwrite
+                                               : (o.resume || g.dp > 1 ? JsonlWriter::Mode::Append
+                                                                       : JsonlWriter::Mode::Create));
+  JsonlWriter& writer = *writer_storage;
 
   RecordContext ctx;
   ctx.model_name = o.model_dir.filename().empty() ? o.model_dir.parent_path().filename().string()
@@ -109,7 +154,7 @@ RunSummary run_job(const RunJobOptions& o, const RunConfig& cfg, std::ostream& l
 
   std::map<int64_t, Request> in_flight;  // by handle (= input line)
   std::set<std::string> seen_ids;        // ids of this run, for duplicate detection
-  const int64_t total_lines = count_lines(o.input);
+  const int64_t total_lines = count_lines(o.input) / g.dp;
   const int64_t admit_ahead = 2 * static_cast<int64_t>(cfg.batch.max_seqs);
   const bool tty = ::isatty(STDERR_FILENO) != 0;
   std::string text;
@@ -128,6 +173,7 @@ RunSummary run_job(const RunJobOptions& o, const RunConfig& cfg, std::ostream& l
         break;
       }
       ++line;
+      if ((line - 1) % g.dp != g.dp_rank) continue;  // another replica's line
       if (text.find_first_not_of(" \t\r") == std::string::npos) continue;  // blank lines are not requests
       if (resume.done_lines.count(line)) {
         ++s.requests_skipped;
@@ -233,9 +279,14 @@ RunSummary run_job(const RunJobOptions& o, const RunConfig& cfg, std::ostream& l
     }
   }
   if (tty) log << "\n";
+  engine.stop_followers();
   writer.sync();
+  writer_storage.reset();
   s.preemptions = engine.num_preemptions();
   s.generate_seconds = seconds_since(t_gen);
+  g.world_comm->barrier();  // every replica has written its records
+  if (g.world.rank == 0 && g.dp > 1) merge_part_files(o.output);
+  g.world_comm->barrier();
   return s;
 }
 

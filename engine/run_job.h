@@ -8,6 +8,7 @@
 #include <iosfwd>
 
 #include "engine/run_config.h"
+#include "parallel/groups.h"
 
 namespace dilu {
 
@@ -20,6 +21,10 @@ struct RunJobOptions {
   // Set (by a signal handler) to stop: no new work is admitted and the run ends after the
   // current step; requests in flight are left for a resumed run.
   const std::atomic<bool>* stop = nullptr;
+  // The ranks of the run; null: a single process. Replica roots (TP rank 0 of stage 0) read
+  // their share of the input lines (line k goes to replica (k - 1) mod dp) and write records;
+  // the other ranks of a replica follow its steps.
+  const ParallelGroups* groups = nullptr;
 };
 
 struct RunSummary {
@@ -35,7 +40,8 @@ struct RunSummary {
   bool interrupted = false;
 };
 
-// Throws UserError before any compute when the model or the files are unusable.
+// Throws UserError before any compute when the model or the files are unusable. With several
+// ranks, every rank calls it; the summary's counts are summed over the world.
 RunSummary run_job(const RunJobOptions& options, const RunConfig& config, std::ostream& log);
 
 }  // namespace dilu

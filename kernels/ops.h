@@ -87,8 +87,9 @@ class Ops {
   virtual void copy(const Tensor& src, Tensor& dst) = 0;
 
   // ---- ops ----
-  // out[t] = table[ids[t]]; ids host-side, validated by the caller.
-  virtual void embedding(const Tensor& table, std::span<const int32_t> ids, Tensor& out) = 0;
+  // out[t] = table[ids[t] - first_id]; ids host-side, validated by the caller. Ids outside
+  // [first_id, first_id + rows) give zero rows: a vocabulary shard fills only its own tokens.
+  virtual void embedding(const Tensor& table, std::span<const int32_t> ids, Tensor& out, int64_t first_id = 0) = 0;
   // Normalizes the first d = w.numel() columns of each row of x [N, W] (W >= d):
   // out[:, :d] = x * rsqrt(mean(x^2) + eps) * w. Other columns of out are untouched; out may alias x.
   virtual void rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& out) = 0;
@@ -116,9 +117,13 @@ class Ops {
   // unbiased weights. ids [T, K] I32, weights [T, K] F32.
   virtual void moe_route(const Tensor& x, const Tensor& gate, const Tensor& bias, const RouterParams& p,
                          Tensor& ids, Tensor& weights) = 0;
-  // out [T, D] = sum_k weights[t,k] * expert_{ids[t,k]}(x[t]), summed in ascending expert order.
+  // out [T, D] = sum_k weights[t,k] * expert_{ids[t,k]}(x[t]), summed in ascending expert order,
+  // over the experts this rank holds: experts[i] is expert first_expert + i; others are skipped.
   virtual void moe_experts(const Tensor& x, std::span<const ExpertWeights> experts, const Tensor& ids,
-                           const Tensor& weights, Tensor& out) = 0;
+                           const Tensor& weights, Tensor& out, int64_t first_expert = 0) = 0;
+  // out [N, W] from parts [P, N, Wp] holding consecutive column ranges of width Wp (the last
+  // part may be padded past W): out[:, p*Wp + j] = parts[p, :, j].
+  virtual void concat_columns(const Tensor& parts, Tensor& out) = 0;
   // Greedy choice per row of logits [N, V]: index of the first maximum.
   virtual std::vector<int32_t> argmax(const Tensor& logits) = 0;
 };

@@ -103,15 +103,20 @@ class CpuOps final : public Ops {
     std::memcpy(dst.raw(), src.raw(), src.nbytes());
   }
 
-  void embedding(const Tensor& table, std::span<const int32_t> ids, Tensor& out) override {
+  void embedding(const Tensor& table, std::span<const int32_t> ids, Tensor& out, int64_t first_id) override {
     check_f32(out, "embedding output");
     const int64_t d = table.dim(1);
     DILU_CHECK(out.dim(0) == static_cast<int64_t>(ids.size()) && out.dim(1) == d, "embedding shapes");
     const size_t esz = dtype_size(table.dtype());
     for (size_t t = 0; t < ids.size(); ++t) {
-      DILU_CHECK(ids[t] >= 0 && ids[t] < table.dim(0), "token id ", ids[t], " outside the table");
-      const auto* row = static_cast<const uint8_t*>(table.raw()) + static_cast<size_t>(ids[t]) * d * esz;
-      convert_to_f32(table.dtype(), row, out.data<float>() + static_cast<int64_t>(t) * d, static_cast<size_t>(d));
+      float* dst = out.data<float>() + static_cast<int64_t>(t) * d;
+      const int64_t row = ids[t] - first_id;
+      if (row < 0 || row >= table.dim(0)) {
+        std::fill(dst, dst + d, 0.0f);
+        continue;
+      }
+      const auto* src = static_cast<const uint8_t*>(table.raw()) + static_cast<size_t>(row * d) * esz;
+      convert_to_f32(table.dtype(), src, dst, static_cast<size_t>(d));
     }
   }
 
@@ -356,7 +361,7 @@ class CpuOps final : public Ops {
   }
 
   void moe_experts(const Tensor& x, std::span<const ExpertWeights> experts, const Tensor& ids, const Tensor& weights,
-                   Tensor& out) override {
+                   Tensor& out, int64_t first_expert) override {
     check_f32(x, "experts input");
     check_f32(out, "experts output");
     const int64_t t_count = x.dim(0), d = x.dim(1), k = ids.dim(1);
@@ -365,8 +370,8 @@ class CpuOps final : public Ops {
     std::vector<std::vector<std::pair<int64_t, float>>> routed(experts.size());
     for (int64_t t = 0; t < t_count; ++t)
       for (int64_t j = 0; j < k; ++j) {
-        const int32_t e = ids.data<int32_t>()[t * k + j];
-        DILU_CHECK(e >= 0 && static_cast<size_t>(e) < experts.size(), "expert id ", e);
+        const int64_t e = ids.data<int32_t>()[t * k + j] - first_expert;
+        if (e < 0 || static_cast<size_t>(e) >= experts.size()) continue;  // another rank's expert
         routed[static_cast<size_t>(e)].push_back({t, weights.data<float>()[t * k + j]});
       }
     for (size_t e = 0; e < experts.size(); ++e) {
@@ -389,6 +394,21 @@ class CpuOps final : public Ops {
         for (int64_t c = 0; c < d; ++c) o[c] += yr[c] * wgt;
       }
     }
+  }
+
+  void concat_columns(const Tensor& parts, Tensor& out) override {
+    check_f32(parts, "concat parts");
+    check_f32(out, "concat output");
+    const int64_t p_count = parts.dim(0), n = parts.dim(1), wp = parts.dim(2), w = out.dim(1);
+    DILU_CHECK(out.dim(0) == n && p_count * wp >= w, "concat_columns: parts ", shape_str(parts.shape()), ", out ",
+               shape_str(out.shape()));
+    for (int64_t p = 0; p < p_count; ++p)
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t cols = std::min(wp, w - p * wp);
+        if (cols <= 0) continue;
+        std::memcpy(out.data<float>() + i * w + p * wp, parts.data<float>() + (p * n + i) * wp,
+                    static_cast<size_t>(cols) * sizeof(float));
+      }
   }
 
   std::vector<int32_t> argmax(const Tensor& logits) override {

@@ -1,0 +1,103 @@
+// MPI communicators for the parallel layout (see groups.h and communicator.h).
+#include "parallel/groups.h"
+
+#include <mpi.h>
+
+#include <cstring>
+
+#include "kernels/error.h"
+
+#define DILU_MPI_CHECK(call)                                                               \
+  do {                                                                                     \
+    int dilu_mpi_rc = (call);                                                              \
+    DILU_CHECK(dilu_mpi_rc == MPI_SUCCESS, #call, " failed with MPI error ", dilu_mpi_rc); \
+  } while (0)
+
+namespace dilu {
+
+namespace {
+
+class SelfCommunicator final : public Communicator {
+ public:
+  int rank() const override { return 0; }
+  int size() const override { return 1; }
+  void all_reduce_sum(Tensor&) override {}
+  void all_gather(const Tensor& send, Tensor& recv) override {
+    DILU_CHECK(send.nbytes() == recv.nbytes(), "all_gather sizes");
+    std::memcpy(recv.raw(), send.raw(), send.nbytes());
+  }
+  void broadcast(std::vector<uint8_t>&, int) override {}
+  int64_t sum(int64_t v) override { return v; }
+  void barrier() override {}
+};
+
+class MpiCommunicator final : public Communicator {
+ public:
+  explicit MpiCommunicator(MPI_Comm comm) : comm_(comm) {
+    DILU_MPI_CHECK(MPI_Comm_rank(comm_, &rank_));
+    DILU_MPI_CHECK(MPI_Comm_size(comm_, &size_));
+  }
+  ~MpiCommunicator() override {
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (!finalized && comm_ != MPI_COMM_WORLD) MPI_Comm_free(&comm_);
+  }
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  void all_reduce_sum(Tensor& t) override {
+    DILU_CHECK(t.is_cpu() && t.dtype() == DType::F32, "MPI all-reduce takes F32 host tensors");
+    DILU_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, t.raw(), static_cast<int>(t.numel()), MPI_FLOAT, MPI_SUM, comm_));
+  }
+  void all_gather(const Tensor& send, Tensor& recv) override {
+    DILU_CHECK(send.is_cpu() && recv.is_cpu() && send.dtype() == DType::F32 && recv.dtype() == DType::F32 &&
+                   recv.numel() == send.numel() * size_,
+               "MPI all-gather takes F32 host tensors of matching sizes");
+    DILU_MPI_CHECK(MPI_Allgather(send.raw(), static_cast<int>(send.numel()), MPI_FLOAT, recv.raw(),
+                                 static_cast<int>(send.numel()), MPI_FLOAT, comm_));
+  }
+  void broadcast(std::vector<uint8_t>& bytes, int root) override {
+    uint64_t n = bytes.size();
+    DILU_MPI_CHECK(MPI_Bcast(&n, 1, MPI_UINT64_T, root, comm_));
+    bytes.resize(n);
+    if (n) DILU_MPI_CHECK(MPI_Bcast(bytes.data(), static_cast<int>(n), MPI_BYTE, root, comm_));
+  }
+  int64_t sum(int64_t v) override {
+    DILU_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, &v, 1, MPI_INT64_T, MPI_SUM, comm_));
+    return v;
+  }
+  void barrier() override { DILU_MPI_CHECK(MPI_Barrier(comm_)); }
+
+ private:
+  MPI_Comm comm_;
+  int rank_ = 0, size_ = 1;
+};
+
+}  // namespace
+
+std::unique_ptr<Communicator> make_self_communicator() { return std::make_unique<SelfCommunicator>(); }
+
+ParallelGroups make_parallel_groups(const World& world, int tp, int pp, int dp) {
+  DILU_USER_CHECK(tp >= 1 && pp >= 1 && dp >= 1 && tp * pp * dp == world.size, "parallel.tp x parallel.pp x "
+                  "parallel.dp = ", tp, " x ", pp, " x ", dp, " = ", tp * pp * dp, " ranks, but dilu was launched with ",
+                  world.size, "; choose them so that their product equals the number of ranks (mpirun -np N)");
+  ParallelGroups g;
+  g.world = world;
+  g.tp = tp;
+  g.pp = pp;
+  g.dp = dp;
+  g.tp_rank = world.rank % tp;
+  g.pp_rank = world.rank / tp % pp;
+  g.dp_rank = world.rank / (tp * pp);
+  if (world.size == 1) {
+    g.tp_comm = make_self_communicator();
+    g.world_comm = make_self_communicator();
+    return g;
+  }
+  MPI_Comm tp_comm;
+  DILU_MPI_CHECK(MPI_Comm_split(MPI_COMM_WORLD, g.dp_rank * pp + g.pp_rank, g.tp_rank, &tp_comm));
+  g.tp_comm = std::make_unique<MpiCommunicator>(tp_comm);
+  g.world_comm = std::make_unique<MpiCommunicator>(MPI_COMM_WORLD);
+  return g;
+}
+
+}  // namespace dilu
