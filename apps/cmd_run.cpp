@@ -68,6 +68,10 @@ int run(const RunFlags& f) {
   RunSummary s;
   try {
     s = run_job(o, cfg, std::cerr);
+  } catch (const SilentFailure&) {
+    return 2;  // rank 0 reports it
+  } catch (const AgreedFailure&) {
+    throw;  // every rank stops by itself; main prints it once
   } catch (const std::exception& e) {
     if (world.size == 1) throw;
     // One rank failed: say so once, from that rank, and end every rank so that none waits in a

@@ -54,90 +54,134 @@ int64_t cache_blocks(const RunConfig& cfg, const ModelConfig& mc, const Ops& ops
 
 }  // namespace
 
+namespace {
+
+// Everything a rank builds before the first step. Built inside agree_or_fail() so that a
+// failure on any rank ends every rank together, with one message.
+struct Loaded {
+  ModelConfig mc;
+  std::ifstream in;
+  std::unique_ptr<PromptEncoder> encoder;
+  std::optional<Checkpoint> ckpt;
+  std::unique_ptr<Ops> ops;
+  std::unique_ptr<DeepseekV3> model;
+  std::unique_ptr<KvCache> cache;
+  RequestLimits limits;
+  EngineOptions eo;
+  int64_t num_blocks = 0;
+  int64_t block_bytes = 0;
+  ResumeState resume;
+  std::optional<JsonlWriter> writer;
+};
+
+// Runs `fn` on every rank, then agrees: if it threw anywhere, the lowest failing rank's message
+// is sent to all, rank 0 throws it as a UserError (printed once) and the others throw
+// SilentFailure. Nobody is left waiting in a collective.
+template <class Fn>
+void agree_or_fail(Communicator& world, Fn&& fn) {
+  std::string error;
+  bool user_error = true;
+  try {
+    fn();
+  } catch (const UserError& e) {
+    error = e.what();
+  } catch (const std::exception& e) {
+    error = e.what();
+    user_error = false;
+  }
+  const int64_t me = world.rank();
+  if (world.sum(error.empty() ? 0 : 1) == 0) return;
+  // The lowest failing rank speaks for all (one small collective per rank it has to pass).
+  int64_t lowest = world.size();
+  for (int64_t r = 0; r < world.size() && lowest == world.size(); ++r)
+    if (world.sum(r == me && !error.empty() ? 1 : 0) > 0) lowest = r;
+  std::vector<uint8_t> bytes(error.begin(), error.end());
+  bytes.push_back(user_error ? 1 : 0);
+  world.broadcast(bytes, static_cast<int>(lowest));
+  const bool was_user = bytes.back() == 1;
+  const std::string message(bytes.begin(), bytes.end() - 1);
+  if (me != 0) throw SilentFailure();
+  const std::string where = lowest == 0 || world.size() == 1 ? "" : "rank " + std::to_string(lowest) + ": ";
+  throw AgreedFailure(where + (was_user ? "" : "internal error: ") + message);
+}
+
+}  // namespace
+
 RunSummary run_job(const RunJobOptions& o, const RunConfig& cfg, std::ostream& log) {
   RunSummary s;
   const auto t_load = Clock::now();
   ParallelGroups single;
-  if (!o.groups) {
-    single = make_parallel_groups(World{}, 1, 1, 1);
-  }
+  if (!o.groups) single = make_parallel_groups(World{}, 1, 1, 1);
   const ParallelGroups& g = o.groups ? *o.groups : single;
-  DILU_USER_CHECK(g.pp == 1, "parallel.pp = ", g.pp, ": pipeline parallelism is not implemented yet; use parallel.tp "
-                  "and parallel.dp");
-  const ModelConfig mc = load_model_config(o.model_dir);
-  std::ifstream in(o.input);
-  DILU_USER_CHECK(in.good(), "cannot read input file '", o.input.string(), "'");
 
-  // Records of replicas that an earlier run left in part files join the output first, so that
-  // resuming works whatever the data-parallel size was.
-  std::string merge_error;
-  if (g.world.rank == 0) {
-    try {
+  Loaded L;
+  agree_or_fail(*g.world_comm, [&] {
+    DILU_USER_CHECK(g.pp == 1, "parallel.pp = ", g.pp,
+                    ": pipeline parallelism is not implemented yet; use parallel.tp and parallel.dp");
+    L.mc = load_model_config(o.model_dir);
+    L.in.open(o.input);
+    DILU_USER_CHECK(L.in.good(), "cannot read input file '", o.input.string(), "'");
+    // Records of replicas that an earlier run left in part files join the output first, so
+    // that resuming works whatever the data-parallel size was.
+    if (g.world.rank == 0) {
       if (o.overwrite) {
         std::error_code ec;
         std::filesystem::remove(o.output, ec);
-        for (int r = 0; r < 64; ++r) {
-          std::filesystem::remove(part_file(o.output, r, g.dp), ec);
-        }
       }
       merge_part_files(o.output);
       if (o.resume && !o.overwrite) load_resume_state(o.output);  // cuts a torn last line, once
-    } catch (const UserError& e) {
-      merge_error = e.what();
     }
-  }
-  g.world_comm->barrier();
-  DILU_USER_CHECK(merge_error.empty(), merge_error);
-
-  const PromptEncoder encoder(o.model_dir);
-  const Checkpoint ckpt = Checkpoint::open(o.model_dir);
-  std::unique_ptr<Ops> ops = make_ops(cfg.backend, cfg.cpu.threads);
-  DeepseekV3 model(mc, ckpt, *ops, TensorParallel{g.tp_rank, g.tp, g.tp_comm.get()});
-  const RequestLimits limits = request_limits(mc, cfg);
-
-  int64_t block_bytes = 0;
-  const int64_t num_blocks = cache_blocks(cfg, mc, *ops, limits.max_seq_len, &block_bytes);
-  DILU_USER_CHECK(num_blocks >= 1, "the KV cache gets no block: ", block_bytes, " bytes per block of ",
-                  cfg.kv.block_size, " tokens do not fit; lower kv.block_size or raise kv.memory_fraction");
-  KvCache cache(*ops, mc.num_hidden_layers, num_blocks, cfg.kv.block_size, mc.kv_lora_rank + mc.qk_rope_head_dim);
-  EngineOptions eo;
-  eo.limits = {cfg.batch.max_seqs, cfg.batch.max_tokens, cfg.kv.block_size};
-  eo.max_seq_len = limits.max_seq_len;
-  for (int64_t e : mc.eos_token_ids) eo.eos_token_ids.push_back(static_cast<int32_t>(e));
+    L.encoder = std::make_unique<PromptEncoder>(o.model_dir);
+    L.ckpt.emplace(Checkpoint::open(o.model_dir));
+    L.ops = make_ops(cfg.backend, cfg.cpu.threads);
+    L.model = std::make_unique<DeepseekV3>(L.mc, *L.ckpt, *L.ops, TensorParallel{g.tp_rank, g.tp, g.tp_comm.get()});
+    L.limits = request_limits(L.mc, cfg);
+    L.num_blocks = cache_blocks(cfg, L.mc, *L.ops, L.limits.max_seq_len, &L.block_bytes);
+    DILU_USER_CHECK(L.num_blocks >= 1, "the KV cache gets no block: ", L.block_bytes, " bytes per block of ",
+                    cfg.kv.block_size, " tokens do not fit; lower kv.block_size or raise kv.memory_fraction");
+    L.cache = std::make_unique<KvCache>(*L.ops, L.mc.num_hidden_layers, L.num_blocks, cfg.kv.block_size,
+                                        L.mc.kv_lora_rank + L.mc.qk_rope_head_dim);
+    L.eo.limits = {cfg.batch.max_seqs, cfg.batch.max_tokens, cfg.kv.block_size};
+    L.eo.max_seq_len = L.limits.max_seq_len;
+    for (int64_t e : L.mc.eos_token_ids) L.eo.eos_token_ids.push_back(static_cast<int32_t>(e));
+  });
+  agree_or_fail(*g.world_comm, [&] {
+    if (!g.is_replica_root()) return;
+    // Resume: what an earlier run answered is skipped.
+    if (o.resume && !o.overwrite) L.resume = load_resume_state(o.output);
+    // One replica writes the output itself; several write part files merged at the end.
+    const std::filesystem::path out_path = g.dp == 1 ? o.output : part_file(o.output, g.dp_rank, g.dp);
+    if (g.dp > 1 && !o.resume) {
+      std::error_code ec;
+      DILU_USER_CHECK(!std::filesystem::is_regular_file(o.output, ec) || std::filesystem::file_size(o.output, ec) == 0,
+                      "output file '", o.output.string(), "' already exists and is not empty (--no-resume)");
+    }
+    L.writer.emplace(out_path, o.overwrite ? JsonlWriter::Mode::Overwrite
+                                           : (o.resume || g.dp > 1 ? JsonlWriter::Mode::Append
+                                                                   : JsonlWriter::Mode::Create));
+  });
   s.load_seconds = seconds_since(t_load);
   if (!g.is_replica_root()) {
-    follow_steps(model, *ops, cache, *g.tp_comm);
+    follow_steps(*L.model, *L.ops, *L.cache, *g.tp_comm);
     g.world_comm->barrier();
     g.world_comm->barrier();
     return s;
   }
-  Engine engine(model, *ops, cache, eo, encoder.tokenizer(), g.tp_comm.get());
+  std::ifstream& in = L.in;
+  const PromptEncoder& encoder = *L.encoder;
+  Ops* ops = L.ops.get();
+  const RequestLimits& limits = L.limits;
+  ResumeState& resume = L.resume;
+  JsonlWriter& writer = *L.writer;
+  Engine engine(*L.model, *ops, *L.cache, L.eo, encoder.tokenizer(), g.tp_comm.get());
   log << "dilu: model loaded in " << std::fixed << std::setprecision(2) << s.load_seconds << " s on " << ops->name()
       << "; tokenizer " << (encoder.tokenizer() ? "loaded" : "absent (token ids only)") << "; chat template "
       << (encoder.chat_template() ? encoder.chat_template()->name() : std::string("none")) << "; KV cache "
-      << num_blocks << " blocks of " << cfg.kv.block_size << " tokens (" << (num_blocks * block_bytes >> 20)
+      << L.num_blocks << " blocks of " << cfg.kv.block_size << " tokens (" << (L.num_blocks * L.block_bytes >> 20)
       << " MiB)\n";
-
-  // Resume: what an earlier run answered is skipped.
-  ResumeState resume;
-  if (o.resume && !o.overwrite) {
-    resume = load_resume_state(o.output);
-    if (resume.records > 0 || resume.cut_torn_line)
-      log << "dilu: resuming: " << o.output.string() << " holds " << resume.records << " records"
-          << (resume.cut_torn_line ? " (a torn last line was cut)" : "") << "; their input lines are skipped\n";
-  }
-  // One replica writes the output itself; several write part files merged at the end.
-  const std::filesystem::path out_path = g.dp == 1 ? o.output : part_file(o.output, g.dp_rank, g.dp);
-  if (g.dp > 1 && !o.resume) {
-    std::error_code ec;
-    DILU_USER_CHECK(!std::filesystem::is_regular_file(o.output, ec) || std::filesystem::file_size(o.output, ec) == 0,
-                    "output file '", o.output.string(), "' already exists and is not empty (--no-resume)");
-  }
-  std::optional<JsonlWriter> writer_storage;
-  writer_storage.emplace(out_path, o.overwrite ? JsonlWriter::Mode::Overwrite
-                                               : (o.resume || g.dp > 1 ? JsonlWriter::Mode::Append
-                                                                       : JsonlWriter::Mode::Create));
-  JsonlWriter& writer = *writer_storage;
+  if (resume.records > 0)
+    log << "dilu: resuming: " << o.output.string() << " holds " << resume.records
+        << " records; their input lines are skipped\n";
 
   RecordContext ctx;
   ctx.model_name = o.model_dir.filename().empty() ? o.model_dir.parent_path().filename().string()
@@ -281,7 +325,7 @@ RunSummary run_job(const RunJobOptions& o, const RunConfig& cfg, std::ostream& l
   if (tty) log << "\n";
   engine.stop_followers();
   writer.sync();
-  writer_storage.reset();
+  L.writer.reset();
   s.preemptions = engine.num_preemptions();
   s.generate_seconds = seconds_since(t_gen);
   g.world_comm->barrier();  // every replica has written its records

@@ -4,10 +4,12 @@
 #pragma once
 
 #include <atomic>
+#include <exception>
 #include <filesystem>
 #include <iosfwd>
 
 #include "engine/run_config.h"
+#include "kernels/error.h"
 #include "parallel/groups.h"
 
 namespace dilu {
@@ -38,6 +40,16 @@ struct RunSummary {
   double load_seconds = 0;
   double generate_seconds = 0;
   bool interrupted = false;
+};
+
+// Thrown on the ranks other than 0 when a start-up failure was reported by rank 0: they exit
+// without printing it again.
+struct SilentFailure : std::exception {
+  const char* what() const noexcept override { return "another rank reported the failure"; }
+};
+// Thrown on rank 0 for a start-up failure every rank agreed on: printed once, no abort needed.
+struct AgreedFailure : UserError {
+  using UserError::UserError;
 };
 
 // Throws UserError before any compute when the model or the files are unusable. With several

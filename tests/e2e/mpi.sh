@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Several ranks under mpirun give exactly the greedy tokens of one rank: tensor parallel (tp=2),
+# data parallel (dp=2) and both (tp=2 x dp=2) on every golden checkpoint; a rank that fails
+# stops every rank with one message. Usage: mpi.sh DILU_BINARY SCRATCH_DIR
+# shellcheck source=lib/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh" "$@"
+golden="$here/../golden"
+# CI runs as root; the machine has fewer cores than ranks.
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
+mpirun=(mpirun --oversubscribe --bind-to none)
+
+for case_dir in "$golden"/data/*/; do
+  case=$(basename "$case_dir")
+  while read -r name np settings; do
+    out="$scratch/$case-$name.jsonl"
+    # shellcheck disable=SC2086  # settings is a list of --set arguments
+    timeout 300 "${mpirun[@]}" -np "$np" "$dilu" run --model "$case_dir/model" --input "$case_dir/input.jsonl" \
+      --output "$out" --set cpu.threads=1 $settings </dev/null >"$scratch/$case-$name.log" 2>&1 ||
+      fail "$case/$name: mpirun failed: $(tail -5 "$scratch/$case-$name.log")"
+    python3 "$golden/check_golden.py" "$out" "$case_dir/expected.jsonl" >/dev/null ||
+      fail "$case/$name: tokens differ from one rank: $(python3 "$golden/check_golden.py" "$out" "$case_dir/expected.jsonl")"
+    ls "$scratch/$case-$name.jsonl".dp-* >/dev/null 2>&1 && fail "$case/$name: part files left behind"
+  done <<'LAYOUTS'
+tp2 2 --set parallel.tp=2
+dp2 2 --set parallel.dp=2
+tp2dp2 4 --set parallel.tp=2 --set parallel.dp=2
+LAYOUTS
+  echo "mpi: $case ok"
+done
+
+# A rank that fails (here: a tensor-parallel size the model cannot be split by) stops them all,
+# with the failing rank's message, within the time limit.
+case_dir="$golden/data/r1_fp8"
+rc=0
+timeout 60 "${mpirun[@]}" -np 3 "$dilu" run --model "$case_dir/model" --input "$case_dir/input.jsonl" \
+  --output "$scratch/fail.jsonl" --set parallel.tp=3 </dev/null >"$scratch/fail.log" 2>&1 || rc=$?
+[ "$rc" != 0 ] && [ "$rc" != 124 ] || fail "a failing rank: exit code $rc (124 = hung): $(tail -5 "$scratch/fail.log")"
+[ "$(grep -c "parallel.tp = 3 must divide" "$scratch/fail.log")" = 1 ] ||
+  fail "the failing rank's message is not printed exactly once: $(cat "$scratch/fail.log")"
+
+# A rank killed mid-run: mpirun ends the others, and the output stays valid for a resume.
+python3 - "$scratch/long.jsonl" <<'PY'
+import json, sys
+with open(sys.argv[1], "w") as f:
+    for i in range(200):
+        f.write(json.dumps({"id": i, "prompt_token_ids": [1 + i % 200, 2, 3], "max_tokens": 64, "ignore_eos": True}) + "\n")
+PY
+timeout 120 "${mpirun[@]}" -np 2 "$dilu" run --model "$case_dir/model" --input "$scratch/long.jsonl" \
+  --output "$scratch/killed.jsonl" --set parallel.dp=2 --set batch.max_seqs=2 </dev/null >"$scratch/killed.log" 2>&1 &
+launcher=$!
+sleep 3
+pkill -KILL -f "dilu run --model $case_dir/model --input $scratch/long.jsonl" -n || true
+rc=0
+wait "$launcher" || rc=$?
+[ "$rc" != 0 ] && [ "$rc" != 124 ] || fail "killing one rank: mpirun exit code $rc (124 = hung)"
+timeout 300 "${mpirun[@]}" -np 2 "$dilu" run --model "$case_dir/model" --input "$scratch/long.jsonl" \
+  --output "$scratch/killed.jsonl" --set parallel.dp=2 </dev/null >"$scratch/resumed.log" 2>&1 ||
+  fail "resume after a killed rank failed: $(tail -5 "$scratch/resumed.log")"
+python3 - "$scratch/killed.jsonl" <<'PY' || fail "the resumed output is not complete and unique"
+import json, sys
+ids = [json.loads(l)["id"] for l in open(sys.argv[1])]
+assert sorted(ids) == list(range(200)), (len(ids), len(set(ids)))
+PY
+echo "mpi: ok"
