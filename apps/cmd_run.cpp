@@ -2,6 +2,7 @@
 #include <atomic>
 #include <csignal>
 #include <cstdlib>
+#include <fstream>
 #include <iomanip>
 #include <iostream>
 
@@ -81,6 +82,15 @@ int run(const RunFlags& f) {
               << "\ndilu: stopping all " << world.size << " ranks\n"
               << std::flush;
     MpiSession::abort(user ? 2 : 3);
+  }
+  // Each rank's share of the weights and its peak resident memory (VmHWM), for the record.
+  {
+    std::ifstream status("/proc/self/status");
+    std::string line, hwm = "?";
+    while (std::getline(status, line))
+      if (line.rfind("VmHWM:", 0) == 0) hwm = line.substr(6);
+    std::cerr << "dilu: rank " << world.rank << ": weights " << (s.weight_bytes >> 10) << " KiB, peak resident memory"
+              << hwm << "\n";
   }
   // Counts of every replica, summed on rank 0.
   s.requests_done = groups.world_comm->sum(s.requests_done);

@@ -34,6 +34,7 @@ int main(int argc, char** argv) {
   dilu::app::add_make_model_command(root, action);
   dilu::app::add_bench_command(root, action);
   dilu::app::add_tokenize_command(root, action);
+  dilu::app::add_plan_command(root, action);
 
   try {
     root.parse(argc, argv);

@@ -97,6 +97,11 @@ Tensor dequantize_slice(const Checkpoint& ckpt, const std::string& name, int64_t
 
 }  // namespace
 
+namespace {
+int64_t bytes_of(const LinearWeight& w) { return static_cast<int64_t>(w.weight.nbytes() + w.scale_inv.nbytes()); }
+int64_t bytes_of(const ExpertWeights& e) { return bytes_of(e.gate) + bytes_of(e.up) + bytes_of(e.down); }
+}  // namespace
+
 DeepseekV3::DeepseekV3(const ModelConfig& config, const Checkpoint& ckpt, Ops& ops, TensorParallel tp)
     : config_(config), ops_(ops), tp_(tp), rope_(make_rope_table(config)) {
   std::vector<std::string> problems = check_checkpoint(config, ckpt);
@@ -140,20 +145,47 @@ DeepseekV3::DeepseekV3(const ModelConfig& config, const Checkpoint& ckpt, Ops& o
     Tensor s = w.dtype() == DType::F8E4M3 ? ckpt.tensor(scale_name(name)) : Tensor();
     return ops.place_linear(w, s, block_out, block_in);
   };
-  // Shards: this rank's rows (column-parallel) or columns (row-parallel) of a matrix.
+  // Shards: this rank's rows (column-parallel) or columns (row-parallel) of a matrix, kept in
+  // the checkpoint's dtype (rows: a view of the memory map; columns: a copy of just those bytes)
+  // when the cut falls on a block-scale boundary, else exactly dequantized to FP32.
   auto lin_rows = [&](const std::string& name, int64_t rows_per_rank) {
     if (n == 1) return lin(name);
-    const int64_t cols = ckpt.info(name).shape[1];
-    return ops.place_linear(
-        dequantize_slice(ckpt, name, r * rows_per_rank, (r + 1) * rows_per_rank, 0, cols, config.quantization),
-        Tensor(), 0, 0);
+    const int64_t r0 = r * rows_per_rank, r1 = r0 + rows_per_rank;
+    const Tensor w = ckpt.tensor(name);
+    if (w.dtype() != DType::F8E4M3) return ops.place_linear(w.rows(r0, r1), Tensor(), 0, 0);
+    if (r0 % block_out == 0) {
+      const Tensor scale = ckpt.tensor(scale_name(name));
+      return ops.place_linear(w.rows(r0, r1), scale.rows(r0 / block_out, (r1 + block_out - 1) / block_out), block_out,
+                              block_in);
+    }
+    const int64_t cols = w.dim(1);
+    return ops.place_linear(dequantize_slice(ckpt, name, r0, r1, 0, cols, config.quantization), Tensor(), 0, 0);
   };
   auto lin_cols = [&](const std::string& name, int64_t cols_per_rank) {
     if (n == 1) return lin(name);
-    const int64_t rows = ckpt.info(name).shape[0];
-    return ops.place_linear(
-        dequantize_slice(ckpt, name, 0, rows, r * cols_per_rank, (r + 1) * cols_per_rank, config.quantization),
-        Tensor(), 0, 0);
+    const int64_t c0 = r * cols_per_rank, c1 = c0 + cols_per_rank;
+    const Tensor w = ckpt.tensor(name);
+    const int64_t rows = w.dim(0), cols = w.dim(1);
+    const bool fp8 = w.dtype() == DType::F8E4M3;
+    if (fp8 && c0 % block_in != 0)
+      return ops.place_linear(dequantize_slice(ckpt, name, 0, rows, c0, c1, config.quantization), Tensor(), 0, 0);
+    const size_t esz = dtype_size(w.dtype());
+    Tensor part = Tensor::host(w.dtype(), {rows, c1 - c0});
+    for (int64_t i = 0; i < rows; ++i)
+      std::memcpy(static_cast<uint8_t*>(part.raw()) + static_cast<size_t>(i * (c1 - c0)) * esz,
+                  static_cast<const uint8_t*>(w.raw()) + static_cast<size_t>(i * cols + c0) * esz,
+                  static_cast<size_t>(c1 - c0) * esz);
+    if (!fp8) return ops.place_linear(part, Tensor(), 0, 0);
+    const Tensor scale = ckpt.tensor(scale_name(name));
+    const int64_t s0 = c0 / block_in, s1 = (c1 + block_in - 1) / block_in, sc = scale.dim(1);
+    Tensor part_scale = Tensor::host(DType::F32, {scale.dim(0), s1 - s0});
+    std::vector<float> row(static_cast<size_t>(sc));
+    for (int64_t i = 0; i < scale.dim(0); ++i) {
+      convert_to_f32(scale.dtype(), static_cast<const uint8_t*>(scale.raw()) + static_cast<size_t>(i * sc) * dtype_size(scale.dtype()),
+                     row.data(), static_cast<size_t>(sc));
+      std::memcpy(part_scale.data<float>() + i * (s1 - s0), row.data() + s0, static_cast<size_t>(s1 - s0) * sizeof(float));
+    }
+    return ops.place_linear(part, part_scale, block_out, block_in);
   };
   auto swiglu = [&](const std::string& prefix) {
     return ExpertWeights{lin(prefix + "gate_proj.weight"), lin(prefix + "up_proj.weight"),
@@ -214,6 +246,17 @@ DeepseekV3::DeepseekV3(const ModelConfig& config, const Checkpoint& ckpt, Ops& o
       std::memcpy(shard.raw(), part.raw(), part.nbytes());
     }
     lm_head_ = ops.place_linear(shard, Tensor(), 0, 0);
+  }
+  weight_bytes_ = static_cast<int64_t>(embed_tokens_.nbytes() + norm_.nbytes()) + bytes_of(lm_head_);
+  for (const LayerWeights& lw : layers_) {
+    const AttentionWeights& a = lw.attn;
+    weight_bytes_ += static_cast<int64_t>(lw.input_layernorm.nbytes() + lw.post_attention_layernorm.nbytes() +
+                                          a.q_a_layernorm.nbytes() + a.kv_a_layernorm.nbytes() + a.kv_b.nbytes() +
+                                          lw.router.nbytes() + lw.router_bias.nbytes());
+    weight_bytes_ += (a.q_a_proj ? bytes_of(*a.q_a_proj) : 0) + bytes_of(a.q_b_proj) + bytes_of(a.kv_a_proj_with_mqa) +
+                     bytes_of(a.o_proj) + (lw.is_moe ? 0 : bytes_of(lw.mlp)) +
+                     (lw.shared_expert ? bytes_of(*lw.shared_expert) : 0);
+    for (const ExpertWeights& e : lw.experts) weight_bytes_ += bytes_of(e);
   }
 }
 

@@ -61,6 +61,8 @@ class DeepseekV3 {
   DeepseekV3(const ModelConfig& config, const Checkpoint& checkpoint, Ops& ops, TensorParallel tp = {});
 
   const ModelConfig& config() const { return config_; }
+  // Bytes of weights this rank holds (its share under tensor parallelism).
+  int64_t weight_bytes() const { return weight_bytes_; }
   // Runs every token of the step through the model, writing each token's latent cache entry,
   // and returns the logits [logit_rows, V] (FP32, on the device).
   Tensor forward(const StepInput& step, KvCache& cache);
@@ -74,6 +76,7 @@ class DeepseekV3 {
   ModelConfig config_;
   Ops& ops_;
   TensorParallel tp_;
+  int64_t weight_bytes_ = 0;
   int64_t local_heads_ = 0;    // H / tp
   int64_t first_expert_ = 0;   // of the routed experts this rank holds
   int64_t vocab_first_ = 0;    // first token id of this rank's vocabulary shard

@@ -53,7 +53,7 @@ struct PlanOptions {
   // Fixed by the user; unset: chosen. RunConfig's ints cannot say "auto", so the caller decides
   // which of its parallel.* values are fixed (see split_parallel_overrides).
   std::optional<int> tp, pp, dp, ep;
-  int64_t context_len = 0;  // mean tokens cached per sequence while decoding; 0: max_seq_len / 2
+  int64_t context_len = 0;  // mean tokens cached per sequence while decoding; 0: 4096, at most max_seq_len / 2
   bool suggest = true;      // on refusal, look for node counts, GPU types and dtypes that fit
 };
 

@@ -118,6 +118,9 @@ RunSummary run_job(const RunJobOptions& o, const RunConfig& cfg, std::ostream& l
   agree_or_fail(*g.world_comm, [&] {
     DILU_USER_CHECK(g.pp == 1, "parallel.pp = ", g.pp,
                     ": pipeline parallelism is not implemented yet; use parallel.tp and parallel.dp");
+    DILU_USER_CHECK(cfg.parallel.ep == 0 || cfg.parallel.ep == g.tp, "parallel.ep = ", cfg.parallel.ep,
+                    ": experts are placed over the tensor-parallel ranks (ep = tp); other splits are not implemented "
+                    "yet: leave parallel.ep at 0");
     L.mc = load_model_config(o.model_dir);
     L.in.open(o.input);
     DILU_USER_CHECK(L.in.good(), "cannot read input file '", o.input.string(), "'");
@@ -161,6 +164,7 @@ RunSummary run_job(const RunJobOptions& o, const RunConfig& cfg, std::ostream& l
                                                                    : JsonlWriter::Mode::Create));
   });
   s.load_seconds = seconds_since(t_load);
+  s.weight_bytes = L.model->weight_bytes();
   if (!g.is_replica_root()) {
     follow_steps(*L.model, *L.ops, *L.cache, *g.tp_comm);
     g.world_comm->barrier();

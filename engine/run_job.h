@@ -37,6 +37,7 @@ struct RunSummary {
   int64_t completion_tokens = 0;
   int64_t steps = 0;
   int64_t preemptions = 0;
+  int64_t weight_bytes = 0;  // this rank's share of the weights
   double load_seconds = 0;
   double generate_seconds = 0;
   bool interrupted = false;
