@@ -562,7 +562,13 @@ std::vector<int64_t> fixed_layer_split(const ModelConfig& m, const RunConfig& ru
 bool better(const LayoutPlan& a, const LayoutPlan& b) {
   if (a.fits != b.fits) return a.fits;
   if (a.fits) return std::tie(b.tokens_per_s, a.layout.pp) < std::tie(a.tokens_per_s, b.layout.pp);
-  return a.max_needed_bytes() < b.max_needed_bytes();
+  // Refused: closest first, by what no KV-cache setting can shrink (weights and workspace).
+  const auto used = [](const LayoutPlan& p) {
+    uint64_t most = 0;
+    for (const StagePlan& st : p.stages) most = std::max(most, st.weight_bytes + st.workspace_bytes());
+    return std::make_pair(most, p.max_needed_bytes());
+  };
+  return used(a) < used(b);
 }
 
 WeightDType resolve_dtype(const ModelConfig& m, const GpuType& gpu, const std::optional<WeightDType>& wanted) {
@@ -716,9 +722,12 @@ std::string Plan::refusal_message() const {
 std::string format_plan(const Plan& plan, const std::string& model_label) {
   const ClusterShape& c = plan.cluster;
   std::ostringstream out;
-  out << "model: " << model_label << ", " << fixed1(plan.num_parameters / 1e9) << " B parameters, "
-      << weight_dtype_name(plan.dtype) << " weights " << fixed1(plan.model_weight_bytes / 1e9) << " GB ("
-      << human_bytes(plan.model_weight_bytes) << ")\n"
+  const bool big = plan.num_parameters >= 1e9;
+  out << "model: " << model_label << ", " << fixed1(plan.num_parameters / (big ? 1e9 : 1e6))
+      << (big ? " B" : " M") << " parameters, " << weight_dtype_name(plan.dtype) << " weights "
+      << (big ? fixed1(plan.model_weight_bytes / 1e9) + " GB (" + human_bytes(plan.model_weight_bytes) + ")"
+              : human_bytes(plan.model_weight_bytes))
+      << "\n"
       << "cluster: " << cluster_name(c) << " (" << human_bytes(c.gpu.memory_bytes) << ", HBM "
       << fixed(c.gpu.hbm_bytes_per_s / 1e12, 2) << " TB/s, NVLink " << fixed1(c.gpu.nvlink_bytes_per_s / 1e9)
       << " GB/s, IB " << fixed1(c.gpu.ib_bytes_per_s / 1e9) << " GB/s per GPU, "
