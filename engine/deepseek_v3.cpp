@@ -102,8 +102,14 @@ int64_t bytes_of(const LinearWeight& w) { return static_cast<int64_t>(w.weight.n
 int64_t bytes_of(const ExpertWeights& e) { return bytes_of(e.gate) + bytes_of(e.up) + bytes_of(e.down); }
 }  // namespace
 
-DeepseekV3::DeepseekV3(const ModelConfig& config, const Checkpoint& ckpt, Ops& ops, TensorParallel tp)
+DeepseekV3::DeepseekV3(const ModelConfig& config, const Checkpoint& ckpt, Ops& ops, TensorParallel tp,
+                       PipelineStage stage)
     : config_(config), ops_(ops), tp_(tp), rope_(make_rope_table(config)) {
+  const int64_t end_layer = stage.end_layer < 0 ? config.num_hidden_layers : stage.end_layer;
+  DILU_CHECK(0 <= stage.first_layer && stage.first_layer < end_layer && end_layer <= config.num_hidden_layers,
+             "bad pipeline stage [", stage.first_layer, ", ", end_layer, ")");
+  first_stage_ = stage.is_first();
+  last_stage_ = end_layer == config.num_hidden_layers;
   std::vector<std::string> problems = check_checkpoint(config, ckpt);
   if (!problems.empty()) {
     std::string msg = "checkpoint " + ckpt.dir().string() + " does not match its config.json (" +
@@ -196,11 +202,13 @@ DeepseekV3::DeepseekV3(const ModelConfig& config, const Checkpoint& ckpt, Ops& o
                          lin_cols(prefix + "down_proj.weight", width / n)};
   };
 
-  const Tensor embed = ckpt.tensor("model.embed_tokens.weight");
-  embed_tokens_ = ops.place_embedding(embed.rows(std::min(vocab_first_, config.vocab_size),
-                                                 std::min(vocab_first_ + vocab_shard_, config.vocab_size)));
+  if (first_stage_) {
+    const Tensor embed = ckpt.tensor("model.embed_tokens.weight");
+    embed_tokens_ = ops.place_embedding(embed.rows(std::min(vocab_first_, config.vocab_size),
+                                                   std::min(vocab_first_ + vocab_shard_, config.vocab_size)));
+  }
   const int64_t qk = config.qk_head_dim(), kv_b_rows = config.qk_nope_head_dim + config.v_head_dim;
-  for (int64_t l = 0; l < config.num_hidden_layers; ++l) {
+  for (int64_t l = stage.first_layer; l < end_layer; ++l) {
     const std::string p = "model.layers." + std::to_string(l) + ".";
     const std::string a = p + "self_attn.";
     LayerWeights lw;
@@ -232,22 +240,25 @@ DeepseekV3::DeepseekV3(const ModelConfig& config, const Checkpoint& ckpt, Ops& o
     }
     layers_.push_back(std::move(lw));
   }
-  norm_ = vec("model.norm.weight");
-  const std::string head = config.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight";
-  if (n == 1) {
-    lm_head_ = ops.place_linear(ckpt.tensor(head), Tensor(), 0, 0);
-  } else {
-    // Every shard has ceil(V / tp) rows so that the logits gather evenly; the last one is
-    // zero-padded past the vocabulary, and those columns are dropped after the gather.
-    Tensor shard = Tensor::host(DType::F32, {vocab_shard_, config.hidden_size});
-    const int64_t end = std::min(vocab_first_ + vocab_shard_, config.vocab_size);
-    if (end > vocab_first_) {
-      Tensor part = dequantize_slice(ckpt, head, vocab_first_, end, 0, config.hidden_size, std::nullopt);
-      std::memcpy(shard.raw(), part.raw(), part.nbytes());
+  if (last_stage_) {
+    norm_ = vec("model.norm.weight");
+    const std::string head = config.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight";
+    if (n == 1) {
+      lm_head_ = ops.place_linear(ckpt.tensor(head), Tensor(), 0, 0);
+    } else {
+      // Every shard has ceil(V / tp) rows so that the logits gather evenly; the last one is
+      // zero-padded past the vocabulary, and those columns are dropped after the gather.
+      Tensor shard = Tensor::host(DType::F32, {vocab_shard_, config.hidden_size});
+      const int64_t end = std::min(vocab_first_ + vocab_shard_, config.vocab_size);
+      if (end > vocab_first_) {
+        Tensor part = dequantize_slice(ckpt, head, vocab_first_, end, 0, config.hidden_size, std::nullopt);
+        std::memcpy(shard.raw(), part.raw(), part.nbytes());
+      }
+      lm_head_ = ops.place_linear(shard, Tensor(), 0, 0);
     }
-    lm_head_ = ops.place_linear(shard, Tensor(), 0, 0);
   }
-  weight_bytes_ = static_cast<int64_t>(embed_tokens_.nbytes() + norm_.nbytes()) + bytes_of(lm_head_);
+  weight_bytes_ = static_cast<int64_t>(embed_tokens_.nbytes() + norm_.nbytes()) +
+                  (lm_head_.weight.defined() && lm_head_.weight.rank() == 2 ? bytes_of(lm_head_) : 0);
   for (const LayerWeights& lw : layers_) {
     const AttentionWeights& a = lw.attn;
     weight_bytes_ += static_cast<int64_t>(lw.input_layernorm.nbytes() + lw.post_attention_layernorm.nbytes() +
@@ -265,15 +276,27 @@ void DeepseekV3::all_reduce(Tensor& t) {
 }
 
 Tensor DeepseekV3::forward(const StepInput& step, KvCache& cache) {
-  const ModelConfig& c = config_;
-  const int64_t t_count = static_cast<int64_t>(step.token_ids.size()), d = c.hidden_size;
-  const DType act = ops_.activation_dtype();
-  Tensor x = ops_.empty(act, {t_count, d});         // residual stream [T, D]
-  Tensor h = ops_.empty(act, {t_count, d});         // normalized input of a sublayer [T, D]
-  Tensor y = ops_.empty(act, {t_count, d});         // sublayer output [T, D]
+  DILU_CHECK(first_stage_ && last_stage_, "forward() runs the whole model; a pipeline stage uses embed/run_layers/head");
+  Tensor x = embed(step);
+  run_layers(x, step, cache);
+  return head(x, step);
+}
+
+Tensor DeepseekV3::embed(const StepInput& step) {
+  DILU_CHECK(first_stage_, "only the first pipeline stage embeds");
+  Tensor x = ops_.empty(ops_.activation_dtype(), {static_cast<int64_t>(step.token_ids.size()), config_.hidden_size});
   ops_.embedding(embed_tokens_, step.token_ids, x, vocab_first_);
   all_reduce(x);  // each token's row comes from the one rank holding it; the others add zeros
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+  return x;
+}
+
+void DeepseekV3::run_layers(Tensor& x, const StepInput& step, KvCache& cache) {
+  const ModelConfig& c = config_;
+  const int64_t t_count = x.dim(0), d = c.hidden_size;
+  const DType act = ops_.activation_dtype();
+  Tensor h = ops_.empty(act, {t_count, d});  // normalized input of a sublayer [T, D]
+  Tensor y = ops_.empty(act, {t_count, d});  // sublayer output [T, D]
+  for (int64_t l = 0; l < num_stage_layers(); ++l) {
     const LayerWeights& lw = layers_[static_cast<size_t>(l)];
     ops_.rms_norm(x, lw.input_layernorm, static_cast<float>(c.rms_norm_eps), h);
     attention(l, h, step, cache, y);
@@ -284,8 +307,13 @@ Tensor DeepseekV3::forward(const StepInput& step, KvCache& cache) {
     all_reduce(y);
     ops_.add(x, y);
   }
-  const int64_t n = static_cast<int64_t>(step.logit_rows.size());
-  Tensor last = ops_.empty(act, {n, d});
+}
+
+Tensor DeepseekV3::head(const Tensor& x, const StepInput& step) {
+  DILU_CHECK(last_stage_, "only the last pipeline stage has the head");
+  const ModelConfig& c = config_;
+  const int64_t n = static_cast<int64_t>(step.logit_rows.size()), d = c.hidden_size;
+  Tensor last = ops_.empty(ops_.activation_dtype(), {n, d});
   ops_.gather_rows(x, step.logit_rows, last);
   ops_.rms_norm(last, norm_, static_cast<float>(c.rms_norm_eps), last);
   Tensor logits = ops_.empty(DType::F32, {n, c.vocab_size});

@@ -53,12 +53,21 @@ struct TensorParallel {
   Communicator* comm = nullptr;  // required when size > 1
 };
 
+// The layers a pipeline stage holds: [first_layer, end_layer). The first stage also holds the
+// embedding, the last the final norm and lm_head.
+struct PipelineStage {
+  int64_t first_layer = 0;
+  int64_t end_layer = -1;  // -1: through the last layer
+  bool is_first() const { return first_layer == 0; }
+};
+
 class DeepseekV3 {
  public:
   // Checks the checkpoint against the config (every problem reported at once, by name) and
   // places this rank's share of the weights on the backend (reading only its slices from the
   // memory map). Throws UserError before any compute on a mismatch.
-  DeepseekV3(const ModelConfig& config, const Checkpoint& checkpoint, Ops& ops, TensorParallel tp = {});
+  DeepseekV3(const ModelConfig& config, const Checkpoint& checkpoint, Ops& ops, TensorParallel tp = {},
+             PipelineStage stage = {});
 
   const ModelConfig& config() const { return config_; }
   // Bytes of weights this rank holds (its share under tensor parallelism).
@@ -66,6 +75,14 @@ class DeepseekV3 {
   // Runs every token of the step through the model, writing each token's latent cache entry,
   // and returns the logits [logit_rows, V] (FP32, on the device).
   Tensor forward(const StepInput& step, KvCache& cache);
+  // The same in pieces, for pipeline stages: the first stage embeds, every stage runs its layers
+  // on the hidden states x [T, D] (cache layer i is the stage's i-th layer), the last one applies
+  // the head (the logits of step.logit_rows).
+  Tensor embed(const StepInput& step);
+  void run_layers(Tensor& x, const StepInput& step, KvCache& cache);
+  Tensor head(const Tensor& x, const StepInput& step);
+  int64_t num_stage_layers() const { return static_cast<int64_t>(layers_.size()); }
+  bool is_last_stage() const { return last_stage_; }
 
  private:
   void attention(int64_t layer, const Tensor& x, const StepInput& step, KvCache& cache, Tensor& out);
@@ -76,6 +93,8 @@ class DeepseekV3 {
   ModelConfig config_;
   Ops& ops_;
   TensorParallel tp_;
+  bool first_stage_ = true;
+  bool last_stage_ = true;
   int64_t weight_bytes_ = 0;
   int64_t local_heads_ = 0;    // H / tp
   int64_t first_expert_ = 0;   // of the routed experts this rank holds
