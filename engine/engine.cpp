@@ -70,7 +70,8 @@ std::vector<uint8_t> encode_step(const StepInput& in, const std::vector<std::pai
   return b;
 }
 
-StepInput decode_step(const std::vector<uint8_t>& b, std::vector<std::pair<int32_t, int32_t>>& copies) {
+StepInput decode_step(const std::vector<uint8_t>& b, std::vector<std::pair<int32_t, int32_t>>& copies,
+                      size_t* used = nullptr) {
   Reader r{b};
   StepInput in;
   copies = r.vec<std::pair<int32_t, int32_t>>();
@@ -83,38 +84,179 @@ StepInput decode_step(const std::vector<uint8_t>& b, std::vector<std::pair<int32
   r.get(&tables, sizeof tables);
   for (uint64_t i = 0; i < tables; ++i) in.layout.block_tables.push_back(r.vec<int32_t>());
   in.logit_rows = r.vec<int32_t>();
+  if (used) *used = r.at;
   return in;
+}
+
+
+// What the last stage needs to sample one sequence's next token (the strings of the sampling
+// parameters stay with the root, which applies stop strings).
+struct DrawSpec {
+  int32_t row = 0;  // logits row of the step
+  double temperature = 0, top_p = 1, min_p = 0;
+  int64_t top_k = 0, top_logprobs = 0, sample = 0, position = 0;
+  uint64_t seed = 0;
+  uint8_t logprobs = 0;
+};
+
+SamplingParams params_of(const DrawSpec& d) {
+  SamplingParams p;
+  p.temperature = d.temperature;
+  p.top_p = d.top_p;
+  p.top_k = d.top_k;
+  p.min_p = d.min_p;
+  p.logprobs = d.logprobs != 0;
+  p.top_logprobs = d.top_logprobs;
+  return p;
+}
+
+std::vector<uint8_t> encode_results(const std::vector<SampleResult>& rs) {
+  std::vector<uint8_t> b;
+  const uint64_t n = rs.size();
+  put(b, &n, sizeof n);
+  for (const SampleResult& r : rs) {
+    put(b, &r.token, sizeof r.token);
+    put(b, &r.logprob, sizeof r.logprob);
+    put_vec(b, r.top);
+  }
+  return b;
+}
+
+std::vector<SampleResult> decode_results(const std::vector<uint8_t>& b) {
+  Reader rd{b};
+  uint64_t n = 0;
+  rd.get(&n, sizeof n);
+  std::vector<SampleResult> rs(n);
+  for (SampleResult& r : rs) {
+    rd.get(&r.token, sizeof r.token);
+    rd.get(&r.logprob, sizeof r.logprob);
+    r.top = rd.vec<std::pair<int32_t, float>>();
+  }
+  return rs;
+}
+
+// Splits a step into micro-batches of whole sequences with about equal token counts, so that
+// pipeline stages work on different micro-batches at the same time.
+std::vector<StepInput> split_micro_batches(const StepInput& in, int64_t parts) {
+  const int64_t seqs = static_cast<int64_t>(in.layout.block_tables.size());
+  parts = std::max<int64_t>(1, std::min(parts, seqs));
+  std::vector<int64_t> seq_end(static_cast<size_t>(seqs), 0);  // token index after each sequence's last
+  for (size_t t = 0; t < in.token_ids.size(); ++t) seq_end[static_cast<size_t>(in.layout.token_seq[t])] = static_cast<int64_t>(t) + 1;
+  const int64_t total = static_cast<int64_t>(in.token_ids.size());
+  std::vector<StepInput> out;
+  int64_t seq = 0, token = 0;
+  for (int64_t p = 0; p < parts; ++p) {
+    StepInput mb;
+    mb.layout.block_size = in.layout.block_size;
+    const int64_t target = total * (p + 1) / parts;
+    const int64_t first_token = token;
+    const int64_t leave = parts - p - 1;  // sequences the later parts need at least
+    // At least one sequence; more while they end within this part's share of the tokens.
+    while (seq < seqs - leave && (mb.layout.block_tables.empty() || seq_end[static_cast<size_t>(seq)] <= target ||
+                                  p == parts - 1)) {
+      const int32_t local = static_cast<int32_t>(mb.layout.block_tables.size());
+      mb.layout.block_tables.push_back(in.layout.block_tables[static_cast<size_t>(seq)]);
+      for (; token < seq_end[static_cast<size_t>(seq)]; ++token) {
+        mb.token_ids.push_back(in.token_ids[static_cast<size_t>(token)]);
+        mb.layout.token_seq.push_back(local);
+        mb.layout.token_pos.push_back(in.layout.token_pos[static_cast<size_t>(token)]);
+        mb.layout.token_slot.push_back(in.layout.token_slot[static_cast<size_t>(token)]);
+      }
+      ++seq;
+    }
+    for (int32_t r : in.logit_rows)
+      if (r >= first_token && r < token) mb.logit_rows.push_back(static_cast<int32_t>(r - first_token));
+    out.push_back(std::move(mb));
+  }
+  return out;
+}
+
+// This rank's share of a step with pipeline stages: embed (first stage) or receive the hidden
+// states, run the stage's layers, send them on, or (last stage) compute the logits and, on TP
+// rank 0, draw the tokens and send them to the root. Returns the draws on the root.
+std::vector<SampleResult> run_pipeline_step(DeepseekV3& model, Ops& ops, KvCache& cache, const ReplicaComms& c,
+                                            const StepInput& in, const std::vector<DrawSpec>& draws) {
+  const int64_t parts = c.micro_batches > 0 ? c.micro_batches : c.pp_size;
+  const std::vector<StepInput> mbs = split_micro_batches(in, parts);
+  const bool first = c.pp_rank == 0, last = c.pp_rank == c.pp_size - 1;
+  std::vector<SampleResult> results(draws.size());
+  int64_t row_base = 0;
+  for (const StepInput& mb : mbs) {
+    Tensor x;
+    if (first) {
+      x = model.embed(mb);
+    } else {
+      x = ops.empty(ops.activation_dtype(), {static_cast<int64_t>(mb.token_ids.size()), model.config().hidden_size});
+      c.pp->recv(x, c.pp_rank - 1);
+    }
+    model.run_layers(x, mb, cache);
+    if (!last) {
+      c.pp->send(x, c.pp_rank + 1);  // returns once the next stage takes it: stages overlap
+    } else if (c.tp_rank == 0) {
+      Tensor logits_dev = model.head(x, mb);
+      const int64_t vocab = model.config().vocab_size;
+      std::vector<float> logits(static_cast<size_t>(logits_dev.numel()));
+      ops.copy_to_host(logits_dev, logits.data());
+      for (size_t i = 0; i < draws.size(); ++i) {
+        const int64_t local = draws[i].row - row_base;
+        if (local < 0 || local >= static_cast<int64_t>(mb.logit_rows.size())) continue;
+        std::span<const float> row(logits.data() + local * vocab, static_cast<size_t>(vocab));
+        results[i] = sample(row, params_of(draws[i]), draws[i].seed, draws[i].sample, draws[i].position);
+      }
+    } else {
+      model.head(x, mb);  // takes part in the TP gather of the logits
+    }
+    row_base += static_cast<int64_t>(mb.logit_rows.size());
+  }
+  if (last && !first && c.tp_rank == 0) c.pp->send_bytes(encode_results(results), 0);
+  if (first && !last && c.tp_rank == 0) {
+    std::vector<uint8_t> bytes;
+    c.pp->recv_bytes(bytes, c.pp_size - 1);
+    results = decode_results(bytes);
+  }
+  return results;
+}
+
+std::vector<uint8_t> encode_message(const StepInput& in, const std::vector<std::pair<int32_t, int32_t>>& copies,
+                                    const std::vector<DrawSpec>& draws) {
+  std::vector<uint8_t> b = encode_step(in, copies);
+  put_vec(b, draws);
+  return b;
 }
 
 }  // namespace
 
-void follow_steps(DeepseekV3& model, Ops& ops, KvCache& cache, Communicator& tp_group) {
+void follow_steps(DeepseekV3& model, Ops& ops, KvCache& cache, const ReplicaComms& comms) {
   for (;;) {
     std::vector<uint8_t> msg;
-    tp_group.broadcast(msg, 0);
+    comms.replica->broadcast(msg, 0);
     if (msg.empty()) return;
     std::vector<std::pair<int32_t, int32_t>> copies;
-    const StepInput in = decode_step(msg, copies);
+    size_t used = 0;
+    const StepInput in = decode_step(msg, copies, &used);
+    Reader rd{msg, used};
+    const std::vector<DrawSpec> draws = rd.vec<DrawSpec>();
     if (!copies.empty()) cache.copy_blocks(ops, copies);
-    model.forward(in, cache);
+    if (comms.pp_size == 1) model.forward(in, cache);
+    else run_pipeline_step(model, ops, cache, comms, in, draws);
   }
 }
 
 void Engine::stop_followers() {
-  if (tp_group_ && tp_group_->size() > 1) {
+  if (comms_.replica && comms_.replica->size() > 1) {
     std::vector<uint8_t> empty;
-    tp_group_->broadcast(empty, 0);
+    comms_.replica->broadcast(empty, 0);
   }
 }
 
 Engine::Engine(DeepseekV3& model, Ops& ops, KvCache& cache, EngineOptions options, const Tokenizer* tokenizer,
-               Communicator* tp_group)
+               const ReplicaComms& comms)
     : model_(model),
       ops_(ops),
       cache_(cache),
       options_(std::move(options)),
       tokenizer_(tokenizer),
-      tp_group_(tp_group),
+      comms_(comms),
       scheduler_(options_.limits, cache.num_blocks()) {
   DILU_CHECK(options_.limits.block_size == cache.block_size(), "scheduler and cache block sizes differ");
 }
@@ -253,16 +395,8 @@ std::vector<EngineResult> Engine::step() {
   }
   last_.sequences = static_cast<int64_t>(plan.chunks.size());
 
-  if (tp_group_ && tp_group_->size() > 1) {
-    std::vector<uint8_t> msg = encode_step(in, plan.block_copies);
-    tp_group_->broadcast(msg, 0);
-  }
-  Tensor logits_dev = model_.forward(in, cache_);
-  const int64_t vocab = model_.config().vocab_size;
-  std::vector<float> logits(static_cast<size_t>(logits_dev.numel()));
-  ops_.copy_to_host(logits_dev, logits.data());
-
-  // Which sequences sample from which logits row (the forks of a prompt share its row).
+  // Which sequences draw from which logits row (the forks of a prompt share its row). The
+  // bookkeeping comes first so that a pipeline's last stage can be told every draw with the step.
   std::vector<std::pair<Sequence*, size_t>> draws;
   size_t row = 0;
   for (const ScheduledChunk& c : plan.chunks) {
@@ -281,12 +415,34 @@ std::vector<EngineResult> Engine::step() {
     ++row;
   }
   std::vector<SampleResult> results(draws.size());
+  if (comms_.pp_size > 1) {
+    std::vector<DrawSpec> specs;
+    for (const auto& [s, r] : draws) {
+      const RequestState& rs = *requests_.at(s->request);
+      const SamplingParams& p = rs.req.sampling;
+      specs.push_back({static_cast<int32_t>(r), p.temperature, p.top_p, p.min_p, p.top_k, p.top_logprobs, s->sample,
+                       s->num_generated(), rs.req.seed, static_cast<uint8_t>(p.logprobs)});
+    }
+    std::vector<uint8_t> msg = encode_message(in, plan.block_copies, specs);
+    comms_.replica->broadcast(msg, 0);
+    results = run_pipeline_step(model_, ops_, cache_, comms_, in, specs);
+  } else {
+    if (comms_.replica && comms_.replica->size() > 1) {
+      std::vector<uint8_t> msg = encode_message(in, plan.block_copies, {});
+      comms_.replica->broadcast(msg, 0);
+    }
+    Tensor logits_dev = model_.forward(in, cache_);
+    const int64_t vocab = model_.config().vocab_size;
+    std::vector<float> logits(static_cast<size_t>(logits_dev.numel()));
+    ops_.copy_to_host(logits_dev, logits.data());
 #pragma omp parallel for schedule(dynamic) if (draws.size() > 1)
-  for (size_t i = 0; i < draws.size(); ++i) {
-    Sequence* s = draws[i].first;
-    const RequestState& rs = *requests_.at(s->request);
-    std::span<const float> row_logits(logits.data() + draws[i].second * static_cast<size_t>(vocab), static_cast<size_t>(vocab));
-    results[i] = sample(row_logits, rs.req.sampling, rs.req.seed, s->sample, s->num_generated());
+    for (size_t i = 0; i < draws.size(); ++i) {
+      Sequence* s = draws[i].first;
+      const RequestState& rs = *requests_.at(s->request);
+      std::span<const float> row_logits(logits.data() + draws[i].second * static_cast<size_t>(vocab),
+                                        static_cast<size_t>(vocab));
+      results[i] = sample(row_logits, rs.req.sampling, rs.req.seed, s->sample, s->num_generated());
+    }
   }
   std::vector<Sequence*> finished;
   for (size_t i = 0; i < draws.size(); ++i) {

@@ -19,6 +19,16 @@ namespace dilu {
 class Tokenizer;
 class DecodeStream;
 
+// The communicators of one replica; all null for a single rank.
+struct ReplicaComms {
+  Communicator* replica = nullptr;  // every rank of the replica; rank 0 schedules
+  Communicator* pp = nullptr;       // this rank's counterparts in the other stages (rank = stage)
+  int pp_size = 1;
+  int pp_rank = 0;
+  int tp_rank = 0;
+  int micro_batches = 0;            // per step with pipeline stages; 0: one per stage
+};
+
 // A request ready to run: prompt encoded, sampling resolved.
 struct EngineRequest {
   int64_t handle = 0;            // the caller's key, returned with the result
@@ -48,11 +58,11 @@ struct StepStats {
 
 class Engine {
  public:
-  // `tokenizer` may be null (token ids only: no text, no stop strings). With `tp_group` of
-  // several ranks, this is its root: every step's input is broadcast to the other ranks, which
-  // run follow_steps() until stop_followers().
+  // `tokenizer` may be null (token ids only: no text, no stop strings). With a replica of
+  // several ranks, this is its root (TP rank 0 of stage 0): every step is broadcast to the other
+  // ranks, which run follow_steps() until stop_followers().
   Engine(DeepseekV3& model, Ops& ops, KvCache& cache, EngineOptions options, const Tokenizer* tokenizer,
-         Communicator* tp_group = nullptr);
+         const ReplicaComms& comms = {});
   ~Engine();
   // Tells the ranks in follow_steps() that no step comes any more.
   void stop_followers();
@@ -83,7 +93,7 @@ class Engine {
   KvCache& cache_;
   EngineOptions options_;
   const Tokenizer* tokenizer_;
-  Communicator* tp_group_;
+  ReplicaComms comms_;
   Scheduler scheduler_;
   std::map<int64_t, std::unique_ptr<RequestState>> requests_;       // by handle
   std::map<const Sequence*, std::unique_ptr<SequenceState>> seqs_;  // decode state per sequence
@@ -91,8 +101,8 @@ class Engine {
   StepStats last_;
 };
 
-// The loop of a tensor-parallel rank that does not schedule: receives each step from the root,
+// The loop of a rank that does not schedule: receives each step from the replica's root,
 // runs its share of the model on it (taking part in the collectives), until the root stops.
-void follow_steps(DeepseekV3& model, Ops& ops, KvCache& cache, Communicator& tp_group);
+void follow_steps(DeepseekV3& model, Ops& ops, KvCache& cache, const ReplicaComms& comms);
 
 }  // namespace dilu

@@ -13,6 +13,7 @@
 #include <iostream>
 #include <random>
 #include <set>
+#include <sstream>
 
 #include "engine/deepseek_v3.h"
 #include "engine/engine.h"
@@ -23,6 +24,7 @@
 #include "engine/prompt_encoder.h"
 #include "engine/request.h"
 #include "engine/safetensors.h"
+#include "engine/weight_names.h"
 
 namespace dilu {
 
@@ -105,6 +107,55 @@ void agree_or_fail(Communicator& world, Fn&& fn) {
   throw AgreedFailure(where + (was_user ? "" : "internal error: ") + message);
 }
 
+// The layers of each pipeline stage: parallel.layer_split, or a split that balances the stages'
+// weight elements (MoE layers weigh far more than dense ones; the first stage also holds the
+// embedding, the last the lm_head).
+std::vector<std::pair<int64_t, int64_t>> stage_layers(const ModelConfig& mc, int pp, const std::string& split) {
+  std::vector<std::pair<int64_t, int64_t>> out;
+  if (!split.empty()) {
+    std::stringstream ss(split);
+    std::string item;
+    int64_t first = 0;
+    while (std::getline(ss, item, ',')) {
+      const int64_t count = std::stoll(item);
+      out.push_back({first, first + count});
+      first += count;
+    }
+    DILU_USER_CHECK(static_cast<int>(out.size()) == pp && first == mc.num_hidden_layers, "parallel.layer_split '",
+                    split, "' must give ", pp, " layer counts adding up to the model's ", mc.num_hidden_layers,
+                    " layers");
+    return out;
+  }
+  DILU_USER_CHECK(pp <= mc.num_hidden_layers, "parallel.pp = ", pp, " exceeds the model's ", mc.num_hidden_layers,
+                  " layers");
+  std::vector<double> weight(static_cast<size_t>(mc.num_hidden_layers), 0.0);
+  double head = 0, embed = 0;
+  for (const WeightSpec& w : model_weight_specs(mc)) {
+    double n = 1;
+    for (int64_t d : w.shape) n *= static_cast<double>(d);
+    const int64_t l = layer_of(w.name);
+    if (l >= 0) weight[static_cast<size_t>(l)] += n;
+    else if (w.name.find("embed") != std::string::npos) embed += n;
+    else head += n;
+  }
+  double total = embed + head;
+  for (double w : weight) total += w;
+  int64_t first = 0;
+  double acc = embed;
+  for (int s = 0; s < pp; ++s) {
+    int64_t end = first + 1;  // at least one layer per stage
+    acc += weight[static_cast<size_t>(first)];
+    const double target = total * (s + 1) / pp;
+    while (end < mc.num_hidden_layers - (pp - s - 1) && (s == pp - 1 || acc + weight[static_cast<size_t>(end)] / 2 <= target)) {
+      acc += weight[static_cast<size_t>(end)];
+      ++end;
+    }
+    out.push_back({first, end});
+    first = end;
+  }
+  return out;
+}
+
 }  // namespace
 
 RunSummary run_job(const RunJobOptions& o, const RunConfig& cfg, std::ostream& log) {
@@ -116,8 +167,6 @@ RunSummary run_job(const RunJobOptions& o, const RunConfig& cfg, std::ostream& l
 
   Loaded L;
   agree_or_fail(*g.world_comm, [&] {
-    DILU_USER_CHECK(g.pp == 1, "parallel.pp = ", g.pp,
-                    ": pipeline parallelism is not implemented yet; use parallel.tp and parallel.dp");
     DILU_USER_CHECK(cfg.parallel.ep == 0 || cfg.parallel.ep == g.tp, "parallel.ep = ", cfg.parallel.ep,
                     ": experts are placed over the tensor-parallel ranks (ep = tp); other splits are not implemented "
                     "yet: leave parallel.ep at 0");
@@ -137,12 +186,20 @@ RunSummary run_job(const RunJobOptions& o, const RunConfig& cfg, std::ostream& l
     L.encoder = std::make_unique<PromptEncoder>(o.model_dir);
     L.ckpt.emplace(Checkpoint::open(o.model_dir));
     L.ops = make_ops(cfg.backend, cfg.cpu.threads);
-    L.model = std::make_unique<DeepseekV3>(L.mc, *L.ckpt, *L.ops, TensorParallel{g.tp_rank, g.tp, g.tp_comm.get()});
+    const auto stages = stage_layers(L.mc, g.pp, cfg.parallel.layer_split);
+    const auto [first_layer, end_layer] = stages[static_cast<size_t>(g.pp_rank)];
+    L.model = std::make_unique<DeepseekV3>(L.mc, *L.ckpt, *L.ops, TensorParallel{g.tp_rank, g.tp, g.tp_comm.get()},
+                                           PipelineStage{first_layer, end_layer});
+    if (g.world.rank == 0 && g.pp > 1) {
+      log << "dilu: pipeline stages:";
+      for (const auto& [a, b] : stages) log << " [" << a << ", " << b << ")";
+      log << "\n";
+    }
     L.limits = request_limits(L.mc, cfg);
     L.num_blocks = cache_blocks(cfg, L.mc, *L.ops, L.limits.max_seq_len, &L.block_bytes);
     DILU_USER_CHECK(L.num_blocks >= 1, "the KV cache gets no block: ", L.block_bytes, " bytes per block of ",
                     cfg.kv.block_size, " tokens do not fit; lower kv.block_size or raise kv.memory_fraction");
-    L.cache = std::make_unique<KvCache>(*L.ops, L.mc.num_hidden_layers, L.num_blocks, cfg.kv.block_size,
+    L.cache = std::make_unique<KvCache>(*L.ops, L.model->num_stage_layers(), L.num_blocks, cfg.kv.block_size,
                                         L.mc.kv_lora_rank + L.mc.qk_rope_head_dim);
     L.eo.limits = {cfg.batch.max_seqs, cfg.batch.max_tokens, cfg.kv.block_size};
     L.eo.max_seq_len = L.limits.max_seq_len;
@@ -165,8 +222,14 @@ RunSummary run_job(const RunJobOptions& o, const RunConfig& cfg, std::ostream& l
   });
   s.load_seconds = seconds_since(t_load);
   s.weight_bytes = L.model->weight_bytes();
+  ReplicaComms comms;
+  comms.replica = g.replica_comm.get();
+  comms.pp = g.pp_comm.get();
+  comms.pp_size = g.pp;
+  comms.pp_rank = g.pp_rank;
+  comms.tp_rank = g.tp_rank;
   if (!g.is_replica_root()) {
-    follow_steps(*L.model, *L.ops, *L.cache, *g.tp_comm);
+    follow_steps(*L.model, *L.ops, *L.cache, comms);
     g.world_comm->barrier();
     g.world_comm->barrier();
     return s;
@@ -177,7 +240,7 @@ RunSummary run_job(const RunJobOptions& o, const RunConfig& cfg, std::ostream& l
   const RequestLimits& limits = L.limits;
   ResumeState& resume = L.resume;
   JsonlWriter& writer = *L.writer;
-  Engine engine(*L.model, *ops, *L.cache, L.eo, encoder.tokenizer(), g.tp_comm.get());
+  Engine engine(*L.model, *ops, *L.cache, L.eo, encoder.tokenizer(), comms);
   log << "dilu: model loaded in " << std::fixed << std::setprecision(2) << s.load_seconds << " s on " << ops->name()
       << "; tokenizer " << (encoder.tokenizer() ? "loaded" : "absent (token ids only)") << "; chat template "
       << (encoder.chat_template() ? encoder.chat_template()->name() : std::string("none")) << "; KV cache "

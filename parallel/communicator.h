@@ -24,6 +24,11 @@ class Communicator {
   // Bytes from `root` to everyone (host memory).
   virtual void broadcast(std::vector<uint8_t>& bytes, int root) = 0;
   virtual int64_t sum(int64_t v) = 0;
+  // Point to point (pipeline stages): a tensor of known shape, or bytes of any length.
+  virtual void send(const Tensor& t, int dst) = 0;
+  virtual void recv(Tensor& t, int src) = 0;
+  virtual void send_bytes(const std::vector<uint8_t>& bytes, int dst) = 0;
+  virtual void recv_bytes(std::vector<uint8_t>& bytes, int src) = 0;
   virtual void barrier() = 0;
 };
 

@@ -29,6 +29,10 @@ class SelfCommunicator final : public Communicator {
   void broadcast(std::vector<uint8_t>&, int) override {}
   int64_t sum(int64_t v) override { return v; }
   void barrier() override {}
+  void send(const Tensor&, int) override { DILU_CHECK(false, "send within a group of one"); }
+  void recv(Tensor&, int) override { DILU_CHECK(false, "recv within a group of one"); }
+  void send_bytes(const std::vector<uint8_t>&, int) override { DILU_CHECK(false, "send within a group of one"); }
+  void recv_bytes(std::vector<uint8_t>&, int) override { DILU_CHECK(false, "recv within a group of one"); }
 };
 
 class MpiCommunicator final : public Communicator {
@@ -66,8 +70,28 @@ class MpiCommunicator final : public Communicator {
     return v;
   }
   void barrier() override { DILU_MPI_CHECK(MPI_Barrier(comm_)); }
+  void send(const Tensor& t, int dst) override {
+    DILU_CHECK(t.is_cpu(), "MPI send takes host tensors");
+    DILU_MPI_CHECK(MPI_Send(t.raw(), static_cast<int>(t.nbytes()), MPI_BYTE, dst, kTensorTag, comm_));
+  }
+  void recv(Tensor& t, int src) override {
+    DILU_CHECK(t.is_cpu(), "MPI recv takes host tensors");
+    DILU_MPI_CHECK(MPI_Recv(t.raw(), static_cast<int>(t.nbytes()), MPI_BYTE, src, kTensorTag, comm_, MPI_STATUS_IGNORE));
+  }
+  void send_bytes(const std::vector<uint8_t>& bytes, int dst) override {
+    DILU_MPI_CHECK(MPI_Send(bytes.data(), static_cast<int>(bytes.size()), MPI_BYTE, dst, kBytesTag, comm_));
+  }
+  void recv_bytes(std::vector<uint8_t>& bytes, int src) override {
+    MPI_Status st;
+    DILU_MPI_CHECK(MPI_Probe(src, kBytesTag, comm_, &st));
+    int n = 0;
+    DILU_MPI_CHECK(MPI_Get_count(&st, MPI_BYTE, &n));
+    bytes.resize(static_cast<size_t>(n));
+    DILU_MPI_CHECK(MPI_Recv(bytes.data(), n, MPI_BYTE, src, kBytesTag, comm_, MPI_STATUS_IGNORE));
+  }
 
  private:
+  static constexpr int kTensorTag = 11, kBytesTag = 12;
   MPI_Comm comm_;
   int rank_ = 0, size_ = 1;
 };
@@ -90,12 +114,18 @@ ParallelGroups make_parallel_groups(const World& world, int tp, int pp, int dp) 
   g.dp_rank = world.rank / (tp * pp);
   if (world.size == 1) {
     g.tp_comm = make_self_communicator();
+    g.pp_comm = make_self_communicator();
+    g.replica_comm = make_self_communicator();
     g.world_comm = make_self_communicator();
     return g;
   }
-  MPI_Comm tp_comm;
+  MPI_Comm tp_comm, pp_comm, replica_comm;
   DILU_MPI_CHECK(MPI_Comm_split(MPI_COMM_WORLD, g.dp_rank * pp + g.pp_rank, g.tp_rank, &tp_comm));
+  DILU_MPI_CHECK(MPI_Comm_split(MPI_COMM_WORLD, g.dp_rank * tp + g.tp_rank, g.pp_rank, &pp_comm));
+  DILU_MPI_CHECK(MPI_Comm_split(MPI_COMM_WORLD, g.dp_rank, g.pp_rank * tp + g.tp_rank, &replica_comm));
   g.tp_comm = std::make_unique<MpiCommunicator>(tp_comm);
+  g.pp_comm = std::make_unique<MpiCommunicator>(pp_comm);
+  g.replica_comm = std::make_unique<MpiCommunicator>(replica_comm);
   g.world_comm = std::make_unique<MpiCommunicator>(MPI_COMM_WORLD);
   return g;
 }

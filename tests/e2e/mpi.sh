@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Several ranks under mpirun give exactly the greedy tokens of one rank: tensor parallel (tp=2),
-# data parallel (dp=2) and both (tp=2 x dp=2) on every golden checkpoint; a rank that fails
-# stops every rank with one message. Usage: mpi.sh DILU_BINARY SCRATCH_DIR
+# pipeline parallel (pp=2), data parallel (dp=2) and combinations, on every golden checkpoint;
+# seeded sampling with n=2 gives the same tokens on any layout; a rank that fails stops every
+# rank with one message; a killed rank leaves a resumable output. Usage: mpi.sh DILU_BINARY SCRATCH_DIR
 # shellcheck source=lib/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh" "$@"
 golden="$here/../golden"
@@ -22,11 +23,42 @@ for case_dir in "$golden"/data/*/; do
     ls "$scratch/$case-$name.jsonl".dp-* >/dev/null 2>&1 && fail "$case/$name: part files left behind"
   done <<'LAYOUTS'
 tp2 2 --set parallel.tp=2
+pp2 2 --set parallel.pp=2
+tp2pp2 4 --set parallel.tp=2 --set parallel.pp=2
 dp2 2 --set parallel.dp=2
 tp2dp2 4 --set parallel.tp=2 --set parallel.dp=2
 LAYOUTS
   echo "mpi: $case ok"
 done
+
+# Seeded sampling, n = 2 sharing the prefill, a prompt chunked over steps: the same tokens with
+# one rank and with every layout.
+case_dir="$golden/data/r1_fp8"
+python3 - "$case_dir/input.jsonl" "$scratch/sampled.jsonl" <<'PY'
+import json, sys
+with open(sys.argv[2], "w") as f:
+    for line in open(sys.argv[1]):
+        r = json.loads(line)
+        r.update(temperature=0.9, top_p=0.95, seed=7, n=2, logprobs=True, top_logprobs=2)
+        f.write(json.dumps(r) + "\n")
+PY
+for layout in "1" "2 --set parallel.pp=2" "2 --set parallel.tp=2" "4 --set parallel.tp=2 --set parallel.pp=2"; do
+  read -r np settings <<<"$layout"
+  # shellcheck disable=SC2086
+  timeout 300 "${mpirun[@]}" -np "$np" "$dilu" run --model "$case_dir/model" --input "$scratch/sampled.jsonl" \
+    --output "$scratch/sampled-$np-${settings// /}.jsonl" --set cpu.threads=1 --set batch.max_tokens=8 $settings \
+    </dev/null >"$scratch/sampled.log" 2>&1 || fail "sampled run ($layout) failed: $(tail -5 "$scratch/sampled.log")"
+done
+python3 - "$scratch" <<'PY' || fail "sampled tokens depend on the layout"
+import glob, json, sys
+runs = {}
+for path in sorted(glob.glob(sys.argv[1] + "/sampled-*.jsonl")):
+    runs[path] = {r["id"]: [c["token_ids"] for c in r["choices"]] for r in map(json.loads, open(path))}
+ref = runs[sys.argv[1] + "/sampled-1-.jsonl"]
+for path, got in runs.items():
+    assert got == ref, f"{path} differs from one rank"
+assert len(runs) == 4, sorted(runs)
+PY
 
 # A rank that fails (here: a tensor-parallel size the model cannot be split by) stops them all,
 # with the failing rank's message, within the time limit.
