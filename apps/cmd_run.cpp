@@ -1,4 +1,6 @@
 // `dilu run`: flags -> typed configs -> engine::run_job, then the end-of-run summary.
+#include <unistd.h>
+
 #include <atomic>
 #include <csignal>
 #include <cstdlib>
@@ -7,9 +9,12 @@
 #include <iostream>
 
 #include "apps/commands.h"
+#include "engine/model_config.h"
+#include "engine/planner.h"
 #include "engine/run_config.h"
 #include "engine/run_job.h"
 #include "engine/version.h"
+#include "kernels/ops.h"
 #include "kernels/error.h"
 #include "parallel/groups.h"
 #include "parallel/world.h"
@@ -17,6 +22,21 @@
 namespace dilu::app {
 
 namespace {
+
+// The CPU backend's "device" for the planner: each rank's share of the host's free memory and
+// a typical host memory bandwidth; no FP8 units (FP8 weights stay FP8 and are dequantized).
+GpuType host_as_device(int ranks_on_node) {
+  GpuType t;
+  t.name = "host-cpu";
+  t.memory_bytes = static_cast<uint64_t>(sysconf(_SC_AVPHYS_PAGES)) * static_cast<uint64_t>(sysconf(_SC_PAGESIZE)) /
+                   static_cast<uint64_t>(std::max(ranks_on_node, 1));
+  t.hbm_bytes_per_s = 20e9;
+  t.nvlink_bytes_per_s = 10e9;
+  t.ib_bytes_per_s = 10e9;
+  t.bf16_flops = 1e11;
+  t.note = "this machine's memory, shared by the ranks on it";
+  return t;
+}
 
 struct RunFlags {
   std::string model, input, output, config;
@@ -49,11 +69,34 @@ int run(const RunFlags& f) {
   const World& world = mpi.world();
   std::optional<std::filesystem::path> config_file;
   if (!f.config.empty()) config_file = f.config;
-  const RunConfig cfg = load_run_config(config_file, f.sets);
+  // parallel.* = auto (or 0) leaves the layout to the planner, sized for this world.
+  std::vector<std::string> sets = f.sets;
+  PlanOptions plan_options;
+  const size_t given = sets.size();
+  split_parallel_overrides(sets, plan_options);
+  const bool wants_plan = sets.size() != given;
+  RunConfig cfg = load_run_config(config_file, sets);
+  if (wants_plan) {
+    const ModelConfig mc = load_model_config(f.model);
+    ClusterShape cluster{world.num_nodes, world.local_size, host_as_device(world.local_size)};
+    if (plan_options.tp) cfg.parallel.tp = *plan_options.tp;
+    const Plan plan = plan_layout(mc, cluster, cfg, plan_options);
+    DILU_USER_CHECK(plan.feasible, plan.refusal_message());
+    const ParallelLayout& l = plan.best.layout;
+    sets.push_back("parallel.tp=" + std::to_string(l.tp));
+    sets.push_back("parallel.pp=" + std::to_string(l.pp));
+    sets.push_back("parallel.dp=" + std::to_string(l.dp));
+    cfg = load_run_config(config_file, sets);
+    if (world.is_root())
+      std::cout << "dilu: planner chose tp " << l.tp << " x pp " << l.pp << " x dp " << l.dp << " for " << world.size
+                << " ranks on " << world.num_nodes << " node(s)\n";
+  }
   const ParallelGroups groups = make_parallel_groups(world, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp);
+  const int device = bind_local_device(world.local_rank);
   if (world.is_root())
     std::cout << "dilu " << version_string() << " | " << world.str() << " | tp " << groups.tp << ", pp " << groups.pp
-              << ", dp " << groups.dp << "\n"
+              << ", dp " << groups.dp << (device >= 0 ? " | GPU " + std::to_string(device) + " per local rank" : std::string())
+              << "\n"
               << "resolved run configuration:\n" << run_config_to_yaml(cfg) << std::flush;
 
   RunJobOptions o;
@@ -143,7 +186,9 @@ void add_run_command(CLI::App& root, Action& action) {
   cmd->add_flag("--no-resume", flags->no_resume, "Refuse an existing non-empty output instead of resuming");
   cmd->add_option("--config", flags->config, "YAML run configuration (see configs/runs/default.yaml)")
       ->check(CLI::ExistingFile);
-  cmd->add_option("--set", flags->sets, "Override one configuration key, e.g. --set kv.block_size=32 (repeatable)")
+  cmd->add_option("--set", flags->sets,
+                  "Override one configuration key, e.g. --set kv.block_size=32 (repeatable); parallel.tp/pp/dp=auto "
+                  "lets the planner choose for the ranks launched")
       ->allow_extra_args(false);
   cmd->footer(keys_help());
   cmd->callback([flags, &action] { action = [flags] { return run(*flags); }; });

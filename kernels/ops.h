@@ -128,6 +128,10 @@ class Ops {
   virtual std::vector<int32_t> argmax(const Tensor& logits) = 0;
 };
 
+// Binds the process to the GPU of its local rank when the CUDA build sees GPUs (mpirun and srun
+// start one rank per GPU); returns the device index, or -1 (CPU-only build or no GPU).
+int bind_local_device(int local_rank);
+
 // "cpu" always; "cuda" when built with it. Throws UserError for an unknown or unavailable name.
 std::unique_ptr<Ops> make_ops(const std::string& backend, int cpu_threads);
 

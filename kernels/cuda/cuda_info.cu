@@ -26,6 +26,14 @@ int device_count() {
   return n;
 }
 
+int bind_device(int local_rank) {
+  const int n = device_count();
+  if (n == 0) return -1;
+  const int device = local_rank % n;
+  DILU_CUDA_CHECK(cudaSetDevice(device));
+  return device;
+}
+
 std::string library_versions() {
   int rt = 0;
   cudaRuntimeGetVersion(&rt);

@@ -9,6 +9,9 @@ namespace dilu::cuda {
 
 // Number of visible CUDA devices; 0 when the driver or a device is missing (never throws).
 int device_count();
+// Binds this process to GPU local_rank % device_count (one rank per GPU); returns the device, or
+// -1 when there is none.
+int bind_device(int local_rank);
 // "cudart X.Y, cuBLASLt N, NCCL a.b.c", for logs and --version.
 std::string library_versions();
 

@@ -27,6 +27,7 @@ pp2 2 --set parallel.pp=2
 tp2pp2 4 --set parallel.tp=2 --set parallel.pp=2
 dp2 2 --set parallel.dp=2
 tp2dp2 4 --set parallel.tp=2 --set parallel.dp=2
+auto 2 --set parallel.tp=auto --set parallel.pp=auto --set parallel.dp=auto
 LAYOUTS
   echo "mpi: $case ok"
 done
