@@ -63,6 +63,9 @@ std::string keys_help() {
 }
 
 int run(const RunFlags& f) {
+  // First, so that a stop request during start-up is honoured too.
+  std::signal(SIGINT, on_stop_signal);
+  std::signal(SIGTERM, on_stop_signal);
   int argc = 0;
   char** argv = nullptr;
   MpiSession mpi(&argc, &argv);
@@ -107,8 +110,6 @@ int run(const RunFlags& f) {
   o.resume = !f.no_resume;
   o.stop = &g_stop;
   o.groups = &groups;
-  std::signal(SIGINT, on_stop_signal);
-  std::signal(SIGTERM, on_stop_signal);
   RunSummary s;
   try {
     s = run_job(o, cfg, std::cerr);

@@ -67,7 +67,11 @@ PY
 "$dilu" run --model "$scratch/m" --input "$scratch/in.jsonl" --output "$scratch/term.jsonl" --set batch.max_seqs=2 \
   >"$scratch/term.log" 2>&1 &
 pid=$!
-sleep 1
+for _ in $(seq 1 100); do  # until it is generating
+  grep -q "model loaded" "$scratch/term.log" && break
+  sleep 0.1
+done
+sleep 0.3
 kill -TERM "$pid"
 rc=0
 wait "$pid" || rc=$?
