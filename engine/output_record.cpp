@@ -191,14 +191,4 @@ json error_record(const RequestError& e, const RecordContext& ctx) {
         {"line", e.line}}}};
 }
 
-json completion_record(const Request& r, const std::vector<int32_t>& tokens, const std::string& finish_reason,
-                       bool with_token_ids) {
-  json out;
-  out["id"] = r.id;
-  if (with_token_ids) out["token_ids"] = tokens;
-  out["finish_reason"] = finish_reason;
-  out["usage"] = {{"prompt_tokens", r.prompt_token_ids.size()}, {"completion_tokens", tokens.size()}};
-  return out;
-}
-
 }  // namespace dilu

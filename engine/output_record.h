@@ -70,9 +70,4 @@ nlohmann::json output_record(const Request& r, const std::vector<SampleOutput>& 
 //   "error": {"code": "invalid_request", "message", "param" (the field, or null), "line"}}.
 nlohmann::json error_record(const RequestError& e, const RecordContext& ctx = {});
 
-// The token-ids-only record of the sequential loop in run_job.cpp (no detokenizer there yet);
-// goes away when the batched loop replaces it.
-nlohmann::json completion_record(const Request& r, const std::vector<int32_t>& tokens, const std::string& finish_reason,
-                                 bool with_token_ids);
-
 }  // namespace dilu

@@ -258,12 +258,5 @@ TEST(ErrorRecord, EveryBadLineNamesItsLineAndField) {
   }
 }
 
-TEST(CompletionRecord, TokenIdsOnlyShapeOfTheSequentialLoop) {
-  const Request r = parse_ok(R"({"id": "a", "prompt_token_ids": [1, 2, 3]})");
-  EXPECT_EQ(completion_record(r, {7, 8}, "length", true), json::parse(R"({"id": "a", "token_ids": [7, 8],
-      "finish_reason": "length", "usage": {"prompt_tokens": 3, "completion_tokens": 2}})"));
-  EXPECT_FALSE(completion_record(r, {7, 8}, "stop", false).contains("token_ids"));
-}
-
 }  // namespace
 }  // namespace dilu
