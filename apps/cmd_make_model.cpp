@@ -6,25 +6,9 @@
 
 #include "apps/commands.h"
 #include "engine/make_model.h"
+#include "engine/planner.h"
 
 namespace dilu::app {
-
-namespace {
-
-std::string human_bytes(uint64_t bytes) {
-  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-  double v = static_cast<double>(bytes);
-  int u = 0;
-  while (v >= 1024.0 && u < 4) {
-    v /= 1024.0;
-    ++u;
-  }
-  char text[32];
-  std::snprintf(text, sizeof text, u == 0 ? "%.0f %s" : "%.1f %s", v, units[u]);
-  return text;
-}
-
-}  // namespace
 
 void add_make_model_command(CLI::App& root, Action& action) {
   std::string presets_help = "Model preset (required), one of:";

@@ -6,12 +6,8 @@
 #include <cstring>
 
 #include "kernels/error.h"
+#include "parallel/mpi_check.h"
 
-#define DILU_MPI_CHECK(call)                                                               \
-  do {                                                                                     \
-    int dilu_mpi_rc = (call);                                                              \
-    DILU_CHECK(dilu_mpi_rc == MPI_SUCCESS, #call, " failed with MPI error ", dilu_mpi_rc); \
-  } while (0)
 
 namespace dilu {
 
