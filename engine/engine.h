@@ -74,12 +74,10 @@ class Engine {
   void submit(EngineRequest r);
   bool idle() const { return requests_.empty(); }
   int64_t num_requests() const { return static_cast<int64_t>(requests_.size()); }
-  int64_t num_waiting_sequences() const { return scheduler_.num_waiting(); }
   // Runs one model step; returns the requests that finished in it.
   std::vector<EngineResult> step();
   const StepStats& last_step() const { return last_; }
   int64_t num_preemptions() const { return scheduler_.num_preemptions(); }
-  int64_t blocks_in_use() const { return scheduler_.blocks().num_used(); }
 
  private:
   struct SequenceState;

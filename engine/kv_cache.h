@@ -18,8 +18,6 @@ class KvCache {
   int64_t num_blocks() const { return num_blocks_; }
   // Copies whole blocks (every layer): dst[i] = src[i]. Used when a fork stops sharing a block.
   void copy_blocks(Ops& ops, const std::vector<std::pair<int32_t, int32_t>>& src_dst);
-  // Blocks needed to hold `tokens` tokens.
-  int64_t blocks_for(int64_t tokens) const { return (tokens + block_size_ - 1) / block_size_; }
 
  private:
   int64_t block_size_;

@@ -548,9 +548,10 @@ void check_fixed(const ModelConfig& m, const ClusterShape& cluster, const PlanOp
 }
 
 std::vector<int64_t> fixed_layer_split(const ModelConfig& m, const RunConfig& run) {
-  std::vector<int64_t> counts;
-  std::istringstream text(run.parallel.layer_split);
-  for (std::string item; std::getline(text, item, ',');) counts.push_back(std::stoll(item));
+  const auto parsed = parse_layer_split(run.parallel.layer_split);
+  DILU_USER_CHECK(parsed.has_value(), "parallel.layer_split \"", run.parallel.layer_split,
+                  "\" is not a comma list of positive layer counts");
+  const std::vector<int64_t> counts(parsed->begin(), parsed->end());
   int64_t sum = 0;
   for (int64_t c : counts) sum += c;
   DILU_USER_CHECK(counts.empty() || sum == m.num_hidden_layers, "parallel.layer_split \"", run.parallel.layer_split,
@@ -839,6 +840,22 @@ nlohmann::json plan_to_json(const Plan& plan, const std::string& model_label) {
   j["candidates"] = json::array();
   for (const LayoutPlan& p : plan.candidates) j["candidates"].push_back(layout_json(p));
   return j;
+}
+
+std::vector<int64_t> stage_layer_counts(const ModelConfig& model, const RunConfig& run, int tp, int pp) {
+  std::vector<int64_t> counts = fixed_layer_split(model, run);
+  if (!counts.empty()) {
+    DILU_USER_CHECK(static_cast<int>(counts.size()) == pp, "parallel.layer_split \"", run.parallel.layer_split,
+                    "\" has ", counts.size(), " stages but parallel.pp is ", pp);
+    return counts;
+  }
+  DILU_USER_CHECK(pp <= model.num_hidden_layers, "parallel.pp = ", pp, " exceeds the model's ",
+                  model.num_hidden_layers, " layers");
+  WeightAccounting weights(model, model.quantization ? WeightDType::FP8 : WeightDType::BF16);
+  const WeightTable& table = weights.table(tp, tp);
+  std::vector<uint64_t> layer_bytes;
+  for (const RankBytes& l : table.layers) layer_bytes.push_back(max_of(l.total));
+  return balanced_split(layer_bytes, max_of(table.embedding.total), max_of(table.head.total), pp);
 }
 
 }  // namespace dilu

@@ -128,6 +128,11 @@ struct Plan {
 Plan plan_layout(const ModelConfig& model, const ClusterShape& cluster, const RunConfig& run,
                  const PlanOptions& options);
 
+// Layers per pipeline stage as `dilu run` places them and the planner predicts them:
+// parallel.layer_split when given, else the split that balances the stages' weight bytes (the
+// first stage also holds the embedding, the last the final norm and lm_head).
+std::vector<int64_t> stage_layer_counts(const ModelConfig& model, const RunConfig& run, int tp, int pp);
+
 // The report `dilu plan` prints, and its JSON form (same content).
 std::string format_plan(const Plan& plan, const std::string& model_label);
 nlohmann::json plan_to_json(const Plan& plan, const std::string& model_label);

@@ -16,6 +16,21 @@
 #include "kernels/error.h"
 
 namespace dilu {
+
+std::optional<std::vector<int>> parse_layer_split(const std::string& text) {
+  std::vector<int> counts;
+  if (text.empty()) return counts;
+  std::istringstream in(text);
+  for (std::string item; std::getline(in, item, ',');) {
+    int count = 0;
+    const auto [end, ec] = std::from_chars(item.data(), item.data() + item.size(), count);
+    if (ec != std::errc() || end != item.data() + item.size() || count < 1) return std::nullopt;
+    counts.push_back(count);
+  }
+  if (text.back() == ',') return std::nullopt;
+  return counts;
+}
+
 namespace {
 
 namespace fs = std::filesystem;
@@ -30,20 +45,6 @@ struct Field {
   const char* help;
 };
 
-// "" or "30,31": a comma list of positive layer counts, one per pipeline stage.
-std::optional<std::vector<int>> parse_layer_split(const std::string& text) {
-  std::vector<int> counts;
-  if (text.empty()) return counts;
-  std::istringstream in(text);
-  for (std::string item; std::getline(in, item, ',');) {
-    int count = 0;
-    const auto [end, ec] = std::from_chars(item.data(), item.data() + item.size(), count);
-    if (ec != std::errc() || end != item.data() + item.size() || count < 1) return std::nullopt;
-    counts.push_back(count);
-  }
-  if (text.back() == ',') return std::nullopt;
-  return counts;
-}
 
 // The key text and the member path are one token, so they cannot drift apart. In `valid_expr`,
 // `v` is the field's value; comparisons are written so that NaN fails them.

@@ -70,6 +70,10 @@ struct RunConfig {
   friend bool operator==(const RunConfig&, const RunConfig&) = default;
 };
 
+// parallel.layer_split: "" (automatic: empty list) or "30,31", a comma list of positive layer
+// counts, one per pipeline stage; nullopt when malformed.
+std::optional<std::vector<int>> parse_layer_split(const std::string& text);
+
 // One settable key, for `--help` text and error messages.
 struct RunConfigKey {
   std::string key;            // dotted path, e.g. "parallel.tp"

@@ -23,8 +23,8 @@
 #include "engine/output_resume.h"
 #include "engine/prompt_encoder.h"
 #include "engine/request.h"
+#include "engine/planner.h"
 #include "engine/safetensors.h"
-#include "engine/weight_names.h"
 
 namespace dilu {
 
@@ -107,55 +107,6 @@ void agree_or_fail(Communicator& world, Fn&& fn) {
   throw AgreedFailure(where + (was_user ? "" : "internal error: ") + message);
 }
 
-// The layers of each pipeline stage: parallel.layer_split, or a split that balances the stages'
-// weight elements (MoE layers weigh far more than dense ones; the first stage also holds the
-// embedding, the last the lm_head).
-std::vector<std::pair<int64_t, int64_t>> stage_layers(const ModelConfig& mc, int pp, const std::string& split) {
-  std::vector<std::pair<int64_t, int64_t>> out;
-  if (!split.empty()) {
-    std::stringstream ss(split);
-    std::string item;
-    int64_t first = 0;
-    while (std::getline(ss, item, ',')) {
-      const int64_t count = std::stoll(item);
-      out.push_back({first, first + count});
-      first += count;
-    }
-    DILU_USER_CHECK(static_cast<int>(out.size()) == pp && first == mc.num_hidden_layers, "parallel.layer_split '",
-                    split, "' must give ", pp, " layer counts adding up to the model's ", mc.num_hidden_layers,
-                    " layers");
-    return out;
-  }
-  DILU_USER_CHECK(pp <= mc.num_hidden_layers, "parallel.pp = ", pp, " exceeds the model's ", mc.num_hidden_layers,
-                  " layers");
-  std::vector<double> weight(static_cast<size_t>(mc.num_hidden_layers), 0.0);
-  double head = 0, embed = 0;
-  for (const WeightSpec& w : model_weight_specs(mc)) {
-    double n = 1;
-    for (int64_t d : w.shape) n *= static_cast<double>(d);
-    const int64_t l = layer_of(w.name);
-    if (l >= 0) weight[static_cast<size_t>(l)] += n;
-    else if (w.name.find("embed") != std::string::npos) embed += n;
-    else head += n;
-  }
-  double total = embed + head;
-  for (double w : weight) total += w;
-  int64_t first = 0;
-  double acc = embed;
-  for (int s = 0; s < pp; ++s) {
-    int64_t end = first + 1;  // at least one layer per stage
-    acc += weight[static_cast<size_t>(first)];
-    const double target = total * (s + 1) / pp;
-    while (end < mc.num_hidden_layers - (pp - s - 1) && (s == pp - 1 || acc + weight[static_cast<size_t>(end)] / 2 <= target)) {
-      acc += weight[static_cast<size_t>(end)];
-      ++end;
-    }
-    out.push_back({first, end});
-    first = end;
-  }
-  return out;
-}
-
 }  // namespace
 
 RunSummary run_job(const RunJobOptions& o, const RunConfig& cfg, std::ostream& log) {
@@ -181,12 +132,17 @@ RunSummary run_job(const RunJobOptions& o, const RunConfig& cfg, std::ostream& l
         std::filesystem::remove(o.output, ec);
       }
       merge_part_files(o.output);
-      if (o.resume && !o.overwrite) load_resume_state(o.output);  // cuts a torn last line, once
+      // Several replicas read the output next: cut a torn last line once, here, not in each.
+      if (g.dp > 1 && o.resume && !o.overwrite) load_resume_state(o.output);
     }
     L.encoder = std::make_unique<PromptEncoder>(o.model_dir);
     L.ckpt.emplace(Checkpoint::open(o.model_dir));
     L.ops = make_ops(cfg.backend, cfg.cpu.threads);
-    const auto stages = stage_layers(L.mc, g.pp, cfg.parallel.layer_split);
+    std::vector<std::pair<int64_t, int64_t>> stages;  // [first, end) layers of each stage
+    for (int64_t count : stage_layer_counts(L.mc, cfg, g.tp, g.pp)) {
+      const int64_t first = stages.empty() ? 0 : stages.back().second;
+      stages.push_back({first, first + count});
+    }
     const auto [first_layer, end_layer] = stages[static_cast<size_t>(g.pp_rank)];
     L.model = std::make_unique<DeepseekV3>(L.mc, *L.ckpt, *L.ops, TensorParallel{g.tp_rank, g.tp, g.tp_comm.get()},
                                            PipelineStage{first_layer, end_layer});
