@@ -60,6 +60,26 @@ struct MlaParams {
   float softmax_scale = 1.0f;
 };
 
+// One row of a device-side sampling request (backends that sample where the logits are).
+// `uniform` is the host's counter-based draw (engine/sampler.h: sample_uniform), so a token
+// depends only on the request, never on the backend's batch.
+struct SampleSpec {
+  int32_t row = 0;  // row of the logits
+  double temperature = 0.0;  // < 1e-5: greedy (first index of the maximum)
+  double top_p = 1.0;
+  int64_t top_k = 0;
+  double min_p = 0.0;
+  double uniform = 0.0;  // in [0, 1)
+  bool logprobs = false;
+  int64_t top_logprobs = 0;  // [0, 20]
+};
+
+struct SampleOut {
+  int32_t token = 0;
+  float logprob = 0.0f;  // log_softmax of the raw logits at `token` (when logprobs)
+  std::vector<std::pair<int32_t, float>> top;  // top_logprobs best, best first (when logprobs)
+};
+
 class Ops {
  public:
   virtual ~Ops() = default;
@@ -71,7 +91,16 @@ class Ops {
   // ---- memory ----
   // Bytes this backend can still allocate (host: MemAvailable; GPU: free device memory).
   virtual size_t free_memory_bytes() const = 0;
+  // Scratch for one step (on the GPU: from the activation arena sized at start-up, never a
+  // device allocation inside the step loop). Contents are undefined.
   virtual Tensor empty(DType dtype, Shape shape) = 0;
+  // Memory that lives for the whole run (the KV cache): allocated once, at start-up.
+  virtual Tensor allocate_persistent(DType dtype, Shape shape) { return empty(dtype, std::move(shape)); }
+  // The dtype the paged latent cache is stored in (the CPU keeps F32; the GPU BF16).
+  virtual DType cache_dtype() const { return activation_dtype(); }
+  // Waits for queued device work (a no-op on the CPU). Throws when a device or collective
+  // error (a dead peer, a timeout) surfaced.
+  virtual void synchronize() {}
   // A checkpoint vector (norm weight, bias) placed on the device as FP32.
   virtual Tensor place_vector(const Tensor& host) = 0;
   // A checkpoint matrix placed on the device in the form this backend computes with.
@@ -126,13 +155,37 @@ class Ops {
   virtual void concat_columns(const Tensor& parts, Tensor& out) = 0;
   // Greedy choice per row of logits [N, V]: index of the first maximum.
   virtual std::vector<int32_t> argmax(const Tensor& logits) = 0;
+  // Sampling where the logits are: true when this backend implements sample() (the CUDA one);
+  // the CPU backend's caller samples on the host (engine/sampler.h) with the same semantics.
+  virtual bool has_device_sampler() const { return false; }
+  // One token (and logprobs) per spec from logits [N, V] F32.
+  virtual std::vector<SampleOut> sample(const Tensor& logits, std::span<const SampleSpec> specs) {
+    (void)logits;
+    (void)specs;
+    DILU_CHECK(false, "backend ", name(), " has no device sampler");
+    return {};
+  }
 };
 
 // Binds the process to the GPU of its local rank when the CUDA build sees GPUs (mpirun and srun
 // start one rank per GPU); returns the device index, or -1 (CPU-only build or no GPU).
 int bind_local_device(int local_rank);
 
+// How the CUDA backend multiplies by FP8 weights: "block" (cuBLASLt FP8 with DeepSeek's block
+// scales; activations quantized per token per 128 channels), "soft" (FP8 weights dequantized to
+// BF16, BF16 math), "auto" (block where the GPU and cuBLASLt support it, else soft).
+struct BackendOptions {
+  int cpu_threads = 0;
+  std::string fp8_gemm = "auto";  // auto | block | soft
+  int64_t arena_bytes = 0;        // GPU activation arena; 0: a default (256 MiB)
+};
+
 // "cpu" always; "cuda" when built with it. Throws UserError for an unknown or unavailable name.
-std::unique_ptr<Ops> make_ops(const std::string& backend, int cpu_threads);
+std::unique_ptr<Ops> make_ops(const std::string& backend, const BackendOptions& options);
+inline std::unique_ptr<Ops> make_ops(const std::string& backend, int cpu_threads) {
+  BackendOptions o;
+  o.cpu_threads = cpu_threads;
+  return make_ops(backend, o);
+}
 
 }  // namespace dilu
