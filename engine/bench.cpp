@@ -16,7 +16,13 @@ namespace dilu {
 std::vector<BenchRow> run_bench(const BenchOptions& o, const RunConfig& cfg, std::ostream& log) {
   const ModelConfig mc = load_model_config(o.model_dir);
   const Checkpoint ckpt = Checkpoint::open(o.model_dir);
-  std::unique_ptr<Ops> ops = make_ops(cfg.backend, cfg.cpu.threads);
+  BackendOptions bo;
+  bo.cpu_threads = cfg.cpu.threads;
+  bo.fp8_gemm = cfg.cuda.fp8_gemm;
+  const int64_t largest_batch = *std::max_element(o.batch_sizes.begin(), o.batch_sizes.end());
+  bo.arena_bytes = DeepseekV3::step_scratch_bytes(mc, std::max<int64_t>(cfg.batch.max_tokens, largest_batch),
+                                                  largest_batch, 1);
+  std::unique_ptr<Ops> ops = make_ops(cfg.backend, bo);
   DeepseekV3 model(mc, ckpt, *ops);
   const int64_t seq_len = o.input_len + o.output_len;
   DILU_USER_CHECK(o.input_len >= 1 && o.output_len >= 1, "--input-len and --output-len must be at least 1");

@@ -271,6 +271,21 @@ DeepseekV3::DeepseekV3(const ModelConfig& config, const Checkpoint& ckpt, Ops& o
   }
 }
 
+int64_t DeepseekV3::step_scratch_bytes(const ModelConfig& c, int64_t max_tokens, int64_t max_logit_rows, int tp) {
+  const int64_t d = c.hidden_size, h = c.num_attention_heads / tp, qk = c.qk_head_dim(), lat = c.kv_lora_rank,
+                r = c.qk_rope_head_dim, k = c.num_experts_per_tok, e = c.n_routed_experts;
+  const int64_t dense_f = c.intermediate_size / tp, shared_f = c.moe_intermediate_size * c.n_shared_experts / tp;
+  // Every tensor one layer may hold at once, per token, in 4-byte words (an over-estimate: not
+  // all of them are alive together): residual, norm output, sublayer output, GEMM input copies,
+  // queries, q LoRA, cache entry, attention output, the latent query and output of MLA, the
+  // dense or shared MLP, and the routed experts' rows (K per token).
+  const int64_t words = 3 * d + 2 * d + h * qk + c.q_lora_rank.value_or(0) + lat + r + h * c.v_head_dim + 2 * h * lat +
+                        2 * std::max(dense_f, shared_f) + d + e + 4 * k + 2 * k * c.moe_intermediate_size + k * d;
+  const int64_t vocab_shard = (c.vocab_size + tp - 1) / tp;
+  const int64_t logits = max_logit_rows * (c.vocab_size + (tp + 1) * vocab_shard + 2 * c.vocab_size);
+  return 4 * (words * max_tokens + logits) + (int64_t{64} << 20);
+}
+
 void DeepseekV3::all_reduce(Tensor& t) {
   if (tp_.size > 1) tp_.comm->all_reduce_sum(t);
 }
@@ -296,17 +311,19 @@ void DeepseekV3::run_layers(Tensor& x, const StepInput& step, KvCache& cache) {
   const DType act = ops_.activation_dtype();
   Tensor h = ops_.empty(act, {t_count, d});  // normalized input of a sublayer [T, D]
   Tensor y = ops_.empty(act, {t_count, d});  // sublayer output [T, D]
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  // Each sublayer's residual add is fused into the norm that follows it; the last one stands alone.
   for (int64_t l = 0; l < num_stage_layers(); ++l) {
     const LayerWeights& lw = layers_[static_cast<size_t>(l)];
-    ops_.rms_norm(x, lw.input_layernorm, static_cast<float>(c.rms_norm_eps), h);
+    if (l == 0) ops_.rms_norm(x, lw.input_layernorm, eps, h);
+    else ops_.add_rms_norm(x, y, lw.input_layernorm, eps, h);
     attention(l, h, step, cache, y);
     all_reduce(y);
-    ops_.add(x, y);
-    ops_.rms_norm(x, lw.post_attention_layernorm, static_cast<float>(c.rms_norm_eps), h);
+    ops_.add_rms_norm(x, y, lw.post_attention_layernorm, eps, h);
     mlp(lw, h, y);
     all_reduce(y);
-    ops_.add(x, y);
   }
+  if (num_stage_layers() > 0) ops_.add(x, y);
 }
 
 Tensor DeepseekV3::head(const Tensor& x, const StepInput& step) {

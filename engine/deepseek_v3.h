@@ -70,6 +70,9 @@ class DeepseekV3 {
              PipelineStage stage = {});
 
   const ModelConfig& config() const { return config_; }
+  // An upper bound of the scratch one step of at most `max_tokens` tokens and `max_logit_rows`
+  // logits rows needs on a rank of a `tp`-way tensor-parallel group (sizes the GPU arena).
+  static int64_t step_scratch_bytes(const ModelConfig& config, int64_t max_tokens, int64_t max_logit_rows, int tp);
   // Bytes of weights this rank holds (its share under tensor parallelism).
   int64_t weight_bytes() const { return weight_bytes_; }
   // Runs every token of the step through the model, writing each token's latent cache entry,

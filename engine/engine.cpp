@@ -110,6 +110,48 @@ SamplingParams params_of(const DrawSpec& d) {
   return p;
 }
 
+// One draw: row `row` of the step's logits for a sequence with these parameters.
+struct Draw {
+  int64_t row = 0;
+  SamplingParams params;
+  uint64_t seed = 0;
+  int64_t sample = 0;
+  int64_t position = 0;
+};
+
+// Draws the tokens where the logits are: on the device when the backend samples (only the
+// tokens and logprobs come back), else on the host from the copied logits. Same semantics.
+std::vector<SampleResult> draw_tokens(Ops& ops, const Tensor& logits_dev, const std::vector<Draw>& draws) {
+  std::vector<SampleResult> results(draws.size());
+  if (draws.empty()) return results;
+  if (ops.has_device_sampler()) {
+    std::vector<SampleSpec> specs(draws.size());
+    for (size_t i = 0; i < draws.size(); ++i) {
+      const Draw& d = draws[i];
+      specs[i] = SampleSpec{static_cast<int32_t>(d.row), d.params.temperature, d.params.top_p, d.params.top_k,
+                            d.params.min_p, sample_uniform(d.seed, d.sample, d.position), d.params.logprobs,
+                            d.params.top_logprobs};
+    }
+    const std::vector<SampleOut> out = ops.sample(logits_dev, specs);
+    for (size_t i = 0; i < draws.size(); ++i) {
+      results[i].token = out[i].token;
+      results[i].logprob = out[i].logprob;
+      results[i].top = out[i].top;
+    }
+    return results;
+  }
+  const int64_t vocab = logits_dev.dim(1);
+  std::vector<float> logits(static_cast<size_t>(logits_dev.numel()));
+  ops.copy_to_host(logits_dev, logits.data());
+#pragma omp parallel for schedule(dynamic) if (draws.size() > 1)
+  for (size_t i = 0; i < draws.size(); ++i) {
+    const Draw& d = draws[i];
+    std::span<const float> row(logits.data() + d.row * vocab, static_cast<size_t>(vocab));
+    results[i] = sample(row, d.params, d.seed, d.sample, d.position);
+  }
+  return results;
+}
+
 std::vector<uint8_t> encode_results(const std::vector<SampleResult>& rs) {
   std::vector<uint8_t> b;
   const uint64_t n = rs.size();
@@ -194,15 +236,16 @@ std::vector<SampleResult> run_pipeline_step(DeepseekV3& model, Ops& ops, KvCache
       c.pp->send(x, c.pp_rank + 1);  // returns once the next stage takes it: stages overlap
     } else if (c.tp_rank == 0) {
       Tensor logits_dev = model.head(x, mb);
-      const int64_t vocab = model.config().vocab_size;
-      std::vector<float> logits(static_cast<size_t>(logits_dev.numel()));
-      ops.copy_to_host(logits_dev, logits.data());
+      std::vector<Draw> here;
+      std::vector<size_t> which;
       for (size_t i = 0; i < draws.size(); ++i) {
         const int64_t local = draws[i].row - row_base;
         if (local < 0 || local >= static_cast<int64_t>(mb.logit_rows.size())) continue;
-        std::span<const float> row(logits.data() + local * vocab, static_cast<size_t>(vocab));
-        results[i] = sample(row, params_of(draws[i]), draws[i].seed, draws[i].sample, draws[i].position);
+        here.push_back({local, params_of(draws[i]), draws[i].seed, draws[i].sample, draws[i].position});
+        which.push_back(i);
       }
+      std::vector<SampleResult> got = draw_tokens(ops, logits_dev, here);
+      for (size_t j = 0; j < which.size(); ++j) results[which[j]] = std::move(got[j]);
     } else {
       model.head(x, mb);  // takes part in the TP gather of the logits
     }
@@ -432,17 +475,13 @@ std::vector<EngineResult> Engine::step() {
       comms_.replica->broadcast(msg, 0);
     }
     Tensor logits_dev = model_.forward(in, cache_);
-    const int64_t vocab = model_.config().vocab_size;
-    std::vector<float> logits(static_cast<size_t>(logits_dev.numel()));
-    ops_.copy_to_host(logits_dev, logits.data());
-#pragma omp parallel for schedule(dynamic) if (draws.size() > 1)
+    std::vector<Draw> here(draws.size());
     for (size_t i = 0; i < draws.size(); ++i) {
       Sequence* s = draws[i].first;
       const RequestState& rs = *requests_.at(s->request);
-      std::span<const float> row_logits(logits.data() + draws[i].second * static_cast<size_t>(vocab),
-                                        static_cast<size_t>(vocab));
-      results[i] = sample(row_logits, rs.req.sampling, rs.req.seed, s->sample, s->num_generated());
+      here[i] = {static_cast<int64_t>(draws[i].second), rs.req.sampling, rs.req.seed, s->sample, s->num_generated()};
     }
+    results = draw_tokens(ops_, logits_dev, here);
   }
   std::vector<Sequence*> finished;
   for (size_t i = 0; i < draws.size(); ++i) {

@@ -9,7 +9,7 @@ KvCache::KvCache(Ops& ops, int64_t num_layers, int64_t num_blocks, int64_t block
     : block_size_(block_size), num_blocks_(num_blocks) {
   DILU_CHECK(block_size > 0, "block size must be positive");
   for (int64_t l = 0; l < num_layers; ++l)
-    layers_.push_back(ops.empty(ops.activation_dtype(), {num_blocks, block_size, entry_width}));
+    layers_.push_back(ops.allocate_persistent(ops.cache_dtype(), {num_blocks, block_size, entry_width}));
 }
 
 void KvCache::copy_blocks(Ops& ops, const std::vector<std::pair<int32_t, int32_t>>& src_dst) {

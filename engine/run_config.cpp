@@ -60,7 +60,7 @@ struct Field {
 
 const Field kFields[] = {
     DILU_RUN_FIELD(backend, v == "cpu" || v == "cuda" || v == "auto", "cpu, cuda or auto",
-                   "compute backend; auto picks cuda when a GPU is visible [cuda: not in this version; auto = cpu]"),
+                   "compute backend; auto picks cuda when this build has it and a GPU is visible"),
     DILU_RUN_FIELD(parallel.tp, v >= 1, ">= 1", "tensor-parallel ranks per pipeline stage [this version: 1]"),
     DILU_RUN_FIELD(parallel.pp, v >= 1, ">= 1", "pipeline stages per replica [this version: 1]"),
     DILU_RUN_FIELD(parallel.dp, v >= 1, ">= 1", "data-parallel replicas, each a full model copy [this version: 1]"),
@@ -85,6 +85,11 @@ const Field kFields[] = {
     DILU_RUN_FIELD(output.split_reasoning, true, "true or false",
                    "put the model's <think>...</think> text in a reasoning_content field, as DeepSeek's API"),
     DILU_RUN_FIELD(cpu.threads, v >= 0, ">= 0", "CPU backend threads per rank; 0: all cores"),
+    DILU_RUN_FIELD(cuda.fp8_gemm, v == "auto" || v == "block" || v == "soft", "auto, block or soft",
+                   "FP8 weights: block = cuBLASLt FP8 with DeepSeek block scales (sm_90), soft = dequantized in the "
+                   "GEMM with BF16 math; auto: block where supported"),
+    DILU_RUN_FIELD(cuda.nccl_timeout_s, v > 0.0, "> 0",
+                   "seconds a collective may wait for a peer before every rank gives up"),
 };
 
 #undef DILU_RUN_FIELD

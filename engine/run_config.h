@@ -58,8 +58,14 @@ struct CpuConfig {
   friend bool operator==(const CpuConfig&, const CpuConfig&) = default;
 };
 
+struct CudaConfig {
+  std::string fp8_gemm = "auto";  // auto | block | soft
+  double nccl_timeout_s = 600;
+  friend bool operator==(const CudaConfig&, const CudaConfig&) = default;
+};
+
 struct RunConfig {
-  std::string backend = "cpu";  // cpu | cuda | auto
+  std::string backend = "auto";  // cpu | cuda | auto
   ParallelConfig parallel;
   BatchConfig batch;
   KvConfig kv;
@@ -67,6 +73,7 @@ struct RunConfig {
   SamplingConfig sampling;
   OutputConfig output;
   CpuConfig cpu;
+  CudaConfig cuda;
   friend bool operator==(const RunConfig&, const RunConfig&) = default;
 };
 

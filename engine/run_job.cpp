@@ -25,6 +25,9 @@
 #include "engine/request.h"
 #include "engine/planner.h"
 #include "engine/safetensors.h"
+#ifdef DILU_HAVE_CUDA
+#include "parallel/nccl_communicator.h"
+#endif
 
 namespace dilu {
 
@@ -47,7 +50,7 @@ int64_t count_lines(const std::filesystem::path& p) {
 int64_t cache_blocks(const RunConfig& cfg, const ModelConfig& mc, const Ops& ops, int64_t max_seq_len,
                      int64_t* block_bytes) {
   const int64_t bs = cfg.kv.block_size;
-  *block_bytes = (mc.kv_lora_rank + mc.qk_rope_head_dim) * static_cast<int64_t>(dtype_size(ops.activation_dtype())) *
+  *block_bytes = (mc.kv_lora_rank + mc.qk_rope_head_dim) * static_cast<int64_t>(dtype_size(ops.cache_dtype())) *
                  bs * mc.num_hidden_layers;
   if (cfg.kv.num_blocks > 0) return cfg.kv.num_blocks;
   const auto budget = static_cast<int64_t>(cfg.kv.memory_fraction * static_cast<double>(ops.free_memory_bytes()));
@@ -66,6 +69,9 @@ struct Loaded {
   std::unique_ptr<PromptEncoder> encoder;
   std::optional<Checkpoint> ckpt;
   std::unique_ptr<Ops> ops;
+  std::unique_ptr<Communicator> tp_nccl, pp_nccl;  // CUDA backend with tp or pp > 1
+  Communicator* tp_comm = nullptr;
+  Communicator* pp_comm = nullptr;
   std::unique_ptr<DeepseekV3> model;
   std::unique_ptr<KvCache> cache;
   RequestLimits limits;
@@ -137,14 +143,31 @@ RunSummary run_job(const RunJobOptions& o, const RunConfig& cfg, std::ostream& l
     }
     L.encoder = std::make_unique<PromptEncoder>(o.model_dir);
     L.ckpt.emplace(Checkpoint::open(o.model_dir));
-    L.ops = make_ops(cfg.backend, cfg.cpu.threads);
+    BackendOptions bo;
+    bo.cpu_threads = cfg.cpu.threads;
+    bo.fp8_gemm = cfg.cuda.fp8_gemm;
+    bo.arena_bytes = DeepseekV3::step_scratch_bytes(L.mc, cfg.batch.max_tokens, cfg.batch.max_seqs, g.tp);
+    L.ops = make_ops(cfg.backend, bo);
+    // On GPUs the tensors of TP collectives and pipeline sends live on the device: NCCL carries
+    // them, over the same groups (host bytes still go over MPI).
+    L.tp_comm = g.tp_comm.get();
+    L.pp_comm = g.pp_comm.get();
+    if (L.ops->device().kind == DeviceKind::CUDA && (g.tp > 1 || g.pp > 1)) {
+#ifdef DILU_HAVE_CUDA
+      NcclOptions no;
+      no.timeout_s = cfg.cuda.nccl_timeout_s;
+      if (g.tp > 1) L.tp_comm = (L.tp_nccl = make_nccl_communicator(*g.tp_comm, L.ops->native_stream(), no)).get();
+      if (g.pp > 1) L.pp_comm = (L.pp_nccl = make_nccl_communicator(*g.pp_comm, L.ops->native_stream(), no)).get();
+      L.ops->add_wait_check([] { nccl_check_async_errors(); });
+#endif
+    }
     std::vector<std::pair<int64_t, int64_t>> stages;  // [first, end) layers of each stage
     for (int64_t count : stage_layer_counts(L.mc, cfg, g.tp, g.pp)) {
       const int64_t first = stages.empty() ? 0 : stages.back().second;
       stages.push_back({first, first + count});
     }
     const auto [first_layer, end_layer] = stages[static_cast<size_t>(g.pp_rank)];
-    L.model = std::make_unique<DeepseekV3>(L.mc, *L.ckpt, *L.ops, TensorParallel{g.tp_rank, g.tp, g.tp_comm.get()},
+    L.model = std::make_unique<DeepseekV3>(L.mc, *L.ckpt, *L.ops, TensorParallel{g.tp_rank, g.tp, L.tp_comm},
                                            PipelineStage{first_layer, end_layer});
     if (g.world.rank == 0 && g.pp > 1) {
       log << "dilu: pipeline stages:";
@@ -180,7 +203,7 @@ RunSummary run_job(const RunJobOptions& o, const RunConfig& cfg, std::ostream& l
   s.weight_bytes = L.model->weight_bytes();
   ReplicaComms comms;
   comms.replica = g.replica_comm.get();
-  comms.pp = g.pp_comm.get();
+  comms.pp = L.pp_comm;
   comms.pp_size = g.pp;
   comms.pp_rank = g.pp_rank;
   comms.tp_rank = g.tp_rank;

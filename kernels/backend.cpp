@@ -3,6 +3,7 @@
 #include "kernels/ops.h"
 #ifdef DILU_HAVE_CUDA
 #include "kernels/cuda/cuda_info.h"
+#include "kernels/cuda/cuda_ops.h"
 #endif
 
 namespace dilu {
@@ -16,11 +17,15 @@ int bind_local_device(int local_rank) {
 #endif
 }
 
-std::unique_ptr<Ops> make_ops(const std::string& backend, int cpu_threads) {
-  if (backend == "cpu" || backend == "auto") return make_cpu_ops(cpu_threads);
+std::unique_ptr<Ops> make_ops(const std::string& backend, const BackendOptions& options) {
+#ifdef DILU_HAVE_CUDA
+  if (backend == "cuda" || (backend == "auto" && cuda::device_count() > 0)) return make_cuda_ops(options);
+#else
   if (backend == "cuda")
-    throw UserError(
-        "backend 'cuda': the CUDA backend's ops are not implemented yet in this build; use --set backend=cpu");
+    throw UserError("backend 'cuda': this dilu was built without CUDA (configure with -DDILU_CUDA=ON on a machine with "
+                    "the CUDA toolkit), or use --set backend=cpu");
+#endif
+  if (backend == "cpu" || backend == "auto") return make_cpu_ops(options.cpu_threads);
   throw UserError("unknown backend '" + backend + "'; choose cpu, cuda or auto");
 }
 

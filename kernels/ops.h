@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -101,6 +102,11 @@ class Ops {
   // Waits for queued device work (a no-op on the CPU). Throws when a device or collective
   // error (a dead peer, a timeout) surfaced.
   virtual void synchronize() {}
+  // A check run while synchronize() waits (the NCCL communicators' error and timeout poll); it
+  // throws to abandon the wait.
+  virtual void add_wait_check(std::function<void()> check) { (void)check; }
+  // The backend's stream (a cudaStream_t) for collectives to enqueue on; null on the CPU.
+  virtual void* native_stream() const { return nullptr; }
   // A checkpoint vector (norm weight, bias) placed on the device as FP32.
   virtual Tensor place_vector(const Tensor& host) = 0;
   // A checkpoint matrix placed on the device in the form this backend computes with.
@@ -122,6 +128,11 @@ class Ops {
   // Normalizes the first d = w.numel() columns of each row of x [N, W] (W >= d):
   // out[:, :d] = x * rsqrt(mean(x^2) + eps) * w. Other columns of out are untouched; out may alias x.
   virtual void rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& out) = 0;
+  // x += y, then out = rms_norm(x) (the residual add fused into the norm where the backend can).
+  virtual void add_rms_norm(Tensor& x, const Tensor& y, const Tensor& w, float eps, Tensor& out) {
+    add(x, y);
+    rms_norm(x, w, eps, out);
+  }
   // out [N, W] = x[rows] for x [T, W].
   virtual void gather_rows(const Tensor& x, std::span<const int32_t> rows, Tensor& out) = 0;
   // x += y

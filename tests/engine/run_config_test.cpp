@@ -44,7 +44,7 @@ std::string set_error(const std::string& override_text) { return load_error(std:
 TEST(RunConfig, DefaultsWithoutFileOrOverrides) {
   const RunConfig config = load_run_config(std::nullopt, {});
   EXPECT_EQ(config, RunConfig{});
-  EXPECT_EQ(config.backend, "cpu");
+  EXPECT_EQ(config.backend, "auto");
   EXPECT_EQ(config.batch.max_seqs, 256);
   EXPECT_DOUBLE_EQ(config.kv.memory_fraction, 0.9);
 }
@@ -122,7 +122,7 @@ TEST(RunConfig, YamlRoundTripGivesSameConfig) {
 
 TEST(RunConfig, YamlPrintsEveryKey) {
   const std::string yaml = run_config_to_yaml(RunConfig{});
-  EXPECT_CONTAINS(yaml, "backend: \"cpu\"\n");
+  EXPECT_CONTAINS(yaml, "backend: \"auto\"\n");
   EXPECT_CONTAINS(yaml, "parallel:\n  tp: 1\n");
   EXPECT_CONTAINS(yaml, "  memory_fraction: 0.9\n");
   EXPECT_CONTAINS(yaml, "  temperature: 0.0\n");

@@ -1,0 +1,799 @@
+// The CUDA backend (see cuda_ops.h): memory (persistent weights and cache, a step arena), the
+// cuBLASLt GEMMs (BF16, and FP8 with DeepSeek's block scales), and each op's argument checks
+// and kernel launches (kernels.h). One stream; the host waits only in synchronize() and the
+// copies to the host, polling so that a collective error or timeout surfaces instead of a hang.
+#include "kernels/cuda/cuda_ops.h"
+
+#include <cublasLt.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <thread>
+#include <tuple>
+
+#include "kernels/cuda/kernels.h"
+#include "kernels/cuda/sampling.h"
+
+namespace dilu {
+
+namespace {
+
+#define DILU_CU(call)                                                                                  \
+  do {                                                                                                 \
+    const cudaError_t dilu_rc = (call);                                                                \
+    if (dilu_rc != cudaSuccess)                                                                        \
+      throw std::runtime_error(std::string(#call) + " failed: " + cudaGetErrorString(dilu_rc));        \
+  } while (0)
+
+#define DILU_LT(call)                                                                                  \
+  do {                                                                                                 \
+    const cublasStatus_t dilu_st = (call);                                                             \
+    if (dilu_st != CUBLAS_STATUS_SUCCESS)                                                              \
+      throw std::runtime_error(std::string(#call) + " failed: cuBLAS status " + std::to_string(dilu_st)); \
+  } while (0)
+
+constexpr size_t kAlign = 256;
+constexpr size_t kDefaultArena = size_t{256} << 20;
+constexpr size_t kLtWorkspace = size_t{32} << 20;
+
+size_t round_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
+
+std::string mib(size_t bytes) { return std::to_string((bytes + (size_t{1} << 19)) >> 20) + " MiB"; }
+
+// Step scratch: one device allocation made at start-up, handed out first-fit and returned (with
+// coalescing) when the last tensor viewing a block goes away.
+class Arena {
+ public:
+  explicit Arena(size_t bytes) : size_(round_up(std::max<size_t>(bytes, kAlign), kAlign)) {
+    const cudaError_t rc = cudaMalloc(&base_, size_);
+    if (rc != cudaSuccess) {
+      cudaGetLastError();
+      size_t free_b = 0, total_b = 0;
+      cudaMemGetInfo(&free_b, &total_b);
+      throw UserError("cannot allocate the GPU activation arena of " + mib(size_) + " (" + mib(free_b) + " free of " +
+                      mib(total_b) + "): lower batch.max_tokens, or place fewer layers per GPU (parallel.pp/tp)");
+    }
+    free_[0] = size_;
+  }
+  ~Arena() { cudaFree(base_); }
+  Arena(const Arena&) = delete;
+  Arena& operator=(const Arena&) = delete;
+
+  void* alloc(size_t bytes) {
+    bytes = round_up(std::max<size_t>(bytes, 1), kAlign);
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto it = free_.begin(); it != free_.end(); ++it) {
+      if (it->second < bytes) continue;
+      const size_t at = it->first, left = it->second - bytes;
+      free_.erase(it);
+      if (left > 0) free_[at + bytes] = left;
+      used_[at] = bytes;
+      in_use_ += bytes;
+      peak_ = std::max(peak_, in_use_);
+      return static_cast<uint8_t*>(base_) + at;
+    }
+    throw std::runtime_error("the GPU activation arena (" + mib(size_) + ") is exhausted: " + mib(in_use_) +
+                             " in use, " + mib(bytes) + " more requested; lower batch.max_tokens");
+  }
+
+  void release(const void* p) {
+    const size_t at = static_cast<size_t>(static_cast<const uint8_t*>(p) - static_cast<uint8_t*>(base_));
+    std::lock_guard<std::mutex> lock(mu_);
+    auto u = used_.find(at);
+    if (u == used_.end()) return;
+    size_t begin = at, len = u->second;
+    in_use_ -= len;
+    used_.erase(u);
+    auto next = free_.lower_bound(begin);
+    if (next != free_.end() && next->first == begin + len) {
+      len += next->second;
+      next = free_.erase(next);
+    }
+    if (next != free_.begin()) {
+      auto prev = std::prev(next);
+      if (prev->first + prev->second == begin) {
+        begin = prev->first;
+        len += prev->second;
+        free_.erase(prev);
+      }
+    }
+    free_[begin] = len;
+  }
+
+  size_t size() const { return size_; }
+  size_t peak() const { return peak_; }
+
+ private:
+  void* base_ = nullptr;
+  size_t size_;
+  std::mutex mu_;
+  std::map<size_t, size_t> free_;  // offset -> bytes
+  std::map<size_t, size_t> used_;
+  size_t in_use_ = 0, peak_ = 0;
+};
+
+int table_type(DType t) {
+  switch (t) {
+    case DType::F32: return 0;
+    case DType::BF16: return 1;
+    case DType::F16: return 2;
+    default: DILU_CHECK(false, "embedding table of dtype ", dtype_name(t)); return 0;
+  }
+}
+
+cuda::WeightType weight_type(DType t) {
+  switch (t) {
+    case DType::F32: return cuda::WeightType::F32;
+    case DType::BF16: return cuda::WeightType::BF16;
+    case DType::F8E4M3: return cuda::WeightType::FP8;
+    default: DILU_CHECK(false, "linear weight of dtype ", dtype_name(t)); return cuda::WeightType::F32;
+  }
+}
+
+class CudaOps final : public Ops {
+ public:
+  explicit CudaOps(const BackendOptions& o) {
+    int count = 0;
+    if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+      cudaGetLastError();
+      throw UserError("backend 'cuda': no CUDA device is visible (check nvidia-smi and CUDA_VISIBLE_DEVICES), or use "
+                      "--set backend=cpu");
+    }
+    DILU_CU(cudaGetDevice(&device_));
+    DILU_CU(cudaGetDeviceProperties(&props_, device_));
+    DILU_CU(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    DILU_LT(cublasLtCreate(&lt_));
+    DILU_CU(cudaMalloc(&lt_workspace_, kLtWorkspace));
+    DILU_CU(cudaHostAlloc(&staging_, staging_bytes_, cudaHostAllocDefault));
+    arena_ = std::make_shared<Arena>(o.arena_bytes > 0 ? static_cast<size_t>(o.arena_bytes) : kDefaultArena);
+    // Block-scaled FP8 GEMMs (VEC128 x BLK128x128 scales) exist in cuBLASLt >= 12.9 on sm_90 only.
+    const bool block_ok = props_.major == 9 && cublasLtGetVersion() >= 120900;
+    if (o.fp8_gemm == "block") {
+      DILU_USER_CHECK(block_ok, "cuda.fp8_gemm=block needs an sm_90 GPU (H100/H200) and cuBLASLt >= 12.9; this is ",
+                      props_.name, " (sm_", props_.major, props_.minor, "), cuBLASLt ", cublasLtGetVersion(),
+                      ": use cuda.fp8_gemm=soft or auto");
+      fp8_block_ = true;
+    } else if (o.fp8_gemm == "auto") {
+      fp8_block_ = block_ok;
+    } else {
+      DILU_USER_CHECK(o.fp8_gemm == "soft", "cuda.fp8_gemm must be auto, block or soft, not '", o.fp8_gemm, "'");
+    }
+  }
+
+  ~CudaOps() override {
+    cudaStreamSynchronize(stream_);
+    arena_.reset();
+    cudaFreeHost(staging_);
+    cudaFree(lt_workspace_);
+    cublasLtDestroy(lt_);
+    cudaStreamDestroy(stream_);
+  }
+
+  Device device() const override { return Device{DeviceKind::CUDA, device_}; }
+  std::string name() const override {
+    return std::string("cuda (") + props_.name + ", FP8 GEMM " + (fp8_block_ ? "block-scaled" : "soft") + ")";
+  }
+  DType activation_dtype() const override { return DType::F32; }
+  DType cache_dtype() const override { return DType::BF16; }
+
+  size_t free_memory_bytes() const override {
+    size_t free_b = 0, total_b = 0;
+    DILU_CU(cudaMemGetInfo(&free_b, &total_b));
+    return free_b;
+  }
+
+  Tensor empty(DType dtype, Shape shape) override {
+    Tensor probe(nullptr, dtype, shape, device(), nullptr);
+    void* p = arena_->alloc(probe.nbytes());
+    std::shared_ptr<Arena> arena = arena_;
+    return Tensor(p, dtype, std::move(shape), device(),
+                  std::shared_ptr<const void>(p, [arena](const void* q) { arena->release(q); }));
+  }
+
+  Tensor allocate_persistent(DType dtype, Shape shape) override {
+    Tensor probe(nullptr, dtype, shape, device(), nullptr);
+    const size_t bytes = std::max<size_t>(probe.nbytes(), 1);
+    void* p = nullptr;
+    const cudaError_t rc = cudaMalloc(&p, bytes);
+    if (rc != cudaSuccess) {
+      cudaGetLastError();
+      size_t free_b = 0, total_b = 0;
+      cudaMemGetInfo(&free_b, &total_b);
+      throw UserError("out of GPU memory on " + std::string(props_.name) + " (device " + std::to_string(device_) +
+                      "): " + mib(bytes) + " more requested after " + mib(placed_) + " placed, " + mib(free_b) +
+                      " free of " + mib(total_b) +
+                      ". This rank's share of the model does not fit: run `dilu plan` for a layout that fits, "
+                      "then raise parallel.tp or parallel.pp (or lower kv.memory_fraction / batch.max_tokens)");
+    }
+    placed_ += bytes;
+    return Tensor(p, dtype, std::move(shape), device(), std::shared_ptr<const void>(p, [](const void* q) {
+                    cudaFree(const_cast<void*>(q));
+                  }));
+  }
+
+  Tensor upload(const Tensor& host, DType as) {
+    DILU_CHECK(host.is_cpu(), "upload of a device tensor");
+    Tensor out = allocate_persistent(as, host.shape());
+    if (host.dtype() == as) {
+      DILU_CU(cudaMemcpy(out.raw(), host.raw(), host.nbytes(), cudaMemcpyHostToDevice));
+      return out;
+    }
+    std::vector<float> f(static_cast<size_t>(host.numel()));
+    convert_to_f32(host.dtype(), host.raw(), f.data(), f.size());
+    if (as == DType::F32) {
+      DILU_CU(cudaMemcpy(out.raw(), f.data(), out.nbytes(), cudaMemcpyHostToDevice));
+    } else {
+      DILU_CHECK(as == DType::BF16, "upload as ", dtype_name(as));
+      std::vector<uint16_t> b(f.size());
+      for (size_t i = 0; i < f.size(); ++i) b[i] = f32_to_bf16(f[i]);
+      DILU_CU(cudaMemcpy(out.raw(), b.data(), out.nbytes(), cudaMemcpyHostToDevice));
+    }
+    return out;
+  }
+
+  Tensor place_vector(const Tensor& host) override { return upload(host, DType::F32); }
+
+  LinearWeight place_linear(const Tensor& weight, const Tensor& scale_inv, int64_t block_out,
+                            int64_t block_in) override {
+    DILU_CHECK(weight.rank() == 2, "linear weight must be a matrix, got ", shape_str(weight.shape()));
+    LinearWeight w;
+    if (weight.dtype() == DType::F8E4M3) {
+      DILU_CHECK(block_out > 0 && block_in > 0 && scale_inv.rank() == 2, "FP8 weight without block scale");
+      w.weight = upload(weight, DType::F8E4M3);
+      w.scale_inv = upload(scale_inv, DType::F32);
+      w.block_out = block_out;
+      w.block_in = block_in;
+    } else {
+      w.weight = upload(weight, DType::BF16);  // BF16 math: F32/F16 weights are rounded once here
+    }
+    return w;
+  }
+
+  Tensor place_embedding(const Tensor& host) override {
+    return upload(host, host.dtype() == DType::F8E4M3 ? DType::F32 : host.dtype());
+  }
+
+  Tensor dequantize(const LinearWeight& w) override {
+    Tensor out = allocate_persistent(DType::F32, {w.out_features(), w.in_features()});
+    cuda::dequantize_to_f32(w.weight.raw(), weight_type(w.weight.dtype()),
+                            w.scale_inv.numel() > 0 ? w.scale_inv.data<float>() : nullptr, w.out_features(),
+                            w.in_features(), w.block_out, w.block_in, out.data<float>(), stream_);
+    synchronize();
+    return out;
+  }
+
+  void copy_to_host(const Tensor& src, void* dst) override {
+    check_device(src, "copy_to_host source");
+    size_t done = 0;
+    const size_t total = src.nbytes();
+    while (done < total) {
+      const size_t n = std::min(staging_bytes_, total - done);
+      DILU_CU(cudaMemcpyAsync(staging_, static_cast<const uint8_t*>(src.raw()) + done, n, cudaMemcpyDeviceToHost,
+                              stream_));
+      synchronize();
+      std::memcpy(static_cast<uint8_t*>(dst) + done, staging_, n);
+      done += n;
+    }
+  }
+  void copy_from_host(const void* src, Tensor& dst) override {
+    check_device(dst, "copy_from_host destination");
+    if (dst.nbytes() > 0) DILU_CU(cudaMemcpyAsync(dst.raw(), src, dst.nbytes(), cudaMemcpyHostToDevice, stream_));
+  }
+  void copy(const Tensor& src, Tensor& dst) override {
+    DILU_CHECK(src.dtype() == dst.dtype() && src.nbytes() == dst.nbytes(), "copy of ", shape_str(src.shape()), " into ",
+               shape_str(dst.shape()));
+    check_device(src, "copy source");
+    check_device(dst, "copy destination");
+    if (src.nbytes() > 0)
+      DILU_CU(cudaMemcpyAsync(dst.raw(), src.raw(), src.nbytes(), cudaMemcpyDeviceToDevice, stream_));
+  }
+
+  void synchronize() override {
+    using namespace std::chrono;
+    auto spin_until = steady_clock::now() + microseconds(200);
+    for (;;) {
+      const cudaError_t rc = cudaStreamQuery(stream_);
+      if (rc == cudaSuccess) return;
+      if (rc != cudaErrorNotReady) {
+        cudaGetLastError();
+        throw std::runtime_error(std::string("CUDA error on ") + props_.name + " (device " + std::to_string(device_) +
+                                 "): " + cudaGetErrorString(rc));
+      }
+      for (auto& check : wait_checks_) check();
+      if (steady_clock::now() > spin_until) std::this_thread::sleep_for(microseconds(50));
+    }
+  }
+
+  void add_wait_check(std::function<void()> check) override { wait_checks_.push_back(std::move(check)); }
+
+  void* native_stream() const override { return stream_; }
+
+  // ---- ops ----
+  void embedding(const Tensor& table, std::span<const int32_t> ids, Tensor& out, int64_t first_id) override {
+    check_f32(out, "embedding output");
+    const int64_t d = table.dim(1), n = static_cast<int64_t>(ids.size());
+    DILU_CHECK(out.dim(0) == n && out.dim(1) == d, "embedding shapes");
+    if (n == 0) return;
+    Tensor dev_ids = upload_i32(ids);
+    cuda::embedding(table.raw(), table_type(table.dtype()), table.dim(0), d, dev_ids.data<int32_t>(), n, first_id,
+                    out.data<float>(), stream_);
+  }
+
+  void rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& out) override {
+    check_f32(x, "rms_norm input");
+    check_f32(w, "rms_norm weight");
+    check_f32(out, "rms_norm output");
+    const int64_t d = w.numel(), width = x.numel() == 0 ? d : x.dim(-1), rows = width == 0 ? 0 : x.numel() / width;
+    DILU_CHECK(d <= width && out.numel() == x.numel() && (x.numel() == 0 || out.dim(-1) == width), "rms_norm: x ",
+               shape_str(x.shape()), ", w ", shape_str(w.shape()), ", out ", shape_str(out.shape()));
+    cuda::rms_norm(x.data<float>(), nullptr, w.data<float>(), rows, width, d, eps, out.data<float>(), stream_);
+  }
+
+  void add_rms_norm(Tensor& x, const Tensor& y, const Tensor& w, float eps, Tensor& out) override {
+    check_f32(x, "add_rms_norm residual");
+    check_f32(y, "add_rms_norm input");
+    check_f32(w, "add_rms_norm weight");
+    check_f32(out, "add_rms_norm output");
+    const int64_t d = w.numel();
+    if (x.numel() == 0) return;
+    const int64_t width = x.dim(-1);
+    if (d != width || y.numel() != x.numel() || out.numel() != x.numel()) {
+      Ops::add_rms_norm(x, y, w, eps, out);
+      return;
+    }
+    cuda::rms_norm(x.data<float>(), y.data<float>(), w.data<float>(), x.numel() / width, width, d, eps,
+                   out.data<float>(), stream_);
+  }
+
+  void gather_rows(const Tensor& x, std::span<const int32_t> rows, Tensor& out) override {
+    check_f32(x, "gather input");
+    check_f32(out, "gather output");
+    const int64_t width = x.dim(1);
+    DILU_CHECK(out.dim(0) == static_cast<int64_t>(rows.size()) && out.dim(1) == width, "gather shapes");
+    for (int32_t r : rows) DILU_CHECK(r >= 0 && r < x.dim(0), "gather row ", r);
+    if (rows.empty()) return;
+    Tensor dev_rows = upload_i32(rows);
+    cuda::gather_rows(x.data<float>(), width, dev_rows.data<int32_t>(), static_cast<int64_t>(rows.size()),
+                      out.data<float>(), stream_);
+  }
+
+  void add(Tensor& x, const Tensor& y) override {
+    check_f32(x, "add destination");
+    check_f32(y, "add source");
+    DILU_CHECK(x.numel() == y.numel(), "add shapes ", shape_str(x.shape()), " and ", shape_str(y.shape()));
+    cuda::add(x.data<float>(), y.data<float>(), x.numel(), stream_);
+  }
+
+  void linear(const Tensor& x, const LinearWeight& w, Tensor& out) override {
+    check_f32(x, "linear input");
+    check_f32(out, "linear output");
+    const int64_t t = x.dim(0), in = w.in_features(), n_out = w.out_features();
+    DILU_CHECK(x.dim(1) == in && out.dim(0) == t && out.dim(1) == n_out, "linear: x ", shape_str(x.shape()), ", W ",
+               shape_str(w.weight.shape()), ", out ", shape_str(out.shape()));
+    check_device(w.weight, "linear weight");
+    if (t == 0 || n_out == 0) return;
+    const DType wt = w.weight.dtype();
+    if (wt == DType::BF16) {
+      Tensor xb = empty(DType::BF16, {t, in});
+      cuda::f32_to_bf16(x.data<float>(), static_cast<uint16_t*>(xb.raw()), t * in, stream_);
+      if (lt_matmul(CUDA_R_16BF, w.weight.raw(), nullptr, xb.raw(), nullptr, out.raw(), n_out, t, in)) return;
+    } else if (wt == DType::F8E4M3 && fp8_block_ && w.block_out == 128 && w.block_in == 128 && in % 128 == 0 &&
+               n_out % 16 == 0) {
+      Tensor xq = empty(DType::U8, {t, in});
+      Tensor xs = empty(DType::F32, {t, in / 128});
+      cuda::quantize_fp8_per_token_128(x.data<float>(), t, in, xq.data<uint8_t>(), xs.data<float>(), stream_);
+      if (lt_matmul(CUDA_R_8F_E4M3, w.weight.raw(), w.scale_inv.data<float>(), xq.raw(), xs.data<float>(), out.raw(),
+                    n_out, t, in))
+        return;
+    }
+    // BF16 math in the tiled kernel: FP8 weights dequantized in its tile loader (soft FP8), and
+    // whatever cuBLASLt declined.
+    cuda::GroupedGemm g;
+    g.x = x.data<float>();
+    g.ldx = in;
+    g.rows = t;
+    g.weight = w.weight.raw();
+    g.scale = wt == DType::F8E4M3 ? w.scale_inv.data<float>() : nullptr;
+    g.type = weight_type(wt);
+    g.n = n_out;
+    g.k = in;
+    g.block_out = w.block_out;
+    g.block_in = w.block_in;
+    g.round_bf16 = true;
+    g.out = out.data<float>();
+    g.ldo = n_out;
+    cuda::grouped_gemm(g, stream_);
+  }
+
+  void silu_mul(const Tensor& gate, const Tensor& up, Tensor& out) override {
+    check_f32(gate, "silu_mul gate");
+    check_f32(up, "silu_mul up");
+    check_f32(out, "silu_mul output");
+    DILU_CHECK(gate.numel() == up.numel() && out.numel() == up.numel(), "silu_mul shapes");
+    cuda::silu_mul(gate.data<float>(), up.data<float>(), gate.numel(), out.data<float>(), stream_);
+  }
+
+  void rope(Tensor& x, int64_t offset, std::span<const int32_t> pos, std::span<const float> inv_freq,
+            float attention_factor) override {
+    check_f32(x, "rope input");
+    DILU_CHECK(x.rank() == 3 && x.dim(0) == static_cast<int64_t>(pos.size()) &&
+                   offset + 2 * static_cast<int64_t>(inv_freq.size()) <= x.dim(2),
+               "rope: x ", shape_str(x.shape()), " offset ", offset);
+    if (pos.empty() || inv_freq.empty()) return;
+    Tensor dev_pos = upload_i32(pos);
+    Tensor dev_freq = upload_f32(inv_freq);
+    cuda::rope(x.data<float>(), x.dim(0), x.dim(1), x.dim(2), offset, dev_pos.data<int32_t>(), dev_freq.data<float>(),
+               static_cast<int64_t>(inv_freq.size()), attention_factor, stream_);
+  }
+
+  void cache_write(Tensor& cache, const Tensor& entry, const AttentionLayout& layout) override {
+    DILU_CHECK(cache.dtype() == DType::BF16 && !cache.is_cpu(), "the GPU latent cache is BF16 on the device");
+    check_f32(entry, "kv cache entry");
+    const int64_t width = cache.dim(2), slots = cache.dim(0) * cache.dim(1);
+    const int64_t t = static_cast<int64_t>(layout.token_slot.size());
+    DILU_CHECK(entry.dim(1) == width && entry.dim(0) == t, "cache_write shapes");
+    for (int64_t s : layout.token_slot) DILU_CHECK(s >= 0 && s < slots, "cache slot ", s, " outside ", slots);
+    if (t == 0) return;
+    Tensor dev_slots = empty(DType::I64, {t});
+    copy_from_host(layout.token_slot.data(), dev_slots);
+    cuda::cache_write(static_cast<uint16_t*>(cache.raw()), entry.data<float>(), dev_slots.data<int64_t>(), t, width,
+                      stream_);
+  }
+
+  void mla_attention(const Tensor& q, const Tensor& w_kv_b, const Tensor& cache, const AttentionLayout& layout,
+                     const MlaParams& p, Tensor& out) override {
+    check_f32(q, "mla query");
+    check_f32(w_kv_b, "mla kv_b weight");
+    check_f32(out, "mla output");
+    DILU_CHECK(cache.dtype() == DType::BF16 && !cache.is_cpu(), "the GPU latent cache is BF16 on the device");
+    const int64_t t = q.dim(0), h = p.num_heads, nope = p.qk_nope_head_dim, r = p.qk_rope_head_dim,
+                  c = p.kv_lora_rank, v = p.v_head_dim, bs = layout.block_size;
+    DILU_CHECK(q.rank() == 3 && q.dim(1) == h && q.dim(2) == nope + r, "mla q ", shape_str(q.shape()));
+    DILU_CHECK(w_kv_b.dim(0) == h * (nope + v) && w_kv_b.dim(1) == c, "mla kv_b ", shape_str(w_kv_b.shape()));
+    DILU_CHECK(cache.dim(2) == c + r && cache.dim(1) == bs, "mla cache ", shape_str(cache.shape()));
+    DILU_CHECK(out.dim(0) == t && out.dim(1) == h * v, "mla out ", shape_str(out.shape()));
+    DILU_CHECK(static_cast<int64_t>(layout.token_seq.size()) == t && static_cast<int64_t>(layout.token_pos.size()) == t,
+               "mla layout of ", layout.token_seq.size(), " tokens for ", t);
+    if (t == 0) return;
+    int64_t stride = 1;
+    for (const auto& b : layout.block_tables) stride = std::max<int64_t>(stride, static_cast<int64_t>(b.size()));
+    for (int64_t i = 0; i < t; ++i) {
+      const int32_t seq = layout.token_seq[static_cast<size_t>(i)];
+      DILU_CHECK(seq >= 0 && static_cast<size_t>(seq) < layout.block_tables.size(), "token sequence ", seq);
+      const auto& blocks = layout.block_tables[static_cast<size_t>(seq)];
+      DILU_CHECK(static_cast<int64_t>(blocks.size()) * bs > layout.token_pos[static_cast<size_t>(i)],
+                 "block table too short for position ", layout.token_pos[static_cast<size_t>(i)]);
+      for (int32_t b : blocks) DILU_CHECK(b >= 0 && b < cache.dim(0), "cache block ", b, " outside ", cache.dim(0));
+    }
+    std::vector<int32_t> tables(layout.block_tables.size() * static_cast<size_t>(stride), 0);
+    for (size_t s = 0; s < layout.block_tables.size(); ++s)
+      std::copy(layout.block_tables[s].begin(), layout.block_tables[s].end(),
+                tables.begin() + static_cast<ptrdiff_t>(s * static_cast<size_t>(stride)));
+    Tensor dev_seq = upload_i32(layout.token_seq), dev_pos = upload_i32(layout.token_pos), dev_tables = upload_i32(tables);
+    Tensor q_lat = empty(DType::F32, {t, h, c}), o_lat = empty(DType::F32, {t, h, c});
+    cuda::MlaArgs a;
+    a.q = q.data<float>();
+    a.kv_b = w_kv_b.data<float>();
+    a.cache = static_cast<const uint16_t*>(cache.raw());
+    a.token_seq = dev_seq.data<int32_t>();
+    a.token_pos = dev_pos.data<int32_t>();
+    a.tables = dev_tables.data<int32_t>();
+    a.table_stride = stride;
+    a.block_size = bs;
+    a.t = t;
+    a.h = h;
+    a.nope = nope;
+    a.r = r;
+    a.c = c;
+    a.v = v;
+    a.scale = p.softmax_scale;
+    a.q_lat = q_lat.data<float>();
+    a.o_lat = o_lat.data<float>();
+    a.out = out.data<float>();
+    cuda::mla_attention(a, stream_);
+  }
+
+  void moe_route(const Tensor& x, const Tensor& gate, const Tensor& bias, const RouterParams& p, Tensor& ids,
+                 Tensor& weights) override {
+    check_f32(x, "router input");
+    check_f32(gate, "router weight");
+    check_f32(weights, "router weights");
+    const int64_t t = x.dim(0), d = x.dim(1), e = p.num_experts, k = p.top_k;
+    DILU_CHECK(gate.dim(0) == e && gate.dim(1) == d, "router weight ", shape_str(gate.shape()));
+    DILU_CHECK(ids.dtype() == DType::I32 && ids.dim(0) == t && ids.dim(1) == k, "router ids");
+    DILU_CHECK(p.n_group >= 1 && e % p.n_group == 0 && p.topk_group <= p.n_group && k <= e, "router groups");
+    if (t == 0) return;
+    Tensor logits = empty(DType::F32, {t, e});
+    cuda::GroupedGemm g;  // F32 math: the expert choice is as sharp as the reference's
+    g.x = x.data<float>();
+    g.ldx = d;
+    g.rows = t;
+    g.weight = gate.raw();
+    g.type = cuda::WeightType::F32;
+    g.n = e;
+    g.k = d;
+    g.round_bf16 = false;
+    g.out = logits.data<float>();
+    g.ldo = e;
+    cuda::grouped_gemm(g, stream_);
+    const float* bp = bias.defined() && bias.numel() > 0 ? bias.data<float>() : nullptr;
+    cuda::moe_select(logits.data<float>(), bp, t, e, k, p.n_group, p.topk_group, p.norm_topk_prob,
+                     p.routed_scaling_factor, ids.data<int32_t>(), weights.data<float>(), stream_);
+  }
+
+  void moe_experts(const Tensor& x, std::span<const ExpertWeights> experts, const Tensor& ids, const Tensor& weights,
+                   Tensor& out, int64_t first_expert) override {
+    check_f32(x, "experts input");
+    check_f32(out, "experts output");
+    const int64_t t = x.dim(0), d = x.dim(1), k = ids.dim(1), local = static_cast<int64_t>(experts.size());
+    DILU_CHECK(out.dim(0) == t && out.dim(1) == d && ids.dtype() == DType::I32 && weights.dim(1) == k,
+               "moe_experts shapes");
+    if (t == 0) return;
+    if (local == 0) {
+      DILU_CU(cudaMemsetAsync(out.raw(), 0, out.nbytes(), stream_));
+      return;
+    }
+    const ExpertTable& table = expert_table(experts);
+    const int64_t f = experts[0].gate.out_features(), pairs = t * k;
+    Tensor counters = empty(DType::I32, {local}), offsets = empty(DType::I32, {local + 1});
+    Tensor rows = empty(DType::I32, {pairs}), pair_row = empty(DType::I32, {pairs});
+    cuda::moe_group(ids.data<int32_t>(), t, k, first_expert, local, counters.data<int32_t>(), offsets.data<int32_t>(),
+                    rows.data<int32_t>(), pair_row.data<int32_t>(), stream_);
+    Tensor g = empty(DType::F32, {pairs, f}), u = empty(DType::F32, {pairs, f}), y = empty(DType::F32, {pairs, d});
+    auto run = [&](const float* in, int64_t ldx, const int32_t* in_rows, int proj, int64_t n_out, int64_t k_in,
+                   float* dst) {
+      cuda::GroupedGemm gg;
+      gg.x = in;
+      gg.ldx = ldx;
+      gg.x_rows = in_rows;
+      gg.group_offsets = offsets.data<int32_t>();
+      gg.groups = local;
+      gg.rows = pairs;
+      gg.weights = table.weights[proj];
+      gg.scales = table.scales[proj];
+      gg.type = table.type;
+      gg.n = n_out;
+      gg.k = k_in;
+      gg.block_out = table.block_out;
+      gg.block_in = table.block_in;
+      gg.round_bf16 = true;
+      gg.out = dst;
+      gg.ldo = n_out;
+      cuda::grouped_gemm(gg, stream_);
+    };
+    run(x.data<float>(), d, rows.data<int32_t>(), 0, f, d, g.data<float>());
+    run(x.data<float>(), d, rows.data<int32_t>(), 1, f, d, u.data<float>());
+    cuda::moe_silu_mul(g.data<float>(), u.data<float>(), offsets.data<int32_t>(), local, pairs, f, stream_);
+    run(g.data<float>(), f, nullptr, 2, d, f, y.data<float>());
+    cuda::moe_combine(y.data<float>(), ids.data<int32_t>(), weights.data<float>(), pair_row.data<int32_t>(), t, k, d,
+                      out.data<float>(), stream_);
+  }
+
+  void concat_columns(const Tensor& parts, Tensor& out) override {
+    check_f32(parts, "concat parts");
+    check_f32(out, "concat output");
+    const int64_t p = parts.dim(0), n = parts.dim(1), wp = parts.dim(2), w = out.dim(1);
+    DILU_CHECK(out.dim(0) == n && p * wp >= w, "concat_columns: parts ", shape_str(parts.shape()), ", out ",
+               shape_str(out.shape()));
+    cuda::concat_columns(parts.data<float>(), p, n, wp, out.data<float>(), w, stream_);
+  }
+
+  std::vector<int32_t> argmax(const Tensor& logits) override {
+    check_f32(logits, "logits");
+    const int64_t n = logits.dim(0);
+    std::vector<int32_t> result(static_cast<size_t>(n));
+    if (n == 0) return result;
+    Tensor dev = empty(DType::I32, {n});
+    cuda::argmax_rows(logits.data<float>(), n, logits.dim(1), dev.data<int32_t>(), stream_);
+    copy_to_host(dev, result.data());
+    return result;
+  }
+
+  bool has_device_sampler() const override { return true; }
+
+  std::vector<SampleOut> sample(const Tensor& logits, std::span<const SampleSpec> specs) override {
+    check_f32(logits, "logits");
+    const int64_t rows = static_cast<int64_t>(specs.size()), vocab = logits.dim(1);
+    std::vector<SampleOut> result(specs.size());
+    if (rows == 0) return result;
+    std::vector<cuda::SampleRowParams> params(specs.size());
+    for (size_t i = 0; i < specs.size(); ++i) {
+      const SampleSpec& s = specs[i];
+      DILU_CHECK(s.row >= 0 && s.row < logits.dim(0), "sample row ", s.row);
+      DILU_CHECK(s.top_logprobs >= 0 && s.top_logprobs <= cuda::kMaxTopLogprobs, "top_logprobs ", s.top_logprobs);
+      params[i] = cuda::SampleRowParams{s.row, static_cast<float>(s.temperature), static_cast<float>(s.top_p),
+                                        static_cast<int32_t>(s.top_k), static_cast<float>(s.min_p), s.uniform,
+                                        s.logprobs ? 1 : 0, static_cast<int32_t>(s.top_logprobs)};
+    }
+    Tensor dev_params = empty(DType::U8, {static_cast<int64_t>(params.size() * sizeof(cuda::SampleRowParams))});
+    copy_from_host(params.data(), dev_params);
+    Tensor dev_results = empty(DType::U8, {static_cast<int64_t>(specs.size() * sizeof(cuda::SampleRowResult))});
+    const size_t ws_bytes = cuda::sample_rows_workspace_bytes(rows, vocab);
+    Tensor ws = empty(DType::U8, {static_cast<int64_t>(std::max<size_t>(ws_bytes, 1))});
+    cuda::sample_rows(logits.data<float>(), vocab, reinterpret_cast<const cuda::SampleRowParams*>(dev_params.raw()),
+                      reinterpret_cast<cuda::SampleRowResult*>(dev_results.raw()), rows, ws.raw(), ws_bytes, stream_);
+    std::vector<cuda::SampleRowResult> host(specs.size());
+    copy_to_host(dev_results, host.data());
+    for (size_t i = 0; i < specs.size(); ++i) {
+      result[i].token = host[i].token;
+      if (!specs[i].logprobs) continue;
+      result[i].logprob = host[i].logprob;
+      for (int64_t j = 0; j < specs[i].top_logprobs; ++j)
+        result[i].top.push_back({host[i].top_ids[j], host[i].top_logprobs[j]});
+    }
+    return result;
+  }
+
+ private:
+  struct ExpertTable {
+    const void* const* weights[3] = {};  // device arrays of the experts' gate, up, down pointers
+    const float* const* scales[3] = {};
+    cuda::WeightType type = cuda::WeightType::BF16;
+    int64_t block_out = 0, block_in = 0;
+    Tensor storage;
+  };
+
+  // The device pointer arrays of one layer's experts, made once (at the first step) and kept.
+  const ExpertTable& expert_table(std::span<const ExpertWeights> experts) {
+    const auto key = std::make_pair(static_cast<const void*>(experts.data()), experts.size());
+    auto it = expert_tables_.find(key);
+    if (it != expert_tables_.end()) return it->second;
+    ExpertTable table;
+    const LinearWeight& first = experts[0].gate;
+    table.type = weight_type(first.weight.dtype());
+    table.block_out = first.block_out;
+    table.block_in = first.block_in;
+    const size_t n = experts.size();
+    std::vector<const void*> ptrs(6 * n, nullptr);
+    for (size_t e = 0; e < n; ++e) {
+      const LinearWeight* ws[3] = {&experts[e].gate, &experts[e].up, &experts[e].down};
+      for (int p = 0; p < 3; ++p) {
+        DILU_CHECK(ws[p]->weight.dtype() == first.weight.dtype() && ws[p]->block_out == first.block_out &&
+                       ws[p]->block_in == first.block_in,
+                   "experts of one layer must share dtype and block size");
+        DILU_CHECK(ws[p]->weight.shape() == (p == 2 ? experts[0].down.weight.shape() : first.weight.shape()),
+                   "experts of one layer must share shapes");
+        ptrs[static_cast<size_t>(p) * n + e] = ws[p]->weight.raw();
+        ptrs[(3 + static_cast<size_t>(p)) * n + e] = ws[p]->scale_inv.numel() > 0 ? ws[p]->scale_inv.raw() : nullptr;
+      }
+    }
+    table.storage = allocate_persistent(DType::U8, {static_cast<int64_t>(ptrs.size() * sizeof(void*))});
+    DILU_CU(cudaMemcpy(table.storage.raw(), ptrs.data(), ptrs.size() * sizeof(void*), cudaMemcpyHostToDevice));
+    auto* base = static_cast<const void**>(table.storage.raw());
+    for (int p = 0; p < 3; ++p) {
+      table.weights[p] = base + static_cast<size_t>(p) * n;
+      table.scales[p] = reinterpret_cast<const float* const*>(base + (3 + static_cast<size_t>(p)) * n);
+    }
+    return expert_tables_.emplace(key, std::move(table)).first->second;
+  }
+
+  void check_f32(const Tensor& t, const char* what) const {
+    DILU_CHECK(t.dtype() == DType::F32 && t.device() == device(), what, " must be an F32 tensor on ", device().str(),
+               ", got ", dtype_name(t.dtype()), " on ", t.device().str());
+  }
+  void check_device(const Tensor& t, const char* what) const {
+    DILU_CHECK(t.device() == device(), what, " must be on ", device().str(), ", got ", t.device().str());
+  }
+
+  Tensor upload_i32(std::span<const int32_t> v) {
+    Tensor t = empty(DType::I32, {static_cast<int64_t>(v.size())});
+    copy_from_host(v.data(), t);
+    return t;
+  }
+  Tensor upload_f32(std::span<const float> v) {
+    Tensor t = empty(DType::F32, {static_cast<int64_t>(v.size())});
+    copy_from_host(v.data(), t);
+    return t;
+  }
+
+  // D [n, m] (column-major; row-major [m, n] F32) = op(A = W [n, k] row-major) * B (x [m, k]
+  // row-major), through cuBLASLt. FP8: A and B e4m3 with BLK128x128 and VEC128 scales. Returns
+  // false (and remembers it) when cuBLASLt has no algorithm for the shape.
+  bool lt_matmul(cudaDataType_t ab, const void* a, const float* a_scale, const void* b, const float* b_scale, void* d,
+                 int64_t n, int64_t m, int64_t k) {
+    const bool fp8 = ab == CUDA_R_8F_E4M3;
+    const auto key = std::make_tuple(static_cast<int>(ab), n, m, k);
+    auto it = lt_algos_.find(key);
+    if (it != lt_algos_.end() && !it->second.ok) return false;
+
+    cublasLtMatmulDesc_t desc = nullptr;
+    cublasLtMatrixLayout_t la = nullptr, lb = nullptr, ld = nullptr, lbf = nullptr;
+    DILU_LT(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    const cublasOperation_t op_t = CUBLAS_OP_T, op_n = CUBLAS_OP_N;
+    DILU_LT(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_t, sizeof(op_t)));
+    DILU_LT(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_n, sizeof(op_n)));
+    if (fp8) {
+      const cublasLtMatmulMatrixScale_t blk = CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F,
+                                        vec = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
+      DILU_LT(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &blk, sizeof(blk)));
+      DILU_LT(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &vec, sizeof(vec)));
+      DILU_LT(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &a_scale, sizeof(a_scale)));
+      DILU_LT(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &b_scale, sizeof(b_scale)));
+    }
+    DILU_LT(cublasLtMatrixLayoutCreate(&la, ab, static_cast<uint64_t>(k), static_cast<uint64_t>(n), k));
+    DILU_LT(cublasLtMatrixLayoutCreate(&lb, ab, static_cast<uint64_t>(k), static_cast<uint64_t>(m), k));
+    DILU_LT(cublasLtMatrixLayoutCreate(&ld, CUDA_R_32F, static_cast<uint64_t>(n), static_cast<uint64_t>(m), n));
+    DILU_LT(cublasLtMatrixLayoutCreate(&lbf, CUDA_R_16BF, static_cast<uint64_t>(n), static_cast<uint64_t>(m), n));
+    auto cleanup = [&] {
+      cublasLtMatrixLayoutDestroy(lbf);
+      cublasLtMatrixLayoutDestroy(ld);
+      cublasLtMatrixLayoutDestroy(lb);
+      cublasLtMatrixLayoutDestroy(la);
+      cublasLtMatmulDescDestroy(desc);
+    };
+    if (it == lt_algos_.end()) {
+      LtChoice choice;
+      cublasLtMatmulPreference_t pref = nullptr;
+      DILU_LT(cublasLtMatmulPreferenceCreate(&pref));
+      const size_t ws = kLtWorkspace;
+      DILU_LT(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
+      cublasLtMatmulHeuristicResult_t h{};
+      int found = 0;
+      // F32 output first; FP8 falls back to BF16 output (converted) where F32 has no kernel.
+      for (int out_bf16 = 0; out_bf16 < (fp8 ? 2 : 1) && found == 0; ++out_bf16) {
+        const cublasLtMatrixLayout_t lo = out_bf16 ? lbf : ld;
+        if (cublasLtMatmulAlgoGetHeuristic(lt_, desc, la, lb, lo, lo, pref, 1, &h, &found) != CUBLAS_STATUS_SUCCESS)
+          found = 0;
+        if (found > 0) {
+          choice.ok = true;
+          choice.out_bf16 = out_bf16 == 1;
+          choice.algo = h.algo;
+        }
+      }
+      cublasLtMatmulPreferenceDestroy(pref);
+      it = lt_algos_.emplace(key, choice).first;
+      if (!choice.ok) {
+        cleanup();
+        return false;
+      }
+    }
+    const LtChoice& c = it->second;
+    const float alpha = 1.0f, beta = 0.0f;
+    Tensor tmp;
+    void* dst = d;
+    if (c.out_bf16) {
+      tmp = empty(DType::BF16, {m, n});
+      dst = tmp.raw();
+    }
+    const cublasLtMatrixLayout_t lo = c.out_bf16 ? lbf : ld;
+    const cublasStatus_t st = cublasLtMatmul(lt_, desc, &alpha, a, la, b, lb, &beta, dst, lo, dst, lo, &c.algo,
+                                             lt_workspace_, kLtWorkspace, stream_);
+    cleanup();
+    if (st != CUBLAS_STATUS_SUCCESS)
+      throw std::runtime_error("cublasLtMatmul (" + std::string(fp8 ? "FP8 block-scaled" : "BF16") + ", n " +
+                               std::to_string(n) + ", m " + std::to_string(m) + ", k " + std::to_string(k) +
+                               ") failed: cuBLAS status " + std::to_string(st));
+    if (c.out_bf16) cuda::bf16_to_f32(static_cast<const uint16_t*>(dst), static_cast<float*>(d), m * n, stream_);
+    return true;
+  }
+
+  struct LtChoice {
+    bool ok = false;
+    bool out_bf16 = false;
+    cublasLtMatmulAlgo_t algo{};
+  };
+
+  int device_ = 0;
+  cudaDeviceProp props_{};
+  cudaStream_t stream_ = nullptr;
+  cublasLtHandle_t lt_ = nullptr;
+  void* lt_workspace_ = nullptr;
+  void* staging_ = nullptr;
+  size_t staging_bytes_ = size_t{16} << 20;
+  std::shared_ptr<Arena> arena_;
+  bool fp8_block_ = false;
+  size_t placed_ = 0;
+  std::vector<std::function<void()>> wait_checks_;
+  std::map<std::pair<const void*, size_t>, ExpertTable> expert_tables_;
+  std::map<std::tuple<int, int64_t, int64_t, int64_t>, LtChoice> lt_algos_;
+};
+
+}  // namespace
+
+std::unique_ptr<Ops> make_cuda_ops(const BackendOptions& options) { return std::make_unique<CudaOps>(options); }
+
+}  // namespace dilu

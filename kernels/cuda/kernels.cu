@@ -1,0 +1,686 @@
+// The CUDA backend's kernels (see kernels.h). Written for correctness and a structure that later
+// speed work refines in place: one block per row for row ops, a tiled grouped GEMM with BF16
+// math (weights dequantized in the tile loader), a warp-per-position online-softmax MLA kernel,
+// and device-side MoE grouping so that no step needs the host to look at routing.
+#include "kernels/cuda/kernels.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+
+#include <cfloat>
+#include <cstdio>
+#include <stdexcept>
+#include <string>
+
+namespace dilu::cuda {
+
+namespace {
+
+cudaStream_t as_stream(void* s) { return static_cast<cudaStream_t>(s); }
+
+void check_launch(const char* what) {
+  const cudaError_t rc = cudaGetLastError();
+  if (rc != cudaSuccess) throw std::runtime_error(std::string(what) + ": kernel launch failed: " + cudaGetErrorString(rc));
+}
+
+int grid_for(int64_t n, int threads) {
+  const int64_t b = (n + threads - 1) / threads;
+  return static_cast<int>(b < 65535 * 16 ? (b < 1 ? 1 : b) : 65535 * 16);
+}
+
+__device__ __forceinline__ float round_bf16(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Block-wide sum for blockDim.x a multiple of 32 (<= 1024); every thread gets the result.
+__device__ float block_sum(float v) {
+  __shared__ float part[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) part[warp] = v;
+  __syncthreads();
+  float total = 0.0f;
+  for (int i = 0; i < warps; ++i) total += part[i];
+  return total;
+}
+
+// ---------------------------------------------------------------- conversions
+__global__ void f32_to_bf16_kernel(const float* x, __nv_bfloat16* out, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    out[i] = __float2bfloat16_rn(x[i]);
+}
+
+__global__ void bf16_to_f32_kernel(const __nv_bfloat16* x, float* out, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    out[i] = __bfloat162float(x[i]);
+}
+
+__device__ __forceinline__ float load_weight(const void* w, WeightType type, int64_t i) {
+  switch (type) {
+    case WeightType::F32: return static_cast<const float*>(w)[i];
+    case WeightType::BF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(w)[i]);
+    default: return static_cast<float>(static_cast<const __nv_fp8_e4m3*>(w)[i]);
+  }
+}
+
+__global__ void dequantize_kernel(const void* w, WeightType type, const float* scale_inv, int64_t rows, int64_t cols,
+                                  int64_t bo, int64_t bi, float* out) {
+  const int64_t n = rows * cols;
+  const int64_t sc = type == WeightType::FP8 ? (cols + bi - 1) / bi : 0;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float v = load_weight(w, type, i);
+    if (type == WeightType::FP8) v *= scale_inv[(i / cols / bo) * sc + (i % cols) / bi];
+    out[i] = v;
+  }
+}
+
+// One warp per (row, 128-channel group).
+__global__ void quantize_fp8_kernel(const float* x, int64_t rows, int64_t cols, __nv_fp8_e4m3* q, float* scale) {
+  const int64_t groups = cols / 128;
+  const int64_t warp = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (warp >= rows * groups) return;
+  const int64_t row = warp / groups, g = warp % groups;
+  const float* src = x + row * cols + g * 128;
+  float v[4], amax = 0.0f;
+  for (int i = 0; i < 4; ++i) {
+    v[i] = src[lane + 32 * i];
+    amax = fmaxf(amax, fabsf(v[i]));
+  }
+  for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  const float s = amax > 0.0f ? amax / 448.0f : 1.0f;
+  for (int i = 0; i < 4; ++i) q[row * cols + g * 128 + lane + 32 * i] = __nv_fp8_e4m3(v[i] / s);
+  if (lane == 0) scale[row * groups + g] = s;
+}
+
+// ---------------------------------------------------------------- row ops
+__global__ void embedding_kernel(const void* table, int table_type, int64_t rows, int64_t dim, const int32_t* ids,
+                                 int64_t first_id, float* out) {
+  const int64_t t = blockIdx.x;
+  const int64_t row = static_cast<int64_t>(ids[t]) - first_id;
+  float* dst = out + t * dim;
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
+    float v = 0.0f;
+    if (row >= 0 && row < rows) {
+      const int64_t at = row * dim + i;
+      if (table_type == 0) v = static_cast<const float*>(table)[at];
+      else if (table_type == 1) v = __bfloat162float(static_cast<const __nv_bfloat16*>(table)[at]);
+      else v = __half2float(static_cast<const __half*>(table)[at]);
+    }
+    dst[i] = v;
+  }
+}
+
+__global__ void rms_norm_kernel(float* x, const float* residual, const float* w, int64_t width, int64_t d, float eps,
+                                float* out) {
+  float* xr = x + blockIdx.x * width;
+  float* orow = out + blockIdx.x * width;
+  float ss = 0.0f;
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
+    float v = xr[i];
+    if (residual) {
+      v += residual[blockIdx.x * width + i];
+      xr[i] = v;
+    }
+    ss += v * v;
+  }
+  ss = block_sum(ss);
+  const float inv = 1.0f / sqrtf(ss / static_cast<float>(d) + eps);
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) orow[i] = w[i] * (xr[i] * inv);
+}
+
+__global__ void gather_rows_kernel(const float* x, int64_t width, const int32_t* rows, float* out) {
+  const float* src = x + static_cast<int64_t>(rows[blockIdx.x]) * width;
+  for (int64_t i = threadIdx.x; i < width; i += blockDim.x) out[blockIdx.x * width + i] = src[i];
+}
+
+__global__ void add_kernel(float* x, const float* y, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    x[i] += y[i];
+}
+
+__device__ __forceinline__ float silu_times(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
+__global__ void silu_mul_kernel(const float* gate, const float* up, int64_t n, float* out) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    out[i] = silu_times(gate[i], up[i]);
+}
+
+// One block per token; threads over (head, pair).
+__global__ void rope_kernel(float* x, int64_t heads, int64_t width, int64_t offset, const int32_t* pos,
+                            const float* inv_freq, int64_t half, float attention_factor) {
+  const int64_t t = blockIdx.x;
+  for (int64_t j = threadIdx.x; j < heads * half; j += blockDim.x) {
+    const int64_t head = j / half, i = j % half;
+    const float f = static_cast<float>(pos[t]) * inv_freq[i];
+    const float c = cosf(f) * attention_factor, s = sinf(f) * attention_factor;
+    float* v = x + (t * heads + head) * width + offset;
+    const float a = v[2 * i], b = v[2 * i + 1];
+    v[2 * i] = a * c - b * s;
+    v[2 * i + 1] = b * c + a * s;
+  }
+}
+
+__global__ void cache_write_kernel(__nv_bfloat16* cache, const float* entry, const int64_t* slot, int64_t width) {
+  const int64_t t = blockIdx.x;
+  __nv_bfloat16* dst = cache + slot[t] * width;
+  for (int64_t i = threadIdx.x; i < width; i += blockDim.x) dst[i] = __float2bfloat16_rn(entry[t * width + i]);
+}
+
+__global__ void concat_columns_kernel(const float* parts, int64_t p, int64_t n, int64_t wp, float* out, int64_t w) {
+  const int64_t row = blockIdx.x;
+  for (int64_t c = threadIdx.x; c < w; c += blockDim.x) {
+    const int64_t part = c / wp, j = c % wp;
+    out[row * w + c] = parts[(part * n + row) * wp + j];
+  }
+}
+
+__global__ void argmax_kernel(const float* x, int64_t cols, int32_t* out) {
+  const float* row = x + blockIdx.x * cols;
+  float best = -INFINITY;
+  int64_t idx = -1;
+  for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
+    const float v = row[i];
+    if (idx < 0 || v > best) {  // ascending i per thread: the first maximum wins
+      best = v;
+      idx = i;
+    }
+  }
+  __shared__ float sv[1024];
+  __shared__ int64_t si[1024];
+  sv[threadIdx.x] = best;
+  si[threadIdx.x] = idx;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) {
+      const float ov = sv[threadIdx.x + s];
+      const int64_t oi = si[threadIdx.x + s];
+      const bool take = oi >= 0 && (si[threadIdx.x] < 0 || ov > sv[threadIdx.x] ||
+                                    (ov == sv[threadIdx.x] && oi < si[threadIdx.x]));
+      if (take) {
+        sv[threadIdx.x] = ov;
+        si[threadIdx.x] = oi;
+      }
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) out[blockIdx.x] = static_cast<int32_t>(si[0] < 0 ? 0 : si[0]);
+}
+
+// ---------------------------------------------------------------- grouped GEMM
+// 64 x 64 output tile per block of 256 threads (4 x 4 each), K in steps of 16.
+constexpr int kTm = 64, kTn = 64, kTk = 16;
+
+__global__ void __launch_bounds__(256) grouped_gemm_kernel(GroupedGemm g) {
+  const int64_t group = blockIdx.z;
+  int64_t row_begin = 0, row_end = g.rows;
+  if (g.group_offsets) {
+    row_begin = g.group_offsets[group];
+    row_end = g.group_offsets[group + 1];
+  }
+  const int64_t r0 = row_begin + static_cast<int64_t>(blockIdx.y) * kTm;
+  if (r0 >= row_end) return;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kTn;
+  const void* w = g.weights ? g.weights[group] : g.weight;
+  const float* scale = g.type != WeightType::FP8 ? nullptr : (g.scales ? g.scales[group] : g.scale);
+  const int64_t sc = g.type == WeightType::FP8 ? (g.k + g.block_in - 1) / g.block_in : 0;
+
+  __shared__ float xs[kTk][kTm + 1];
+  __shared__ float ws[kTk][kTn + 1];
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  float acc[4][4] = {};
+  for (int64_t k0 = 0; k0 < g.k; k0 += kTk) {
+    for (int i = threadIdx.x; i < kTm * kTk; i += 256) {
+      const int rr = i / kTk, kk = i % kTk;
+      const int64_t r = r0 + rr, k = k0 + kk;
+      float v = 0.0f;
+      if (r < row_end && k < g.k) {
+        const int64_t src = g.x_rows ? g.x_rows[r] : r;
+        v = g.x[src * g.ldx + k];
+        if (g.round_bf16) v = round_bf16(v);
+      }
+      xs[kk][rr] = v;
+    }
+    for (int i = threadIdx.x; i < kTn * kTk; i += 256) {
+      const int nn = i / kTk, kk = i % kTk;
+      const int64_t n = n0 + nn, k = k0 + kk;
+      float v = 0.0f;
+      if (n < g.n && k < g.k) {
+        v = load_weight(w, g.type, n * g.k + k);
+        if (scale) v *= scale[(n / g.block_out) * sc + k / g.block_in];
+        if (g.round_bf16) v = round_bf16(v);
+      }
+      ws[kk][nn] = v;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kTk; ++kk) {
+      float a[4], b[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        a[i] = xs[kk][ty * 4 + i];
+        b[i] = ws[kk][tx * 4 + i];
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t r = r0 + ty * 4 + i;
+    if (r >= row_end) continue;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t n = n0 + tx * 4 + j;
+      if (n < g.n) g.out[r * g.ldo + n] = acc[i][j];
+    }
+  }
+}
+
+// ---------------------------------------------------------------- MLA
+// q_lat[t, h, :] = q_nope[t, h, :] @ W_UK[h]  ([nope] x [nope, C])
+__global__ void mla_absorb_q_kernel(MlaArgs a) {
+  const int64_t t = blockIdx.x / a.h, head = blockIdx.x % a.h;
+  extern __shared__ float qs[];
+  const float* q = a.q + (t * a.h + head) * (a.nope + a.r);
+  for (int64_t i = threadIdx.x; i < a.nope; i += blockDim.x) qs[i] = q[i];
+  __syncthreads();
+  const float* w_uk = a.kv_b + head * (a.nope + a.v) * a.c;
+  for (int64_t k = threadIdx.x; k < a.c; k += blockDim.x) {
+    float acc = 0.0f;
+    for (int64_t i = 0; i < a.nope; ++i) acc = fmaf(qs[i], w_uk[i * a.c + k], acc);
+    a.q_lat[(t * a.h + head) * a.c + k] = acc;
+  }
+}
+
+constexpr int kMlaWarps = 4;
+constexpr int kMaxC = 512, kMaxR = 64;
+
+// One block per (token, head); each warp walks positions warp, warp + 4, ... with an online
+// softmax, lanes own latent columns lane + 32 i; the warps' partial states are merged at the end.
+__global__ void __launch_bounds__(kMlaWarps * 32) mla_attention_kernel(MlaArgs a) {
+  const int64_t t = blockIdx.x / a.h, head = blockIdx.x % a.h;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t width = a.c + a.r;
+  __shared__ float qs[kMaxC + kMaxR];
+  __shared__ float wm[kMlaWarps], wl[kMlaWarps];
+  __shared__ float wacc[kMlaWarps][kMaxC];
+  for (int64_t i = threadIdx.x; i < a.c; i += blockDim.x) qs[i] = a.q_lat[(t * a.h + head) * a.c + i];
+  for (int64_t i = threadIdx.x; i < a.r; i += blockDim.x) qs[a.c + i] = a.q[(t * a.h + head) * (a.nope + a.r) + a.nope + i];
+  __syncthreads();
+  const int64_t ctx = static_cast<int64_t>(a.token_pos[t]) + 1;
+  const int32_t* table = a.tables + static_cast<int64_t>(a.token_seq[t]) * a.table_stride;
+  float m = -INFINITY, l = 0.0f;
+  float acc[kMaxC / 32];
+#pragma unroll
+  for (int i = 0; i < kMaxC / 32; ++i) acc[i] = 0.0f;
+  for (int64_t j = warp; j < ctx; j += kMlaWarps) {
+    const __nv_bfloat16* e =
+        reinterpret_cast<const __nv_bfloat16*>(a.cache) + (static_cast<int64_t>(table[j / a.block_size]) * a.block_size + j % a.block_size) * width;
+    float s = 0.0f;
+    for (int64_t k = lane; k < width; k += 32) s = fmaf(qs[k], __bfloat162float(e[k]), s);
+    s = warp_sum(s) * a.scale;
+    const float m_new = fmaxf(m, s);
+    const float corr = expf(m - m_new), p = expf(s - m_new);
+    l = l * corr + p;
+#pragma unroll
+    for (int i = 0; i < kMaxC / 32; ++i) {
+      const int64_t k = lane + 32 * i;
+      if (k < a.c) acc[i] = acc[i] * corr + p * __bfloat162float(e[k]);
+    }
+    m = m_new;
+  }
+  if (lane == 0) {
+    wm[warp] = m;
+    wl[warp] = l;
+  }
+#pragma unroll
+  for (int i = 0; i < kMaxC / 32; ++i) {
+    const int64_t k = lane + 32 * i;
+    if (k < a.c) wacc[warp][k] = acc[i];
+  }
+  __syncthreads();
+  float big = -INFINITY;
+  for (int w = 0; w < kMlaWarps; ++w) big = fmaxf(big, wm[w]);
+  float denom = 0.0f, f[kMlaWarps];
+  for (int w = 0; w < kMlaWarps; ++w) {
+    f[w] = wl[w] > 0.0f ? expf(wm[w] - big) : 0.0f;
+    denom += wl[w] * f[w];
+  }
+  for (int64_t k = threadIdx.x; k < a.c; k += blockDim.x) {
+    float o = 0.0f;
+    for (int w = 0; w < kMlaWarps; ++w) o += wacc[w][k] * f[w];
+    a.o_lat[(t * a.h + head) * a.c + k] = o / denom;
+  }
+}
+
+// out[t, head * v + i] = W_UV[head][i, :] . o_lat[t, head, :]
+__global__ void mla_absorb_v_kernel(MlaArgs a) {
+  const int64_t t = blockIdx.x / a.h, head = blockIdx.x % a.h;
+  extern __shared__ float os[];
+  for (int64_t k = threadIdx.x; k < a.c; k += blockDim.x) os[k] = a.o_lat[(t * a.h + head) * a.c + k];
+  __syncthreads();
+  const float* w_uv = a.kv_b + (head * (a.nope + a.v) + a.nope) * a.c;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  for (int64_t i = warp; i < a.v; i += warps) {
+    float s = 0.0f;
+    for (int64_t k = lane; k < a.c; k += 32) s = fmaf(w_uv[i * a.c + k], os[k], s);
+    s = warp_sum(s);
+    if (lane == 0) a.out[t * a.h * a.v + head * a.v + i] = s;
+  }
+}
+
+// ---------------------------------------------------------------- MoE
+// One block per token; the selection (a few hundred comparisons) runs on thread 0 with the CPU's
+// order: stable by score, ties to the lower index.
+__global__ void moe_select_kernel(const float* logits, const float* bias, int64_t e_count, int64_t k, int64_t n_group,
+                                  int64_t topk_group, bool norm, float factor, int32_t* ids, float* weights) {
+  extern __shared__ float sm[];
+  float* scores = sm;
+  float* choice = sm + e_count;
+  const int64_t t = blockIdx.x;
+  for (int64_t e = threadIdx.x; e < e_count; e += blockDim.x) {
+    const float s = 1.0f / (1.0f + expf(-logits[t * e_count + e]));
+    scores[e] = s;
+    choice[e] = s + (bias ? bias[e] : 0.0f);
+  }
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  const int64_t per_group = e_count / n_group;
+  // Keep the topk_group groups with the best sums of their two best biased scores.
+  unsigned long long kept = 0;  // n_group <= 64
+  for (int64_t pick = 0; pick < topk_group; ++pick) {
+    int64_t best_g = -1;
+    float best = 0.0f;
+    for (int64_t gi = 0; gi < n_group; ++gi) {
+      if (kept >> gi & 1ull) continue;
+      float a = -INFINITY, b = -INFINITY;
+      for (int64_t e = gi * per_group; e < (gi + 1) * per_group; ++e) {
+        const float v = choice[e];
+        if (v > a) {
+          b = a;
+          a = v;
+        } else if (v > b) {
+          b = v;
+        }
+      }
+      const float gs = per_group >= 2 ? a + b : a;
+      if (best_g < 0 || gs > best) {
+        best = gs;
+        best_g = gi;
+      }
+    }
+    kept |= 1ull << best_g;
+  }
+  for (int64_t e = 0; e < e_count; ++e)
+    if (!(kept >> (e / per_group) & 1ull)) choice[e] = -INFINITY;
+  float sum = 0.0f;
+  for (int64_t j = 0; j < k; ++j) {
+    int64_t best_e = -1;
+    float best = 0.0f;
+    for (int64_t e = 0; e < e_count; ++e) {
+      const float v = choice[e];
+      if (v != v) continue;  // NaN (already chosen)
+      if (best_e < 0 || v > best) {
+        best = v;
+        best_e = e;
+      }
+    }
+    choice[best_e] = NAN;
+    ids[t * k + j] = static_cast<int32_t>(best_e);
+    weights[t * k + j] = scores[best_e];
+    sum += scores[best_e];
+  }
+  for (int64_t j = 0; j < k; ++j) {
+    float w = weights[t * k + j];
+    if (norm) w /= (sum + 1e-20f);
+    weights[t * k + j] = w * factor;
+  }
+}
+
+__global__ void moe_count_kernel(const int32_t* ids, int64_t pairs, int64_t first, int64_t local, int32_t* counters) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < pairs;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t e = ids[i] - first;
+    if (e >= 0 && e < local) atomicAdd(&counters[e], 1);
+  }
+}
+
+// Single block: exclusive scan of the counts into offsets, counters reset to the offsets.
+__global__ void moe_scan_kernel(int32_t* counters, int64_t local, int32_t* offsets) {
+  if (threadIdx.x != 0) return;
+  int32_t run = 0;
+  for (int64_t e = 0; e < local; ++e) {
+    offsets[e] = run;
+    run += counters[e];
+    counters[e] = offsets[e];
+  }
+  offsets[local] = run;
+}
+
+__global__ void moe_scatter_kernel(const int32_t* ids, int64_t pairs, int64_t k, int64_t first, int64_t local,
+                                   int32_t* cursors, int32_t* rows, int32_t* pair_row) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < pairs;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t e = ids[i] - first;
+    if (e >= 0 && e < local) {
+      const int32_t at = atomicAdd(&cursors[e], 1);
+      rows[at] = static_cast<int32_t>(i / k);
+      pair_row[i] = at;
+    } else {
+      pair_row[i] = -1;
+    }
+  }
+}
+
+__global__ void moe_silu_mul_kernel(float* gate, const float* up, const int32_t* offsets, int64_t local, int64_t f) {
+  const int64_t n = static_cast<int64_t>(offsets[local]) * f;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    gate[i] = silu_times(gate[i], up[i]);
+}
+
+__global__ void moe_combine_kernel(const float* y, const int32_t* ids, const float* weights, const int32_t* pair_row,
+                                   int64_t k, int64_t d, float* out) {
+  const int64_t t = blockIdx.x;
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
+    float acc = 0.0f;
+    int32_t last = -1;
+    // The pairs in ascending expert id (k is small: a selection per step).
+    for (int64_t step = 0; step < k; ++step) {
+      int64_t pick = -1;
+      for (int64_t j = 0; j < k; ++j) {
+        const int32_t e = ids[t * k + j];
+        if (e > last && (pick < 0 || e < ids[t * k + pick])) pick = j;
+      }
+      if (pick < 0) break;
+      last = ids[t * k + pick];
+      const int32_t r = pair_row[t * k + pick];
+      if (r >= 0) acc += y[static_cast<int64_t>(r) * d + c] * weights[t * k + pick];
+    }
+    out[t * d + c] = acc;
+  }
+}
+
+__global__ void fill_u32_kernel(uint32_t* dst, uint32_t pattern, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    dst[i] = pattern;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- launchers
+void f32_to_bf16(const float* x, uint16_t* out, int64_t n, void* stream) {
+  if (n <= 0) return;
+  f32_to_bf16_kernel<<<grid_for(n, 256), 256, 0, as_stream(stream)>>>(x, reinterpret_cast<__nv_bfloat16*>(out), n);
+  check_launch("f32_to_bf16");
+}
+
+void bf16_to_f32(const uint16_t* x, float* out, int64_t n, void* stream) {
+  if (n <= 0) return;
+  bf16_to_f32_kernel<<<grid_for(n, 256), 256, 0, as_stream(stream)>>>(reinterpret_cast<const __nv_bfloat16*>(x), out, n);
+  check_launch("bf16_to_f32");
+}
+
+void dequantize_to_f32(const void* w, WeightType type, const float* scale_inv, int64_t rows, int64_t cols,
+                       int64_t block_out, int64_t block_in, float* out, void* stream) {
+  if (rows * cols <= 0) return;
+  dequantize_kernel<<<grid_for(rows * cols, 256), 256, 0, as_stream(stream)>>>(w, type, scale_inv, rows, cols,
+                                                                                block_out, block_in, out);
+  check_launch("dequantize");
+}
+
+void quantize_fp8_per_token_128(const float* x, int64_t rows, int64_t cols, uint8_t* q, float* scale, void* stream) {
+  const int64_t warps = rows * (cols / 128);
+  if (warps <= 0) return;
+  quantize_fp8_kernel<<<static_cast<int>((warps * 32 + 255) / 256), 256, 0, as_stream(stream)>>>(
+      x, rows, cols, reinterpret_cast<__nv_fp8_e4m3*>(q), scale);
+  check_launch("quantize_fp8");
+}
+
+void embedding(const void* table, int table_type, int64_t rows, int64_t dim, const int32_t* ids, int64_t n,
+               int64_t first_id, float* out, void* stream) {
+  if (n <= 0) return;
+  embedding_kernel<<<static_cast<unsigned>(n), 256, 0, as_stream(stream)>>>(table, table_type, rows, dim, ids, first_id,
+                                                                             out);
+  check_launch("embedding");
+}
+
+void rms_norm(float* x, const float* residual, const float* w, int64_t rows, int64_t width, int64_t d, float eps,
+              float* out, void* stream) {
+  if (rows <= 0) return;
+  rms_norm_kernel<<<static_cast<unsigned>(rows), 256, 0, as_stream(stream)>>>(x, residual, w, width, d, eps, out);
+  check_launch("rms_norm");
+}
+
+void gather_rows(const float* x, int64_t width, const int32_t* rows, int64_t n, float* out, void* stream) {
+  if (n <= 0) return;
+  gather_rows_kernel<<<static_cast<unsigned>(n), 256, 0, as_stream(stream)>>>(x, width, rows, out);
+  check_launch("gather_rows");
+}
+
+void add(float* x, const float* y, int64_t n, void* stream) {
+  if (n <= 0) return;
+  add_kernel<<<grid_for(n, 256), 256, 0, as_stream(stream)>>>(x, y, n);
+  check_launch("add");
+}
+
+void silu_mul(const float* gate, const float* up, int64_t n, float* out, void* stream) {
+  if (n <= 0) return;
+  silu_mul_kernel<<<grid_for(n, 256), 256, 0, as_stream(stream)>>>(gate, up, n, out);
+  check_launch("silu_mul");
+}
+
+void rope(float* x, int64_t t, int64_t heads, int64_t width, int64_t offset, const int32_t* pos,
+          const float* inv_freq, int64_t half, float attention_factor, void* stream) {
+  if (t <= 0 || heads * half <= 0) return;
+  rope_kernel<<<static_cast<unsigned>(t), 256, 0, as_stream(stream)>>>(x, heads, width, offset, pos, inv_freq, half,
+                                                                       attention_factor);
+  check_launch("rope");
+}
+
+void cache_write(uint16_t* cache, const float* entry, const int64_t* slot, int64_t t, int64_t width, void* stream) {
+  if (t <= 0) return;
+  cache_write_kernel<<<static_cast<unsigned>(t), 256, 0, as_stream(stream)>>>(reinterpret_cast<__nv_bfloat16*>(cache),
+                                                                              entry, slot, width);
+  check_launch("cache_write");
+}
+
+void concat_columns(const float* parts, int64_t p, int64_t n, int64_t wp, float* out, int64_t w, void* stream) {
+  if (n <= 0 || w <= 0) return;
+  concat_columns_kernel<<<static_cast<unsigned>(n), 256, 0, as_stream(stream)>>>(parts, p, n, wp, out, w);
+  check_launch("concat_columns");
+}
+
+void argmax_rows(const float* x, int64_t rows, int64_t cols, int32_t* out, void* stream) {
+  if (rows <= 0) return;
+  argmax_kernel<<<static_cast<unsigned>(rows), 1024, 0, as_stream(stream)>>>(x, cols, out);
+  check_launch("argmax");
+}
+
+void grouped_gemm(const GroupedGemm& g, void* stream) {
+  if (g.rows <= 0 || g.n <= 0 || g.groups <= 0) return;
+  const dim3 grid(static_cast<unsigned>((g.n + kTn - 1) / kTn), static_cast<unsigned>((g.rows + kTm - 1) / kTm),
+                  static_cast<unsigned>(g.groups));
+  grouped_gemm_kernel<<<grid, 256, 0, as_stream(stream)>>>(g);
+  check_launch("grouped_gemm");
+}
+
+void mla_attention(const MlaArgs& a, void* stream) {
+  if (a.t <= 0 || a.h <= 0) return;
+  if (a.c > kMaxC || a.r > kMaxR)
+    throw std::runtime_error("mla_attention: kv_lora_rank " + std::to_string(a.c) + " / rope dim " +
+                             std::to_string(a.r) + " above the kernel's 512 / 64");
+  const unsigned blocks = static_cast<unsigned>(a.t * a.h);
+  mla_absorb_q_kernel<<<blocks, 128, static_cast<size_t>(a.nope) * sizeof(float), as_stream(stream)>>>(a);
+  check_launch("mla_absorb_q");
+  mla_attention_kernel<<<blocks, kMlaWarps * 32, 0, as_stream(stream)>>>(a);
+  check_launch("mla_attention");
+  mla_absorb_v_kernel<<<blocks, 128, static_cast<size_t>(a.c) * sizeof(float), as_stream(stream)>>>(a);
+  check_launch("mla_absorb_v");
+}
+
+void moe_select(const float* logits, const float* bias, int64_t t, int64_t e, int64_t k, int64_t n_group,
+                int64_t topk_group, bool norm_topk_prob, float routed_scaling_factor, int32_t* ids, float* weights,
+                void* stream) {
+  if (t <= 0) return;
+  if (n_group > 64) throw std::runtime_error("moe_select: more than 64 expert groups");
+  moe_select_kernel<<<static_cast<unsigned>(t), 256, static_cast<size_t>(2 * e) * sizeof(float), as_stream(stream)>>>(
+      logits, bias, e, k, n_group, topk_group, norm_topk_prob, routed_scaling_factor, ids, weights);
+  check_launch("moe_select");
+}
+
+void moe_group(const int32_t* ids, int64_t t, int64_t k, int64_t first, int64_t local, int32_t* counters,
+               int32_t* offsets, int32_t* rows, int32_t* pair_row, void* stream) {
+  cudaStream_t s = as_stream(stream);
+  if (cudaMemsetAsync(counters, 0, static_cast<size_t>(local) * sizeof(int32_t), s) != cudaSuccess)
+    throw std::runtime_error("moe_group: cudaMemsetAsync failed");
+  const int64_t pairs = t * k;
+  if (pairs > 0) {
+    moe_count_kernel<<<grid_for(pairs, 256), 256, 0, s>>>(ids, pairs, first, local, counters);
+    check_launch("moe_count");
+  }
+  moe_scan_kernel<<<1, 32, 0, s>>>(counters, local, offsets);
+  check_launch("moe_scan");
+  if (pairs > 0) {
+    moe_scatter_kernel<<<grid_for(pairs, 256), 256, 0, s>>>(ids, pairs, k, first, local, counters, rows, pair_row);
+    check_launch("moe_scatter");
+  }
+}
+
+void moe_silu_mul(float* gate, const float* up, const int32_t* offsets, int64_t local, int64_t max_rows, int64_t f,
+                  void* stream) {
+  if (max_rows * f <= 0) return;
+  moe_silu_mul_kernel<<<grid_for(max_rows * f, 256), 256, 0, as_stream(stream)>>>(gate, up, offsets, local, f);
+  check_launch("moe_silu_mul");
+}
+
+void moe_combine(const float* y, const int32_t* ids, const float* weights, const int32_t* pair_row, int64_t t,
+                 int64_t k, int64_t d, float* out, void* stream) {
+  if (t <= 0) return;
+  moe_combine_kernel<<<static_cast<unsigned>(t), 256, 0, as_stream(stream)>>>(y, ids, weights, pair_row, k, d, out);
+  check_launch("moe_combine");
+}
+
+void fill_u32(void* dst, uint32_t pattern, int64_t n, void* stream) {
+  if (n <= 0) return;
+  fill_u32_kernel<<<grid_for(n, 256), 256, 0, as_stream(stream)>>>(static_cast<uint32_t*>(dst), pattern, n);
+  check_launch("fill_u32");
+}
+
+}  // namespace dilu::cuda

@@ -1,0 +1,111 @@
+// Launchers of the CUDA backend's kernels (kernels.cu), in plain pointers so that the C++20
+// host code (cuda_ops.cpp) and the C++17 device code share nothing but this header. Every
+// launcher enqueues on `stream` (a cudaStream_t), allocates nothing and never synchronizes;
+// sizes are element counts; a zero-sized launch is a no-op.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace dilu::cuda {
+
+// Weight storage types the GEMM kernels read.
+enum class WeightType : int { F32 = 0, BF16 = 1, FP8 = 2 };
+
+// ---- conversions ----
+void f32_to_bf16(const float* x, uint16_t* out, int64_t n, void* stream);
+// out[r, c] = w[r, c] * scale_inv[r / bo, c / bi] (w FP8 e4m3), or w (BF16/F32), as F32.
+void dequantize_to_f32(const void* w, WeightType type, const float* scale_inv, int64_t rows, int64_t cols,
+                       int64_t block_out, int64_t block_in, float* out, void* stream);
+// Per token, per 128 input channels: scale = amax / 448 (1 for an all-zero group), q = x / scale
+// in e4m3 (round to nearest even, saturating). x [rows, cols] with cols % 128 == 0;
+// q [rows, cols]; scale [rows, cols / 128].
+void quantize_fp8_per_token_128(const float* x, int64_t rows, int64_t cols, uint8_t* q, float* scale, void* stream);
+void bf16_to_f32(const uint16_t* x, float* out, int64_t n, void* stream);
+
+// ---- elementwise and row ops (F32 activations) ----
+// out[t] = table[ids[t] - first_id] as F32, zeros outside [first_id, first_id + rows).
+// table_type: 0 F32, 1 BF16, 2 F16.
+void embedding(const void* table, int table_type, int64_t rows, int64_t dim, const int32_t* ids, int64_t n,
+               int64_t first_id, float* out, void* stream);
+// out[:, :d] = x[:, :d] * rsqrt(mean(x[:, :d]^2) + eps) * w; rows of width `width`. With `residual`
+// non-null, first x += residual (all `width` columns... only the first d: d == width there).
+void rms_norm(float* x, const float* residual, const float* w, int64_t rows, int64_t width, int64_t d, float eps,
+              float* out, void* stream);
+void gather_rows(const float* x, int64_t width, const int32_t* rows, int64_t n, float* out, void* stream);
+void add(float* x, const float* y, int64_t n, void* stream);
+void silu_mul(const float* gate, const float* up, int64_t n, float* out, void* stream);
+// Interleaved rotation of columns [offset, offset + 2 * half) of x [t, heads, width].
+void rope(float* x, int64_t t, int64_t heads, int64_t width, int64_t offset, const int32_t* pos,
+          const float* inv_freq, int64_t half, float attention_factor, void* stream);
+// cache [slots, width] BF16: cache[slot[t]] = bf16(entry[t]).
+void cache_write(uint16_t* cache, const float* entry, const int64_t* slot, int64_t t, int64_t width, void* stream);
+void concat_columns(const float* parts, int64_t p, int64_t n, int64_t wp, float* out, int64_t w, void* stream);
+// Index of the first maximum of each row.
+void argmax_rows(const float* x, int64_t rows, int64_t cols, int32_t* out, void* stream);
+
+// ---- GEMM with BF16 math (soft FP8, MoE experts) and the F32 router GEMM ----
+// out[r, n] = sum_k round(x[src(r), k]) * round(W_g[n, k]) for the rows r of group g:
+// rows [group_offsets[g], group_offsets[g + 1]) (device array of groups + 1), or all `rows` rows
+// when group_offsets is null (then one group). src(r) = x_rows[r] when x_rows is non-null, else
+// r. W_g = weights[g] (device array of device pointers) [N, K] of `type`, FP8 with scales[g]
+// [ceil(N / bo), ceil(K / bi)]. round() is round-to-BF16 when round_bf16, else identity (F32 math).
+struct GroupedGemm {
+  const float* x = nullptr;
+  int64_t ldx = 0;
+  const int32_t* x_rows = nullptr;
+  const int32_t* group_offsets = nullptr;
+  int64_t groups = 1;
+  int64_t rows = 0;  // rows of the single group, or an upper bound of any group's rows
+  const void* const* weights = nullptr;  // per group (device array), or null: `weight` for all
+  const float* const* scales = nullptr;
+  const void* weight = nullptr;
+  const float* scale = nullptr;
+  WeightType type = WeightType::BF16;
+  int64_t n = 0, k = 0, block_out = 0, block_in = 0;
+  bool round_bf16 = true;
+  float* out = nullptr;
+  int64_t ldo = 0;
+};
+void grouped_gemm(const GroupedGemm& g, void* stream);
+
+// ---- multi-head latent attention (absorbed form) ----
+struct MlaArgs {
+  const float* q = nullptr;         // [T, H, nope + R], rope applied
+  const float* kv_b = nullptr;      // [H * (nope + v), C] F32: W_UK [nope, C] then W_UV [v, C] per head
+  const uint16_t* cache = nullptr;  // [blocks, block_size, C + R] BF16
+  const int32_t* token_seq = nullptr;
+  const int32_t* token_pos = nullptr;
+  const int32_t* tables = nullptr;  // [S, table_stride] block ids
+  int64_t table_stride = 0;
+  int64_t block_size = 0;
+  int64_t t = 0, h = 0, nope = 0, r = 0, c = 0, v = 0;
+  float scale = 1.0f;
+  float* q_lat = nullptr;  // scratch [T, H, C]
+  float* o_lat = nullptr;  // scratch [T, H, C]
+  float* out = nullptr;    // [T, H * v]
+};
+// Supports C <= 512 and R <= 64 (DeepSeek-V3: 512 and 64).
+void mla_attention(const MlaArgs& a, void* stream);
+
+// ---- MoE ----
+// Router choice from logits [T, E] (F32, before the sigmoid): noaux_tc with groups, as the CPU.
+void moe_select(const float* logits, const float* bias, int64_t t, int64_t e, int64_t k, int64_t n_group,
+                int64_t topk_group, bool norm_topk_prob, float routed_scaling_factor, int32_t* ids, float* weights,
+                void* stream);
+// Groups the (token, k) pairs routed to experts [first, first + local) by expert: offsets
+// [local + 1], rows [T * K] (token of each grouped row), pair_row [T * K] (grouped row of each
+// pair, -1 for another rank's expert). counters: scratch [local] int32.
+void moe_group(const int32_t* ids, int64_t t, int64_t k, int64_t first, int64_t local, int32_t* counters,
+               int32_t* offsets, int32_t* rows, int32_t* pair_row, void* stream);
+// gate <- silu(gate) * up for the first offsets[local] rows of width f.
+void moe_silu_mul(float* gate, const float* up, const int32_t* offsets, int64_t local, int64_t max_rows, int64_t f,
+                  void* stream);
+// out[t] = sum over its pairs in ascending expert id of weight * y[pair_row] (zero when none).
+void moe_combine(const float* y, const int32_t* ids, const float* weights, const int32_t* pair_row, int64_t t,
+                 int64_t k, int64_t d, float* out, void* stream);
+
+// Fills n 32-bit words with `pattern`.
+void fill_u32(void* dst, uint32_t pattern, int64_t n, void* stream);
+
+}  // namespace dilu::cuda
