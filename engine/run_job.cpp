@@ -161,6 +161,22 @@ RunSummary run_job(const RunJobOptions& o, const RunConfig& cfg, std::ostream& l
       L.ops->add_wait_check([] { nccl_check_async_errors(); });
 #endif
     }
+    if (L.ops->device().kind == DeviceKind::CUDA) {
+      // Out of memory is told before any weight moves, in the planner's numbers: this layout on
+      // GPUs with the memory this one has free now.
+      ClusterShape cluster;
+      cluster.nodes = 1;
+      cluster.gpus_per_node = g.world.size;
+      cluster.gpu.memory_bytes = L.ops->free_memory_bytes() + static_cast<uint64_t>(bo.arena_bytes);
+      cluster.gpu.name = "this GPU (" + human_bytes(cluster.gpu.memory_bytes) + " free)";
+      PlanOptions po;
+      po.tp = g.tp;
+      po.pp = g.pp;
+      po.dp = g.dp;
+      po.suggest = false;
+      const Plan plan = plan_layout(L.mc, cluster, cfg, po);
+      DILU_USER_CHECK(plan.feasible, plan.refusal_message());
+    }
     std::vector<std::pair<int64_t, int64_t>> stages;  // [first, end) layers of each stage
     for (int64_t count : stage_layer_counts(L.mc, cfg, g.tp, g.pp)) {
       const int64_t first = stages.empty() ? 0 : stages.back().second;
