@@ -10,7 +10,7 @@ python3 - "$scratch/in.jsonl" <<'PY'
 import json, random, sys
 random.seed(5)
 with open(sys.argv[1], "w") as f:
-    for i in range(80):
+    for i in range(160):
         f.write(json.dumps({"id": f"r{i}", "prompt_token_ids": [random.randrange(1, 1000) for _ in range(random.randrange(1, 30))],
                             "max_tokens": random.randrange(4, 40), "ignore_eos": True,
                             "temperature": 0.7, "seed": i}) + "\n")
@@ -21,14 +21,20 @@ PY
 "$dilu" run --model "$scratch/m" --input "$scratch/in.jsonl" --output "$scratch/ref.jsonl" --set batch.max_seqs=8 \
   >/dev/null 2>&1 || [ $? = 1 ] || fail "reference run failed"
 
-# Killed at random moments (eight times), then restarted once more to finish. A run that ends
+# Killed at random moments while generating (eight times), then restarted once more to finish. A run that ends
 # before its kill just counts as finished early.
 kills=0
 for attempt in $(seq 1 8); do
   "$dilu" run --model "$scratch/m" --input "$scratch/in.jsonl" --output "$scratch/out.jsonl" --set batch.max_seqs=8 \
     >"$scratch/run.log" 2>&1 &
   pid=$!
-  sleep "$(python3 -c "import random; print(random.uniform(0.4, 2.0))")"
+  # A random moment after the model is loaded (start-up time varies with the machine's load).
+  for _ in $(seq 1 600); do
+    grep -q "model loaded" "$scratch/run.log" 2>/dev/null && break
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.05
+  done
+  sleep "$(python3 -c "import random; print(random.uniform(0.05, 0.6))")"
   if kill -KILL "$pid" 2>/dev/null; then
     kills=$((kills + 1))
   fi
