@@ -12,13 +12,18 @@
 namespace dilu {
 namespace {
 
+#define DILU_NEEDS_GPU() \
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device visible: this test runs on a GPU machine"
+
 TEST(CudaInfo, SeesADeviceAndItsLibraries) {
+  DILU_NEEDS_GPU();
   EXPECT_GT(cuda::device_count(), 0);
   EXPECT_NE(cuda::library_versions().find("NCCL"), std::string::npos);
 }
 
 // Shapes with partial blocks in both dimensions, and block sizes other than 128.
 TEST(CudaDequantize, MatchesCpuReferenceExactly) {
+  DILU_NEEDS_GPU();
   struct Case { int64_t rows, cols, bo, bi; };
   for (Case c : {Case{576, 200, 128, 128}, Case{1, 1, 128, 128}, Case{300, 129, 32, 64}}) {
     std::mt19937 rng(static_cast<uint32_t>(c.rows * 31 + c.cols));

@@ -21,7 +21,9 @@ if [ -n "$filter" ]; then
 else
   # GPU tests one at a time (they share the device), then the CPU suite in parallel.
   ctest --test-dir "$build" --output-on-failure --timeout 600 -L gpu 2>&1 | tee "$out/ctest-gpu.log" | tail -40 || status=1
-  ctest --test-dir "$build" --output-on-failure -j "$(nproc)" --timeout 600 -LE gpu 2>&1 | tee "$out/ctest-cpu.log" | tail -8 || status=1
+  if [ -z "${SKIP_CPU:-}" ]; then
+    ctest --test-dir "$build" --output-on-failure -j "$(nproc)" --timeout 600 -LE gpu 2>&1 | tee "$out/ctest-cpu.log" | tail -8 || status=1
+  fi
 fi
 if command -v compute-sanitizer >/dev/null && [ -z "${SKIP_SANITIZER:-}" ]; then
   compute-sanitizer --tool memcheck --error-exitcode 3 "$build/tests/dilu_gpu_tests" --gtest_filter='CudaOps*:CudaSampling*' \
