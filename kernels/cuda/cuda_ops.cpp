@@ -619,6 +619,7 @@ class CudaOps final : public Ops {
     std::vector<cuda::SampleRowResult> host(specs.size());
     copy_to_host(dev_results, host.data());
     for (size_t i = 0; i < specs.size(); ++i) {
+      DILU_CHECK(host[i].token >= 0, "logits row ", specs[i].row, " is NaN or all -inf: no token can be chosen");
       result[i].token = host[i].token;
       if (!specs[i].logprobs) continue;
       result[i].logprob = host[i].logprob;

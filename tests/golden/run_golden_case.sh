@@ -17,4 +17,4 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 mkdir -p "$scratch"
 rm -f "$scratch/out.jsonl"
 "$dilu" run --model "$case_dir/model" --input "$case_dir/input.jsonl" --output "$scratch/out.jsonl" "$@"
-python3 "$here/check_golden.py" "$scratch/out.jsonl" "$case_dir/expected.jsonl"
+python3 "$here/check_golden.py" "$scratch/out.jsonl" "$case_dir/expected.jsonl" ${NEAR_TIE:+--near-tie "$NEAR_TIE"}

@@ -590,6 +590,10 @@ INSTANTIATE_TEST_SUITE_P(
         LinearCase{DType::F8E4M3, 1, 129, 1, 128, 128}, LinearCase{DType::F8E4M3, 4, 144, 200, 128, 128},
         LinearCase{DType::F8E4M3, 0, 144, 200, 128, 128}, LinearCase{DType::F8E4M3, 300, 200, 144, 128, 128},
         LinearCase{DType::F8E4M3, 17, 256, 512, 128, 128},
+        // The golden checkpoints' o_proj (144 x 128) and its neighbours: one K block, partial N block.
+        LinearCase{DType::F8E4M3, 3, 144, 128, 128, 128}, LinearCase{DType::F8E4M3, 40, 144, 128, 128, 128},
+        LinearCase{DType::F8E4M3, 40, 256, 128, 128, 128}, LinearCase{DType::F8E4M3, 40, 144, 256, 128, 128},
+        LinearCase{DType::F8E4M3, 40, 576, 7168, 128, 128},
         // R1: kv_a_proj (576 rows: 4.5 blocks), q_a_proj at T = 1..4, o_proj-like, q_b with 16 heads.
         LinearCase{DType::F8E4M3, 1, 576, 7168, 128, 128}, LinearCase{DType::F8E4M3, 1, 1536, 7168, 128, 128},
         LinearCase{DType::F8E4M3, 2, 1536, 7168, 128, 128}, LinearCase{DType::F8E4M3, 3, 1536, 7168, 128, 128},
