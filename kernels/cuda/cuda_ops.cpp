@@ -247,6 +247,8 @@ class CudaOps final : public Ops {
       w.scale_inv = upload(scale_inv, DType::F32);
       w.block_out = block_out;
       w.block_in = block_in;
+      const int64_t in = weight.dim(1);
+      if (fp8_block_ && block_out == 128 && block_in == 128 && in % 128 == 0) padded_scale(w, (in / 128 + 3) / 4 * 4);
     } else {
       w.weight = upload(weight, DType::BF16);  // BF16 math: F32/F16 weights are rounded once here
     }
@@ -383,10 +385,13 @@ class CudaOps final : public Ops {
       if (lt_matmul(CUDA_R_16BF, w.weight.raw(), nullptr, xb.raw(), nullptr, out.raw(), n_out, t, in)) return;
     } else if (wt == DType::F8E4M3 && fp8_block_ && w.block_out == 128 && w.block_in == 128 && in % 128 == 0 &&
                n_out % 16 == 0) {
+      // cuBLASLt reads both scale tensors with a leading dimension (K blocks) rounded up to a
+      // multiple of 4; DeepSeek's layout is otherwise the same ([N/128, K/128] row-major).
+      const int64_t kb = in / 128, kb4 = (kb + 3) / 4 * 4;
       Tensor xq = empty(DType::U8, {t, in});
-      Tensor xs = empty(DType::F32, {t, in / 128});
-      cuda::quantize_fp8_per_token_128(x.data<float>(), t, in, xq.data<uint8_t>(), xs.data<float>(), stream_);
-      if (lt_matmul(CUDA_R_8F_E4M3, w.weight.raw(), w.scale_inv.data<float>(), xq.raw(), xs.data<float>(), out.raw(),
+      Tensor xs = empty(DType::F32, {t, kb4});
+      cuda::quantize_fp8_per_token_128(x.data<float>(), t, in, xq.data<uint8_t>(), xs.data<float>(), kb4, stream_);
+      if (lt_matmul(CUDA_R_8F_E4M3, w.weight.raw(), padded_scale(w, kb4), xq.raw(), xs.data<float>(), out.raw(),
                     n_out, t, in))
         return;
     }
@@ -672,6 +677,21 @@ class CudaOps final : public Ops {
     return expert_tables_.emplace(key, std::move(table)).first->second;
   }
 
+  // The weight's block scales with rows padded to `stride` columns (made at the first use, kept).
+  const float* padded_scale(const LinearWeight& w, int64_t stride) {
+    const int64_t rows = w.scale_inv.dim(0), cols = w.scale_inv.dim(1);
+    if (cols == stride) return w.scale_inv.data<float>();
+    auto it = padded_scales_.find(w.weight.raw());
+    if (it != padded_scales_.end()) return it->second.data<float>();
+    std::vector<float> host(static_cast<size_t>(rows * cols)), padded(static_cast<size_t>(rows * stride), 0.0f);
+    copy_to_host(w.scale_inv, host.data());
+    for (int64_t r = 0; r < rows; ++r)
+      std::copy(host.begin() + r * cols, host.begin() + (r + 1) * cols, padded.begin() + r * stride);
+    Tensor t = allocate_persistent(DType::F32, {rows, stride});
+    DILU_CU(cudaMemcpy(t.raw(), padded.data(), t.nbytes(), cudaMemcpyHostToDevice));
+    return padded_scales_.emplace(w.weight.raw(), std::move(t)).first->second.data<float>();
+  }
+
   void check_f32(const Tensor& t, const char* what) const {
     DILU_CHECK(t.dtype() == DType::F32 && t.device() == device(), what, " must be an F32 tensor on ", device().str(),
                ", got ", dtype_name(t.dtype()), " on ", t.device().str());
@@ -790,6 +810,7 @@ class CudaOps final : public Ops {
   size_t placed_ = 0;
   std::vector<std::function<void()>> wait_checks_;
   std::map<std::pair<const void*, size_t>, ExpertTable> expert_tables_;
+  std::map<const void*, Tensor> padded_scales_;  // FP8 weight -> its block scales, rows padded to 4
   std::map<std::tuple<int, int64_t, int64_t, int64_t>, LtChoice> lt_algos_;
 };
 

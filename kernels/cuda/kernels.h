@@ -19,8 +19,10 @@ void dequantize_to_f32(const void* w, WeightType type, const float* scale_inv, i
                        int64_t block_out, int64_t block_in, float* out, void* stream);
 // Per token, per 128 input channels: scale = amax / 448 (1 for an all-zero group), q = x / scale
 // in e4m3 (round to nearest even, saturating). x [rows, cols] with cols % 128 == 0;
-// q [rows, cols]; scale [rows, cols / 128].
-void quantize_fp8_per_token_128(const float* x, int64_t rows, int64_t cols, uint8_t* q, float* scale, void* stream);
+// q [rows, cols]; scale [rows, scale_stride] (scale_stride >= cols / 128; cuBLASLt wants a
+// multiple of 4).
+void quantize_fp8_per_token_128(const float* x, int64_t rows, int64_t cols, uint8_t* q, float* scale,
+                                int64_t scale_stride, void* stream);
 void bf16_to_f32(const uint16_t* x, float* out, int64_t n, void* stream);
 
 // ---- elementwise and row ops (F32 activations) ----

@@ -87,6 +87,14 @@ CASES = [
                   num_hidden_layers=3, first_k_dense_replace=2, q_lora_rank=136, kv_lora_rank=144,
                   qk_rope_head_dim=16, n_routed_experts=12, num_experts_per_tok=3, n_group=1, topk_group=1,
                   rope_scaling=yarn(8, 128), max_position_embeddings=1024)),
+    dict(name="fp8_w256", about="FP8 with every width a multiple of 128 (hidden 256, q LoRA 256, kv_a 256 rows, "
+                               "MLP 512, experts 128), so that the block-scaled FP8 GEMM of the CUDA backend runs "
+                               "q_a, q_b, kv_a, o_proj and the MLPs; grouped routing, R1 YaRN",
+         dtype="fp8", seed=707, shards=2,
+         cfg=dict(vocab_size=256, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
+                  num_hidden_layers=3, first_k_dense_replace=1, q_lora_rank=256, kv_lora_rank=224,
+                  qk_rope_head_dim=32, n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2,
+                  rope_scaling=R1_YARN, max_position_embeddings=163840)),
     dict(name="bf16_grouped_yarn", about="BF16, q_lora_rank null, grouped routing with 8 groups of 2 (top-3 groups), "
                                         "YaRN factor 4 on original 64",
          dtype="bf16", seed=606, shards=2,
