@@ -385,12 +385,14 @@ class CudaOps final : public Ops {
       if (lt_matmul(CUDA_R_16BF, w.weight.raw(), nullptr, xb.raw(), nullptr, out.raw(), n_out, t, in)) return;
     } else if (wt == DType::F8E4M3 && fp8_block_ && w.block_out == 128 && w.block_in == 128 && in % 128 == 0 &&
                n_out % 16 == 0) {
-      // cuBLASLt reads both scale tensors with a leading dimension (K blocks) rounded up to a
-      // multiple of 4; DeepSeek's layout is otherwise the same ([N/128, K/128] row-major).
+      // cuBLASLt reads the weight's 128x128 block scales ([N/128, K/128] row-major, DeepSeek's
+      // layout) with the row length (K blocks) rounded up to a multiple of 4, and the
+      // activations' per-token scales [T, K/128] unpadded (measured: tests/gpu/cuda_ops_test.cpp,
+      // cases 144x128 and 256x128).
       const int64_t kb = in / 128, kb4 = (kb + 3) / 4 * 4;
       Tensor xq = empty(DType::U8, {t, in});
-      Tensor xs = empty(DType::F32, {t, kb4});
-      cuda::quantize_fp8_per_token_128(x.data<float>(), t, in, xq.data<uint8_t>(), xs.data<float>(), kb4, stream_);
+      Tensor xs = empty(DType::F32, {t, kb});
+      cuda::quantize_fp8_per_token_128(x.data<float>(), t, in, xq.data<uint8_t>(), xs.data<float>(), kb, stream_);
       if (lt_matmul(CUDA_R_8F_E4M3, w.weight.raw(), padded_scale(w, kb4), xq.raw(), xs.data<float>(), out.raw(),
                     n_out, t, in))
         return;
