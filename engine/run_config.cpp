@@ -86,8 +86,8 @@ const Field kFields[] = {
                    "put the model's <think>...</think> text in a reasoning_content field, as DeepSeek's API"),
     DILU_RUN_FIELD(cpu.threads, v >= 0, ">= 0", "CPU backend threads per rank; 0: all cores"),
     DILU_RUN_FIELD(cuda.fp8_gemm, v == "auto" || v == "block" || v == "soft", "auto, block or soft",
-                   "FP8 weights: block = cuBLASLt FP8 with DeepSeek block scales (sm_90), soft = dequantized in the "
-                   "GEMM with BF16 math; auto: block where supported"),
+                   "FP8 weights: block = cuBLASLt FP8 with DeepSeek block scales (sm_90; on the CPU: its input "
+                   "rounding), soft = dequantized in the GEMM with BF16 math; auto: block where supported"),
     DILU_RUN_FIELD(cuda.nccl_timeout_s, v > 0.0, "> 0",
                    "seconds a collective may wait for a peer before every rank gives up"),
 };

@@ -25,7 +25,7 @@ std::unique_ptr<Ops> make_ops(const std::string& backend, const BackendOptions& 
     throw UserError("backend 'cuda': this dilu was built without CUDA (configure with -DDILU_CUDA=ON on a machine with "
                     "the CUDA toolkit), or use --set backend=cpu");
 #endif
-  if (backend == "cpu" || backend == "auto") return make_cpu_ops(options.cpu_threads);
+  if (backend == "cpu" || backend == "auto") return make_cpu_ops(options.cpu_threads, options.fp8_gemm == "block");
   throw UserError("unknown backend '" + backend + "'; choose cpu, cuda or auto");
 }
 

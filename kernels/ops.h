@@ -184,7 +184,9 @@ int bind_local_device(int local_rank);
 
 // How the CUDA backend multiplies by FP8 weights: "block" (cuBLASLt FP8 with DeepSeek's block
 // scales; activations quantized per token per 128 channels), "soft" (FP8 weights dequantized to
-// BF16, BF16 math), "auto" (block where the GPU and cuBLASLt support it, else soft).
+// BF16, BF16 math), "auto" (block where the GPU and cuBLASLt support it, else soft). On the CPU
+// backend "block" rounds the FP8 linears' inputs the same way (the block path's reference);
+// "auto" and "soft" keep its exact FP32 inputs.
 struct BackendOptions {
   int cpu_threads = 0;
   std::string fp8_gemm = "auto";  // auto | block | soft

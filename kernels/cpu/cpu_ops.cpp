@@ -47,7 +47,7 @@ void weight_row(const LinearWeight& w, int64_t j, float* dst) {
 class CpuOps final : public Ops {
  public:
   // threads 0: one per core this process may run on (a launcher may have bound it to fewer).
-  explicit CpuOps(int threads) {
+  CpuOps(int threads, bool fp8_activations) : fp8_activations_(fp8_activations) {
     if (threads <= 0) {
       cpu_set_t set;
       CPU_ZERO(&set);
@@ -56,7 +56,7 @@ class CpuOps final : public Ops {
     omp_set_num_threads(std::max(threads, 1));
   }
   Device device() const override { return Device{}; }
-  std::string name() const override { return "cpu"; }
+  std::string name() const override { return fp8_activations_ ? "cpu (FP8 activations)" : "cpu"; }
   DType activation_dtype() const override { return DType::F32; }
 
   size_t free_memory_bytes() const override {
@@ -168,6 +168,24 @@ class CpuOps final : public Ops {
     const float* xp = x.data<float>();
     float* op = out.data<float>();
     const bool is_f32 = w.weight.dtype() == DType::F32;
+    // The CUDA block-scaled FP8 path's input rounding (same eligibility as there).
+    std::vector<float> xq;
+    if (fp8_activations_ && w.weight.dtype() == DType::F8E4M3 && w.block_out == 128 && w.block_in == 128 &&
+        in % 128 == 0 && n_out % 16 == 0) {
+      xq.assign(xp, xp + t_count * in);
+      for (int64_t g = 0; g < t_count * in; g += 128) {
+        float amax = 0.0f;
+        for (int64_t i = g; i < g + 128; ++i) amax = std::max(amax, std::fabs(xq[static_cast<size_t>(i)]));
+        const float scale = amax > 0.0f ? amax / 448.0f : 1.0f;
+        for (int64_t i = g; i < g + 128; ++i) {
+          const uint8_t q = f32_to_fp8e4m3(xq[static_cast<size_t>(i)] / scale);
+          float v = 0.0f;
+          convert_to_f32(DType::F8E4M3, &q, &v, 1);
+          xq[static_cast<size_t>(i)] = v * scale;
+        }
+      }
+      xp = xq.data();
+    }
     // Each weight row is converted once per step and used for every token: weights are read
     // once per step, whatever the batch.
 #pragma omp parallel
@@ -421,10 +439,15 @@ class CpuOps final : public Ops {
     }
     return out;
   }
+
+ private:
+  bool fp8_activations_ = false;
 };
 
 }  // namespace
 
-std::unique_ptr<Ops> make_cpu_ops(int threads) { return std::make_unique<CpuOps>(threads); }
+std::unique_ptr<Ops> make_cpu_ops(int threads, bool fp8_activations) {
+  return std::make_unique<CpuOps>(threads, fp8_activations);
+}
 
 }  // namespace dilu

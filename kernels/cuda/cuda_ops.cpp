@@ -244,11 +244,21 @@ class CudaOps final : public Ops {
     if (weight.dtype() == DType::F8E4M3) {
       DILU_CHECK(block_out > 0 && block_in > 0 && scale_inv.rank() == 2, "FP8 weight without block scale");
       w.weight = upload(weight, DType::F8E4M3);
-      w.scale_inv = upload(scale_inv, DType::F32);
       w.block_out = block_out;
       w.block_in = block_in;
-      const int64_t in = weight.dim(1);
-      if (fp8_block_ && block_out == 128 && block_in == 128 && in % 128 == 0) padded_scale(w, (in / 128 + 3) / 4 * 4);
+      // Scale rows are kept padded to a multiple of 4 floats (zeros past ceil(K / bi)): the layout
+      // cuBLASLt's BLK128x128 mode reads (see linear()); every other reader takes the row stride
+      // from scale_inv.dim(1).
+      const int64_t rows = scale_inv.dim(0), cols = scale_inv.dim(1), stride = (cols + 3) / 4 * 4;
+      Tensor host_scale = Tensor::host(DType::F32, {rows, stride});
+      std::vector<float> row(static_cast<size_t>(cols));
+      const size_t esz = dtype_size(scale_inv.dtype());
+      for (int64_t r = 0; r < rows; ++r) {
+        convert_to_f32(scale_inv.dtype(), static_cast<const uint8_t*>(scale_inv.raw()) + static_cast<size_t>(r * cols) * esz,
+                       row.data(), row.size());
+        std::copy(row.begin(), row.end(), host_scale.data<float>() + r * stride);
+      }
+      w.scale_inv = upload(host_scale, DType::F32);
     } else {
       w.weight = upload(weight, DType::BF16);  // BF16 math: F32/F16 weights are rounded once here
     }
@@ -262,7 +272,8 @@ class CudaOps final : public Ops {
   Tensor dequantize(const LinearWeight& w) override {
     Tensor out = allocate_persistent(DType::F32, {w.out_features(), w.in_features()});
     cuda::dequantize_to_f32(w.weight.raw(), weight_type(w.weight.dtype()),
-                            w.scale_inv.numel() > 0 ? w.scale_inv.data<float>() : nullptr, w.out_features(),
+                            w.scale_inv.numel() > 0 ? w.scale_inv.data<float>() : nullptr,
+                            w.scale_inv.numel() > 0 ? w.scale_inv.dim(1) : 0, w.out_features(),
                             w.in_features(), w.block_out, w.block_in, out.data<float>(), stream_);
     synchronize();
     return out;
@@ -389,11 +400,12 @@ class CudaOps final : public Ops {
       // layout) with the row length (K blocks) rounded up to a multiple of 4, and the
       // activations' per-token scales [T, K/128] unpadded (measured: tests/gpu/cuda_ops_test.cpp,
       // cases 144x128 and 256x128).
-      const int64_t kb = in / 128, kb4 = (kb + 3) / 4 * 4;
+      const int64_t kb = in / 128;
+      DILU_CHECK(w.scale_inv.dim(1) == (kb + 3) / 4 * 4, "FP8 scales not placed by this backend");
       Tensor xq = empty(DType::U8, {t, in});
       Tensor xs = empty(DType::F32, {t, kb});
       cuda::quantize_fp8_per_token_128(x.data<float>(), t, in, xq.data<uint8_t>(), xs.data<float>(), kb, stream_);
-      if (lt_matmul(CUDA_R_8F_E4M3, w.weight.raw(), padded_scale(w, kb4), xq.raw(), xs.data<float>(), out.raw(),
+      if (lt_matmul(CUDA_R_8F_E4M3, w.weight.raw(), w.scale_inv.data<float>(), xq.raw(), xs.data<float>(), out.raw(),
                     n_out, t, in))
         return;
     }
@@ -410,6 +422,7 @@ class CudaOps final : public Ops {
     g.k = in;
     g.block_out = w.block_out;
     g.block_in = w.block_in;
+    g.scale_stride = wt == DType::F8E4M3 ? w.scale_inv.dim(1) : 0;
     g.round_bf16 = true;
     g.out = out.data<float>();
     g.ldo = n_out;
@@ -567,6 +580,7 @@ class CudaOps final : public Ops {
       gg.k = k_in;
       gg.block_out = table.block_out;
       gg.block_in = table.block_in;
+      gg.scale_stride = table.scale_stride[proj];
       gg.round_bf16 = true;
       gg.out = dst;
       gg.ldo = n_out;
@@ -642,20 +656,35 @@ class CudaOps final : public Ops {
     const float* const* scales[3] = {};
     cuda::WeightType type = cuda::WeightType::BF16;
     int64_t block_out = 0, block_in = 0;
+    int64_t scale_stride[3] = {};
+    std::vector<const void*> host_ptrs;  // what `storage` holds: checked on every use
     Tensor storage;
   };
 
-  // The device pointer arrays of one layer's experts, made once (at the first step) and kept.
+  // The device pointer arrays of one layer's experts, made at the first step and kept. The
+  // cache is keyed by the span's address, which a later model may reuse: an entry is used only
+  // while every pointer it holds is still the experts' own.
   const ExpertTable& expert_table(std::span<const ExpertWeights> experts) {
     const auto key = std::make_pair(static_cast<const void*>(experts.data()), experts.size());
+    const size_t n = experts.size();
     auto it = expert_tables_.find(key);
-    if (it != expert_tables_.end()) return it->second;
+    if (it != expert_tables_.end()) {
+      const std::vector<const void*>& p = it->second.host_ptrs;
+      bool same = true;
+      for (size_t e = 0; e < n && same; ++e)
+        same = p[e] == experts[e].gate.weight.raw() && p[n + e] == experts[e].up.weight.raw() &&
+               p[2 * n + e] == experts[e].down.weight.raw() &&
+               p[3 * n + e] == (experts[e].gate.scale_inv.numel() > 0 ? experts[e].gate.scale_inv.raw() : nullptr) &&
+               p[4 * n + e] == (experts[e].up.scale_inv.numel() > 0 ? experts[e].up.scale_inv.raw() : nullptr) &&
+               p[5 * n + e] == (experts[e].down.scale_inv.numel() > 0 ? experts[e].down.scale_inv.raw() : nullptr);
+      if (same) return it->second;
+      expert_tables_.erase(it);
+    }
     ExpertTable table;
     const LinearWeight& first = experts[0].gate;
     table.type = weight_type(first.weight.dtype());
     table.block_out = first.block_out;
     table.block_in = first.block_in;
-    const size_t n = experts.size();
     std::vector<const void*> ptrs(6 * n, nullptr);
     for (size_t e = 0; e < n; ++e) {
       const LinearWeight* ws[3] = {&experts[e].gate, &experts[e].up, &experts[e].down};
@@ -669,6 +698,9 @@ class CudaOps final : public Ops {
         ptrs[(3 + static_cast<size_t>(p)) * n + e] = ws[p]->scale_inv.numel() > 0 ? ws[p]->scale_inv.raw() : nullptr;
       }
     }
+    const LinearWeight* firsts[3] = {&experts[0].gate, &experts[0].up, &experts[0].down};
+    for (int p = 0; p < 3; ++p) table.scale_stride[p] = firsts[p]->scale_inv.numel() > 0 ? firsts[p]->scale_inv.dim(1) : 0;
+    table.host_ptrs = ptrs;
     table.storage = allocate_persistent(DType::U8, {static_cast<int64_t>(ptrs.size() * sizeof(void*))});
     DILU_CU(cudaMemcpy(table.storage.raw(), ptrs.data(), ptrs.size() * sizeof(void*), cudaMemcpyHostToDevice));
     auto* base = static_cast<const void**>(table.storage.raw());
@@ -677,21 +709,6 @@ class CudaOps final : public Ops {
       table.scales[p] = reinterpret_cast<const float* const*>(base + (3 + static_cast<size_t>(p)) * n);
     }
     return expert_tables_.emplace(key, std::move(table)).first->second;
-  }
-
-  // The weight's block scales with rows padded to `stride` columns (made at the first use, kept).
-  const float* padded_scale(const LinearWeight& w, int64_t stride) {
-    const int64_t rows = w.scale_inv.dim(0), cols = w.scale_inv.dim(1);
-    if (cols == stride) return w.scale_inv.data<float>();
-    auto it = padded_scales_.find(w.weight.raw());
-    if (it != padded_scales_.end()) return it->second.data<float>();
-    std::vector<float> host(static_cast<size_t>(rows * cols)), padded(static_cast<size_t>(rows * stride), 0.0f);
-    copy_to_host(w.scale_inv, host.data());
-    for (int64_t r = 0; r < rows; ++r)
-      std::copy(host.begin() + r * cols, host.begin() + (r + 1) * cols, padded.begin() + r * stride);
-    Tensor t = allocate_persistent(DType::F32, {rows, stride});
-    DILU_CU(cudaMemcpy(t.raw(), padded.data(), t.nbytes(), cudaMemcpyHostToDevice));
-    return padded_scales_.emplace(w.weight.raw(), std::move(t)).first->second.data<float>();
   }
 
   void check_f32(const Tensor& t, const char* what) const {
@@ -812,7 +829,6 @@ class CudaOps final : public Ops {
   size_t placed_ = 0;
   std::vector<std::function<void()>> wait_checks_;
   std::map<std::pair<const void*, size_t>, ExpertTable> expert_tables_;
-  std::map<const void*, Tensor> padded_scales_;  // FP8 weight -> its block scales, rows padded to 4
   std::map<std::tuple<int, int64_t, int64_t, int64_t>, LtChoice> lt_algos_;
 };
 

@@ -71,10 +71,9 @@ __device__ __forceinline__ float load_weight(const void* w, WeightType type, int
   }
 }
 
-__global__ void dequantize_kernel(const void* w, WeightType type, const float* scale_inv, int64_t rows, int64_t cols,
-                                  int64_t bo, int64_t bi, float* out) {
+__global__ void dequantize_kernel(const void* w, WeightType type, const float* scale_inv, int64_t sc, int64_t rows,
+                                  int64_t cols, int64_t bo, int64_t bi, float* out) {
   const int64_t n = rows * cols;
-  const int64_t sc = type == WeightType::FP8 ? (cols + bi - 1) / bi : 0;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     float v = load_weight(w, type, i);
@@ -235,7 +234,7 @@ __global__ void __launch_bounds__(256) grouped_gemm_kernel(GroupedGemm g) {
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kTn;
   const void* w = g.weights ? g.weights[group] : g.weight;
   const float* scale = g.type != WeightType::FP8 ? nullptr : (g.scales ? g.scales[group] : g.scale);
-  const int64_t sc = g.type == WeightType::FP8 ? (g.k + g.block_in - 1) / g.block_in : 0;
+  const int64_t sc = g.scale_stride;
 
   __shared__ float xs[kTk][kTm + 1];
   __shared__ float ws[kTk][kTn + 1];
@@ -538,11 +537,11 @@ void bf16_to_f32(const uint16_t* x, float* out, int64_t n, void* stream) {
   check_launch("bf16_to_f32");
 }
 
-void dequantize_to_f32(const void* w, WeightType type, const float* scale_inv, int64_t rows, int64_t cols,
-                       int64_t block_out, int64_t block_in, float* out, void* stream) {
+void dequantize_to_f32(const void* w, WeightType type, const float* scale_inv, int64_t scale_stride, int64_t rows,
+                       int64_t cols, int64_t block_out, int64_t block_in, float* out, void* stream) {
   if (rows * cols <= 0) return;
-  dequantize_kernel<<<grid_for(rows * cols, 256), 256, 0, as_stream(stream)>>>(w, type, scale_inv, rows, cols,
-                                                                                block_out, block_in, out);
+  dequantize_kernel<<<grid_for(rows * cols, 256), 256, 0, as_stream(stream)>>>(w, type, scale_inv, scale_stride, rows,
+                                                                                cols, block_out, block_in, out);
   check_launch("dequantize");
 }
 
@@ -617,6 +616,9 @@ void argmax_rows(const float* x, int64_t rows, int64_t cols, int32_t* out, void*
 
 void grouped_gemm(const GroupedGemm& g, void* stream) {
   if (g.rows <= 0 || g.n <= 0 || g.groups <= 0) return;
+  if (g.type == WeightType::FP8 && g.scale_stride < (g.k + g.block_in - 1) / g.block_in)
+    throw std::runtime_error("grouped_gemm: FP8 scale rows of " + std::to_string(g.scale_stride) + " floats for K " +
+                             std::to_string(g.k));
   const dim3 grid(static_cast<unsigned>((g.n + kTn - 1) / kTn), static_cast<unsigned>((g.rows + kTm - 1) / kTm),
                   static_cast<unsigned>(g.groups));
   grouped_gemm_kernel<<<grid, 256, 0, as_stream(stream)>>>(g);

@@ -15,8 +15,9 @@ enum class WeightType : int { F32 = 0, BF16 = 1, FP8 = 2 };
 // ---- conversions ----
 void f32_to_bf16(const float* x, uint16_t* out, int64_t n, void* stream);
 // out[r, c] = w[r, c] * scale_inv[r / bo, c / bi] (w FP8 e4m3), or w (BF16/F32), as F32.
-void dequantize_to_f32(const void* w, WeightType type, const float* scale_inv, int64_t rows, int64_t cols,
-                       int64_t block_out, int64_t block_in, float* out, void* stream);
+// scale_stride: floats per row of scale_inv (>= ceil(cols / bi)).
+void dequantize_to_f32(const void* w, WeightType type, const float* scale_inv, int64_t scale_stride, int64_t rows,
+                       int64_t cols, int64_t block_out, int64_t block_in, float* out, void* stream);
 // Per token, per 128 input channels: scale = amax / 448 (1 for an all-zero group), q = x / scale
 // in e4m3 (round to nearest even, saturating). x [rows, cols] with cols % 128 == 0;
 // q [rows, cols]; scale [rows, scale_stride] (scale_stride >= cols / 128; cuBLASLt wants a
@@ -65,6 +66,7 @@ struct GroupedGemm {
   const float* scale = nullptr;
   WeightType type = WeightType::BF16;
   int64_t n = 0, k = 0, block_out = 0, block_in = 0;
+  int64_t scale_stride = 0;  // floats per row of the scales (>= ceil(K / bi))
   bool round_bf16 = true;
   float* out = nullptr;
   int64_t ldo = 0;
