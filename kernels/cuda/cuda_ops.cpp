@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <chrono>
 #include <cstring>
 #include <map>
@@ -150,6 +151,8 @@ class CudaOps final : public Ops {
     DILU_CU(cudaMalloc(&lt_workspace_, kLtWorkspace));
     DILU_CU(cudaHostAlloc(&staging_, staging_bytes_, cudaHostAllocDefault));
     arena_ = std::make_shared<Arena>(o.arena_bytes > 0 ? static_cast<size_t>(o.arena_bytes) : kDefaultArena);
+    if (const char* layout = std::getenv("DILU_FP8_ACT_SCALE_LAYOUT"))  // layout experiments only
+      act_scale_token_major_ = std::string(layout) == "token-major";
     // Block-scaled FP8 GEMMs (VEC128 x BLK128x128 scales) exist in cuBLASLt >= 12.9 on sm_90 only.
     const bool block_ok = props_.major == 9 && cublasLtGetVersion() >= 120900;
     if (o.fp8_gemm == "block") {
@@ -273,7 +276,7 @@ class CudaOps final : public Ops {
     Tensor out = allocate_persistent(DType::F32, {w.out_features(), w.in_features()});
     cuda::dequantize_to_f32(w.weight.raw(), weight_type(w.weight.dtype()),
                             w.scale_inv.numel() > 0 ? w.scale_inv.data<float>() : nullptr,
-                            w.scale_inv.numel() > 0 ? w.scale_inv.dim(1) : 0, w.out_features(),
+                            w.scale_inv.rank() == 2 ? w.scale_inv.dim(1) : 0, w.out_features(),
                             w.in_features(), w.block_out, w.block_in, out.data<float>(), stream_);
     synchronize();
     return out;
@@ -397,14 +400,17 @@ class CudaOps final : public Ops {
     } else if (wt == DType::F8E4M3 && fp8_block_ && w.block_out == 128 && w.block_in == 128 && in % 128 == 0 &&
                n_out % 16 == 0) {
       // cuBLASLt reads the weight's 128x128 block scales ([N/128, K/128] row-major, DeepSeek's
-      // layout) with the row length (K blocks) rounded up to a multiple of 4, and the
-      // activations' per-token scales [T, K/128] unpadded (measured: tests/gpu/cuda_ops_test.cpp,
-      // cases 144x128 and 256x128).
+      // layout) with the row length (K blocks) rounded up to a multiple of 4 (measured:
+      // tests/gpu/cuda_ops_test.cpp, cases 144x128 and 256x128), and the activations' scales
+      // token-fastest, [K/128, T] (measured: CudaFp8Block.* with magnitudes varying per token and
+      // per group).
       const int64_t kb = in / 128;
       DILU_CHECK(w.scale_inv.dim(1) == (kb + 3) / 4 * 4, "FP8 scales not placed by this backend");
       Tensor xq = empty(DType::U8, {t, in});
-      Tensor xs = empty(DType::F32, {t, kb});
-      cuda::quantize_fp8_per_token_128(x.data<float>(), t, in, xq.data<uint8_t>(), xs.data<float>(), kb, stream_);
+      Tensor xs = empty(DType::F32, {kb, t});
+      const bool token_major = act_scale_token_major_;
+      cuda::quantize_fp8_per_token_128(x.data<float>(), t, in, xq.data<uint8_t>(), xs.data<float>(),
+                                       token_major ? kb : 1, token_major ? 1 : t, stream_);
       if (lt_matmul(CUDA_R_8F_E4M3, w.weight.raw(), w.scale_inv.data<float>(), xq.raw(), xs.data<float>(), out.raw(),
                     n_out, t, in))
         return;
@@ -699,7 +705,7 @@ class CudaOps final : public Ops {
       }
     }
     const LinearWeight* firsts[3] = {&experts[0].gate, &experts[0].up, &experts[0].down};
-    for (int p = 0; p < 3; ++p) table.scale_stride[p] = firsts[p]->scale_inv.numel() > 0 ? firsts[p]->scale_inv.dim(1) : 0;
+    for (int p = 0; p < 3; ++p) table.scale_stride[p] = firsts[p]->scale_inv.rank() == 2 ? firsts[p]->scale_inv.dim(1) : 0;
     table.host_ptrs = ptrs;
     table.storage = allocate_persistent(DType::U8, {static_cast<int64_t>(ptrs.size() * sizeof(void*))});
     DILU_CU(cudaMemcpy(table.storage.raw(), ptrs.data(), ptrs.size() * sizeof(void*), cudaMemcpyHostToDevice));
@@ -826,6 +832,7 @@ class CudaOps final : public Ops {
   size_t staging_bytes_ = size_t{16} << 20;
   std::shared_ptr<Arena> arena_;
   bool fp8_block_ = false;
+  bool act_scale_token_major_ = false;
   size_t placed_ = 0;
   std::vector<std::function<void()>> wait_checks_;
   std::map<std::pair<const void*, size_t>, ExpertTable> expert_tables_;

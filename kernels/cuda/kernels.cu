@@ -84,7 +84,7 @@ __global__ void dequantize_kernel(const void* w, WeightType type, const float* s
 
 // One warp per (row, 128-channel group).
 __global__ void quantize_fp8_kernel(const float* x, int64_t rows, int64_t cols, __nv_fp8_e4m3* q, float* scale,
-                                    int64_t scale_stride) {
+                                    int64_t row_stride, int64_t group_stride) {
   const int64_t groups = cols / 128;
   const int64_t warp = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
@@ -99,7 +99,7 @@ __global__ void quantize_fp8_kernel(const float* x, int64_t rows, int64_t cols, 
   for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
   const float s = amax > 0.0f ? amax / 448.0f : 1.0f;
   for (int i = 0; i < 4; ++i) q[row * cols + g * 128 + lane + 32 * i] = __nv_fp8_e4m3(v[i] / s);
-  if (lane == 0) scale[row * scale_stride + g] = s;
+  if (lane == 0) scale[row * row_stride + g * group_stride] = s;
 }
 
 // ---------------------------------------------------------------- row ops
@@ -546,11 +546,11 @@ void dequantize_to_f32(const void* w, WeightType type, const float* scale_inv, i
 }
 
 void quantize_fp8_per_token_128(const float* x, int64_t rows, int64_t cols, uint8_t* q, float* scale,
-                                int64_t scale_stride, void* stream) {
+                                int64_t row_stride, int64_t group_stride, void* stream) {
   const int64_t warps = rows * (cols / 128);
   if (warps <= 0) return;
   quantize_fp8_kernel<<<static_cast<int>((warps * 32 + 255) / 256), 256, 0, as_stream(stream)>>>(
-      x, rows, cols, reinterpret_cast<__nv_fp8_e4m3*>(q), scale, scale_stride);
+      x, rows, cols, reinterpret_cast<__nv_fp8_e4m3*>(q), scale, row_stride, group_stride);
   check_launch("quantize_fp8");
 }
 

@@ -1574,5 +1574,77 @@ TEST_F(CudaOps, MoeExpertsWithNoLocalExpertsWritesZeros) {
   }
 }
 
+// ---- the block-scaled FP8 GEMM against the CPU with the same input rounding ----------------------
+// Both sides quantize x per token per 128 channels to e4m3 the same way, so they multiply the same
+// numbers: what differs is FP32 accumulation order and, where cuBLASLt only offers a BF16 output,
+// one BF16 rounding of the result (2^-9 relative). The magnitudes of x vary by up to 2^±5 between
+// tokens and between 128-channel groups, so that a scale read for the wrong token or group (a
+// layout mistake) shows as a large error, which equal-magnitude random inputs would hide.
+TEST(CudaFp8Block, MatchesTheCpuWithTheSameRounding) {
+  const std::string why = no_cuda_device();
+  if (!why.empty()) GTEST_SKIP() << "no CUDA device: " << why;
+  BackendOptions o;
+  o.fp8_gemm = "block";
+  std::unique_ptr<Ops> cpu = make_ops("cpu", o), gpu = make_ops("cuda", o);
+  struct Shape3 { int64_t t, n, k; };
+  std::mt19937 rng(2024);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  for (const Shape3 c : {Shape3{1, 256, 256}, Shape3{3, 256, 256}, Shape3{5, 144, 256}, Shape3{40, 256, 512},
+                         Shape3{2, 256, 128}, Shape3{40, 144, 128}, Shape3{7, 576, 7168}, Shape3{33, 1536, 7168},
+                         Shape3{6, 512, 384}}) {
+    SCOPED_TRACE("T " + std::to_string(c.t) + ", N " + std::to_string(c.n) + ", K " + std::to_string(c.k));
+    const int64_t sr = (c.n + 127) / 128, sc = (c.k + 127) / 128;
+    Tensor w = Tensor::host(DType::F8E4M3, {c.n, c.k}), scale = Tensor::host(DType::F32, {sr, sc});
+    for (int64_t i = 0; i < c.n * c.k; ++i) {
+      uint8_t b = static_cast<uint8_t>(rng());
+      if ((b & 0x7f) == 0x7f) b = 0x30;  // no NaN codes
+      w.data<uint8_t>()[i] = b;
+    }
+    for (int64_t i = 0; i < sr * sc; ++i) scale.data<float>()[i] = std::ldexp(1.0f, static_cast<int>(rng() % 7) - 9);
+    std::vector<float> x(static_cast<size_t>(c.t * c.k));
+    for (int64_t t = 0; t < c.t; ++t)
+      for (int64_t i = 0; i < c.k; ++i)
+        x[static_cast<size_t>(t * c.k + i)] = u(rng) * std::ldexp(1.0f, static_cast<int>((t * 3 + (i / 128) * 5) % 11) - 5);
+    std::vector<float> out[2];
+    Ops* both[2] = {cpu.get(), gpu.get()};
+    for (int side = 0; side < 2; ++side) {
+      Ops& ops = *both[side];
+      const LinearWeight lw = ops.place_linear(w, scale, 128, 128);
+      Tensor xt = ops.empty(DType::F32, {c.t, c.k}), ot = ops.empty(DType::F32, {c.t, c.n});
+      ops.copy_from_host(x.data(), xt);
+      std::vector<float> nan(static_cast<size_t>(c.t * c.n), std::numeric_limits<float>::quiet_NaN());
+      ops.copy_from_host(nan.data(), ot);
+      ops.linear(xt, lw, ot);
+      out[side].resize(nan.size());
+      ops.copy_to_host(ot, out[side].data());
+    }
+    // |x| <= 2^5 groupwise, |w| <= 448 * 2^-3: the magnitude sum per output bounds the error.
+    int64_t bad = 0;
+    double worst = 0;
+    for (int64_t t = 0; t < c.t; ++t)
+      for (int64_t j = 0; j < c.n; ++j) {
+        double mag = 0;
+        for (int64_t i = 0; i < c.k; ++i) {
+          float wv = 0.0f;
+          convert_to_f32(DType::F8E4M3, w.data<uint8_t>() + j * c.k + i, &wv, 1);
+          mag += std::fabs(static_cast<double>(x[static_cast<size_t>(t * c.k + i)]) * wv *
+                           scale.data<float>()[(j / 128) * sc + i / 128]);
+        }
+        const size_t at = static_cast<size_t>(t * c.n + j);
+        const double err = std::fabs(static_cast<double>(out[1][at]) - out[0][at]);
+        // 2^-6 of the magnitudes covers e4m3 requantization ties (one code of 2^-4 on rare elements)
+        // and BF16 output; a wrong scale is off by factors of 2^5 or more.
+        const double tol = std::ldexp(mag, -6) + 1e-6;
+        worst = std::max(worst, err / tol);
+        if (!(err <= tol) && ++bad <= 3)
+          ADD_FAILURE() << "element (" << t << ", " << j << "): gpu " << out[1][at] << ", cpu " << out[0][at]
+                        << ", tolerance " << tol;
+      }
+    std::cout << "[   STAT   ] fp8 block T " << c.t << " N " << c.n << " K " << c.k << ": max err/tolerance " << worst
+              << "\n";
+    EXPECT_EQ(bad, 0);
+  }
+}
+
 }  // namespace
 }  // namespace dilu
