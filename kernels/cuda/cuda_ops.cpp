@@ -8,7 +8,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <chrono>
 #include <cstring>
 #include <map>
@@ -151,8 +150,6 @@ class CudaOps final : public Ops {
     DILU_CU(cudaMalloc(&lt_workspace_, kLtWorkspace));
     DILU_CU(cudaHostAlloc(&staging_, staging_bytes_, cudaHostAllocDefault));
     arena_ = std::make_shared<Arena>(o.arena_bytes > 0 ? static_cast<size_t>(o.arena_bytes) : kDefaultArena);
-    if (const char* layout = std::getenv("DILU_FP8_ACT_SCALE_LAYOUT"))  // layout experiments only
-      act_scale_token_major_ = std::string(layout) == "token-major";
     // Block-scaled FP8 GEMMs (VEC128 x BLK128x128 scales) exist in cuBLASLt >= 12.9 on sm_90 only.
     const bool block_ok = props_.major == 9 && cublasLtGetVersion() >= 120900;
     if (o.fp8_gemm == "block") {
@@ -399,18 +396,16 @@ class CudaOps final : public Ops {
       if (lt_matmul(CUDA_R_16BF, w.weight.raw(), nullptr, xb.raw(), nullptr, out.raw(), n_out, t, in)) return;
     } else if (wt == DType::F8E4M3 && fp8_block_ && w.block_out == 128 && w.block_in == 128 && in % 128 == 0 &&
                n_out % 16 == 0) {
-      // cuBLASLt reads the weight's 128x128 block scales ([N/128, K/128] row-major, DeepSeek's
-      // layout) with the row length (K blocks) rounded up to a multiple of 4 (measured:
-      // tests/gpu/cuda_ops_test.cpp, cases 144x128 and 256x128), and the activations' scales
-      // token-fastest, [K/128, T] (measured: CudaFp8Block.* with magnitudes varying per token and
-      // per group).
-      const int64_t kb = in / 128;
+      // cuBLASLt's scale tensors, as measured (tests/gpu/cuda_ops_test.cpp, CudaFp8Block, with
+      // magnitudes varying per token and per group so that a misplaced scale shows): the
+      // weight's 128x128 block scales [N/128, K/128] row-major (DeepSeek's layout) with rows
+      // padded to a multiple of 4 floats, and the activations' scales [K/128, T] with T, the
+      // fastest dimension, likewise padded to a multiple of 4.
+      const int64_t kb = in / 128, t4 = (t + 3) / 4 * 4;
       DILU_CHECK(w.scale_inv.dim(1) == (kb + 3) / 4 * 4, "FP8 scales not placed by this backend");
       Tensor xq = empty(DType::U8, {t, in});
-      Tensor xs = empty(DType::F32, {kb, t});
-      const bool token_major = act_scale_token_major_;
-      cuda::quantize_fp8_per_token_128(x.data<float>(), t, in, xq.data<uint8_t>(), xs.data<float>(),
-                                       token_major ? kb : 1, token_major ? 1 : t, stream_);
+      Tensor xs = empty(DType::F32, {kb, t4});
+      cuda::quantize_fp8_per_token_128(x.data<float>(), t, in, xq.data<uint8_t>(), xs.data<float>(), 1, t4, stream_);
       if (lt_matmul(CUDA_R_8F_E4M3, w.weight.raw(), w.scale_inv.data<float>(), xq.raw(), xs.data<float>(), out.raw(),
                     n_out, t, in))
         return;
@@ -832,7 +827,6 @@ class CudaOps final : public Ops {
   size_t staging_bytes_ = size_t{16} << 20;
   std::shared_ptr<Arena> arena_;
   bool fp8_block_ = false;
-  bool act_scale_token_major_ = false;
   size_t placed_ = 0;
   std::vector<std::function<void()>> wait_checks_;
   std::map<std::pair<const void*, size_t>, ExpertTable> expert_tables_;
