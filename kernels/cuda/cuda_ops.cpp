@@ -399,16 +399,22 @@ class CudaOps final : public Ops {
       // cuBLASLt's scale tensors, as measured (tests/gpu/cuda_ops_test.cpp, CudaFp8Block, with
       // magnitudes varying per token and per group so that a misplaced scale shows): the
       // weight's 128x128 block scales [N/128, K/128] row-major (DeepSeek's layout) with rows
-      // padded to a multiple of 4 floats, and the activations' scales [K/128, T] with T, the
-      // fastest dimension, likewise padded to a multiple of 4.
-      const int64_t kb = in / 128, t4 = (t + 3) / 4 * 4;
+      // padded to a multiple of 4 floats; the activations' scales [K/128, T], T fastest. Token
+      // counts that are not a multiple of 8 gave wrong results (1, 2, 3, 5, 6, 7, 33 did; 40 and
+      // 64 did not), so the activations are padded with zero rows to a multiple of 8.
+      const int64_t kb = in / 128, t8 = (t + 7) / 8 * 8;
       DILU_CHECK(w.scale_inv.dim(1) == (kb + 3) / 4 * 4, "FP8 scales not placed by this backend");
-      Tensor xq = empty(DType::U8, {t, in});
-      Tensor xs = empty(DType::F32, {kb, t4});
-      cuda::quantize_fp8_per_token_128(x.data<float>(), t, in, xq.data<uint8_t>(), xs.data<float>(), 1, t4, stream_);
-      if (lt_matmul(CUDA_R_8F_E4M3, w.weight.raw(), w.scale_inv.data<float>(), xq.raw(), xs.data<float>(), out.raw(),
-                    n_out, t, in))
+      Tensor xq = empty(DType::U8, {t8, in});
+      Tensor xs = empty(DType::F32, {kb, t8});
+      cuda::quantize_fp8_per_token_128(x.data<float>(), t, t8, in, xq.data<uint8_t>(), xs.data<float>(), 1, t8,
+                                       stream_);
+      Tensor padded_out = t8 == t ? out : empty(DType::F32, {t8, n_out});
+      if (lt_matmul(CUDA_R_8F_E4M3, w.weight.raw(), w.scale_inv.data<float>(), xq.raw(), xs.data<float>(),
+                    padded_out.raw(), n_out, t8, in)) {
+        if (t8 != t)
+          DILU_CU(cudaMemcpyAsync(out.raw(), padded_out.raw(), out.nbytes(), cudaMemcpyDeviceToDevice, stream_));
         return;
+      }
     }
     // BF16 math in the tiled kernel: FP8 weights dequantized in its tile loader (soft FP8), and
     // whatever cuBLASLt declined.

@@ -83,17 +83,17 @@ __global__ void dequantize_kernel(const void* w, WeightType type, const float* s
 }
 
 // One warp per (row, 128-channel group).
-__global__ void quantize_fp8_kernel(const float* x, int64_t rows, int64_t cols, __nv_fp8_e4m3* q, float* scale,
-                                    int64_t row_stride, int64_t group_stride) {
+__global__ void quantize_fp8_kernel(const float* x, int64_t rows, int64_t out_rows, int64_t cols, __nv_fp8_e4m3* q,
+                                    float* scale, int64_t row_stride, int64_t group_stride) {
   const int64_t groups = cols / 128;
   const int64_t warp = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
-  if (warp >= rows * groups) return;
+  if (warp >= out_rows * groups) return;
   const int64_t row = warp / groups, g = warp % groups;
   const float* src = x + row * cols + g * 128;
   float v[4], amax = 0.0f;
   for (int i = 0; i < 4; ++i) {
-    v[i] = src[lane + 32 * i];
+    v[i] = row < rows ? src[lane + 32 * i] : 0.0f;
     amax = fmaxf(amax, fabsf(v[i]));
   }
   for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
@@ -545,12 +545,12 @@ void dequantize_to_f32(const void* w, WeightType type, const float* scale_inv, i
   check_launch("dequantize");
 }
 
-void quantize_fp8_per_token_128(const float* x, int64_t rows, int64_t cols, uint8_t* q, float* scale,
-                                int64_t row_stride, int64_t group_stride, void* stream) {
-  const int64_t warps = rows * (cols / 128);
+void quantize_fp8_per_token_128(const float* x, int64_t rows, int64_t out_rows, int64_t cols, uint8_t* q,
+                                float* scale, int64_t row_stride, int64_t group_stride, void* stream) {
+  const int64_t warps = out_rows * (cols / 128);
   if (warps <= 0) return;
   quantize_fp8_kernel<<<static_cast<int>((warps * 32 + 255) / 256), 256, 0, as_stream(stream)>>>(
-      x, rows, cols, reinterpret_cast<__nv_fp8_e4m3*>(q), scale, row_stride, group_stride);
+      x, rows, out_rows, cols, reinterpret_cast<__nv_fp8_e4m3*>(q), scale, row_stride, group_stride);
   check_launch("quantize_fp8");
 }
 

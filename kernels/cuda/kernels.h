@@ -19,10 +19,11 @@ void f32_to_bf16(const float* x, uint16_t* out, int64_t n, void* stream);
 void dequantize_to_f32(const void* w, WeightType type, const float* scale_inv, int64_t scale_stride, int64_t rows,
                        int64_t cols, int64_t block_out, int64_t block_in, float* out, void* stream);
 // Per token, per 128 input channels: scale = amax / 448 (1 for an all-zero group), q = x / scale
-// in e4m3 (round to nearest even, saturating). x [rows, cols] with cols % 128 == 0;
-// q [rows, cols]; the scale of (row, group g) at scale[row * row_stride + g * group_stride].
-void quantize_fp8_per_token_128(const float* x, int64_t rows, int64_t cols, uint8_t* q, float* scale,
-                                int64_t row_stride, int64_t group_stride, void* stream);
+// in e4m3 (round to nearest even, saturating). x [rows, cols] with cols % 128 == 0; q
+// [out_rows, cols] (out_rows >= rows: the rows past x are zeros with scale 1); the scale of
+// (row, group g) at scale[row * row_stride + g * group_stride].
+void quantize_fp8_per_token_128(const float* x, int64_t rows, int64_t out_rows, int64_t cols, uint8_t* q,
+                                float* scale, int64_t row_stride, int64_t group_stride, void* stream);
 void bf16_to_f32(const uint16_t* x, float* out, int64_t n, void* stream);
 
 // ---- elementwise and row ops (F32 activations) ----
