@@ -257,6 +257,8 @@ DeepseekV3::DeepseekV3(const ModelConfig& config, const Checkpoint& ckpt, Ops& o
       lm_head_ = ops.place_linear(shard, Tensor(), 0, 0);
     }
   }
+  for (const LayerWeights& lw : layers_)
+    if (lw.is_moe) ops.prepare_experts(lw.experts);
   weight_bytes_ = static_cast<int64_t>(embed_tokens_.nbytes() + norm_.nbytes()) +
                   (lm_head_.weight.defined() && lm_head_.weight.rank() == 2 ? bytes_of(lm_head_) : 0);
   for (const LayerWeights& lw : layers_) {

@@ -161,6 +161,9 @@ class Ops {
   // over the experts this rank holds: experts[i] is expert first_expert + i; others are skipped.
   virtual void moe_experts(const Tensor& x, std::span<const ExpertWeights> experts, const Tensor& ids,
                            const Tensor& weights, Tensor& out, int64_t first_expert = 0) = 0;
+  // Called once per MoE layer after its experts are placed (before any step), so that a backend
+  // can build what moe_experts() needs for them without allocating inside the step loop.
+  virtual void prepare_experts(std::span<const ExpertWeights> experts) { (void)experts; }
   // out [N, W] from parts [P, N, Wp] holding consecutive column ranges of width Wp (the last
   // part may be padded past W): out[:, p*Wp + j] = parts[p, :, j].
   virtual void concat_columns(const Tensor& parts, Tensor& out) = 0;

@@ -601,6 +601,10 @@ class CudaOps final : public Ops {
                       out.data<float>(), stream_);
   }
 
+  void prepare_experts(std::span<const ExpertWeights> experts) override {
+    if (!experts.empty()) expert_table(experts);
+  }
+
   void concat_columns(const Tensor& parts, Tensor& out) override {
     check_f32(parts, "concat parts");
     check_f32(out, "concat output");
