@@ -169,6 +169,17 @@ class Ops {
   virtual void concat_columns(const Tensor& parts, Tensor& out) = 0;
   // Greedy choice per row of logits [N, V]: index of the first maximum.
   virtual std::vector<int32_t> argmax(const Tensor& logits) = 0;
+  // ---- benchmarks ----
+  // A tensor that lives for the run, made where it is used: element i is center + half_width * u
+  // rounded to `dtype` (F32, BF16 or F8E4M3), u in [-1, 1) from a counter-based hash of (key, i).
+  // Every backend makes the same bits (random weights for benchmarks without a checkpoint file).
+  virtual Tensor random_fill(DType dtype, Shape shape, uint64_t key, float center, float half_width) = 0;
+  // Experts that received at least one token, summed over moe_experts() calls since the last
+  // call (the routed-expert bytes of a step's roofline). Waits for queued work.
+  virtual int64_t take_routed_expert_count() = 0;
+  // Memory bandwidth in bytes/s (read + write) of a copy of `bytes` within this device's memory.
+  virtual double measure_copy_bandwidth(size_t bytes) = 0;
+
   // Sampling where the logits are: true when this backend implements sample() (the CUDA one);
   // the CPU backend's caller samples on the host (engine/sampler.h) with the same semantics.
   virtual bool has_device_sampler() const { return false; }

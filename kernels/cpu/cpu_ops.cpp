@@ -2,11 +2,15 @@
 // boundary, then runs plain loops; OpenMP splits the widest independent dimension.
 #include "kernels/cpu/cpu_ops.h"
 
+#include "kernels/random_fill.h"
+
 #include <omp.h>
 #include <sched.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
+#include <utility>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -395,6 +399,7 @@ class CpuOps final : public Ops {
     for (size_t e = 0; e < experts.size(); ++e) {
       const auto& toks = routed[e];
       if (toks.empty()) continue;
+      ++routed_experts_;
       const int64_t n = static_cast<int64_t>(toks.size()), f = experts[e].gate.out_features();
       Tensor xe = Tensor::host(DType::F32, {n, d}), g = Tensor::host(DType::F32, {n, f}),
              u = Tensor::host(DType::F32, {n, f}), y = Tensor::host(DType::F32, {n, d});
@@ -429,6 +434,32 @@ class CpuOps final : public Ops {
       }
   }
 
+  Tensor random_fill(DType dtype, Shape shape, uint64_t key, float center, float half_width) override {
+    Tensor out = Tensor::host(dtype, std::move(shape));
+    const int64_t n = out.numel();
+    DILU_CHECK(dtype == DType::F32 || dtype == DType::BF16 || dtype == DType::F8E4M3, "random_fill of ",
+               dtype_name(dtype));
+#pragma omp parallel for schedule(static) if (n >= (1 << 18))
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = random_fill_value(key, static_cast<uint64_t>(i), center, half_width);
+      if (dtype == DType::F32) out.data<float>()[i] = v;
+      else if (dtype == DType::BF16) out.data<uint16_t>()[i] = f32_to_bf16(v);
+      else out.data<uint8_t>()[i] = f32_to_fp8e4m3(v);
+    }
+    return out;
+  }
+
+  int64_t take_routed_expert_count() override { return std::exchange(routed_experts_, 0); }
+
+  double measure_copy_bandwidth(size_t bytes) override {
+    std::vector<uint8_t> a(bytes, 1), b(bytes);
+    const auto t0 = std::chrono::steady_clock::now();
+    constexpr int kReps = 3;
+    for (int r = 0; r < kReps; ++r) std::memcpy(b.data(), a.data(), bytes);
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    return 2.0 * static_cast<double>(bytes) * kReps / dt;
+  }
+
   std::vector<int32_t> argmax(const Tensor& logits) override {
     check_f32(logits, "logits");
     const int64_t n = logits.dim(0), v = logits.dim(1);
@@ -442,6 +473,7 @@ class CpuOps final : public Ops {
 
  private:
   bool fp8_activations_ = false;
+  int64_t routed_experts_ = 0;
 };
 
 }  // namespace

@@ -150,6 +150,8 @@ class CudaOps final : public Ops {
     DILU_CU(cudaMalloc(&lt_workspace_, kLtWorkspace));
     DILU_CU(cudaHostAlloc(&staging_, staging_bytes_, cudaHostAllocDefault));
     arena_ = std::make_shared<Arena>(o.arena_bytes > 0 ? static_cast<size_t>(o.arena_bytes) : kDefaultArena);
+    routed_counter_ = allocate_persistent(DType::U8, {8});
+    DILU_CU(cudaMemset(routed_counter_.raw(), 0, 8));
     // Block-scaled FP8 GEMMs (VEC128 x BLK128x128 scales) exist in cuBLASLt >= 12.9 on sm_90 only.
     const bool block_ok = props_.major == 9 && cublasLtGetVersion() >= 120900;
     if (o.fp8_gemm == "block") {
@@ -216,7 +218,13 @@ class CudaOps final : public Ops {
   }
 
   Tensor upload(const Tensor& host, DType as) {
-    DILU_CHECK(host.is_cpu(), "upload of a device tensor");
+    if (!host.is_cpu()) {  // made on this device (random_fill): kept, or converted through the host
+      check_device(host, "weight");
+      if (host.dtype() == as) return host;
+      Tensor h = Tensor::host(host.dtype(), host.shape());
+      copy_to_host(host, h.raw());
+      return upload(h, as);
+    }
     Tensor out = allocate_persistent(as, host.shape());
     if (host.dtype() == as) {
       DILU_CU(cudaMemcpy(out.raw(), host.raw(), host.nbytes(), cudaMemcpyHostToDevice));
@@ -249,12 +257,17 @@ class CudaOps final : public Ops {
       // Scale rows are kept padded to a multiple of 4 floats (zeros past ceil(K / bi)): the layout
       // cuBLASLt's BLK128x128 mode reads (see linear()); every other reader takes the row stride
       // from scale_inv.dim(1).
+      Tensor scale_host = scale_inv;
+      if (!scale_inv.is_cpu()) {
+        scale_host = Tensor::host(scale_inv.dtype(), scale_inv.shape());
+        copy_to_host(scale_inv, scale_host.raw());
+      }
       const int64_t rows = scale_inv.dim(0), cols = scale_inv.dim(1), stride = (cols + 3) / 4 * 4;
       Tensor host_scale = Tensor::host(DType::F32, {rows, stride});
       std::vector<float> row(static_cast<size_t>(cols));
       const size_t esz = dtype_size(scale_inv.dtype());
       for (int64_t r = 0; r < rows; ++r) {
-        convert_to_f32(scale_inv.dtype(), static_cast<const uint8_t*>(scale_inv.raw()) + static_cast<size_t>(r * cols) * esz,
+        convert_to_f32(scale_inv.dtype(), static_cast<const uint8_t*>(scale_host.raw()) + static_cast<size_t>(r * cols) * esz,
                        row.data(), row.size());
         std::copy(row.begin(), row.end(), host_scale.data<float>() + r * stride);
       }
@@ -570,6 +583,8 @@ class CudaOps final : public Ops {
     Tensor rows = empty(DType::I32, {pairs}), pair_row = empty(DType::I32, {pairs});
     cuda::moe_group(ids.data<int32_t>(), t, k, first_expert, local, counters.data<int32_t>(), offsets.data<int32_t>(),
                     rows.data<int32_t>(), pair_row.data<int32_t>(), stream_);
+    cuda::count_routed_experts(offsets.data<int32_t>(), local,
+                               static_cast<unsigned long long*>(routed_counter_.raw()), stream_);
     Tensor g = empty(DType::F32, {pairs, f}), u = empty(DType::F32, {pairs, f}), y = empty(DType::F32, {pairs, d});
     auto run = [&](const float* in, int64_t ldx, const int32_t* in_rows, int proj, int64_t n_out, int64_t k_in,
                    float* dst) {
@@ -623,6 +638,42 @@ class CudaOps final : public Ops {
     cuda::argmax_rows(logits.data<float>(), n, logits.dim(1), dev.data<int32_t>(), stream_);
     copy_to_host(dev, result.data());
     return result;
+  }
+
+  Tensor random_fill(DType dtype, Shape shape, uint64_t key, float center, float half_width) override {
+    const int code = dtype == DType::F32 ? 0 : dtype == DType::BF16 ? 1 : dtype == DType::F8E4M3 ? 2 : -1;
+    DILU_CHECK(code >= 0, "random_fill of ", dtype_name(dtype));
+    Tensor out = allocate_persistent(dtype, std::move(shape));
+    cuda::random_fill(out.raw(), code, out.numel(), key, center, half_width, stream_);
+    return out;
+  }
+
+  int64_t take_routed_expert_count() override {
+    unsigned long long n = 0;
+    Tensor view(routed_counter_.raw(), DType::U8, {8}, device(), nullptr);
+    copy_to_host(view, &n);
+    DILU_CU(cudaMemsetAsync(routed_counter_.raw(), 0, 8, stream_));
+    return static_cast<int64_t>(n);
+  }
+
+  double measure_copy_bandwidth(size_t bytes) override {
+    Tensor a = empty(DType::U8, {static_cast<int64_t>(bytes)}), b = empty(DType::U8, {static_cast<int64_t>(bytes)});
+    DILU_CU(cudaMemsetAsync(a.raw(), 1, bytes, stream_));
+    cudaEvent_t start = nullptr, stop = nullptr;
+    DILU_CU(cudaEventCreate(&start));
+    DILU_CU(cudaEventCreate(&stop));
+    constexpr int kReps = 10;
+    DILU_CU(cudaMemcpyAsync(b.raw(), a.raw(), bytes, cudaMemcpyDeviceToDevice, stream_));  // warm-up
+    DILU_CU(cudaEventRecord(start, stream_));
+    for (int r = 0; r < kReps; ++r)
+      DILU_CU(cudaMemcpyAsync(b.raw(), a.raw(), bytes, cudaMemcpyDeviceToDevice, stream_));
+    DILU_CU(cudaEventRecord(stop, stream_));
+    synchronize();
+    float ms = 0;
+    DILU_CU(cudaEventElapsedTime(&ms, start, stop));
+    cudaEventDestroy(start);
+    cudaEventDestroy(stop);
+    return 2.0 * static_cast<double>(bytes) * kReps / (static_cast<double>(ms) * 1e-3);
   }
 
   bool has_device_sampler() const override { return true; }
@@ -836,6 +887,7 @@ class CudaOps final : public Ops {
   void* staging_ = nullptr;
   size_t staging_bytes_ = size_t{16} << 20;
   std::shared_ptr<Arena> arena_;
+  Tensor routed_counter_;  // experts with tokens, summed over moe_experts() calls
   bool fp8_block_ = false;
   size_t placed_ = 0;
   std::vector<std::function<void()>> wait_checks_;

@@ -3,6 +3,7 @@
 // math (weights dequantized in the tile loader), a warp-per-position online-softmax MLA kernel,
 // and device-side MoE grouping so that no step needs the host to look at routing.
 #include "kernels/cuda/kernels.h"
+#include "kernels/random_fill.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -516,6 +517,22 @@ __global__ void moe_combine_kernel(const float* y, const int32_t* ids, const flo
   }
 }
 
+__global__ void random_fill_kernel(void* out, int dtype, int64_t n, uint64_t key, float center, float half_width) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float v = random_fill_value(key, static_cast<uint64_t>(i), center, half_width);
+    if (dtype == 0) static_cast<float*>(out)[i] = v;
+    else if (dtype == 1) static_cast<__nv_bfloat16*>(out)[i] = __float2bfloat16_rn(v);
+    else static_cast<__nv_fp8_e4m3*>(out)[i] = __nv_fp8_e4m3(v);
+  }
+}
+
+__global__ void count_routed_kernel(const int32_t* offsets, int64_t local, unsigned long long* counter) {
+  unsigned long long used = 0;
+  for (int64_t e = threadIdx.x; e < local; e += blockDim.x) used += offsets[e + 1] > offsets[e] ? 1 : 0;
+  atomicAdd(counter, used);
+}
+
 __global__ void fill_u32_kernel(uint32_t* dst, uint32_t pattern, int64_t n) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
@@ -679,6 +696,18 @@ void moe_combine(const float* y, const int32_t* ids, const float* weights, const
   if (t <= 0) return;
   moe_combine_kernel<<<static_cast<unsigned>(t), 256, 0, as_stream(stream)>>>(y, ids, weights, pair_row, k, d, out);
   check_launch("moe_combine");
+}
+
+void random_fill(void* out, int dtype, int64_t n, uint64_t key, float center, float half_width, void* stream) {
+  if (n <= 0) return;
+  random_fill_kernel<<<grid_for(n, 256), 256, 0, as_stream(stream)>>>(out, dtype, n, key, center, half_width);
+  check_launch("random_fill");
+}
+
+void count_routed_experts(const int32_t* offsets, int64_t local, unsigned long long* counter, void* stream) {
+  if (local <= 0) return;
+  count_routed_kernel<<<1, 256, 0, as_stream(stream)>>>(offsets, local, counter);
+  check_launch("count_routed_experts");
 }
 
 void fill_u32(void* dst, uint32_t pattern, int64_t n, void* stream) {

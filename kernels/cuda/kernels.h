@@ -109,6 +109,11 @@ void moe_silu_mul(float* gate, const float* up, const int32_t* offsets, int64_t 
 void moe_combine(const float* y, const int32_t* ids, const float* weights, const int32_t* pair_row, int64_t t,
                  int64_t k, int64_t d, float* out, void* stream);
 
+// Ops::random_fill on the device: dtype 0 F32, 1 BF16, 2 F8E4M3 (kernels/random_fill.h's values).
+void random_fill(void* out, int dtype, int64_t n, uint64_t key, float center, float half_width, void* stream);
+// counter[0] += number of experts with at least one row (offsets [local + 1] from moe_group).
+void count_routed_experts(const int32_t* offsets, int64_t local, unsigned long long* counter, void* stream);
+
 // Fills n 32-bit words with `pattern`.
 void fill_u32(void* dst, uint32_t pattern, int64_t n, void* stream);
 

@@ -114,6 +114,11 @@ class EmulatedCudaOps final : public Ops {
     return cpu_->place_linear(b, Tensor(), 0, 0);
   }
   Tensor place_embedding(const Tensor& host) override { return cpu_->place_embedding(host); }
+  Tensor random_fill(DType dtype, Shape shape, uint64_t key, float center, float half_width) override {
+    return cpu_->random_fill(dtype, std::move(shape), key, center, half_width);
+  }
+  int64_t take_routed_expert_count() override { return cpu_->take_routed_expert_count(); }
+  double measure_copy_bandwidth(size_t bytes) override { return cpu_->measure_copy_bandwidth(bytes); }
   Tensor dequantize(const LinearWeight& w) override { return cpu_->dequantize(w); }
   void copy_to_host(const Tensor& src, void* dst) override { cpu_->copy_to_host(src, dst); }
   void copy_from_host(const void* src, Tensor& dst) override { cpu_->copy_from_host(src, dst); }
