@@ -1,6 +1,13 @@
 // Memory-mapped, bounds-checked safetensors reading (see safetensors.h).
 #include "engine/safetensors.h"
 
+#include <cmath>
+
+#include "engine/model_config.h"
+#include "engine/weight_names.h"
+#include "kernels/ops.h"
+#include "kernels/random_fill.h"
+
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -196,20 +203,64 @@ Checkpoint Checkpoint::open(const fs::path& model_dir) {
   return c;
 }
 
+Checkpoint Checkpoint::synthetic(const ModelConfig& config, Ops& ops, uint64_t seed) {
+  Checkpoint c;
+  c.dir_ = "<random weights>";
+  c.ops_ = &ops;
+  const float sqrt3 = std::sqrt(3.0f);  // a uniform [-a, a] has std a / sqrt(3)
+  auto key_of = [&](const std::string& name) {
+    uint64_t h = 0xcbf29ce484222325ULL;
+    for (const char ch : name) h = (h ^ static_cast<unsigned char>(ch)) * 0x100000001b3ULL;
+    return random_fill_mix(h ^ random_fill_mix(seed));
+  };
+  auto add = [&](const std::string& name, DType dtype, Shape shape, float center, float half_width) {
+    TensorInfo info;
+    info.name = name;
+    info.dtype = dtype;
+    info.shape = std::move(shape);
+    c.synthetic_[name] = {info, Recipe{key_of(name), center, half_width}};
+  };
+  for (const WeightSpec& spec : model_weight_specs(config)) {
+    if (spec.name.ends_with("e_score_correction_bias")) {
+      add(spec.name, DType::F32, spec.shape, 0.0f, 0.05f);
+    } else if (spec.shape.size() == 1) {
+      add(spec.name, DType::BF16, spec.shape, 1.0f, 0.05f);
+    } else if (spec.name == "model.embed_tokens.weight") {
+      add(spec.name, DType::BF16, spec.shape, 0.0f, sqrt3);
+    } else {
+      const float std_a = sqrt3 / std::sqrt(static_cast<float>(spec.shape[1]));
+      if (config.quantization && spec.fp8_in_r1) {
+        // FP8 codes spread over the whole e4m3 range; one scale per block brings them to std_a.
+        add(spec.name, DType::F8E4M3, spec.shape, 0.0f, 448.0f);
+        add(scale_name(spec.name), DType::F32, scale_shape(spec.shape, *config.quantization), std_a / 448.0f, 0.0f);
+      } else {
+        add(spec.name, DType::BF16, spec.shape, 0.0f, std_a);
+      }
+    }
+  }
+  return c;
+}
+
 std::vector<std::string> Checkpoint::names() const {
   std::vector<std::string> out;
-  out.reserve(where_.size());
+  out.reserve(where_.size() + synthetic_.size());
   for (const auto& [name, f] : where_) out.push_back(name);
+  for (const auto& [name, recipe] : synthetic_) out.push_back(name);
   return out;
 }
 
 const TensorInfo& Checkpoint::info(const std::string& name) const {
+  if (auto s = synthetic_.find(name); s != synthetic_.end()) return s->second.first;
   auto it = where_.find(name);
   DILU_CHECK(it != where_.end(), "tensor ", name, " not in checkpoint ", dir_.string());
   return it->second->tensors().at(name);
 }
 
 Tensor Checkpoint::tensor(const std::string& name) const {
+  if (auto s = synthetic_.find(name); s != synthetic_.end()) {
+    const auto& [info, r] = s->second;
+    return ops_->random_fill(info.dtype, info.shape, r.key, r.center, r.half_width);
+  }
   auto it = where_.find(name);
   DILU_CHECK(it != where_.end(), "tensor ", name, " not in checkpoint ", dir_.string());
   return it->second->tensor(name);

@@ -49,13 +49,21 @@ class SafetensorsFile {
 std::map<std::string, TensorInfo> parse_safetensors_header(std::string_view header_json, size_t data_size,
                                                            const std::string& origin);
 
+struct ModelConfig;
+class Ops;
+
 class Checkpoint {
  public:
   // Opens model.safetensors.index.json when present, else every *.safetensors in the directory.
   static Checkpoint open(const std::filesystem::path& model_dir);
+  // A checkpoint without files, for benchmarks: every tensor `config` implies (FP8 with block
+  // scales where R1 has them when config.quantization is set, BF16 otherwise, the router bias
+  // F32), made on demand on `ops`'s device by Ops::random_fill with make-model's scales (linear
+  // weights of std 1/sqrt(in), embeddings std 1, norms near 1). `ops` must outlive it.
+  static Checkpoint synthetic(const ModelConfig& config, Ops& ops, uint64_t seed);
 
   std::vector<std::string> names() const;
-  bool contains(const std::string& name) const { return where_.count(name) != 0; }
+  bool contains(const std::string& name) const { return where_.count(name) != 0 || synthetic_.count(name) != 0; }
   const TensorInfo& info(const std::string& name) const;
   Tensor tensor(const std::string& name) const;
   const std::filesystem::path& dir() const { return dir_; }
@@ -64,6 +72,13 @@ class Checkpoint {
   std::filesystem::path dir_;
   std::vector<std::shared_ptr<SafetensorsFile>> files_;
   std::map<std::string, const SafetensorsFile*> where_;
+  // Synthetic checkpoints: each tensor's info and how to make it.
+  struct Recipe {
+    uint64_t key = 0;
+    float center = 0, half_width = 0;
+  };
+  std::map<std::string, std::pair<TensorInfo, Recipe>> synthetic_;
+  Ops* ops_ = nullptr;
 };
 
 }  // namespace dilu
