@@ -17,8 +17,9 @@ namespace {
 struct BenchFlags {
   std::string model, config, batch_sizes = "1,8,32";
   std::vector<std::string> sets;
-  int64_t input_len = 128, output_len = 128;
+  int64_t input_len = 128, output_len = 128, layers = 0;
   uint64_t seed = 0;
+  bool random_weights = false;
 };
 
 std::vector<int64_t> parse_sizes(const std::string& text) {
@@ -49,6 +50,8 @@ int bench(const BenchFlags& f) {
   o.input_len = f.input_len;
   o.output_len = f.output_len;
   o.seed = f.seed;
+  o.random_weights = f.random_weights;
+  o.layers = f.layers;
   std::cout << "dilu " << version_string() << " bench: model " << f.model << ", backend " << cfg.backend
             << ", input " << o.input_len << " tokens, output " << o.output_len << " tokens, greedy\n";
   const std::vector<BenchRow> rows = run_bench(o, cfg, std::cerr);
@@ -66,6 +69,28 @@ int bench(const BenchFlags& f) {
     std::cout << std::setprecision(1) << "\n";
   }
   if (base == 0) std::cout << "(include batch size 1 for the ratio column)\n";
+  if (!rows.empty()) {
+    const BenchRow& r0 = rows.front();
+    std::cout << "\nroofline: decode steps must read every weight once (routed experts: those the step selected, "
+                 "counted), the KV cache of each context; measured copy bandwidth "
+              << std::setprecision(0) << r0.bandwidth_bytes_s / 1e9 << " GB/s";
+    if (r0.gemm_peak_flops > 0)
+      std::cout << "; prefill against the best linear() on the model's GEMM shapes, " << std::setprecision(1)
+                << r0.gemm_peak_flops / 1e12 << " TFLOP/s";
+    std::cout << "\n"
+              << std::setw(7) << "batch" << std::setw(18) << "ms/step measured" << std::setw(18) << "ms/step roofline"
+              << std::setw(10) << "ratio" << std::setw(16) << "experts/step" << std::setw(18) << "prefill TFLOP/s"
+              << std::setw(14) << "of peak" << "\n";
+    for (const BenchRow& r : rows) {
+      std::cout << std::setw(7) << r.batch << std::setprecision(2) << std::setw(18) << r.ms_per_decode_step()
+                << std::setw(18) << 1e3 * r.decode_roofline_seconds / std::max<int64_t>(r.decode_steps, 1)
+                << std::setw(9) << r.decode_roofline_ratio() << "x" << std::setprecision(1) << std::setw(16)
+                << r.routed_experts_per_step << std::setprecision(2) << std::setw(18) << r.prefill_flops_s() / 1e12;
+      if (r.gemm_peak_flops > 0) std::cout << std::setw(13) << 100.0 * r.prefill_flops_s() / r.gemm_peak_flops << "%";
+      else std::cout << std::setw(14) << "-";
+      std::cout << "\n";
+    }
+  }
   return 0;
 }
 
@@ -75,7 +100,14 @@ void add_bench_command(CLI::App& root, Action& action) {
   auto flags = std::make_shared<BenchFlags>();
   CLI::App* cmd = root.add_subcommand(
       "bench", "Measure prefill and decode throughput over batch sizes with random prompts (greedy, ignore_eos).");
-  cmd->add_option("--model", flags->model, "Checkpoint directory (e.g. one written by dilu make-model)")->required();
+  cmd->add_option("--model", flags->model,
+                  "Checkpoint directory (e.g. one written by dilu make-model), or with --random-weights a preset "
+                  "(tiny, r1-geometry)")
+      ->required();
+  cmd->add_flag("--random-weights", flags->random_weights,
+                "No checkpoint file: random weights made on the device in the model's layout (FP8 where R1 has it)");
+  cmd->add_option("--layers", flags->layers,
+                  "With --random-weights: this many hidden layers (the first dense, the rest MoE for r1-geometry)");
   cmd->add_option("--batch-sizes", flags->batch_sizes, "Comma list of batch sizes (requests run together)")
       ->capture_default_str();
   cmd->add_option("--input-len", flags->input_len, "Prompt tokens per request")->capture_default_str();

@@ -2,6 +2,7 @@
 #include "engine/bench.h"
 
 #include <algorithm>
+#include <cmath>
 #include <chrono>
 #include <iostream>
 #include <random>
@@ -9,13 +10,123 @@
 #include "engine/deepseek_v3.h"
 #include "engine/engine.h"
 #include "engine/kv_cache.h"
+#include "engine/make_model.h"
+#include "engine/weight_names.h"
 #include "engine/safetensors.h"
 
 namespace dilu {
 
+namespace {
+
+int64_t numel_of(const Shape& s) {
+  int64_t n = 1;
+  for (int64_t d : s) n *= d;
+  return n;
+}
+
+// What a step must read and compute, from the checkpoint's own form of each tensor (FP8 with
+// block scales where R1 has them, BF16 otherwise): the ideal implementation's traffic.
+struct ModelCosts {
+  double fixed_bytes = 0;       // every weight but the routed experts and the embedding table
+  double expert_bytes = 0;      // one routed expert (gate, up, down with scales)
+  double kv_bytes_per_token = 0;  // one cached token over all layers (BF16 latent + rope key)
+  double params_per_token = 0;  // multiply-adds per token through the linears (K routed experts)
+  double head_params = 0;       // lm_head, once per logits row
+  double attn_per_ctx = 0;      // multiply-adds per (token, attended position), absorbed MLA
+};
+
+ModelCosts model_costs(const ModelConfig& c) {
+  ModelCosts m;
+  double experts_total = 0, expert_params_total = 0;
+  int64_t expert_count = 0;
+  for (const WeightSpec& spec : model_weight_specs(c)) {
+    const double n = static_cast<double>(numel_of(spec.shape));
+    double bytes = n * 2;
+    if (spec.name.ends_with("e_score_correction_bias")) bytes = n * 4;
+    else if (c.quantization && spec.fp8_in_r1)
+      bytes = n + 4.0 * static_cast<double>(numel_of(scale_shape(spec.shape, *c.quantization)));
+    if (spec.name.find(".mlp.experts.") != std::string::npos) {
+      experts_total += bytes;
+      expert_params_total += n;
+      if (spec.name.ends_with("gate_proj.weight")) ++expert_count;
+      continue;
+    }
+    if (spec.name == "model.embed_tokens.weight") continue;
+    m.fixed_bytes += bytes;
+    if (spec.name == "lm_head.weight") m.head_params = n;
+    else if (spec.shape.size() == 2) m.params_per_token += n;
+  }
+  if (expert_count > 0) {
+    m.expert_bytes = experts_total / static_cast<double>(expert_count);
+    int64_t moe_layers = 0;
+    for (int64_t l = 0; l < c.num_hidden_layers; ++l) moe_layers += c.is_moe_layer(l);
+    m.params_per_token += expert_params_total / static_cast<double>(expert_count) *
+                          static_cast<double>(c.num_experts_per_tok * moe_layers);
+  }
+  m.kv_bytes_per_token = 2.0 * static_cast<double>((c.kv_lora_rank + c.qk_rope_head_dim) * c.num_hidden_layers);
+  m.attn_per_ctx = static_cast<double>(c.num_attention_heads * (2 * c.kv_lora_rank + c.qk_rope_head_dim) *
+                                       c.num_hidden_layers);
+  return m;
+}
+
+// The best throughput of this backend's linear() on the model's own GEMM shapes at `m` tokens,
+// in FLOP/s: the prefill's ceiling. FP8 weights when the model has them.
+double measure_gemm_peak(Ops& ops, const ModelConfig& c, int64_t m, std::ostream& log) {
+  const int64_t d = c.hidden_size, h = c.num_attention_heads;
+  std::vector<std::pair<int64_t, int64_t>> shapes = {{c.kv_lora_rank + c.qk_rope_head_dim, d},
+                                                      {d, h * c.v_head_dim}};
+  if (c.q_lora_rank) {
+    shapes.push_back({*c.q_lora_rank, d});
+    shapes.push_back({h * c.qk_head_dim(), *c.q_lora_rank});
+  }
+  if (c.n_routed_experts > 0) {
+    shapes.push_back({c.moe_intermediate_size, d});
+    shapes.push_back({d, c.moe_intermediate_size});
+  }
+  shapes.push_back({c.intermediate_size, d});
+  double best = 0;
+  uint64_t key = 0x5eed;
+  for (const auto& [n, k] : shapes) {
+    LinearWeight w;
+    if (c.quantization) {
+      const Shape ws{n, k}, ss = scale_shape(ws, *c.quantization);
+      const Tensor wq = ops.random_fill(DType::F8E4M3, ws, key + 1, 0.0f, 448.0f);
+      const Tensor sq = ops.random_fill(DType::F32, ss, key + 2, 1.0f / 448.0f / std::sqrt(static_cast<float>(k)), 0.0f);
+      key += 2;
+      w = ops.place_linear(wq, sq, c.quantization->block_out, c.quantization->block_in);
+    } else {
+      w = ops.place_linear(ops.random_fill(DType::BF16, {n, k}, ++key, 0.0f, 1.0f / std::sqrt(static_cast<float>(k))),
+                           Tensor(), 0, 0);
+    }
+    Tensor x = ops.random_fill(DType::F32, {m, k}, ++key, 0.0f, 1.0f);
+    Tensor y = ops.empty(DType::F32, {m, n});
+    ops.linear(x, w, y);  // warm-up (and the algorithm choice)
+    ops.synchronize();
+    constexpr int kReps = 5;
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int r = 0; r < kReps; ++r) ops.linear(x, w, y);
+    ops.synchronize();
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const double flops = 2.0 * static_cast<double>(m * n * k) * kReps / dt;
+    log << "dilu bench: linear " << m << " x " << n << " x " << k << ": " << flops / 1e12 << " TFLOP/s\n";
+    best = std::max(best, flops);
+  }
+  return best;
+}
+
+}  // namespace
+
 std::vector<BenchRow> run_bench(const BenchOptions& o, const RunConfig& cfg, std::ostream& log) {
-  const ModelConfig mc = load_model_config(o.model_dir);
-  const Checkpoint ckpt = Checkpoint::open(o.model_dir);
+  ModelConfig mc;
+  if (o.random_weights && !std::filesystem::is_directory(o.model_dir)) {
+    mc = preset_config(o.model_dir.string(), o.layers);
+  } else {
+    mc = load_model_config(o.model_dir);
+    if (o.layers > 0) {
+      DILU_USER_CHECK(o.random_weights, "--layers needs --random-weights (a checkpoint has its own layers)");
+      mc.num_hidden_layers = o.layers;
+    }
+  }
   BackendOptions bo;
   bo.cpu_threads = cfg.cpu.threads;
   bo.fp8_gemm = cfg.cuda.fp8_gemm;
@@ -23,7 +134,20 @@ std::vector<BenchRow> run_bench(const BenchOptions& o, const RunConfig& cfg, std
   bo.arena_bytes = DeepseekV3::step_scratch_bytes(mc, std::max<int64_t>(cfg.batch.max_tokens, largest_batch),
                                                   largest_batch, 1);
   std::unique_ptr<Ops> ops = make_ops(cfg.backend, bo);
+  const Checkpoint ckpt = o.random_weights ? Checkpoint::synthetic(mc, *ops, o.seed) : Checkpoint::open(o.model_dir);
+  const auto t_place = std::chrono::steady_clock::now();
   DeepseekV3 model(mc, ckpt, *ops);
+  ops->synchronize();
+  log << "dilu bench: " << mc.num_hidden_layers << " layers, " << model.weight_bytes() / (1 << 20) << " MiB of weights"
+      << (o.random_weights ? " made on the device" : " placed") << " in "
+      << std::chrono::duration<double>(std::chrono::steady_clock::now() - t_place).count() << " s on " << ops->name()
+      << "\n";
+  const ModelCosts costs = model_costs(mc);
+  const double bandwidth = ops->measure_copy_bandwidth(size_t{1} << 30);
+  log << "dilu bench: device copy bandwidth " << bandwidth / 1e9 << " GB/s (read + write of 1 GiB)\n";
+  const double gemm_peak = ops->device().kind == DeviceKind::CUDA
+                               ? measure_gemm_peak(*ops, mc, std::min<int64_t>(cfg.batch.max_tokens, 4096), log)
+                               : 0.0;
   const int64_t seq_len = o.input_len + o.output_len;
   DILU_USER_CHECK(o.input_len >= 1 && o.output_len >= 1, "--input-len and --output-len must be at least 1");
   DILU_USER_CHECK(seq_len <= mc.max_position_embeddings, "--input-len + --output-len = ", seq_len,
@@ -54,11 +178,16 @@ std::vector<BenchRow> run_bench(const BenchOptions& o, const RunConfig& cfg, std
     }
     BenchRow row;
     row.batch = batch;
+    row.bandwidth_bytes_s = bandwidth;
+    row.gemm_peak_flops = gemm_peak;
+    ops->take_routed_expert_count();
+    int64_t routed = 0;
     while (!engine.idle()) {
       const auto t0 = std::chrono::steady_clock::now();
       engine.step();
       const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       const StepStats& st = engine.last_step();
+      const int64_t step_routed = ops->take_routed_expert_count();
       if (st.prefill_tokens > 0) {
         row.prefill_seconds += dt;
         row.prefill_tokens += st.prefill_tokens;
@@ -66,9 +195,26 @@ std::vector<BenchRow> run_bench(const BenchOptions& o, const RunConfig& cfg, std
         row.decode_seconds += dt;
         row.decode_tokens += st.decode_tokens;
         ++row.decode_steps;
+        routed += step_routed;
+        // Each sequence attends to its whole context: prompt plus what it generated so far.
+        const double ctx = static_cast<double>(o.input_len + row.decode_steps);
+        const double bytes = costs.fixed_bytes + static_cast<double>(step_routed) * costs.expert_bytes +
+                             static_cast<double>(st.decode_tokens) * ctx * costs.kv_bytes_per_token +
+                             static_cast<double>(st.decode_tokens * mc.hidden_size) * 2.0;
+        row.decode_roofline_seconds += bytes / bandwidth;
       }
     }
-    log << "dilu bench: batch " << batch << " done\n";
+    row.routed_experts_per_step = static_cast<double>(routed) / static_cast<double>(std::max<int64_t>(row.decode_steps, 1));
+    // Prefill: every prompt token through the linears, one logits row per sequence (the first
+    // generated token), attention over the causal prefix.
+    const double b = static_cast<double>(batch), s_len = static_cast<double>(o.input_len);
+    row.prefill_flops = 2.0 * (b * s_len * costs.params_per_token + b * costs.head_params +
+                               b * s_len * (s_len + 1) / 2 * costs.attn_per_ctx);
+    log << "dilu bench: batch " << batch << " done: prefill " << row.prefill_tok_s() << " tok/s ("
+        << row.prefill_flops_s() / 1e12 << " TFLOP/s), decode " << row.decode_tok_s() << " tok/s, "
+        << row.ms_per_decode_step() << " ms/step against a roofline of "
+        << 1e3 * row.decode_roofline_seconds / static_cast<double>(std::max<int64_t>(row.decode_steps, 1))
+        << " ms (" << row.decode_roofline_ratio() << "x), " << row.routed_experts_per_step << " experts/step\n";
     rows.push_back(row);
   }
   return rows;
