@@ -120,6 +120,9 @@ std::vector<BenchRow> run_bench(const BenchOptions& o, const RunConfig& cfg, std
   ModelConfig mc;
   if (o.random_weights && !std::filesystem::is_directory(o.model_dir)) {
     mc = preset_config(o.model_dir.string(), o.layers);
+    // A slice of N layers keeps one dense layer and makes the rest MoE (R1 has 3 dense of 61):
+    // what a decode step spends its time on.
+    if (o.layers > 0 && mc.n_routed_experts > 0) mc.first_k_dense_replace = std::min<int64_t>(mc.first_k_dense_replace, 1);
   } else {
     mc = load_model_config(o.model_dir);
     if (o.layers > 0) {
