@@ -9,13 +9,15 @@
 #include "engine/run_config.h"
 #include "engine/version.h"
 #include "kernels/error.h"
+#include "parallel/groups.h"
+#include "parallel/world.h"
 
 namespace dilu::app {
 
 namespace {
 
 struct BenchFlags {
-  std::string model, config, batch_sizes = "1,8,32";
+  std::string model, config, batch_sizes = "1,8,32", trace_dir;
   std::vector<std::string> sets;
   int64_t input_len = 128, output_len = 128, layers = 0;
   uint64_t seed = 0;
@@ -52,6 +54,18 @@ int bench(const BenchFlags& f) {
   o.seed = f.seed;
   o.random_weights = f.random_weights;
   o.layers = f.layers;
+  // Traces name their files by world rank: under mpirun/srun each rank benchmarks on its own and
+  // rank 0 gathers the timeline. MPI only starts when traces are asked for.
+  std::optional<MpiSession> mpi;
+  ParallelGroups groups;
+  if (!f.trace_dir.empty()) {
+    int argc = 0;
+    char** argv = nullptr;
+    mpi.emplace(&argc, &argv);
+    groups = make_parallel_groups(mpi->world(), 1, 1, mpi->world().size);
+    o.groups = &groups;
+    o.trace_dir = f.trace_dir;
+  }
   std::cout << "dilu " << version_string() << " bench: model " << f.model << ", backend " << cfg.backend
             << ", input " << o.input_len << " tokens, output " << o.output_len << " tokens, greedy\n";
   const std::vector<BenchRow> rows = run_bench(o, cfg, std::cerr);
@@ -113,6 +127,9 @@ void add_bench_command(CLI::App& root, Action& action) {
   cmd->add_option("--input-len", flags->input_len, "Prompt tokens per request")->capture_default_str();
   cmd->add_option("--output-len", flags->output_len, "Generated tokens per request")->capture_default_str();
   cmd->add_option("--seed", flags->seed, "Seed of the random prompts")->capture_default_str();
+  cmd->add_option("--trace-dir", flags->trace_dir,
+                  "Write the trace there: DIR/rank-NNNNN.h5 (steps, requests, the sweep's /bench table) and "
+                  "DIR/timeline.json; 'dilu report DIR' plots throughput against batch size (docs/traces.md)");
   cmd->add_option("--config", flags->config, "YAML run configuration")->check(CLI::ExistingFile);
   cmd->add_option("--set", flags->sets, "Override one configuration key (repeatable)")->allow_extra_args(false);
   cmd->callback([flags, &action] { action = [flags] { return bench(*flags); }; });

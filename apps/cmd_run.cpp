@@ -1,6 +1,7 @@
 // `dilu run`: flags -> typed configs -> engine::run_job, then the end-of-run summary.
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <csignal>
 #include <cstdlib>
@@ -39,7 +40,7 @@ GpuType host_as_device(int ranks_on_node) {
 }
 
 struct RunFlags {
-  std::string model, input, output, config;
+  std::string model, input, output, config, trace_dir;
   std::vector<std::string> sets;
   bool overwrite = false;
   bool no_resume = false;
@@ -110,6 +111,7 @@ int run(const RunFlags& f) {
   o.resume = !f.no_resume;
   o.stop = &g_stop;
   o.groups = &groups;
+  o.trace_dir = f.trace_dir;
   RunSummary s;
   try {
     s = run_job(o, cfg, std::cerr);
@@ -150,8 +152,24 @@ int run(const RunFlags& f) {
             << s.requests_failed << " failed, " << s.requests_skipped << " skipped (answered earlier); "
             << s.prompt_tokens << " prompt tokens (" << s.prompt_tokens / gen
             << " tok/s), " << s.completion_tokens << " completion tokens (" << s.completion_tokens / gen
-            << " tok/s); " << s.steps << " steps, " << s.preemptions << " preemptions; load " << s.load_seconds << " s, generation " << s.generate_seconds << " s; output "
+            << " tok/s); " << s.steps << " steps, " << s.preemptions << " preemptions; load " << s.load_seconds << " s, generation " << s.generate_seconds << " s, wall " << s.wall_seconds << " s; output "
             << f.output << "\n";
+  // The slowest rank: the most time busy in steps (compute and host work; waiting in collectives
+  // and for pipeline stages excluded), against the least busy one.
+  if (!s.ranks.empty()) {
+    auto busy_less = [](const RankLoad& a, const RankLoad& b) { return a.busy_s < b.busy_s; };
+    const RankLoad& slow = *std::max_element(s.ranks.begin(), s.ranks.end(), busy_less);
+    const RankLoad& fast = *std::min_element(s.ranks.begin(), s.ranks.end(), busy_less);
+    std::cout << std::setprecision(2) << "dilu: slowest rank " << slow.rank << " (" << slow.hostname << "): busy "
+              << slow.busy_s << " s, " << std::setprecision(0) << 100 * slow.busy_s / gen << "% of generation";
+    if (s.ranks.size() > 1)
+      std::cout << std::setprecision(2) << "; least busy rank " << fast.rank << ": " << fast.busy_s << " s ("
+                << std::setprecision(0) << 100 * fast.busy_s / gen << "%)";
+    std::cout << "\n";
+  }
+  if (!f.trace_dir.empty())
+    std::cout << "dilu: traces in " << f.trace_dir << " (rank-*.h5, timeline.json); tables and plots: dilu report "
+              << f.trace_dir << "\n";
   if (s.interrupted) {
     std::cerr << "dilu: stopped by signal " << g_signal.load() << "; finished requests are in " << f.output
               << ", run the same command again to resume\n";
@@ -183,6 +201,9 @@ void add_run_command(CLI::App& root, Action& action) {
                   "\"finish_reason\", \"usage\"}, an OpenAI Batch response for Batch lines, or {\"id\", \"error\"}. "
                   "If it exists, the run resumes: lines it answers are skipped")
       ->required();
+  cmd->add_option("--trace-dir", flags->trace_dir,
+                  "Write per-rank traces there: DIR/rank-NNNNN.h5 (steps, requests, attributes) and DIR/timeline.json "
+                  "(open in ui.perfetto.dev); 'dilu report DIR' turns them into tables and plots (docs/traces.md)");
   cmd->add_flag("--overwrite", flags->overwrite, "Start over: truncate an existing output instead of resuming");
   cmd->add_flag("--no-resume", flags->no_resume, "Refuse an existing non-empty output instead of resuming");
   cmd->add_option("--config", flags->config, "YAML run configuration (see configs/runs/default.yaml)")

@@ -15,5 +15,6 @@ void add_make_model_command(CLI::App& root, Action& action);
 void add_bench_command(CLI::App& root, Action& action);
 void add_tokenize_command(CLI::App& root, Action& action);
 void add_plan_command(CLI::App& root, Action& action);
+void add_report_command(CLI::App& root, Action& action);
 
 }  // namespace dilu::app

@@ -35,6 +35,7 @@ int main(int argc, char** argv) {
   dilu::app::add_bench_command(root, action);
   dilu::app::add_tokenize_command(root, action);
   dilu::app::add_plan_command(root, action);
+  dilu::app::add_report_command(root, action);
 
   try {
     root.parse(argc, argv);

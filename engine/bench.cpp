@@ -13,6 +13,7 @@
 #include "engine/make_model.h"
 #include "engine/weight_names.h"
 #include "engine/safetensors.h"
+#include "engine/trace.h"
 
 namespace dilu {
 
@@ -117,6 +118,32 @@ double measure_gemm_peak(Ops& ops, const ModelConfig& c, int64_t m, std::ostream
 }  // namespace
 
 std::vector<BenchRow> run_bench(const BenchOptions& o, const RunConfig& cfg, std::ostream& log) {
+  const auto t_start = std::chrono::steady_clock::now();
+  TraceIdentity id;
+  id.command = "bench";
+  id.hostname = this_hostname();
+  if (o.groups) {
+    const World& w = o.groups->world;
+    id.world_rank = w.rank;
+    id.world_size = id.dp = w.size;
+    id.dp_rank = w.rank;
+    id.node = w.node;
+    id.num_nodes = w.num_nodes;
+    id.local_rank = w.local_rank;
+    o.groups->world_comm->barrier();  // the ranks' trace clocks start together
+  }
+  TraceRecorder trace(id);
+  if (!o.trace_dir.empty()) {
+    trace.open(o.trace_dir);
+    trace.set_attribute("config_yaml", run_config_to_yaml(cfg));
+    trace.set_attribute("plan", nlohmann::json{{"batch_sizes", o.batch_sizes},
+                                               {"input_len", o.input_len},
+                                               {"output_len", o.output_len},
+                                               {"seed", o.seed},
+                                               {"random_weights", o.random_weights},
+                                               {"model", o.model_dir.string()}}
+                                    .dump(2));
+  }
   ModelConfig mc;
   if (o.random_weights && !std::filesystem::is_directory(o.model_dir)) {
     mc = preset_config(o.model_dir.string(), o.layers);
@@ -137,6 +164,8 @@ std::vector<BenchRow> run_bench(const BenchOptions& o, const RunConfig& cfg, std
   bo.arena_bytes = DeepseekV3::step_scratch_bytes(mc, std::max<int64_t>(cfg.batch.max_tokens, largest_batch),
                                                   largest_batch, 1);
   std::unique_ptr<Ops> ops = make_ops(cfg.backend, bo);
+  trace.set_device(ops->device().kind == DeviceKind::CPU ? ops->name() : ops->name() + " [" + ops->device().str() + "]");
+  trace.set_memory_probe(device_memory_probe(*ops, bo.arena_bytes));
   const Checkpoint ckpt = o.random_weights ? Checkpoint::synthetic(mc, *ops, o.seed) : Checkpoint::open(o.model_dir);
   const auto t_place = std::chrono::steady_clock::now();
   DeepseekV3 model(mc, ckpt, *ops);
@@ -161,6 +190,9 @@ std::vector<BenchRow> run_bench(const BenchOptions& o, const RunConfig& cfg, std
   // measurement.
   const int64_t num_blocks = (seq_len + bs - 1) / bs * largest;
   KvCache cache(*ops, mc.num_hidden_layers, num_blocks, bs, mc.kv_lora_rank + mc.qk_rope_head_dim);
+  trace.set_kv_blocks_total(num_blocks);
+  trace.span(SpanKind::Load, 0.0, trace.clock().now());
+  int64_t requests_done = 0, prompt_tokens = 0, output_tokens = 0;
   std::mt19937_64 rng(o.seed);
   std::uniform_int_distribution<int32_t> token(0, static_cast<int32_t>(mc.vocab_size - 1));
 
@@ -170,6 +202,8 @@ std::vector<BenchRow> run_bench(const BenchOptions& o, const RunConfig& cfg, std
     eo.limits = {batch, std::max<int64_t>(cfg.batch.max_tokens, batch), bs};
     eo.max_seq_len = seq_len;
     Engine engine(model, *ops, cache, eo, nullptr);
+    engine.set_trace(&trace);
+    const int64_t first_step = trace.steps();
     for (int64_t i = 0; i < batch; ++i) {
       EngineRequest r;
       r.handle = i;
@@ -187,8 +221,19 @@ std::vector<BenchRow> run_bench(const BenchOptions& o, const RunConfig& cfg, std
     int64_t routed = 0;
     while (!engine.idle()) {
       const auto t0 = std::chrono::steady_clock::now();
-      engine.step();
+      const std::vector<EngineResult> done = engine.step();
       const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      for (const EngineResult& res : done) {
+        const int64_t out = static_cast<int64_t>(res.samples.front().token_ids.size());
+        ++requests_done;
+        prompt_tokens += res.prompt_tokens;
+        output_tokens += out;
+        if (!trace.recording()) continue;
+        const TraceClock& tc = trace.clock();
+        trace.record_request({"b" + std::to_string(batch) + "-" + std::to_string(res.handle), res.handle + 1,
+                              res.prompt_tokens, out, 1, tc.at(res.submitted), tc.at(res.first_token), tc.now(),
+                              id.dp_rank});
+      }
       const StepStats& st = engine.last_step();
       const int64_t step_routed = ops->take_routed_expert_count();
       if (st.prefill_tokens > 0) {
@@ -218,8 +263,24 @@ std::vector<BenchRow> run_bench(const BenchOptions& o, const RunConfig& cfg, std
         << row.ms_per_decode_step() << " ms/step against a roofline of "
         << 1e3 * row.decode_roofline_seconds / static_cast<double>(std::max<int64_t>(row.decode_steps, 1))
         << " ms (" << row.decode_roofline_ratio() << "x), " << row.routed_experts_per_step << " experts/step\n";
+    trace.record_bench({batch, first_step, trace.steps(), row.prefill_seconds, row.decode_seconds, row.prefill_tokens,
+                        row.decode_tokens, row.decode_steps});
     rows.push_back(row);
   }
+  const TraceTotals totals = trace.totals();
+  const double step_seconds = std::max(totals.compute_s + totals.comm_s + totals.host_s, 1e-12);
+  const std::unique_ptr<Communicator> self = o.groups ? nullptr : make_self_communicator();
+  const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+  finish_trace(trace, o.groups ? *o.groups->world_comm : *self, o.trace_dir,
+               {{"wall_s", wall},
+                {"requests_done", static_cast<double>(requests_done)},
+                {"prompt_tokens", static_cast<double>(prompt_tokens)},
+                {"completion_tokens", static_cast<double>(output_tokens)}});
+  if (!o.trace_dir.empty())
+    log << "dilu bench: trace recording took " << 1e6 * totals.recording_s / static_cast<double>(std::max<int64_t>(totals.steps, 1))
+        << " us per step, " << 100 * totals.recording_s / step_seconds << "% of the step time (" << totals.steps
+        << " steps; closing the files took " << 1e3 * trace.file_closing_seconds() << " ms once); traces in "
+        << o.trace_dir.string() << "\n";
   return rows;
 }
 

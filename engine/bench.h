@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "engine/run_config.h"
+#include "parallel/groups.h"
 
 namespace dilu {
 
@@ -19,6 +20,12 @@ struct BenchOptions {
   int64_t input_len = 128;
   int64_t output_len = 128;
   uint64_t seed = 0;
+  // Write DIR/rank-NNNNN.h5 (with its /bench table) and DIR/timeline.json (docs/traces.md) and
+  // log what recording cost; empty: no files.
+  std::filesystem::path trace_dir;
+  // The ranks when launched by mpirun/srun (each benchmarks on its own; traces are gathered on
+  // rank 0); null: one process.
+  const ParallelGroups* groups = nullptr;
 };
 
 struct BenchRow {

@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "engine/tokenizer.h"
+#include "engine/trace.h"
 
 namespace dilu {
 
@@ -21,6 +22,7 @@ struct Engine::RequestState {
   int64_t max_tokens = 0;  // per sample, capped by max_seq_len
   std::vector<SampleOutput> samples;
   int64_t num_done = 0;
+  std::chrono::steady_clock::time_point submitted{}, first_token{};
 };
 
 namespace {
@@ -261,27 +263,36 @@ std::vector<SampleResult> run_pipeline_step(DeepseekV3& model, Ops& ops, KvCache
 }
 
 std::vector<uint8_t> encode_message(const StepInput& in, const std::vector<std::pair<int32_t, int32_t>>& copies,
-                                    const std::vector<DrawSpec>& draws) {
+                                    const std::vector<DrawSpec>& draws, const StepCounts& counts) {
   std::vector<uint8_t> b = encode_step(in, copies);
   put_vec(b, draws);
+  put(b, &counts, sizeof counts);  // for the other ranks' traces
   return b;
 }
 
 }  // namespace
 
-void follow_steps(DeepseekV3& model, Ops& ops, KvCache& cache, const ReplicaComms& comms) {
+void follow_steps(DeepseekV3& model, Ops& ops, KvCache& cache, const ReplicaComms& comms, TraceRecorder* trace) {
   for (;;) {
     std::vector<uint8_t> msg;
-    comms.replica->broadcast(msg, 0);
+    comms.replica->broadcast(msg, 0);  // waiting for the root is not part of a step
     if (msg.empty()) return;
+    if (trace) trace->begin_step();
     std::vector<std::pair<int32_t, int32_t>> copies;
     size_t used = 0;
     const StepInput in = decode_step(msg, copies, &used);
     Reader rd{msg, used};
     const std::vector<DrawSpec> draws = rd.vec<DrawSpec>();
+    StepCounts counts;
+    rd.get(&counts, sizeof counts);
+    if (trace) trace->host_done();
     if (!copies.empty()) cache.copy_blocks(ops, copies);
     if (comms.pp_size == 1) model.forward(in, cache);
     else run_pipeline_step(model, ops, cache, comms, in, draws);
+    if (trace) {
+      trace->compute_done();
+      trace->end_step(counts);
+    }
   }
 }
 
@@ -315,11 +326,13 @@ void Engine::submit(EngineRequest r) {
   DILU_CHECK(!r.prompt.empty() && r.sampling.n >= 1, "bad engine request");
   DILU_CHECK(!requests_.count(r.handle), "duplicate handle ", r.handle);
   auto st = std::make_unique<RequestState>();
+  st->submitted = std::chrono::steady_clock::now();
   st->max_tokens = std::min<int64_t>(r.sampling.max_tokens, options_.max_seq_len - static_cast<int64_t>(r.prompt.size()));
   st->samples.resize(static_cast<size_t>(r.sampling.n));
   if (st->max_tokens <= 0) {  // nothing to generate: answered without touching the model
     for (auto& s : st->samples) s.finish_reason = "length";
-    ready_.push_back({r.handle, static_cast<int64_t>(r.prompt.size()), std::move(st->samples)});
+    ready_.push_back({r.handle, static_cast<int64_t>(r.prompt.size()), std::move(st->samples), st->submitted,
+                      st->submitted});
     return;
   }
   auto seq = std::make_unique<Sequence>();
@@ -405,7 +418,8 @@ void Engine::finish(Sequence* seq, std::vector<EngineResult>& done) {
   rs.samples[static_cast<size_t>(seq->sample)] = std::move(ss.out);
   scheduler_.finish(seq);
   if (++rs.num_done == rs.req.sampling.n) {
-    done.push_back({rs.req.handle, static_cast<int64_t>(rs.req.prompt.size()), std::move(rs.samples)});
+    done.push_back({rs.req.handle, static_cast<int64_t>(rs.req.prompt.size()), std::move(rs.samples), rs.submitted,
+                    rs.first_token});
     requests_.erase(rs.req.handle);
   }
 }
@@ -415,6 +429,7 @@ std::vector<EngineResult> Engine::step() {
   ready_.clear();
   last_ = {};
   if (scheduler_.idle()) return done;
+  if (trace_) trace_->begin_step();
   StepPlan plan = scheduler_.schedule();
   DILU_CHECK(!plan.empty(), "the scheduler made no progress with ", scheduler_.num_running(), " running and ",
              scheduler_.num_waiting(), " waiting sequences");
@@ -457,6 +472,10 @@ std::vector<EngineResult> Engine::step() {
     }
     ++row;
   }
+  last_.tokens_generated = static_cast<int64_t>(draws.size());
+  const StepCounts counts{last_.prefill_tokens, last_.decode_tokens, last_.sequences, last_.tokens_generated,
+                          scheduler_.blocks().num_used()};
+  if (trace_) trace_->host_done();
   std::vector<SampleResult> results(draws.size());
   if (comms_.pp_size > 1) {
     std::vector<DrawSpec> specs;
@@ -466,12 +485,12 @@ std::vector<EngineResult> Engine::step() {
       specs.push_back({static_cast<int32_t>(r), p.temperature, p.top_p, p.min_p, p.top_k, p.top_logprobs, s->sample,
                        s->num_generated(), rs.req.seed, static_cast<uint8_t>(p.logprobs)});
     }
-    std::vector<uint8_t> msg = encode_message(in, plan.block_copies, specs);
+    std::vector<uint8_t> msg = encode_message(in, plan.block_copies, specs, counts);
     comms_.replica->broadcast(msg, 0);
     results = run_pipeline_step(model_, ops_, cache_, comms_, in, specs);
   } else {
     if (comms_.replica && comms_.replica->size() > 1) {
-      std::vector<uint8_t> msg = encode_message(in, plan.block_copies, {});
+      std::vector<uint8_t> msg = encode_message(in, plan.block_copies, {}, counts);
       comms_.replica->broadcast(msg, 0);
     }
     Tensor logits_dev = model_.forward(in, cache_);
@@ -483,13 +502,17 @@ std::vector<EngineResult> Engine::step() {
     }
     results = draw_tokens(ops_, logits_dev, here);
   }
+  if (trace_) trace_->compute_done();
+  const auto now = std::chrono::steady_clock::now();
   std::vector<Sequence*> finished;
   for (size_t i = 0; i < draws.size(); ++i) {
+    RequestState& rs = *requests_.at(draws[i].first->request);
+    if (rs.first_token == std::chrono::steady_clock::time_point{}) rs.first_token = now;
     accept(draws[i].first, results[i]);
     if (seqs_.at(draws[i].first)->done) finished.push_back(draws[i].first);
   }
-  last_.tokens_generated = static_cast<int64_t>(draws.size());
   for (Sequence* s : finished) finish(s, done);
+  if (trace_) trace_->end_step(counts);
   return done;
 }
 

@@ -3,6 +3,7 @@
 // stop strings, logprobs) and the sampling; knows nothing of files (run_job.cpp does the I/O).
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -18,6 +19,7 @@ namespace dilu {
 
 class Tokenizer;
 class DecodeStream;
+class TraceRecorder;
 
 // The communicators of one replica; all null for a single rank.
 struct ReplicaComms {
@@ -41,6 +43,8 @@ struct EngineResult {
   int64_t handle = 0;
   int64_t prompt_tokens = 0;
   std::vector<SampleOutput> samples;  // n, in sample order
+  std::chrono::steady_clock::time_point submitted{};    // submit() was called
+  std::chrono::steady_clock::time_point first_token{};  // its first token was drawn
 };
 
 struct EngineOptions {
@@ -78,6 +82,8 @@ class Engine {
   std::vector<EngineResult> step();
   const StepStats& last_step() const { return last_; }
   int64_t num_preemptions() const { return scheduler_.num_preemptions(); }
+  // Steps are recorded there (their phases and counts); null: not recorded.
+  void set_trace(TraceRecorder* trace) { trace_ = trace; }
 
  private:
   struct SequenceState;
@@ -97,10 +103,13 @@ class Engine {
   std::map<const Sequence*, std::unique_ptr<SequenceState>> seqs_;  // decode state per sequence
   std::vector<EngineResult> ready_;                                 // finished without a step (max_tokens 0)
   StepStats last_;
+  TraceRecorder* trace_ = nullptr;
 };
 
 // The loop of a rank that does not schedule: receives each step from the replica's root,
 // runs its share of the model on it (taking part in the collectives), until the root stops.
-void follow_steps(DeepseekV3& model, Ops& ops, KvCache& cache, const ReplicaComms& comms);
+// Each step is recorded in `trace` when given.
+void follow_steps(DeepseekV3& model, Ops& ops, KvCache& cache, const ReplicaComms& comms,
+                  TraceRecorder* trace = nullptr);
 
 }  // namespace dilu

@@ -25,6 +25,7 @@
 #include "engine/request.h"
 #include "engine/planner.h"
 #include "engine/safetensors.h"
+#include "engine/trace.h"
 #ifdef DILU_HAVE_CUDA
 #include "parallel/nccl_communicator.h"
 #endif
@@ -70,8 +71,11 @@ struct Loaded {
   std::optional<Checkpoint> ckpt;
   std::unique_ptr<Ops> ops;
   std::unique_ptr<Communicator> tp_nccl, pp_nccl;  // CUDA backend with tp or pp > 1
+  std::unique_ptr<Communicator> tp_traced, pp_traced;  // the two above, timed for the trace
   Communicator* tp_comm = nullptr;
   Communicator* pp_comm = nullptr;
+  std::vector<std::pair<int64_t, int64_t>> stages;  // [first, end) layers of each stage
+  nlohmann::json planner;                           // the planner's plan (GPUs), or null
   std::unique_ptr<DeepseekV3> model;
   std::unique_ptr<KvCache> cache;
   RequestLimits limits;
@@ -113,6 +117,24 @@ void agree_or_fail(Communicator& world, Fn&& fn) {
   throw AgreedFailure(where + (was_user ? "" : "internal error: ") + message);
 }
 
+TraceIdentity trace_identity(const ParallelGroups& g) {
+  TraceIdentity id;
+  id.command = "run";
+  id.world_rank = g.world.rank;
+  id.world_size = g.world.size;
+  id.node = g.world.node;
+  id.num_nodes = g.world.num_nodes;
+  id.local_rank = g.world.local_rank;
+  id.tp = g.tp;
+  id.pp = g.pp;
+  id.dp = g.dp;
+  id.tp_rank = g.tp_rank;
+  id.pp_rank = g.pp_rank;
+  id.dp_rank = g.dp_rank;
+  id.hostname = g.world.hostname.empty() ? this_hostname() : g.world.hostname;
+  return id;
+}
+
 }  // namespace
 
 RunSummary run_job(const RunJobOptions& o, const RunConfig& cfg, std::ostream& log) {
@@ -121,9 +143,16 @@ RunSummary run_job(const RunJobOptions& o, const RunConfig& cfg, std::ostream& l
   ParallelGroups single;
   if (!o.groups) single = make_parallel_groups(World{}, 1, 1, 1);
   const ParallelGroups& g = o.groups ? *o.groups : single;
+  // The trace clock starts as every rank leaves this barrier: the ranks' times line up.
+  g.world_comm->barrier();
+  TraceRecorder trace(trace_identity(g));
 
   Loaded L;
   agree_or_fail(*g.world_comm, [&] {
+    if (!o.trace_dir.empty()) {
+      trace.open(o.trace_dir);
+      trace.set_attribute("config_yaml", run_config_to_yaml(cfg));
+    }
     DILU_USER_CHECK(cfg.parallel.ep == 0 || cfg.parallel.ep == g.tp, "parallel.ep = ", cfg.parallel.ep,
                     ": experts are placed over the tensor-parallel ranks (ep = tp); other splits are not implemented "
                     "yet: leave parallel.ep at 0");
@@ -148,6 +177,9 @@ RunSummary run_job(const RunJobOptions& o, const RunConfig& cfg, std::ostream& l
     bo.fp8_gemm = cfg.cuda.fp8_gemm;
     bo.arena_bytes = DeepseekV3::step_scratch_bytes(L.mc, cfg.batch.max_tokens, cfg.batch.max_seqs, g.tp);
     L.ops = make_ops(cfg.backend, bo);
+    trace.set_device(L.ops->device().kind == DeviceKind::CPU ? L.ops->name()
+                                                             : L.ops->name() + " [" + L.ops->device().str() + "]");
+    trace.set_memory_probe(device_memory_probe(*L.ops, bo.arena_bytes));
     // On GPUs the tensors of TP collectives and pipeline sends live on the device: NCCL carries
     // them, over the same groups (host bytes still go over MPI).
     L.tp_comm = g.tp_comm.get();
@@ -161,6 +193,10 @@ RunSummary run_job(const RunJobOptions& o, const RunConfig& cfg, std::ostream& l
       L.ops->add_wait_check([] { nccl_check_async_errors(); });
 #endif
     }
+    L.tp_traced = std::make_unique<TracedCommunicator>(*L.tp_comm, trace, TraceGroup::TP);
+    L.pp_traced = std::make_unique<TracedCommunicator>(*L.pp_comm, trace, TraceGroup::PP);
+    L.tp_comm = L.tp_traced.get();
+    L.pp_comm = L.pp_traced.get();
     if (L.ops->device().kind == DeviceKind::CUDA) {
       // Out of memory is told before any weight moves, in the planner's numbers: this layout on
       // GPUs with the memory this one has free now.
@@ -176,8 +212,9 @@ RunSummary run_job(const RunJobOptions& o, const RunConfig& cfg, std::ostream& l
       po.suggest = false;
       const Plan plan = plan_layout(L.mc, cluster, cfg, po);
       DILU_USER_CHECK(plan.feasible, plan.refusal_message());
+      L.planner = plan_to_json(plan, o.model_dir.filename().string());
     }
-    std::vector<std::pair<int64_t, int64_t>> stages;  // [first, end) layers of each stage
+    std::vector<std::pair<int64_t, int64_t>>& stages = L.stages;
     for (int64_t count : stage_layer_counts(L.mc, cfg, g.tp, g.pp)) {
       const int64_t first = stages.empty() ? 0 : stages.back().second;
       stages.push_back({first, first + count});
@@ -217,16 +254,51 @@ RunSummary run_job(const RunJobOptions& o, const RunConfig& cfg, std::ostream& l
   });
   s.load_seconds = seconds_since(t_load);
   s.weight_bytes = L.model->weight_bytes();
+  trace.span(SpanKind::Load, 0.0, trace.clock().now());
+  trace.set_kv_blocks_total(L.num_blocks);
+  if (trace.recording()) {
+    nlohmann::json plan = {{"tp", g.tp},
+                           {"pp", g.pp},
+                           {"dp", g.dp},
+                           {"stages", L.stages},
+                           {"micro_batches", g.pp},
+                           {"kv_blocks", L.num_blocks},
+                           {"kv_block_size", cfg.kv.block_size},
+                           {"kv_block_bytes", L.block_bytes},
+                           {"weight_bytes", s.weight_bytes},
+                           {"planner", L.planner}};
+    trace.set_attribute("plan", plan.dump(2));
+  }
+  TracedCommunicator replica_traced(*g.replica_comm, trace, TraceGroup::Replica);
+  // Each rank closes its trace and rank 0 gathers every rank's load (and writes the timeline).
+  auto end_trace = [&] {
+    s.wall_seconds = seconds_since(t_load);
+    const std::map<std::string, double> summary = {
+        {"wall_s", s.wall_seconds},
+        {"load_s", s.load_seconds},
+        {"generate_s", s.generate_seconds},
+        {"requests_done", static_cast<double>(s.requests_done)},
+        {"requests_failed", static_cast<double>(s.requests_failed)},
+        {"requests_skipped", static_cast<double>(s.requests_skipped)},
+        {"prompt_tokens", static_cast<double>(s.prompt_tokens)},
+        {"completion_tokens", static_cast<double>(s.completion_tokens)},
+        {"preemptions", static_cast<double>(s.preemptions)},
+        {"interrupted", s.interrupted ? 1.0 : 0.0}};
+    s.ranks = finish_trace(trace, *g.world_comm, o.trace_dir, summary);
+  };
   ReplicaComms comms;
-  comms.replica = g.replica_comm.get();
+  comms.replica = &replica_traced;
   comms.pp = L.pp_comm;
   comms.pp_size = g.pp;
   comms.pp_rank = g.pp_rank;
   comms.tp_rank = g.tp_rank;
   if (!g.is_replica_root()) {
-    follow_steps(*L.model, *L.ops, *L.cache, comms);
+    const auto t_gen = Clock::now();
+    follow_steps(*L.model, *L.ops, *L.cache, comms, &trace);
+    s.generate_seconds = seconds_since(t_gen);
     g.world_comm->barrier();
     g.world_comm->barrier();
+    end_trace();
     return s;
   }
   std::ifstream& in = L.in;
@@ -236,6 +308,7 @@ RunSummary run_job(const RunJobOptions& o, const RunConfig& cfg, std::ostream& l
   ResumeState& resume = L.resume;
   JsonlWriter& writer = *L.writer;
   Engine engine(*L.model, *ops, *L.cache, L.eo, encoder.tokenizer(), comms);
+  engine.set_trace(&trace);
   log << "dilu: model loaded in " << std::fixed << std::setprecision(2) << s.load_seconds << " s on " << ops->name()
       << "; tokenizer " << (encoder.tokenizer() ? "loaded" : "absent (token ids only)") << "; chat template "
       << (encoder.chat_template() ? encoder.chat_template()->name() : std::string("none")) << "; KV cache "
@@ -363,7 +436,15 @@ RunSummary run_job(const RunJobOptions& o, const RunConfig& cfg, std::ostream& l
       writer.write(output_record(r, res.samples, res.prompt_tokens, ctx));
       ++s.requests_done;
       s.prompt_tokens += res.prompt_tokens;
-      for (const SampleOutput& so : res.samples) s.completion_tokens += static_cast<int64_t>(so.token_ids.size());
+      int64_t output_tokens = 0;
+      for (const SampleOutput& so : res.samples) output_tokens += static_cast<int64_t>(so.token_ids.size());
+      s.completion_tokens += output_tokens;
+      if (trace.recording()) {
+        const TraceClock& tc = trace.clock();
+        trace.record_request({r.id.is_string() ? r.id.get<std::string>() : r.id.dump(), r.line, res.prompt_tokens,
+                              output_tokens, static_cast<int64_t>(res.samples.size()), tc.at(res.submitted),
+                              tc.at(res.first_token), tc.now(), g.dp_rank});
+      }
       in_flight.erase(it);
     }
     ++s.steps;
@@ -393,6 +474,7 @@ RunSummary run_job(const RunJobOptions& o, const RunConfig& cfg, std::ostream& l
   g.world_comm->barrier();  // every replica has written its records
   if (g.world.rank == 0 && g.dp > 1) merge_part_files(o.output);
   g.world_comm->barrier();
+  end_trace();
   return s;
 }
 

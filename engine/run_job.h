@@ -9,6 +9,7 @@
 #include <iosfwd>
 
 #include "engine/run_config.h"
+#include "engine/trace.h"
 #include "kernels/error.h"
 #include "parallel/groups.h"
 
@@ -27,6 +28,9 @@ struct RunJobOptions {
   // their share of the input lines (line k goes to replica (k - 1) mod dp) and write records;
   // the other ranks of a replica follow its steps.
   const ParallelGroups* groups = nullptr;
+  // Every rank writes DIR/rank-NNNNN.h5 and rank 0 DIR/timeline.json (docs/traces.md); empty:
+  // no files (the end-of-run summary is kept either way).
+  std::filesystem::path trace_dir;
 };
 
 struct RunSummary {
@@ -40,7 +44,11 @@ struct RunSummary {
   int64_t weight_bytes = 0;  // this rank's share of the weights
   double load_seconds = 0;
   double generate_seconds = 0;
+  double wall_seconds = 0;  // the whole call: load and generation
   bool interrupted = false;
+  // Rank 0: every rank's load (busy time in steps, communication), in rank order; other ranks:
+  // their own.
+  std::vector<RankLoad> ranks;
 };
 
 // Thrown on the ranks other than 0 when a start-up failure was reported by rank 0: they exit
