@@ -71,7 +71,13 @@ void TraceRecorder::open(const std::filesystem::path& dir) {
                   "' cannot be created: ", ec ? ec.message() : "not a directory");
   char name[32];
   std::snprintf(name, sizeof name, "rank-%05d.h5", id_.world_rank);
-  file_ = std::make_unique<TraceFileWriter>(dir / name);
+  path_ = dir / name;
+  file_ = std::make_unique<TraceFileWriter>(path_);
+  // The buffers are reused between flushes: no allocation in the step loop after the first ones.
+  step_rows_.reserve(kStepRowsPerFlush);
+  event_rows_.reserve(kEventRowsPerFlush);
+  request_rows_.reserve(kRequestRowsPerFlush);
+  last_flush_ = clock_.now();
   TraceFileWriter& f = *file_;
   f.attribute("command", id_.command);
   f.attribute("dilu_version", std::string(version_string()));
@@ -135,9 +141,7 @@ void TraceRecorder::end_step(const StepCounts& c) {
   step_rows_.push_back({index, t_begin_, end, c.prefill_tokens, c.decode_tokens, c.sequences, c.tokens_produced,
                         compute, step_comm_, step_pipeline_, host, c.kv_blocks_used, kv_blocks_total_, memory_bytes_});
   keep_span_room();
-  if (truncated_at_step_ < 0)
-    timeline_steps_.push_back(
-        {index, t_begin_, end, c.prefill_tokens, c.decode_tokens, c.sequences, step_comm_, step_pipeline_});
+  if (truncated_at_step_ < 0) ++spans_kept_;
   if (step_rows_.size() >= kStepRowsPerFlush || event_rows_.size() >= kEventRowsPerFlush ||
       request_rows_.size() >= kRequestRowsPerFlush || end - last_flush_ >= kFlushSeconds)
     flush_rows();
@@ -145,9 +149,7 @@ void TraceRecorder::end_step(const StepCounts& c) {
 }
 
 void TraceRecorder::keep_span_room() {
-  if (truncated_at_step_ < 0 &&
-      static_cast<int64_t>(timeline_steps_.size() + timeline_events_.size()) >= kMaxSpans)
-    truncated_at_step_ = totals_.steps;
+  if (truncated_at_step_ < 0 && spans_kept_ >= kMaxSpans) truncated_at_step_ = totals_.steps;
 }
 
 void TraceRecorder::comm_end(SpanKind kind, TraceGroup group, double start, int64_t bytes, int peer, int64_t seq) {
@@ -159,16 +161,14 @@ void TraceRecorder::comm_end(SpanKind kind, TraceGroup group, double start, int6
   if (!file_) return;
   keep_span_room();
   if (truncated_at_step_ >= 0) return;
-  const EventRow e{kind, group, peer, totals_.steps, start, end, bytes, seq};
-  event_rows_.push_back(e);
-  timeline_events_.push_back(e);
+  event_rows_.push_back({kind, group, peer, totals_.steps, start, end, bytes, seq});
+  ++spans_kept_;
 }
 
 void TraceRecorder::span(SpanKind kind, double start, double end) {
   if (!file_) return;
-  const EventRow e{kind, TraceGroup::None, -1, totals_.steps, start, end, 0, 0};
-  event_rows_.push_back(e);
-  timeline_events_.push_back(e);
+  event_rows_.push_back({kind, TraceGroup::None, -1, totals_.steps, start, end, 0, 0});
+  ++spans_kept_;
 }
 
 void TraceRecorder::record_request(RequestRow row) {
@@ -214,11 +214,17 @@ RankTimeline TraceRecorder::finish(const std::map<std::string, double>& summary)
   file_->attribute("recording_s", totals_.recording_s);
   file_->flush();
   file_.reset();
+  // The timeline's spans, from the file: the steps before the cap, every event kept.
+  TraceFileData data = read_trace_file(path_);
+  for (const StepRow& s : data.steps) {
+    if (truncated_at_step_ >= 0 && s.step >= truncated_at_step_) break;
+    t.steps.push_back({s.step, s.start, s.end, s.prefill_tokens, s.decode_tokens, s.batch_size, s.comm_s,
+                       s.pipeline_s});
+  }
+  t.events = std::move(data.events);
+  t.truncated_at_step = truncated_at_step_;
   // Closing is paid once per run, not per step: kept apart from recording_s.
   file_closing_s_ = std::chrono::duration<double>(TraceClock::Clock::now() - t_close).count();
-  t.steps = std::move(timeline_steps_);
-  t.events = std::move(timeline_events_);
-  t.truncated_at_step = truncated_at_step_;
   return t;
 }
 

@@ -183,7 +183,8 @@ class TraceRecorder {
   // Seconds finish() took to write the last rows and close the file (once per run).
   double file_closing_seconds() const { return file_closing_s_; }
   // Writes the summary attributes, flushes and closes the file (when recording); returns the
-  // spans kept for the timeline. Call once, at the end.
+  // spans kept for the timeline, read back from the file (spans are not held in memory during
+  // the run). Call once, at the end.
   RankTimeline finish(const std::map<std::string, double>& summary);
 
  private:
@@ -192,6 +193,7 @@ class TraceRecorder {
 
   TraceIdentity id_;
   TraceClock clock_;
+  std::filesystem::path path_;
   std::unique_ptr<TraceFileWriter> file_;
   std::string device_;
   int64_t kv_blocks_total_ = 0;
@@ -208,9 +210,7 @@ class TraceRecorder {
   std::vector<StepRow> step_rows_;
   std::vector<RequestRow> request_rows_;
   std::vector<EventRow> event_rows_;
-  // Spans kept for the timeline (at most kMaxSpans together).
-  std::vector<StepSpan> timeline_steps_;
-  std::vector<EventRow> timeline_events_;
+  int64_t spans_kept_ = 0;  // steps and events in the file while under kMaxSpans
   int64_t truncated_at_step_ = -1;
   double last_flush_ = 0;
   double file_closing_s_ = 0;
