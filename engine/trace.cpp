@@ -77,7 +77,6 @@ void TraceRecorder::open(const std::filesystem::path& dir) {
   step_rows_.reserve(kStepRowsPerFlush);
   event_rows_.reserve(kEventRowsPerFlush);
   request_rows_.reserve(kRequestRowsPerFlush);
-  last_flush_ = clock_.now();
   TraceFileWriter& f = *file_;
   f.attribute("command", id_.command);
   f.attribute("dilu_version", std::string(version_string()));
@@ -125,7 +124,10 @@ void TraceRecorder::end_step(const StepCounts& c) {
   const double compute = std::max(0.0, (t_compute_done_ - t_host_done_) - step_comm_);
   const double host = std::max(0.0, total - compute - step_comm_);
   const int64_t index = totals_.steps++;
-  if (index == 0) totals_.first_step_start = t_begin_;
+  if (index == 0) {
+    totals_.first_step_start = t_begin_;
+    last_flush_ = end;  // the timed flushes count from the first step, not from start-up
+  }
   totals_.last_step_end = end;
   totals_.compute_s += compute;
   totals_.comm_s += step_comm_;
