@@ -8,6 +8,7 @@ packages=(
   libopenmpi-dev openmpi-bin libhdf5-dev libcli11-dev libyaml-cpp-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev libpcre2-dev
   python3-matplotlib python3-h5py hdf5-tools   # dilu report: plots (scripts/report.py); h5dump reads traces
+  slurm-wlm munge shellcheck   # tests/slurm: a throwaway Slurm on localhost runs jobs/; shellcheck lints them
 )
 # The tokenizer parity test runs a JavaScript reference (tests/tokenizer, see scripts/setup-js.sh).
 # A node that is already on PATH (NodeSource, nvm) is kept: Debian's npm conflicts with NodeSource's.

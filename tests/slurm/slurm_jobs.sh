@@ -166,7 +166,14 @@ $(show_log "$name" 40)"
       [ -s "$dir/$(printf 'rank-%05d.h5' "$r")" ] || fail "job '$name': no trace of rank $r in $dir: $(ls "$dir" 2>&1)"
     done
     if [ "$reports" = 1 ]; then
-      [ -n "$(ls -A "${out%.jsonl}.report" 2>/dev/null)" ] || fail "job '$name': no report in ${out%.jsonl}.report"
+      # The report read one trace per rank, and their request tables count the output's tokens.
+      python3 - "${out%.jsonl}.report/summary.json" "$out" "$ranks" <<'PY' || fail "job '$name': the report disagrees with the output"
+import json, sys
+d = json.load(open(sys.argv[1]))["dirs"][0]
+tokens = sum(len(r["token_ids"]) for r in map(json.loads, open(sys.argv[2])))
+assert len(d["files"]) == int(sys.argv[3]), d["files"]
+assert d["output_tokens"] == tokens, (d["output_tokens"], tokens)
+PY
     fi
   fi
   say "$name: ok ($ranks ranks, $(wc -l <"$out") records equal to one process's, plan printed first)"
@@ -278,9 +285,11 @@ for n in 1 2; do
   same_tokens "compare/nodes-$n/output.jsonl" input.ref.jsonl || fail "compare: wrong output on $n node(s)"
   [ -f "compare/nodes-$n/done" ] || fail "compare: $n node(s) not marked done"
   grep -q "rank 0/$n (node 0/$n" "compare/nodes-$n/run.log" || fail "compare: $n node(s) did not run on $n node(s)"
-  if [ "$traces" = 1 ]; then [ -s "compare/nodes-$n/traces/rank-00000.h5" ] || fail "compare: no trace for $n node(s)"; fi
+  if [ "$traces" = 1 ]; then [ -s "compare/traces/nodes-$n/rank-00000.h5" ] || fail "compare: no trace for $n node(s)"; fi
 done
-if [ "$reports" = 1 ]; then [ -n "$(ls -A compare/report 2>/dev/null)" ] || fail "compare: no report"; fi
+if [ "$reports" = 1 ]; then
+  grep -q "^nodes-2 .* 2 .* 2 " compare/report/summary.txt || fail "compare: no 2-node row in the report's comparison"
+fi
 say "compare: ok (1 and 2 nodes, same tokens as one process)"
 
 say "PASS: jobs run under Slurm $(sinfo --version | cut -d' ' -f2) in ${SECONDS}s" \
