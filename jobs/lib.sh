@@ -93,15 +93,15 @@ dilu_plan_device() {
     return
   fi
   if [ "$cpu_backend" = 0 ] && command -v nvidia-smi >/dev/null &&
-    name=$(nvidia-smi --query-gpu=name --format=csv,noheader -i 0 2>/dev/null) && [ -n "$name" ]; then
-    mem_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits -i 0 2>/dev/null || echo 0)
+    name=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | sed -n 1p) && [ -n "$name" ]; then
+    mem_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | sed -n 1p)
     case "$name" in
       *H200*) plan_device=(--gpu H200-141GB) ;;
       *H800*) plan_device=(--gpu H800-80GB) ;;
       *H100*) plan_device=(--gpu H100-80GB) ;;
       *H20*) plan_device=(--gpu H20-96GB) ;;
       *A800*) plan_device=(--gpu A800-40GB) ;;
-      *A100*) if [ "${mem_mib%%.*}" -gt 50000 ]; then plan_device=(--gpu A100-80GB); else plan_device=(--gpu A100-40GB); fi ;;
+      *A100*) if [ "${mem_mib%%.*}" -gt 50000 ] 2>/dev/null; then plan_device=(--gpu A100-80GB); else plan_device=(--gpu A100-40GB); fi ;;
       *) dilu_die "no planner type for GPU '$name': set DILU_GPU to one of the types in 'dilu plan --help'" ;;
     esac
     return
@@ -112,12 +112,14 @@ dilu_plan_device() {
     "its GPU figures (bandwidths, tok/s) do not apply"
 }
 
-# dilu_plan MODEL NODES: prints the plan for NODES nodes x tasks_per_node ranks and sets `layout`
-# to the --set arguments that make dilu run exactly that layout. Returns 2 when the model does
-# not fit (the planner's refusal is printed), 0 otherwise.
+# dilu_plan MODEL NODES [GPUS_PER_NODE [--set ...]]: prints the plan for NODES nodes x
+# GPUS_PER_NODE (default tasks_per_node) ranks and sets `layout` to the --set arguments that make
+# dilu run exactly that layout. Returns 2 when the model does not fit (the planner's refusal is
+# printed), 0 otherwise.
 dilu_plan() {
-  local model=$1 n=$2 rc=0 json
-  local args=(plan --model "$model" --nodes "$n" --gpus-per-node "$tasks_per_node" "${plan_device[@]}" "${plan_args[@]}")
+  local model=$1 n=$2 gpn=${3:-$tasks_per_node} rc=0 json
+  shift $(($# < 3 ? $# : 3))
+  local args=(plan --model "$model" --nodes "$n" --gpus-per-node "$gpn" "${plan_device[@]}" "${plan_args[@]}" "$@")
   dilu_say "plan: dilu ${args[*]}"
   "$dilu" "${args[@]}" || rc=$?
   [ "$rc" = 0 ] || return "$rc"

@@ -264,18 +264,21 @@ for launcher in "$single_launcher" mpirun; do
   say "$name-resume: ok (resumed, 300 records equal to one process's)"
 done
 
-# 4. Batch-size sweep (one rank: dilu bench).
-BATCH_SIZES=1,4 INPUT_LEN=16 OUTPUT_LEN=8 run_job sweep --nodes=1 --ntasks-per-node=1 --gpus-per-node=1 \
-  "$jobs/sweep-batch.sbatch" "$model" sweep "${cpu[@]}"
+# 4. Batch-size sweep: dilu bench on each of two ranks (one node, srun or mpirun as above).
+LAUNCHER=$single_launcher BATCH_SIZES=1,4 INPUT_LEN=16 OUTPUT_LEN=8 run_job sweep --nodes=1 --ntasks-per-node=2 \
+  --gpus-per-node=2 "$jobs/sweep-batch.sbatch" "$model" sweep "${cpu[@]}"
 [ "$job_rc" = 0 ] || fail "sweep exited $job_rc: $(show_log sweep)"
 for b in 1 4; do
-  grep -Eq "^ +$b +[0-9.]+ +[0-9.]+" sweep/bench.txt || fail "sweep: no row for batch $b in $(cat sweep/bench.txt)"
+  rows=$(grep -Ec "^ +$b +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+x\$" sweep/bench.txt) || true
+  [ "$rows" = 2 ] || fail "sweep: $rows rows for batch $b, expected one per rank: $(cat sweep/bench.txt)"
 done
 if [ "$traces" = 1 ]; then
-  [ -s sweep/traces/rank-00000.h5 ] || fail "sweep: no trace: $(ls sweep/traces 2>&1)"
-  if [ "$reports" = 1 ]; then [ -n "$(ls -A sweep/report 2>/dev/null)" ] || fail "sweep: no report"; fi
+  for r in 0 1; do [ -s "sweep/traces/rank-0000$r.h5" ] || fail "sweep: no trace of rank $r: $(ls sweep/traces 2>&1)"; done
+  if [ "$reports" = 1 ]; then
+    grep -q "^bench sweep" sweep/report/summary.txt || fail "sweep: the report has no bench table: $(cat sweep/report/summary.txt)"
+  fi
 fi
-say "sweep: ok (batch sizes 1 and 4 measured)"
+say "sweep: ok (batch sizes 1 and 4 measured on 2 ranks)"
 
 # 5. Node-count comparison on 1 and 2 nodes of a two-node allocation.
 LAUNCHER=$multi_launcher NODE_COUNTS="1 2" run_job compare --nodes=2 --ntasks-per-node=1 --gpus-per-node=2 \
@@ -293,6 +296,6 @@ fi
 say "compare: ok (1 and 2 nodes, same tokens as one process)"
 
 say "PASS: jobs run under Slurm $(sinfo --version | cut -d' ' -f2) in ${SECONDS}s" \
-  "(launchers: single node $single_launcher, two nodes $multi_launcher and mpirun;" \
+  "(one node: $single_launcher; two nodes: $([ "$multi_launcher" = srun ] && echo 'srun and ')mpirun;" \
   "traces $([ "$traces" = 1 ] && echo checked || echo 'not written by this dilu');" \
   "reports $([ "$reports" = 1 ] && echo checked || echo 'not available'))"
