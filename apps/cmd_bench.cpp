@@ -9,6 +9,7 @@
 #include "engine/run_config.h"
 #include "engine/version.h"
 #include "kernels/error.h"
+#include "kernels/ops.h"
 #include "parallel/groups.h"
 #include "parallel/world.h"
 
@@ -62,6 +63,9 @@ int bench(const BenchFlags& f) {
     int argc = 0;
     char** argv = nullptr;
     mpi.emplace(&argc, &argv);
+    // One GPU per rank, as dilu run does: GPU local_rank mod GPUs (else every rank of a node
+    // would measure on GPU 0).
+    bind_local_device(mpi->world().local_rank);
     groups = make_parallel_groups(mpi->world(), 1, 1, mpi->world().size);
     o.groups = &groups;
     o.trace_dir = f.trace_dir;

@@ -11,7 +11,8 @@
 #   DILU_GPU      GPU type for the printed plan (dilu plan --help lists them); default: detected with
 #                 nvidia-smi; the CPU backend plans each rank's share of the host's free memory
 #   TRACE_DIR     per-rank traces of a run (dilu --trace-dir; default OUTPUT without .jsonl + .traces;
-#                 the sweep and comparison keep theirs under OUTDIR); set empty, traces and reports are off
+#                 the sweep and comparison keep theirs under OUTDIR); set empty, a run or comparison
+#                 writes no traces and no report (the sweep always does)
 #   REPORT_DIR    where `dilu report` writes a run's tables and plots (default OUTPUT without .jsonl + .report)
 #
 # A stop request (SIGTERM: Slurm's warning before the time limit, sent by `#SBATCH --signal=B:TERM@N`
