@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "engine/byte_io.h"
 #include "engine/tokenizer.h"
 #include "engine/trace.h"
 
@@ -28,35 +29,7 @@ struct Engine::RequestState {
 namespace {
 
 // A step as the root sends it to the other ranks of its TP group: block copies, then the step
-// input. An empty message means "stop".
-void put(std::vector<uint8_t>& b, const void* p, size_t n) {
-  const auto* c = static_cast<const uint8_t*>(p);
-  b.insert(b.end(), c, c + n);
-}
-template <class T>
-void put_vec(std::vector<uint8_t>& b, const std::vector<T>& v) {
-  const uint64_t n = v.size();
-  put(b, &n, sizeof n);
-  put(b, v.data(), n * sizeof(T));
-}
-struct Reader {
-  const std::vector<uint8_t>& b;
-  size_t at = 0;
-  void get(void* p, size_t n) {
-    DILU_CHECK(at + n <= b.size(), "truncated step message");
-    std::memcpy(p, b.data() + at, n);
-    at += n;
-  }
-  template <class T>
-  std::vector<T> vec() {
-    uint64_t n = 0;
-    get(&n, sizeof n);
-    std::vector<T> v(n);
-    get(v.data(), n * sizeof(T));
-    return v;
-  }
-};
-
+// input (engine/byte_io.h). An empty message means "stop".
 std::vector<uint8_t> encode_step(const StepInput& in, const std::vector<std::pair<int32_t, int32_t>>& copies) {
   std::vector<uint8_t> b;
   put_vec(b, copies);
@@ -64,9 +37,9 @@ std::vector<uint8_t> encode_step(const StepInput& in, const std::vector<std::pai
   put_vec(b, in.layout.token_seq);
   put_vec(b, in.layout.token_pos);
   put_vec(b, in.layout.token_slot);
-  put(b, &in.layout.block_size, sizeof in.layout.block_size);
+  put_bytes(b, &in.layout.block_size, sizeof in.layout.block_size);
   const uint64_t tables = in.layout.block_tables.size();
-  put(b, &tables, sizeof tables);
+  put_bytes(b, &tables, sizeof tables);
   for (const auto& t : in.layout.block_tables) put_vec(b, t);
   put_vec(b, in.logit_rows);
   return b;
@@ -74,7 +47,7 @@ std::vector<uint8_t> encode_step(const StepInput& in, const std::vector<std::pai
 
 StepInput decode_step(const std::vector<uint8_t>& b, std::vector<std::pair<int32_t, int32_t>>& copies,
                       size_t* used = nullptr) {
-  Reader r{b};
+  ByteReader r{b};
   StepInput in;
   copies = r.vec<std::pair<int32_t, int32_t>>();
   in.token_ids = r.vec<int32_t>();
@@ -157,17 +130,17 @@ std::vector<SampleResult> draw_tokens(Ops& ops, const Tensor& logits_dev, const 
 std::vector<uint8_t> encode_results(const std::vector<SampleResult>& rs) {
   std::vector<uint8_t> b;
   const uint64_t n = rs.size();
-  put(b, &n, sizeof n);
+  put_bytes(b, &n, sizeof n);
   for (const SampleResult& r : rs) {
-    put(b, &r.token, sizeof r.token);
-    put(b, &r.logprob, sizeof r.logprob);
+    put_bytes(b, &r.token, sizeof r.token);
+    put_bytes(b, &r.logprob, sizeof r.logprob);
     put_vec(b, r.top);
   }
   return b;
 }
 
 std::vector<SampleResult> decode_results(const std::vector<uint8_t>& b) {
-  Reader rd{b};
+  ByteReader rd{b};
   uint64_t n = 0;
   rd.get(&n, sizeof n);
   std::vector<SampleResult> rs(n);
@@ -266,7 +239,7 @@ std::vector<uint8_t> encode_message(const StepInput& in, const std::vector<std::
                                     const std::vector<DrawSpec>& draws, const StepCounts& counts) {
   std::vector<uint8_t> b = encode_step(in, copies);
   put_vec(b, draws);
-  put(b, &counts, sizeof counts);  // for the other ranks' traces
+  put_bytes(b, &counts, sizeof counts);  // for the other ranks' traces
   return b;
 }
 
@@ -281,7 +254,7 @@ void follow_steps(DeepseekV3& model, Ops& ops, KvCache& cache, const ReplicaComm
     std::vector<std::pair<int32_t, int32_t>> copies;
     size_t used = 0;
     const StepInput in = decode_step(msg, copies, &used);
-    Reader rd{msg, used};
+    ByteReader rd{msg, used};
     const std::vector<DrawSpec> draws = rd.vec<DrawSpec>();
     StepCounts counts;
     rd.get(&counts, sizeof counts);

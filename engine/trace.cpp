@@ -5,9 +5,9 @@
 
 #include <cmath>
 #include <cstdio>
-#include <cstring>
 #include <optional>
 
+#include "engine/byte_io.h"
 #include "engine/trace_hdf5.h"
 #include "engine/trace_timeline.h"
 #include "engine/version.h"
@@ -32,6 +32,14 @@ std::string_view trace_group_name(TraceGroup g) {
   static constexpr std::string_view names[kNumTraceGroups] = {"none", "tp", "pp", "replica", "world"};
   const auto i = static_cast<size_t>(g);
   return i < kNumTraceGroups ? names[i] : "?";
+}
+
+int trace_file_rank(const std::string& filename) {
+  // rank-NNNNN.h5: five or more digits.
+  if (filename.size() < 13 || filename.rfind("rank-", 0) != 0 || !filename.ends_with(".h5")) return -1;
+  const std::string digits = filename.substr(5, filename.size() - 8);
+  if (digits.find_first_not_of("0123456789") != std::string::npos) return -1;
+  return std::stoi(digits);
 }
 
 std::string this_hostname() {
@@ -69,6 +77,15 @@ void TraceRecorder::open(const std::filesystem::path& dir) {
   std::filesystem::create_directories(dir, ec);
   DILU_USER_CHECK(!ec && std::filesystem::is_directory(dir), "--trace-dir '", dir.string(),
                   "' cannot be created: ", ec ? ec.message() : "not a directory");
+  if (id_.world_rank == 0) {
+    // What an earlier run left here must not mix with this run: its timeline, and the files of
+    // ranks this run does not have (every rank of this run replaces its own).
+    std::filesystem::remove(dir / "timeline.json", ec);
+    for (const auto& entry : std::filesystem::directory_iterator(dir, ec)) {
+      if (trace_file_rank(entry.path().filename().string()) >= id_.world_size)
+        std::filesystem::remove(entry.path(), ec);
+    }
+  }
   char name[32];
   std::snprintf(name, sizeof name, "rank-%05d.h5", id_.world_rank);
   path_ = dir / name;
@@ -315,31 +332,21 @@ void TracedCommunicator::barrier() {
 namespace {
 
 std::vector<uint8_t> encode_load(const RankLoad& l) {
-  std::vector<uint8_t> b(44 + l.hostname.size());  // rank, steps, 4 doubles, host name
-  uint8_t* p = b.data();
-  const auto rank = static_cast<int32_t>(l.rank);
-  std::memcpy(p, &rank, 4);
-  std::memcpy(p + 4, &l.steps, 8);
-  const double d[4] = {l.busy_s, l.comm_s, l.pipeline_s, l.recording_s};
-  std::memcpy(p + 12, d, sizeof d);
-  if (!l.hostname.empty()) std::memcpy(p + 44, l.hostname.data(), l.hostname.size());
+  std::vector<uint8_t> b;
+  put_value<int32_t>(b, l.rank);
+  put_value(b, l.steps);
+  for (double v : {l.busy_s, l.comm_s, l.pipeline_s, l.recording_s}) put_value(b, v);
+  put_string(b, l.hostname);
   return b;
 }
 
 RankLoad decode_load(const std::vector<uint8_t>& b) {
-  DILU_CHECK(b.size() >= 44, "truncated load message");
+  ByteReader r{b};
   RankLoad l;
-  int32_t rank = 0;
-  std::memcpy(&rank, b.data(), 4);
-  l.rank = rank;
-  std::memcpy(&l.steps, b.data() + 4, 8);
-  double d[4];
-  std::memcpy(d, b.data() + 12, sizeof d);
-  l.busy_s = d[0];
-  l.comm_s = d[1];
-  l.pipeline_s = d[2];
-  l.recording_s = d[3];
-  l.hostname.assign(b.begin() + 44, b.end());
+  l.rank = r.value<int32_t>();
+  l.steps = r.value<int64_t>();
+  for (double* v : {&l.busy_s, &l.comm_s, &l.pipeline_s, &l.recording_s}) *v = r.value<double>();
+  l.hostname = r.string();
   return l;
 }
 

@@ -102,6 +102,8 @@ struct TraceIdentity {
 };
 // This host's name (gethostname), for single-process commands.
 std::string this_hostname();
+// The world rank of a trace file's name ("rank-00012.h5" -> 12), or -1 for any other name.
+int trace_file_rank(const std::string& filename);
 
 // What a step's root tells the other ranks of its replica about the step (sent with it).
 struct StepCounts {

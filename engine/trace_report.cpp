@@ -4,7 +4,6 @@
 #include <algorithm>
 #include <cstdio>
 #include <map>
-#include <regex>
 #include <set>
 #include <sstream>
 
@@ -15,12 +14,10 @@ namespace dilu {
 TraceDir read_trace_dir(const std::filesystem::path& dir, bool with_events) {
   std::error_code ec;
   DILU_USER_CHECK(std::filesystem::is_directory(dir, ec), "trace directory '", dir.string(), "' does not exist");
-  const std::regex name(R"(rank-(\d+)\.h5)");
   std::map<int, std::filesystem::path> files;
   for (const auto& entry : std::filesystem::directory_iterator(dir)) {
-    std::smatch m;
-    const std::string fname = entry.path().filename().string();
-    if (std::regex_match(fname, m, name)) files[std::stoi(m[1])] = entry.path();
+    const int rank = trace_file_rank(entry.path().filename().string());
+    if (rank >= 0) files[rank] = entry.path();
   }
   DILU_USER_CHECK(!files.empty(), "'", dir.string(),
                   "' holds no rank-NNNNN.h5 trace file (write them with dilu run/bench --trace-dir)");

@@ -3,61 +3,16 @@
 #include "engine/trace_timeline.h"
 
 #include <cstdio>
-#include <cstring>
 
 #include <nlohmann/json.hpp>
 
+#include "engine/byte_io.h"
 #include "engine/version.h"
 #include "kernels/error.h"
 
 namespace dilu {
 
 namespace {
-
-void put(std::vector<uint8_t>& b, const void* p, size_t n) {
-  const auto* c = static_cast<const uint8_t*>(p);
-  b.insert(b.end(), c, c + n);
-}
-template <class T>
-void put_value(std::vector<uint8_t>& b, const T& v) {
-  put(b, &v, sizeof v);
-}
-template <class T>
-void put_vec(std::vector<uint8_t>& b, const std::vector<T>& v) {
-  put_value<uint64_t>(b, v.size());
-  put(b, v.data(), v.size() * sizeof(T));
-}
-void put_string(std::vector<uint8_t>& b, const std::string& s) {
-  put_value<uint64_t>(b, s.size());
-  put(b, s.data(), s.size());
-}
-
-struct Reader {
-  const std::vector<uint8_t>& b;
-  size_t at = 0;
-  void get(void* p, size_t n) {
-    DILU_CHECK(at + n <= b.size(), "truncated timeline message");
-    std::memcpy(p, b.data() + at, n);
-    at += n;
-  }
-  template <class T>
-  T value() {
-    T v{};
-    get(&v, sizeof v);
-    return v;
-  }
-  template <class T>
-  std::vector<T> vec() {
-    std::vector<T> v(value<uint64_t>());
-    get(v.data(), v.size() * sizeof(T));
-    return v;
-  }
-  std::string string() {
-    std::string s(value<uint64_t>(), '\0');
-    get(s.data(), s.size());
-    return s;
-  }
-};
 
 bool is_pipeline(const EventRow& e) {
   return e.group == TraceGroup::PP && e.kind >= SpanKind::Send && e.kind <= SpanKind::RecvBytes;
@@ -92,7 +47,7 @@ std::vector<uint8_t> encode_timeline(const RankTimeline& t) {
 }
 
 RankTimeline decode_timeline(const std::vector<uint8_t>& bytes) {
-  Reader r{bytes};
+  ByteReader r{bytes};
   RankTimeline t;
   TraceIdentity& id = t.id;
   for (int* v : {&id.world_rank, &id.world_size, &id.node, &id.num_nodes, &id.local_rank, &id.tp, &id.pp, &id.dp,

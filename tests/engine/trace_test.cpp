@@ -165,6 +165,26 @@ TEST(TraceFile, NotATraceIsAUserError) {
                           {"--trace-dir", "cannot be created"});
 }
 
+TEST(TraceFile, ARunReplacesWhatAnEarlierRunLeft) {
+  EXPECT_EQ(trace_file_rank("rank-00012.h5"), 12);
+  EXPECT_EQ(trace_file_rank("rank-123456.h5"), 123456);
+  EXPECT_EQ(trace_file_rank("rank-0001.h5"), -1);
+  EXPECT_EQ(trace_file_rank("rank-0000x.h5"), -1);
+  EXPECT_EQ(trace_file_rank("timeline.json"), -1);
+  const auto dir = test::scratch_dir("trace_rerun");
+  for (const char* f : {"rank-00001.h5", "rank-00002.h5", "rank-00003.h5", "timeline.json", "notes.txt"})
+    test::write_bytes(dir / f, "from an earlier run of 4 ranks");
+  TraceRecorder trace(identity(0, 2, 1, 1));  // this run: 2 ranks
+  trace.open(dir);
+  EXPECT_TRUE(std::filesystem::exists(dir / "rank-00000.h5"));
+  EXPECT_TRUE(std::filesystem::exists(dir / "rank-00001.h5"));  // rank 1 of this run replaces it
+  EXPECT_FALSE(std::filesystem::exists(dir / "rank-00002.h5"));
+  EXPECT_FALSE(std::filesystem::exists(dir / "rank-00003.h5"));
+  EXPECT_FALSE(std::filesystem::exists(dir / "timeline.json"));
+  EXPECT_TRUE(std::filesystem::exists(dir / "notes.txt"));
+  trace.finish({});
+}
+
 TEST(TraceRecorder, SpansStopAtTheCapStepsGoOn) {
   const auto dir = test::scratch_dir("trace_cap");
   TraceRecorder trace(identity(0, 2, 1, 1));
