@@ -96,7 +96,7 @@ def timeline(d, out):
             return np.ones(len(start), dtype=bool)
         return (end >= window[0]) & (start <= window[1])
 
-    fig, (ax, ax_bar) = plt.subplots(2, 1, figsize=(12, 2.2 + 0.9 * len(ranks)),
+    fig, (ax, ax_bar) = plt.subplots(2, 1, figsize=(12, 3.6 + 0.9 * len(ranks)),
                                      gridspec_kw={"height_ratios": [max(len(ranks), 2), 2]})
     labels = []
     for y, (steps, events, kinds, groups, attrs) in enumerate(ranks):
@@ -105,11 +105,10 @@ def timeline(d, out):
         v = visible(steps["start"], steps["end"])
         ax.broken_barh(list(zip(steps["start"][v], (steps["end"] - steps["start"])[v])), (y - 0.4, 0.8),
                        facecolors=COLORS["step"], edgecolor="white", linewidth=0.3)
-        if len(events):
-            v = visible(events["start"], events["end"])
-            ev = events[v]
-            names = np.array([kinds.get(k, "?") for k in ev["kind"]])
-            grp = np.array([groups.get(g, "?") for g in ev["group"]])
+        ev = events[visible(events["start"], events["end"])] if len(events) else events
+        if len(ev):
+            names = np.array([kinds.get(k, "?") for k in ev["kind"]], dtype=object)
+            grp = np.array([groups.get(g, "?") for g in ev["group"]], dtype=object)
             pipe = (grp == "pp") & np.isin(names, ["send", "recv", "send_bytes", "recv_bytes"])
             load = names == "load"
             comm = ~pipe & ~load
@@ -140,7 +139,7 @@ def timeline(d, out):
         bottom += vals
     ax_bar.bar(x, np.clip(1 - bottom, 0, None), bottom=bottom, color=COLORS["idle"], label="idle")
     ax_bar.set_xticks(x, [f"rank {r['rank']}" for r in rs])
-    ax_bar.set_ylabel("fraction of wall time")
+    ax_bar.set_ylabel("share of wall time")
     ax_bar.set_ylim(0, 1)
     ax_bar.legend(fontsize="small", ncol=5, loc="lower right", bbox_to_anchor=(1, 1), frameon=False)
     fig.tight_layout()

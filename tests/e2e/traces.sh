@@ -148,6 +148,12 @@ if command -v h5dump >/dev/null; then
   grep -q 'DATASET "steps"' "$scratch/h5dump.txt" || fail "h5dump shows no /steps: $(head -20 "$scratch/h5dump.txt")"
 fi
 
+# More steps than a timeline plot shows: the report plots a window of them.
+printf '{"id": "long", "prompt_token_ids": [1, 2, 3], "max_tokens": 400, "ignore_eos": true}\n' >"$scratch/long.jsonl"
+timeout 300 "$dilu" run --model "$model" --input "$scratch/long.jsonl" --output "$scratch/long.out.jsonl" \
+  --set cpu.threads=1 --trace-dir "$scratch/long" </dev/null >"$scratch/long.log" 2>&1 ||
+  fail "long run: $(tail -5 "$scratch/long.log")"
+
 # A bench sweep with traces: its /bench table, the recording cost line.
 timeout 300 "$dilu" bench --model "$model" --batch-sizes 1,2,4 --input-len 8 --output-len 8 --set cpu.threads=1 \
   --trace-dir "$scratch/sweep" </dev/null >"$scratch/sweep.log" 2>&1 || fail "bench --trace-dir: $(tail -5 "$scratch/sweep.log")"
@@ -155,7 +161,7 @@ grep -q "trace recording took .* us per step, .*% of the step time" "$scratch/sw
   fail "bench does not print the recording cost: $(cat "$scratch/sweep.log")"
 
 # The report: tables, summary files, and the plots when matplotlib is there.
-"$dilu" report "$scratch/np1" "$scratch/pp2" "$scratch/dp2" "$scratch/sweep" --out "$scratch/report" \
+"$dilu" report "$scratch/np1" "$scratch/pp2" "$scratch/dp2" "$scratch/sweep" "$scratch/long" --out "$scratch/report" \
   >"$scratch/report.log" 2>&1 || fail "dilu report: $(cat "$scratch/report.log")"
 for words in "time to first token" "latency" "pipeline bubble:" "replica imbalance: output tokens" "comparison" \
   "scaling efficiency" "bench sweep" "busy"; do
@@ -165,7 +171,8 @@ python3 - "$scratch/report/summary.json" <<'PY' || fail "summary.json is wrong: 
 import json, sys
 s = json.load(open(sys.argv[1]))
 by = {d["label"]: d for d in s["dirs"]}
-assert set(by) == {"np1", "pp2", "dp2", "sweep"}, by.keys()
+assert set(by) == {"np1", "pp2", "dp2", "sweep", "long"}, by.keys()
+assert by["long"]["steps"] == 400 and by["long"]["output_tokens"] == 400, by["long"]
 for name in ("np1", "pp2", "dp2"):
     d = by[name]
     assert d["requests"] == 11 and d["requests_failed"] == 1 and d["output_tokens"] > 0, d
@@ -178,7 +185,7 @@ eff = {r["label"]: r["efficiency"] for r in s["scaling"]}
 assert eff["np1"] == 1.0 and eff["pp2"] > 0, eff
 PY
 if [ "$plots" = 1 ]; then
-  for plot in throughput_vs_batch scaling timeline-np1 timeline-pp2 timeline-dp2 timeline-sweep; do
+  for plot in throughput_vs_batch scaling timeline-np1 timeline-pp2 timeline-dp2 timeline-sweep timeline-long; do
     for ext in png svg; do
       [ -s "$scratch/report/$plot.$ext" ] || fail "no $plot.$ext: $(cat "$scratch/report.log")"
     done
