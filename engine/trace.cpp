@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <iostream>
 #include <optional>
 
 #include "engine/byte_io.h"
@@ -113,13 +114,28 @@ void TraceRecorder::open(const std::filesystem::path& dir) {
 }
 
 void TraceRecorder::set_attribute(const std::string& name, const std::string& value) {
-  if (file_) file_->attribute(name, value);
+  guarded([&] { file_->attribute(name, value); });
 }
 void TraceRecorder::set_attribute(const std::string& name, int64_t value) {
-  if (file_) file_->attribute(name, value);
+  guarded([&] { file_->attribute(name, value); });
 }
 void TraceRecorder::set_attribute(const std::string& name, double value) {
-  if (file_) file_->attribute(name, value);
+  guarded([&] { file_->attribute(name, value); });
+}
+
+template <class Fn>
+void TraceRecorder::guarded(Fn&& fn) {
+  if (!file_) return;
+  try {
+    fn();
+  } catch (const std::exception& e) {
+    // A trace that cannot be written (a full disk) must not end a long run: say so, stop recording.
+    std::cerr << "dilu: rank " << id_.world_rank << ": " << e.what() << "; trace recording stops, the run goes on\n";
+    file_.reset();
+    step_rows_.clear();
+    request_rows_.clear();
+    event_rows_.clear();
+  }
 }
 void TraceRecorder::set_device(const std::string& device) {
   device_ = device;
@@ -198,18 +214,19 @@ void TraceRecorder::record_request(RequestRow row) {
 }
 
 void TraceRecorder::record_bench(const BenchTraceRow& row) {
-  if (file_) file_->append(std::vector<BenchTraceRow>{row});
+  guarded([&] { file_->append(std::vector<BenchTraceRow>{row}); });
 }
 
 void TraceRecorder::flush_rows() {
-  if (!file_) return;
-  file_->append(step_rows_);
-  file_->append(request_rows_);
-  file_->append(event_rows_);
-  step_rows_.clear();
-  request_rows_.clear();
-  event_rows_.clear();
-  file_->flush();
+  guarded([&] {
+    file_->append(step_rows_);
+    file_->append(request_rows_);
+    file_->append(event_rows_);
+    step_rows_.clear();
+    request_rows_.clear();
+    event_rows_.clear();
+    file_->flush();
+  });
   last_flush_ = clock_.now();
 }
 
@@ -220,21 +237,30 @@ RankTimeline TraceRecorder::finish(const std::map<std::string, double>& summary)
   if (!file_) return t;
   const auto t_close = TraceClock::Clock::now();
   flush_rows();
-  for (const auto& [key, value] : summary) {
-    // Counts as integers, times (keys ending in _s) as floats.
-    if (!key.ends_with("_s") && value == std::floor(value) && std::abs(value) < 9e15)
-      file_->attribute(key, static_cast<int64_t>(value));
-    else
-      file_->attribute(key, value);
-  }
-  file_->attribute("steps", totals_.steps);
-  file_->attribute("timeline_truncated_at_step", truncated_at_step_);
-  file_->attribute("epoch_unix_s", clock_.epoch_unix_seconds());
-  file_->attribute("recording_s", totals_.recording_s);
-  file_->flush();
+  guarded([&] {
+    for (const auto& [key, value] : summary) {
+      // Counts as integers, times (keys ending in _s) as floats.
+      if (!key.ends_with("_s") && value == std::floor(value) && std::abs(value) < 9e15)
+        file_->attribute(key, static_cast<int64_t>(value));
+      else
+        file_->attribute(key, value);
+    }
+    file_->attribute("steps", totals_.steps);
+    file_->attribute("timeline_truncated_at_step", truncated_at_step_);
+    file_->attribute("epoch_unix_s", clock_.epoch_unix_seconds());
+    file_->attribute("recording_s", totals_.recording_s);
+    file_->flush();
+  });
+  if (!file_) return t;  // given up: the file holds what was written before
   file_.reset();
   // The timeline's spans, from the file: the steps before the cap, every event kept.
-  TraceFileData data = read_trace_file(path_);
+  TraceFileData data;
+  try {
+    data = read_trace_file(path_);
+  } catch (const std::exception& e) {
+    std::cerr << "dilu: rank " << id_.world_rank << ": " << e.what() << "; this rank is left out of the timeline\n";
+    return t;
+  }
   for (const StepRow& s : data.steps) {
     if (truncated_at_step_ >= 0 && s.step >= truncated_at_step_) break;
     t.steps.push_back({s.step, s.start, s.end, s.prefill_tokens, s.decode_tokens, s.batch_size, s.comm_s,
@@ -365,10 +391,27 @@ std::vector<RankLoad> finish_trace(TraceRecorder& trace, Communicator& world, co
     return {load};
   }
   std::vector<RankLoad> loads{load};
+  // The timeline is a by-product: failing to write it (a full disk) is said, not fatal, and every
+  // rank's message is still received.
   std::optional<TimelineWriter> writer;
+  auto write = [&](auto&& fn) {
+    if (!writer) return;
+    try {
+      fn();
+    } catch (const std::exception& e) {
+      std::cerr << "dilu: " << e.what() << "; the timeline is left unwritten\n";
+      writer.reset();
+      std::error_code ec;
+      std::filesystem::remove(dir / "timeline.json", ec);  // no half file that looks like one
+    }
+  };
   if (timeline) {
-    writer.emplace(dir / "timeline.json");
-    writer->add(mine);
+    try {
+      writer.emplace(dir / "timeline.json");
+    } catch (const std::exception& e) {
+      std::cerr << "dilu: " << e.what() << "; the timeline is left unwritten\n";
+    }
+    write([&] { writer->add(mine); });
     mine = {};
   }
   for (int r = 1; r < world.size(); ++r) {
@@ -377,10 +420,10 @@ std::vector<RankLoad> finish_trace(TraceRecorder& trace, Communicator& world, co
     loads.push_back(decode_load(bytes));
     if (timeline) {
       world.recv_bytes(bytes, r);
-      writer->add(decode_timeline(bytes));
+      write([&] { writer->add(decode_timeline(bytes)); });
     }
   }
-  if (writer) writer->close();
+  write([&] { writer->close(); });
   return loads;
 }
 

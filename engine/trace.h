@@ -192,6 +192,9 @@ class TraceRecorder {
  private:
   void flush_rows();
   void keep_span_room();
+  // Runs a file operation; when it throws, warns once and stops recording (the run goes on).
+  template <class Fn>
+  void guarded(Fn&& fn);
 
   TraceIdentity id_;
   TraceClock clock_;
