@@ -10,7 +10,7 @@ python3 - "$scratch/in.jsonl" <<'PY'
 import json, random, sys
 random.seed(5)
 with open(sys.argv[1], "w") as f:
-    for i in range(160):
+    for i in range(400):
         f.write(json.dumps({"id": f"r{i}", "prompt_token_ids": [random.randrange(1, 1000) for _ in range(random.randrange(1, 30))],
                             "max_tokens": random.randrange(4, 40), "ignore_eos": True,
                             "temperature": 0.7, "seed": i}) + "\n")
@@ -25,6 +25,7 @@ PY
 # before its kill just counts as finished early.
 kills=0
 for attempt in $(seq 1 8); do
+  : >"$scratch/run.log"  # no "model loaded" left from the previous attempt
   "$dilu" run --model "$scratch/m" --input "$scratch/in.jsonl" --output "$scratch/out.jsonl" --set batch.max_seqs=8 \
     >"$scratch/run.log" 2>&1 &
   pid=$!
