@@ -1,7 +1,7 @@
 // The trace recorder: what every rank did, step by step, on a clock all ranks share. Always on
 // in a light form (totals for the end-of-run summary); with a trace directory it also writes
-// DIR/rank-NNNNN.h5 (trace_hdf5.h) as the run goes and keeps the spans for DIR/timeline.json
-// (trace_timeline.h). The schema is documented in docs/traces.md.
+// DIR/rank-NNNNN.h5 (trace_hdf5.h) as the run goes, from which rank 0's DIR/timeline.json
+// (trace_timeline.h) is made at the end. The schema is documented in docs/traces.md.
 #pragma once
 
 #include <chrono>
