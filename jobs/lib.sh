@@ -251,7 +251,14 @@ dilu_finish() {
   case "$rc" in
     0) dilu_say "done" ;;
     1) dilu_say "done; some input lines failed: their error records are in the output" ;;
-    130 | 143) dilu_say "stopped by SIG${dilu_stop_signal:-TERM} (exit $rc): submit the same command again to resume" ;;
+    130 | 143)
+      if [ -n "$dilu_stop_signal" ]; then
+        dilu_say "stopped by SIG$dilu_stop_signal (exit $rc): submit the same command again to resume"
+      else
+        dilu_say "failed (exit $rc: a rank was ended by a signal it did not get from this job; see above);" \
+          "finished records are kept: submit the same command again to resume"
+      fi
+      ;;
     *) dilu_say "failed (exit $rc)" ;;
   esac
   exit "$rc"

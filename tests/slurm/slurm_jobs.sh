@@ -193,7 +193,9 @@ cpu=(--set backend=cpu)
 
 # 1. One node, two ranks (tp 2) through srun --mpi=pmix.
 single_launcher=srun
-run_job single --nodes=1 --ntasks-per-node=2 --gpus-per-node=2 "$jobs/single-node.sbatch" \
+# Submitted by a relative path, as users type `sbatch jobs/single-node.sbatch`: the job, run from
+# a copy in slurmd's spool directory, finds jobs/lib.sh beside the script that was submitted.
+run_job single --nodes=1 --ntasks-per-node=2 --gpus-per-node=2 "$(realpath --relative-to=. "$jobs")/single-node.sbatch" \
   "$model" input.jsonl single.jsonl "${cpu[@]}" --set parallel.tp=2
 if [ -n "$(pmix_reason single)" ]; then
   [ "$job_rc" != 0 ] || fail "single: the PMIx step failed to start but the job exited 0"
@@ -268,18 +270,18 @@ done
 if [ "$traces" = 0 ]; then
   say "sweep: skipped (it always writes traces, which this dilu cannot)"
 else
-LAUNCHER=$single_launcher BATCH_SIZES=1,4 INPUT_LEN=16 OUTPUT_LEN=8 run_job sweep --nodes=1 --ntasks-per-node=2 \
-  --gpus-per-node=2 "$jobs/sweep-batch.sbatch" "$model" sweep "${cpu[@]}"
-[ "$job_rc" = 0 ] || fail "sweep exited $job_rc: $(show_log sweep)"
-for b in 1 4; do
-  rows=$(grep -Ec "^ +$b +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+x\$" sweep/bench.txt) || true
-  [ "$rows" = 2 ] || fail "sweep: $rows rows for batch $b, expected one per rank: $(cat sweep/bench.txt)"
-done
-for r in 0 1; do [ -s "sweep/traces/rank-0000$r.h5" ] || fail "sweep: no trace of rank $r: $(ls sweep/traces 2>&1)"; done
-if [ "$reports" = 1 ]; then
-  grep -q "^bench sweep" sweep/report/summary.txt || fail "sweep: the report has no bench table: $(cat sweep/report/summary.txt)"
-fi
-say "sweep: ok (batch sizes 1 and 4 measured on 2 ranks)"
+  LAUNCHER=$single_launcher BATCH_SIZES=1,4 INPUT_LEN=16 OUTPUT_LEN=8 run_job sweep --nodes=1 --ntasks-per-node=2 \
+    --gpus-per-node=2 "$jobs/sweep-batch.sbatch" "$model" sweep "${cpu[@]}"
+  [ "$job_rc" = 0 ] || fail "sweep exited $job_rc: $(show_log sweep)"
+  for b in 1 4; do
+    rows=$(grep -Ec "^ +$b +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+x\$" sweep/bench.txt) || true
+    [ "$rows" = 2 ] || fail "sweep: $rows rows for batch $b, expected one per rank: $(cat sweep/bench.txt)"
+  done
+  for r in 0 1; do [ -s "sweep/traces/rank-0000$r.h5" ] || fail "sweep: no trace of rank $r: $(ls sweep/traces 2>&1)"; done
+  if [ "$reports" = 1 ]; then
+    grep -q "^bench sweep" sweep/report/summary.txt || fail "sweep: the report has no bench table: $(cat sweep/report/summary.txt)"
+  fi
+  say "sweep: ok (batch sizes 1 and 4 measured on 2 ranks)"
 fi
 
 # 5. Node-count comparison on 1 and 2 nodes of a two-node allocation.
