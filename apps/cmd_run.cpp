@@ -8,6 +8,7 @@
 #include <fstream>
 #include <iomanip>
 #include <iostream>
+#include <sstream>
 
 #include "apps/commands.h"
 #include "engine/model_config.h"
@@ -135,8 +136,13 @@ int run(const RunFlags& f) {
     std::string line, hwm = "?";
     while (std::getline(status, line))
       if (line.rfind("VmHWM:", 0) == 0) hwm = line.substr(6);
-    std::cerr << "dilu: rank " << world.rank << ": weights " << (s.weight_bytes >> 10) << " KiB, peak resident memory"
-              << hwm << "\n";
+    // One write per line: ranks share the launcher's stream, and a line written in pieces
+    // interleaves with another rank's.
+    const size_t first = hwm.find_first_not_of(" \t");
+    std::ostringstream msg;
+    msg << "dilu: rank " << world.rank << ": weights " << (s.weight_bytes >> 10) << " KiB, peak resident memory "
+        << (first == std::string::npos ? hwm : hwm.substr(first)) << "\n";
+    std::cerr << msg.str() << std::flush;
   }
   // Counts of every replica, summed on rank 0.
   s.requests_done = groups.world_comm->sum(s.requests_done);
