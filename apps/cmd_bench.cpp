@@ -1,5 +1,6 @@
 // `dilu bench`: prefill and decode throughput over a list of batch sizes, printed as a table
 // with each row's ratio to batch 1 (the baseline batching must beat).
+#include <cstdlib>
 #include <iomanip>
 #include <iostream>
 #include <sstream>
@@ -55,24 +56,53 @@ int bench(const BenchFlags& f) {
   o.seed = f.seed;
   o.random_weights = f.random_weights;
   o.layers = f.layers;
-  // Traces name their files by world rank: under mpirun/srun each rank benchmarks on its own and
-  // rank 0 gathers the timeline. MPI only starts when traces are asked for.
+  // Under mpirun/srun, or with traces (named by world rank) or tensor/pipeline parallel, MPI
+  // starts: a replica of parallel.tp x parallel.pp ranks benchmarks together (NCCL between GPUs),
+  // every further replica on its own (dp = ranks / (tp x pp)), and rank 0 gathers the traces.
+  const int tp = cfg.parallel.tp, pp = cfg.parallel.pp;
+  const bool launched = std::getenv("OMPI_COMM_WORLD_SIZE") || std::getenv("PMI_SIZE") || std::getenv("PMIX_RANK");
   std::optional<MpiSession> mpi;
   ParallelGroups groups;
-  if (!f.trace_dir.empty()) {
+  bool rank0 = true;
+  if (!f.trace_dir.empty() || launched || tp * pp * cfg.parallel.dp > 1) {
     int argc = 0;
     char** argv = nullptr;
     mpi.emplace(&argc, &argv);
+    const World& world = mpi->world();
+    DILU_USER_CHECK(world.size % (tp * pp) == 0, "bench: ", world.size, " ranks are not a multiple of parallel.tp x "
+                    "parallel.pp = ", tp * pp, "; launch tp x pp x dp ranks");
+    const int dp = world.size / (tp * pp);
+    DILU_USER_CHECK(cfg.parallel.dp == 1 || cfg.parallel.dp == dp, "bench: parallel.dp = ", cfg.parallel.dp,
+                    " but ", world.size, " ranks at tp ", tp, " x pp ", pp, " make ", dp, " replicas");
     // One GPU per rank, as dilu run does: GPU local_rank mod GPUs (else every rank of a node
     // would measure on GPU 0).
-    bind_local_device(mpi->world().local_rank);
-    groups = make_parallel_groups(mpi->world(), 1, 1, mpi->world().size);
+    bind_local_device(world.local_rank);
+    groups = make_parallel_groups(world, tp, pp, dp);
     o.groups = &groups;
     o.trace_dir = f.trace_dir;
+    rank0 = world.is_root();
   }
-  std::cout << "dilu " << version_string() << " bench: model " << f.model << ", backend " << cfg.backend
-            << ", input " << o.input_len << " tokens, output " << o.output_len << " tokens, greedy\n";
-  const std::vector<BenchRow> rows = run_bench(o, cfg, std::cerr);
+  if (rank0)
+    std::cout << "dilu " << version_string() << " bench: model " << f.model << ", backend " << cfg.backend
+              << ", input " << o.input_len << " tokens, output " << o.output_len << " tokens, greedy"
+              << (o.groups ? ", tp " + std::to_string(groups.tp) + " x pp " + std::to_string(groups.pp) + " x dp " +
+                                 std::to_string(groups.dp) + " (the table: replica 0)"
+                           : std::string())
+              << "\n";
+  std::vector<BenchRow> rows;
+  try {
+    rows = run_bench(o, cfg, std::cerr);
+  } catch (const std::exception& e) {
+    if (!mpi || mpi->world().size == 1) throw;
+    // One rank failed: the others may wait in a collective. Say it once and end them all.
+    const bool user = dynamic_cast<const UserError*>(&e) != nullptr;
+    std::ostringstream msg;
+    msg << "dilu: rank " << mpi->world().rank << ": " << (user ? "error: " : "") << e.what() << "\ndilu: stopping all "
+        << mpi->world().size << " ranks\n";
+    std::cerr << msg.str() << std::flush;
+    MpiSession::abort(user ? 2 : 3);
+  }
+  if (!rank0) return 0;
   double base = 0;
   for (const BenchRow& r : rows)
     if (r.batch == 1) base = r.decode_tok_s();
@@ -107,6 +137,20 @@ int bench(const BenchFlags& f) {
       if (r.gemm_peak_flops > 0) std::cout << std::setw(13) << 100.0 * r.prefill_flops_s() / r.gemm_peak_flops << "%";
       else std::cout << std::setw(14) << "-";
       std::cout << "\n";
+    }
+    if (r0.gpus > 1)
+      std::cout << "(" << r0.gpus << " GPUs: the roofline is the step's bytes read by all of them at once, each its "
+                   "share; experts/step scaled from those rank 0 counted on its shard)\n";
+    if (r0.all_reduce_seconds > 0) {
+      std::cout << std::setw(7) << "batch" << std::setw(22) << "all-reduce us (1)" << std::setw(26)
+                << "all-reduce ms per layer" << std::setw(20) << "share of step" << "\n";
+      for (const BenchRow& r : rows) {
+        const double per_layer_ms = 2e3 * r.all_reduce_seconds;
+        std::cout << std::setw(7) << r.batch << std::setprecision(1) << std::setw(22) << 1e6 * r.all_reduce_seconds
+                  << std::setprecision(3) << std::setw(26) << per_layer_ms << std::setprecision(1) << std::setw(19)
+                  << 100.0 * per_layer_ms * static_cast<double>(r.layers) / std::max(r.ms_per_decode_step(), 1e-9)
+                  << "%\n";
+      }
     }
   }
   return 0;

@@ -5,12 +5,15 @@
 #include <cmath>
 #include <chrono>
 #include <iostream>
+#include <map>
 #include <random>
 
 #include "engine/deepseek_v3.h"
 #include "engine/engine.h"
 #include "engine/kv_cache.h"
 #include "engine/make_model.h"
+#include "engine/planner.h"
+#include "engine/run_job.h"
 #include "engine/weight_names.h"
 #include "engine/safetensors.h"
 #include "engine/trace.h"
@@ -122,16 +125,25 @@ std::vector<BenchRow> run_bench(const BenchOptions& o, const RunConfig& cfg, std
   TraceIdentity id;
   id.command = "bench";
   id.hostname = this_hostname();
-  if (o.groups) {
-    const World& w = o.groups->world;
+  ParallelGroups single;
+  if (!o.groups) single = make_parallel_groups(World{}, 1, 1, 1);
+  const ParallelGroups& g = o.groups ? *o.groups : single;
+  {
+    const World& w = g.world;
     id.world_rank = w.rank;
-    id.world_size = id.dp = w.size;
-    id.dp_rank = w.rank;
+    id.world_size = w.size;
     id.node = w.node;
     id.num_nodes = w.num_nodes;
     id.local_rank = w.local_rank;
-    o.groups->world_comm->barrier();  // the ranks' trace clocks start together
+    id.tp = g.tp;
+    id.pp = g.pp;
+    id.dp = g.dp;
+    id.tp_rank = g.tp_rank;
+    id.pp_rank = g.pp_rank;
+    id.dp_rank = g.dp_rank;
+    g.world_comm->barrier();  // the ranks' trace clocks start together
   }
+  const bool root = g.is_replica_root();
   TraceRecorder trace(id);
   if (!o.trace_dir.empty()) {
     trace.open(o.trace_dir);
@@ -162,24 +174,74 @@ std::vector<BenchRow> run_bench(const BenchOptions& o, const RunConfig& cfg, std
   bo.fp8_gemm = cfg.cuda.fp8_gemm;
   const int64_t largest_batch = *std::max_element(o.batch_sizes.begin(), o.batch_sizes.end());
   bo.arena_bytes = DeepseekV3::step_scratch_bytes(mc, std::max<int64_t>(cfg.batch.max_tokens, largest_batch),
-                                                  largest_batch, 1);
+                                                  largest_batch, g.tp);
   std::unique_ptr<Ops> ops = make_ops(cfg.backend, bo);
+  // Tensor and pipeline parallel: NCCL on GPUs, MPI on the CPU, timed for the trace as in a run.
+  DeviceComms device_comms = make_device_comms(g, *ops, cfg);
+  TracedCommunicator tp_traced(*device_comms.tp, trace, TraceGroup::TP);
+  TracedCommunicator pp_traced(*device_comms.pp, trace, TraceGroup::PP);
+  TracedCommunicator replica_traced(*g.replica_comm, trace, TraceGroup::Replica);
+  std::vector<std::pair<int64_t, int64_t>> stages;
+  for (int64_t count : stage_layer_counts(mc, cfg, g.tp, g.pp)) {
+    const int64_t first = stages.empty() ? 0 : stages.back().second;
+    stages.push_back({first, first + count});
+  }
+  const auto [first_layer, end_layer] = stages[static_cast<size_t>(g.pp_rank)];
   trace.set_device(ops->device().kind == DeviceKind::CPU ? ops->name() : ops->name() + " [" + ops->device().str() + "]");
   trace.set_memory_probe(device_memory_probe(*ops, bo.arena_bytes));
   const Checkpoint ckpt = o.random_weights ? Checkpoint::synthetic(mc, *ops, o.seed) : Checkpoint::open(o.model_dir);
   const auto t_place = std::chrono::steady_clock::now();
-  DeepseekV3 model(mc, ckpt, *ops);
+  DeepseekV3 model(mc, ckpt, *ops, TensorParallel{g.tp_rank, g.tp, g.tp > 1 ? &tp_traced : nullptr},
+                   PipelineStage{first_layer, end_layer});
   ops->synchronize();
-  log << "dilu bench: " << mc.num_hidden_layers << " layers, " << model.weight_bytes() / (1 << 20) << " MiB of weights"
-      << (o.random_weights ? " made on the device" : " placed") << " in "
-      << std::chrono::duration<double>(std::chrono::steady_clock::now() - t_place).count() << " s on " << ops->name()
-      << "\n";
+  if (root)
+    log << "dilu bench: " << mc.num_hidden_layers << " layers, " << model.weight_bytes() / (1 << 20)
+        << " MiB of weights on this rank" << (o.random_weights ? " made on the device" : " placed") << " in "
+        << std::chrono::duration<double>(std::chrono::steady_clock::now() - t_place).count() << " s on "
+        << ops->name() << "\n";
+  if (root && g.pp > 1) {
+    log << "dilu bench: pipeline stages:";
+    for (const auto& [a, b] : stages) log << " [" << a << ", " << b << ")";
+    log << ", " << g.pp << " micro-batches per step\n";
+  }
+  // MoE layers of this rank's stage, of the model: the root counts the experts its own stage
+  // and TP shard selected.
+  int64_t moe_here = 0, moe_all = 0;
+  for (int64_t l = 0; l < mc.num_hidden_layers; ++l) {
+    moe_all += mc.is_moe_layer(l);
+    if (l >= first_layer && l < end_layer) moe_here += mc.is_moe_layer(l);
+  }
+  const double routed_scale =
+      moe_here > 0 ? static_cast<double>(g.tp) * static_cast<double>(moe_all) / static_cast<double>(moe_here) : 0.0;
+  const double gpus = static_cast<double>(g.tp * g.pp);
   const ModelCosts costs = model_costs(mc);
   const double bandwidth = ops->measure_copy_bandwidth(size_t{1} << 30);
-  log << "dilu bench: device copy bandwidth " << bandwidth / 1e9 << " GB/s (read + write of 1 GiB)\n";
-  const double gemm_peak = ops->device().kind == DeviceKind::CUDA
+  if (root) log << "dilu bench: device copy bandwidth " << bandwidth / 1e9 << " GB/s (read + write of 1 GiB)\n";
+  const double gemm_peak = root && ops->device().kind == DeviceKind::CUDA
                                ? measure_gemm_peak(*ops, mc, std::min<int64_t>(cfg.batch.max_tokens, 4096), log)
                                : 0.0;
+  // Tensor parallel: the all-reduce a layer does twice (after attention, after the MLP), on the
+  // step's hidden states at each batch size, timed on its own (every TP rank takes part).
+  std::map<int64_t, double> all_reduce_s;
+  if (g.tp > 1) {
+    for (int64_t batch : o.batch_sizes) {
+      Tensor h = ops->random_fill(ops->activation_dtype(), {batch, mc.hidden_size}, 0xa11 + static_cast<uint64_t>(batch),
+                                  0.0f, 1.0f);
+      device_comms.tp->all_reduce_sum(h);  // warm-up
+      ops->synchronize();
+      device_comms.tp->barrier();
+      constexpr int kReps = 20;
+      const auto t0 = std::chrono::steady_clock::now();
+      for (int r = 0; r < kReps; ++r) device_comms.tp->all_reduce_sum(h);
+      ops->synchronize();
+      all_reduce_s[batch] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / kReps;
+      if (root)
+        log << "dilu bench: all-reduce of [" << batch << " x " << mc.hidden_size << "] "
+            << dtype_name(ops->activation_dtype()) << " over tp " << g.tp << ": " << 1e6 * all_reduce_s[batch]
+            << " us (" << 2e3 * all_reduce_s[batch] * static_cast<double>(mc.num_hidden_layers)
+            << " ms per step at 2 per layer)\n";
+    }
+  }
   const int64_t seq_len = o.input_len + o.output_len;
   DILU_USER_CHECK(o.input_len >= 1 && o.output_len >= 1, "--input-len and --output-len must be at least 1");
   DILU_USER_CHECK(seq_len <= mc.max_position_embeddings, "--input-len + --output-len = ", seq_len,
@@ -189,7 +251,13 @@ std::vector<BenchRow> run_bench(const BenchOptions& o, const RunConfig& cfg, std
   // The cache holds every sequence of the largest batch at full length: no preemption in the
   // measurement.
   const int64_t num_blocks = (seq_len + bs - 1) / bs * largest;
-  KvCache cache(*ops, mc.num_hidden_layers, num_blocks, bs, mc.kv_lora_rank + mc.qk_rope_head_dim);
+  KvCache cache(*ops, model.num_stage_layers(), num_blocks, bs, mc.kv_lora_rank + mc.qk_rope_head_dim);
+  ReplicaComms comms;
+  comms.replica = &replica_traced;
+  comms.pp = &pp_traced;
+  comms.pp_size = g.pp;
+  comms.pp_rank = g.pp_rank;
+  comms.tp_rank = g.tp_rank;
   trace.set_kv_blocks_total(num_blocks);
   trace.span(SpanKind::Load, 0.0, trace.clock().now());
   int64_t requests_done = 0, prompt_tokens = 0, output_tokens = 0;
@@ -198,10 +266,14 @@ std::vector<BenchRow> run_bench(const BenchOptions& o, const RunConfig& cfg, std
 
   std::vector<BenchRow> rows;
   for (int64_t batch : o.batch_sizes) {
+    if (!root) {  // this replica's root schedules; the others run their share of its steps
+      follow_steps(model, *ops, cache, comms, &trace);
+      continue;
+    }
     EngineOptions eo;
     eo.limits = {batch, std::max<int64_t>(cfg.batch.max_tokens, batch), bs};
     eo.max_seq_len = seq_len;
-    Engine engine(model, *ops, cache, eo, nullptr);
+    Engine engine(model, *ops, cache, eo, nullptr, comms);
     engine.set_trace(&trace);
     const int64_t first_step = trace.steps();
     for (int64_t i = 0; i < batch; ++i) {
@@ -219,6 +291,7 @@ std::vector<BenchRow> run_bench(const BenchOptions& o, const RunConfig& cfg, std
     row.gemm_peak_flops = gemm_peak;
     ops->take_routed_expert_count();
     int64_t routed = 0;
+    double routed_scaled = 0;
     while (!engine.idle()) {
       const auto t0 = std::chrono::steady_clock::now();
       const std::vector<EngineResult> done = engine.step();
@@ -246,13 +319,22 @@ std::vector<BenchRow> run_bench(const BenchOptions& o, const RunConfig& cfg, std
         routed += step_routed;
         // Each sequence attends to its whole context: prompt plus what it generated so far.
         const double ctx = static_cast<double>(o.input_len + row.decode_steps);
-        const double bytes = costs.fixed_bytes + static_cast<double>(step_routed) * costs.expert_bytes +
+        // With several GPUs: the root counted its own shard and stage's experts (scaled to the
+        // model's), and the ideal step reads all bytes split evenly over the GPUs at once.
+        const double experts = g.tp * g.pp > 1 ? static_cast<double>(step_routed) * routed_scale
+                                               : static_cast<double>(step_routed);
+        const double bytes = costs.fixed_bytes + experts * costs.expert_bytes +
                              static_cast<double>(st.decode_tokens) * ctx * costs.kv_bytes_per_token +
                              static_cast<double>(st.decode_tokens * mc.hidden_size) * 2.0;
-        row.decode_roofline_seconds += bytes / bandwidth;
+        row.decode_roofline_seconds += bytes / (bandwidth * gpus);
+        routed_scaled += experts;
       }
     }
-    row.routed_experts_per_step = static_cast<double>(routed) / static_cast<double>(std::max<int64_t>(row.decode_steps, 1));
+    (void)routed;
+    row.routed_experts_per_step = routed_scaled / static_cast<double>(std::max<int64_t>(row.decode_steps, 1));
+    row.gpus = g.tp * g.pp;
+    row.layers = mc.num_hidden_layers;
+    if (auto it = all_reduce_s.find(batch); it != all_reduce_s.end()) row.all_reduce_seconds = it->second;
     // Prefill: every prompt token through the linears, one logits row per sequence (the first
     // generated token), attention over the causal prefix.
     const double b = static_cast<double>(batch), s_len = static_cast<double>(o.input_len);
@@ -266,17 +348,17 @@ std::vector<BenchRow> run_bench(const BenchOptions& o, const RunConfig& cfg, std
     trace.record_bench({batch, first_step, trace.steps(), row.prefill_seconds, row.decode_seconds, row.prefill_tokens,
                         row.decode_tokens, row.decode_steps});
     rows.push_back(row);
+    engine.stop_followers();
   }
   const TraceTotals totals = trace.totals();
   const double step_seconds = std::max(totals.compute_s + totals.comm_s + totals.host_s, 1e-12);
-  const std::unique_ptr<Communicator> self = o.groups ? nullptr : make_self_communicator();
   const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
-  finish_trace(trace, o.groups ? *o.groups->world_comm : *self, o.trace_dir,
+  finish_trace(trace, *g.world_comm, o.trace_dir,
                {{"wall_s", wall},
                 {"requests_done", static_cast<double>(requests_done)},
                 {"prompt_tokens", static_cast<double>(prompt_tokens)},
                 {"completion_tokens", static_cast<double>(output_tokens)}});
-  if (!o.trace_dir.empty())
+  if (!o.trace_dir.empty() && root)
     log << "dilu bench: trace recording took " << 1e6 * totals.recording_s / static_cast<double>(std::max<int64_t>(totals.steps, 1))
         << " us per step, " << 100 * totals.recording_s / step_seconds << "% of the step time (" << totals.steps
         << " steps; closing the files took " << 1e3 * trace.file_closing_seconds() << " ms once); traces in "

@@ -47,6 +47,9 @@ struct BenchRow {
   double prefill_flops = 0;            // 2 x multiply-adds of the prefill steps
   double gemm_peak_flops = 0;          // measured: the best FP8 (or BF16) linear on the layer's shapes; 0: not measured
   double decode_roofline_ratio() const { return decode_seconds / std::max(decode_roofline_seconds, 1e-12); }
+  int64_t layers = 0;                 // hidden layers of the model benchmarked
+  int gpus = 1;                        // tp x pp of the replica: the roofline splits the bytes over them
+  double all_reduce_seconds = 0;       // tp > 1: one all-reduce of [batch, hidden], measured alone
   double prefill_flops_s() const { return prefill_flops / std::max(prefill_seconds, 1e-12); }
 };
 

@@ -67,17 +67,26 @@ std::vector<std::string> check_checkpoint(const ModelConfig& config, const Check
 
 namespace {
 
+// A checkpoint tensor in host memory: itself (a view of the memory map), or a copy of one that
+// lives on the device (random weights made there, Checkpoint::synthetic).
+Tensor on_host(Ops& ops, const Tensor& t) {
+  if (t.is_cpu()) return t;
+  Tensor h = Tensor::host(t.dtype(), t.shape());
+  ops.copy_to_host(t, h.raw());
+  return h;
+}
+
 // Rows [r0, r1) and columns [c0, c1) of a checkpoint matrix, exactly dequantized to FP32 on the
 // host. Only those rows' bytes are touched in the memory map.
-Tensor dequantize_slice(const Checkpoint& ckpt, const std::string& name, int64_t r0, int64_t r1, int64_t c0,
+Tensor dequantize_slice(Ops& ops, const Checkpoint& ckpt, const std::string& name, int64_t r0, int64_t r1, int64_t c0,
                         int64_t c1, const std::optional<FP8Quantization>& q) {
-  const Tensor w = ckpt.tensor(name);
+  const Tensor w = on_host(ops, ckpt.tensor(name));
   const int64_t cols = w.dim(1);
   DILU_CHECK(0 <= r0 && r0 <= r1 && r1 <= w.dim(0) && 0 <= c0 && c0 <= c1 && c1 <= cols, "slice of ", name);
   Tensor out = Tensor::host(DType::F32, {r1 - r0, c1 - c0});
   const size_t esz = dtype_size(w.dtype());
   Tensor scale;
-  if (w.dtype() == DType::F8E4M3) scale = ckpt.tensor(scale_name(name));
+  if (w.dtype() == DType::F8E4M3) scale = on_host(ops, ckpt.tensor(scale_name(name)));
   std::vector<float> scale_row;
   for (int64_t r = r0; r < r1; ++r) {
     float* dst = out.data<float>() + (r - r0) * (c1 - c0);
@@ -165,16 +174,16 @@ DeepseekV3::DeepseekV3(const ModelConfig& config, const Checkpoint& ckpt, Ops& o
                               block_in);
     }
     const int64_t cols = w.dim(1);
-    return ops.place_linear(dequantize_slice(ckpt, name, r0, r1, 0, cols, config.quantization), Tensor(), 0, 0);
+    return ops.place_linear(dequantize_slice(ops, ckpt, name, r0, r1, 0, cols, config.quantization), Tensor(), 0, 0);
   };
   auto lin_cols = [&](const std::string& name, int64_t cols_per_rank) {
     if (n == 1) return lin(name);
     const int64_t c0 = r * cols_per_rank, c1 = c0 + cols_per_rank;
-    const Tensor w = ckpt.tensor(name);
+    const Tensor w = on_host(ops, ckpt.tensor(name));
     const int64_t rows = w.dim(0), cols = w.dim(1);
     const bool fp8 = w.dtype() == DType::F8E4M3;
     if (fp8 && c0 % block_in != 0)
-      return ops.place_linear(dequantize_slice(ckpt, name, 0, rows, c0, c1, config.quantization), Tensor(), 0, 0);
+      return ops.place_linear(dequantize_slice(ops, ckpt, name, 0, rows, c0, c1, config.quantization), Tensor(), 0, 0);
     const size_t esz = dtype_size(w.dtype());
     Tensor part = Tensor::host(w.dtype(), {rows, c1 - c0});
     for (int64_t i = 0; i < rows; ++i)
@@ -182,7 +191,7 @@ DeepseekV3::DeepseekV3(const ModelConfig& config, const Checkpoint& ckpt, Ops& o
                   static_cast<const uint8_t*>(w.raw()) + static_cast<size_t>(i * cols + c0) * esz,
                   static_cast<size_t>(c1 - c0) * esz);
     if (!fp8) return ops.place_linear(part, Tensor(), 0, 0);
-    const Tensor scale = ckpt.tensor(scale_name(name));
+    const Tensor scale = on_host(ops, ckpt.tensor(scale_name(name)));
     const int64_t s0 = c0 / block_in, s1 = (c1 + block_in - 1) / block_in, sc = scale.dim(1);
     Tensor part_scale = Tensor::host(DType::F32, {scale.dim(0), s1 - s0});
     std::vector<float> row(static_cast<size_t>(sc));
@@ -251,7 +260,7 @@ DeepseekV3::DeepseekV3(const ModelConfig& config, const Checkpoint& ckpt, Ops& o
       Tensor shard = Tensor::host(DType::F32, {vocab_shard_, config.hidden_size});
       const int64_t end = std::min(vocab_first_ + vocab_shard_, config.vocab_size);
       if (end > vocab_first_) {
-        Tensor part = dequantize_slice(ckpt, head, vocab_first_, end, 0, config.hidden_size, std::nullopt);
+        Tensor part = dequantize_slice(ops, ckpt, head, vocab_first_, end, 0, config.hidden_size, std::nullopt);
         std::memcpy(shard.raw(), part.raw(), part.nbytes());
       }
       lm_head_ = ops.place_linear(shard, Tensor(), 0, 0);

@@ -60,6 +60,24 @@ int64_t cache_blocks(const RunConfig& cfg, const ModelConfig& mc, const Ops& ops
 
 }  // namespace
 
+DeviceComms make_device_comms(const ParallelGroups& g, Ops& ops, const RunConfig& cfg) {
+  DeviceComms d;
+  d.tp = g.tp_comm.get();
+  d.pp = g.pp_comm.get();
+  if (ops.device().kind == DeviceKind::CUDA && (g.tp > 1 || g.pp > 1)) {
+#ifdef DILU_HAVE_CUDA
+    NcclOptions no;
+    no.timeout_s = cfg.cuda.nccl_timeout_s;
+    if (g.tp > 1) d.tp = (d.tp_nccl = make_nccl_communicator(*g.tp_comm, ops.native_stream(), no)).get();
+    if (g.pp > 1) d.pp = (d.pp_nccl = make_nccl_communicator(*g.pp_comm, ops.native_stream(), no)).get();
+    ops.add_wait_check([] { nccl_check_async_errors(); });
+#else
+    (void)cfg;
+#endif
+  }
+  return d;
+}
+
 namespace {
 
 // Everything a rank builds before the first step. Built inside agree_or_fail() so that a
@@ -70,7 +88,7 @@ struct Loaded {
   std::unique_ptr<PromptEncoder> encoder;
   std::optional<Checkpoint> ckpt;
   std::unique_ptr<Ops> ops;
-  std::unique_ptr<Communicator> tp_nccl, pp_nccl;  // CUDA backend with tp or pp > 1
+  DeviceComms device_comms;
   std::unique_ptr<Communicator> tp_traced, pp_traced;  // the two above, timed for the trace
   Communicator* tp_comm = nullptr;
   Communicator* pp_comm = nullptr;
@@ -182,17 +200,9 @@ RunSummary run_job(const RunJobOptions& o, const RunConfig& cfg, std::ostream& l
     trace.set_memory_probe(device_memory_probe(*L.ops, bo.arena_bytes));
     // On GPUs the tensors of TP collectives and pipeline sends live on the device: NCCL carries
     // them, over the same groups (host bytes still go over MPI).
-    L.tp_comm = g.tp_comm.get();
-    L.pp_comm = g.pp_comm.get();
-    if (L.ops->device().kind == DeviceKind::CUDA && (g.tp > 1 || g.pp > 1)) {
-#ifdef DILU_HAVE_CUDA
-      NcclOptions no;
-      no.timeout_s = cfg.cuda.nccl_timeout_s;
-      if (g.tp > 1) L.tp_comm = (L.tp_nccl = make_nccl_communicator(*g.tp_comm, L.ops->native_stream(), no)).get();
-      if (g.pp > 1) L.pp_comm = (L.pp_nccl = make_nccl_communicator(*g.pp_comm, L.ops->native_stream(), no)).get();
-      L.ops->add_wait_check([] { nccl_check_async_errors(); });
-#endif
-    }
+    L.device_comms = make_device_comms(g, *L.ops, cfg);
+    L.tp_comm = L.device_comms.tp;
+    L.pp_comm = L.device_comms.pp;
     L.tp_traced = std::make_unique<TracedCommunicator>(*L.tp_comm, trace, TraceGroup::TP);
     L.pp_traced = std::make_unique<TracedCommunicator>(*L.pp_comm, trace, TraceGroup::PP);
     L.tp_comm = L.tp_traced.get();

@@ -14,6 +14,10 @@
 #include "parallel/groups.h"
 
 namespace dilu {
+class Ops;
+}
+
+namespace dilu {
 
 struct RunJobOptions {
   std::filesystem::path model_dir;
@@ -60,6 +64,16 @@ struct SilentFailure : std::exception {
 struct AgreedFailure : UserError {
   using UserError::UserError;
 };
+
+// The communicators a rank's model and engine use for its TP and PP groups: on the CUDA backend
+// NCCL over those groups (device tensors; host bytes still go over MPI), else the MPI groups
+// themselves. Collective over each group with more than one rank.
+struct DeviceComms {
+  std::unique_ptr<Communicator> tp_nccl, pp_nccl;  // owned when NCCL carries the group
+  Communicator* tp = nullptr;
+  Communicator* pp = nullptr;
+};
+DeviceComms make_device_comms(const ParallelGroups& groups, Ops& ops, const RunConfig& config);
 
 // Throws UserError before any compute when the model or the files are unusable. With several
 // ranks, every rank calls it; the summary's counts are summed over the world.
