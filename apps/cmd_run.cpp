@@ -11,6 +11,7 @@
 #include <sstream>
 
 #include "apps/commands.h"
+#include "engine/jsonl_writer.h"
 #include "engine/model_config.h"
 #include "engine/planner.h"
 #include "engine/run_config.h"
@@ -125,10 +126,11 @@ int run(const RunFlags& f) {
     // One rank failed: say so once, from that rank, and end every rank so that none waits in a
     // collective. Records already written stay valid for a resumed run.
     const bool user = dynamic_cast<const UserError*>(&e) != nullptr;
+    const bool output = dynamic_cast<const OutputError*>(&e) != nullptr;
     std::cerr << "dilu: rank " << world.rank << " (" << world.hostname << "): " << (user ? "error: " : "") << e.what()
               << "\ndilu: stopping all " << world.size << " ranks\n"
               << std::flush;
-    MpiSession::abort(user ? 2 : 3);
+    MpiSession::abort(output ? 4 : user ? 2 : 3);
   }
   // Each rank's share of the weights and its peak resident memory (VmHWM), for the record.
   {

@@ -1,7 +1,9 @@
 // The dilu executable: parses the command line with CLI11 and hands each subcommand to the
-// engine. Exit codes: 0 success, 1 some input lines failed, 2 user error, 3 internal error.
+// engine. Exit codes: 0 success, 1 some input lines failed, 2 user error, 3 internal error,
+// 4 the output could not be written (docs/reliability.md).
 #include <unistd.h>
 
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
@@ -10,6 +12,7 @@
 #include <CLI/CLI.hpp>
 
 #include "apps/commands.h"
+#include "engine/jsonl_writer.h"
 #include "engine/version.h"
 #include "kernels/error.h"
 
@@ -21,12 +24,16 @@ int main(int argc, char** argv) {
     setenv("OMP_WAIT_POLICY", "PASSIVE", 1);
     execv("/proc/self/exe", argv);  // returns only on failure: then run as we are
   }
+  // Past a file size limit (ulimit -f) a write fails with EFBIG and is reported like a full disk,
+  // instead of SIGXFSZ killing the process with nothing said.
+  std::signal(SIGXFSZ, SIG_IGN);
   CLI::App root{"dilu: offline batch inference for DeepSeek-V3/R1-architecture models.\n"
                 "Launch with mpirun or srun to shard one model over many ranks."};
   root.set_version_flag("--version", std::string(dilu::version_string()));
   root.require_subcommand(1);
   root.footer("Exit codes: 0 success; 1 some input lines failed (see the error records in the output);\n"
-              "2 bad usage, configuration or checkpoint; 3 internal error (a bug: please report it).\n"
+              "2 bad usage, configuration or checkpoint; 3 internal error (a bug: please report it);\n"
+              "4 the output could not be written (disk full): make room and rerun to resume.\n"
               "Run 'dilu <subcommand> --help' for each subcommand's options.");
 
   dilu::app::Action action;
@@ -45,6 +52,10 @@ int main(int argc, char** argv) {
   }
   try {
     return action ? action() : 2;
+  } catch (const dilu::OutputError& e) {
+    std::fflush(stdout);
+    std::cerr << "dilu: error: " << e.what() << "\n";
+    return 4;
   } catch (const dilu::UserError& e) {
     std::fflush(stdout);
     std::cerr << "dilu: error: " << e.what() << "\n";

@@ -44,14 +44,15 @@ void JsonlWriter::write(const nlohmann::json& record) {
     const ssize_t n = ::write(fd_, line.data() + done, line.size() - done);
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) {
-      const int err = errno;
+      const int err = n < 0 ? errno : ENOSPC;  // a write of 0 bytes: no room
       // Cut back a partial line so the file stays valid JSONL for a later resume.
       if (done > 0) {
         const off_t end = ::lseek(fd_, 0, SEEK_END);
         if (end >= 0 && ::ftruncate(fd_, end - static_cast<off_t>(done)) != 0) { /* best effort */ }
       }
-      throw UserError("cannot write to output file '" + path_.string() + "': " + std::strerror(err) + " (after " +
-                      std::to_string(lines_) + " complete lines; those are kept)");
+      throw OutputError("cannot write to output file '" + path_.string() + "': " + std::strerror(err) + " (after " +
+                        std::to_string(lines_) + " complete lines this run; every complete line is kept). Make room " +
+                        "(or raise the file size limit) and run the same command again: it resumes");
     }
     done += static_cast<size_t>(n);
   }
@@ -60,7 +61,10 @@ void JsonlWriter::write(const nlohmann::json& record) {
 }
 
 void JsonlWriter::sync() {
-  DILU_USER_CHECK(::fdatasync(fd_) == 0, "cannot sync output file '", path_.string(), "': ", std::strerror(errno));
+  // A pipe or a terminal (--output /dev/stdout) cannot be synced (EINVAL): nothing to lose there.
+  if (::fdatasync(fd_) != 0 && errno != EINVAL)
+    throw OutputError("cannot sync output file '" + path_.string() + "': " + std::strerror(errno) +
+                      "; make room and run the same command again: it resumes");
   last_sync_ = std::chrono::steady_clock::now();
 }
 

@@ -8,7 +8,17 @@
 
 #include <nlohmann/json_fwd.hpp>
 
+#include "kernels/error.h"
+
 namespace dilu {
+
+// The output could not be written (disk full, file size limit, quota, I/O error). What was
+// written before stays valid: the file holds only complete lines, and running the same command
+// again resumes. `dilu run` exits with 4 (docs/reliability.md).
+class OutputError : public UserError {
+ public:
+  using UserError::UserError;
+};
 
 class JsonlWriter {
  public:
@@ -22,8 +32,9 @@ class JsonlWriter {
   JsonlWriter(const JsonlWriter&) = delete;
   JsonlWriter& operator=(const JsonlWriter&) = delete;
 
+  // Appends one line; on failure cuts back what part of it was written and throws OutputError.
   void write(const nlohmann::json& record);
-  void sync();  // fdatasync; throws UserError naming the file on failure (disk full, I/O error)
+  void sync();  // fdatasync; throws OutputError naming the file on failure (disk full, I/O error)
   int64_t lines_written() const { return lines_; }
 
  private:

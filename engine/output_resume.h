@@ -25,7 +25,10 @@ ResumeState load_resume_state(const std::filesystem::path& output);
 
 // Data-parallel replicas write their records to part files beside the output
 // ("OUT.dp-<r>-of-<n>.part"); this appends the complete lines of every part file to the output
-// and removes the parts. Run before resuming and at the end of a run, on one rank.
+// and removes the parts. Run before resuming and at the end of a run, on one rank. Crash-safe:
+// a journal ("OUT.merging") written before each part is appended lets the next call undo a merge
+// that a crash or a full disk interrupted (no line is lost or merged twice); a failed append is
+// cut back at once and throws OutputError, keeping the part.
 std::filesystem::path part_file(const std::filesystem::path& output, int replica, int replicas);
 int64_t merge_part_files(const std::filesystem::path& output);
 

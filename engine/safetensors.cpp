@@ -135,7 +135,7 @@ Tensor SafetensorsFile::tensor(const std::string& name) const {
   const uint8_t* p = map_ + data_start_ + t.begin;
   if (reinterpret_cast<uintptr_t>(p) % dtype_size(t.dtype) != 0) {
     Tensor copy = Tensor::host(t.dtype, t.shape);
-    std::memcpy(copy.raw(), p, t.end - t.begin);
+    if (t.end > t.begin) std::memcpy(copy.raw(), p, t.end - t.begin);  // an empty tensor has no buffer
     return copy;
   }
   std::shared_ptr<const void> keep = self_.lock();
