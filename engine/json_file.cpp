@@ -21,7 +21,7 @@ nlohmann::json read_json_file(const std::filesystem::path& path) {
   DILU_USER_CHECK(!in.bad(), "error reading '", path.string(), "'");
   try {
     return nlohmann::json::parse(text.str());
-  } catch (const nlohmann::json::parse_error& e) {
+  } catch (const nlohmann::json::exception& e) {  // parse_error, or out_of_range for 1e400
     throw UserError(path.string() + ": not valid JSON (" + e.what() + ")");
   }
 }

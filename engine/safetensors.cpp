@@ -38,7 +38,7 @@ std::map<std::string, TensorInfo> parse_safetensors_header(std::string_view head
   json h;
   try {
     h = json::parse(header_json);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // parse_error, or out_of_range for a number like 1e400
     throw UserError(origin + ": safetensors header is not valid JSON (" + e.what() + ")" + kRegenerate);
   }
   DILU_USER_CHECK(h.is_object(), origin, ": safetensors header is not a JSON object", kRegenerate);
