@@ -151,7 +151,8 @@ class CudaOps final : public Ops {
     DILU_CU(cudaHostAlloc(&staging_, staging_bytes_, cudaHostAllocDefault));
     arena_ = std::make_shared<Arena>(o.arena_bytes > 0 ? static_cast<size_t>(o.arena_bytes) : kDefaultArena);
     routed_counter_ = allocate_persistent(DType::U8, {8});
-    DILU_CU(cudaMemset(routed_counter_.raw(), 0, 8));
+    DILU_CU(cudaMemsetAsync(routed_counter_.raw(), 0, 8, stream_));
+    DILU_CU(cudaStreamSynchronize(stream_));
     // Block-scaled FP8 GEMMs (VEC128 x BLK128x128 scales) exist in cuBLASLt >= 12.9 on sm_90 only.
     const bool block_ok = props_.major == 9 && cublasLtGetVersion() >= 120900;
     if (o.fp8_gemm == "block") {
@@ -227,18 +228,18 @@ class CudaOps final : public Ops {
     }
     Tensor out = allocate_persistent(as, host.shape());
     if (host.dtype() == as) {
-      DILU_CU(cudaMemcpy(out.raw(), host.raw(), host.nbytes(), cudaMemcpyHostToDevice));
+      upload_bytes(out.raw(), host.raw(), host.nbytes());
       return out;
     }
     std::vector<float> f(static_cast<size_t>(host.numel()));
     convert_to_f32(host.dtype(), host.raw(), f.data(), f.size());
     if (as == DType::F32) {
-      DILU_CU(cudaMemcpy(out.raw(), f.data(), out.nbytes(), cudaMemcpyHostToDevice));
+      upload_bytes(out.raw(), f.data(), out.nbytes());
     } else {
       DILU_CHECK(as == DType::BF16, "upload as ", dtype_name(as));
       std::vector<uint16_t> b(f.size());
       for (size_t i = 0; i < f.size(); ++i) b[i] = f32_to_bf16(f[i]);
-      DILU_CU(cudaMemcpy(out.raw(), b.data(), out.nbytes(), cudaMemcpyHostToDevice));
+      upload_bytes(out.raw(), b.data(), out.nbytes());
     }
     return out;
   }
@@ -767,7 +768,7 @@ class CudaOps final : public Ops {
     for (int p = 0; p < 3; ++p) table.scale_stride[p] = firsts[p]->scale_inv.rank() == 2 ? firsts[p]->scale_inv.dim(1) : 0;
     table.host_ptrs = ptrs;
     table.storage = allocate_persistent(DType::U8, {static_cast<int64_t>(ptrs.size() * sizeof(void*))});
-    DILU_CU(cudaMemcpy(table.storage.raw(), ptrs.data(), ptrs.size() * sizeof(void*), cudaMemcpyHostToDevice));
+    upload_bytes(table.storage.raw(), ptrs.data(), ptrs.size() * sizeof(void*));
     auto* base = static_cast<const void**>(table.storage.raw());
     for (int p = 0; p < 3; ++p) {
       table.weights[p] = base + static_cast<size_t>(p) * n;
@@ -782,6 +783,16 @@ class CudaOps final : public Ops {
   }
   void check_device(const Tensor& t, const char* what) const {
     DILU_CHECK(t.device() == device(), what, " must be on ", device().str(), ", got ", t.device().str());
+  }
+
+  // Host to device on the compute stream, waited for. Not cudaMemcpy: it runs on the legacy
+  // default stream, which the (non-blocking) compute stream does not wait for, and from pageable
+  // memory (the checkpoint's memory map) it returns once the bytes are staged, before the DMA
+  // lands; a kernel could then read a weight still in flight.
+  void upload_bytes(void* dst, const void* src, size_t bytes) {
+    if (bytes == 0) return;
+    DILU_CU(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_));
+    DILU_CU(cudaStreamSynchronize(stream_));
   }
 
   Tensor upload_i32(std::span<const int32_t> v) {
