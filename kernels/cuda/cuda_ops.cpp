@@ -151,6 +151,13 @@ class CudaOps final : public Ops {
     DILU_CU(cudaHostAlloc(&staging_, staging_bytes_, cudaHostAllocDefault));
     arena_ = std::make_shared<Arena>(o.arena_bytes > 0 ? static_cast<size_t>(o.arena_bytes) : kDefaultArena);
     routed_counter_ = allocate_persistent(DType::U8, {8});
+    DILU_USER_CHECK(o.mla == "reference" || o.mla == "fused", "cuda.mla must be reference or fused, got '", o.mla,
+                    "'");
+    mla_fused_ = o.mla == "fused";
+    if (mla_fused_) {
+      mla_split_bytes_ = size_t{16} << 20;
+      mla_split_scratch_ = allocate_persistent(DType::U8, {static_cast<int64_t>(mla_split_bytes_)});
+    }
     DILU_CU(cudaMemsetAsync(routed_counter_.raw(), 0, 8, stream_));
     DILU_CU(cudaStreamSynchronize(stream_));
     // Block-scaled FP8 GEMMs (VEC128 x BLK128x128 scales) exist in cuBLASLt >= 12.9 on sm_90 only.
@@ -535,7 +542,111 @@ class CudaOps final : public Ops {
     a.q_lat = q_lat.data<float>();
     a.o_lat = o_lat.data<float>();
     a.out = out.data<float>();
-    cuda::mla_attention(a, stream_);
+    if (!mla_fused_) {
+      cuda::mla_attention(a, stream_);
+      return;
+    }
+    // Fused: the absorptions as one strided-batched SGEMM over heads each (W read once per step,
+    // not once per token), the core with all heads of a block sharing each tile of the cache,
+    // the context split over blocks when the batch alone cannot fill the GPU.
+    //   q_lat[t, h, :] = q[t, h, :nope] @ W_UK[h]: column-major C x T = (C x nope) (nope x T)
+    const bool q_done = lt_sgemm_batched(false, c, t, nope, a.kv_b, c, (nope + v) * c, a.q, h * (nope + r), nope + r,
+                                         a.q_lat, h * c, c, h);
+    if (!q_done) cuda::mla_absorb_q(a, stream_);
+    int64_t max_ctx = 1;
+    for (int32_t pos : layout.token_pos) max_ctx = std::max<int64_t>(max_ctx, pos + 1);
+    const int64_t groups = (h + cuda::kMlaFusedHeads - 1) / cuda::kMlaFusedHeads;
+    const int64_t target = 2 * static_cast<int64_t>(props_.multiProcessorCount);
+    int64_t splits = 1;
+    if (t * groups < target) {
+      splits = std::min<int64_t>({(target + t * groups - 1) / (t * groups), (max_ctx + 63) / 64, 32});
+      // The partial states must fit the persistent split scratch.
+      const int64_t per_split = t * h * (c + 2) * static_cast<int64_t>(sizeof(float));
+      splits = std::max<int64_t>(1, std::min<int64_t>(splits, static_cast<int64_t>(mla_split_bytes_) / per_split));
+    }
+    const int64_t chunk = (max_ctx + splits - 1) / splits;
+    float* part_o = nullptr;
+    float* part_ml = nullptr;
+    if (splits > 1) {
+      part_o = static_cast<float*>(mla_split_scratch_.raw());
+      part_ml = part_o + splits * t * h * c;
+    }
+    cuda::mla_core_fused(a, splits, chunk, part_o, part_ml, stream_);
+    //   out[t, h*v + i] = o_lat[t, h, :] . W_UV[h][i, :]: column-major v x T = (C x v)^T (C x T)
+    const bool v_done = lt_sgemm_batched(true, v, t, c, a.kv_b + nope * c, c, (nope + v) * c, a.o_lat, h * c, c,
+                                         a.out, h * v, v, h);
+    if (!v_done) cuda::mla_absorb_v(a, stream_);
+  }
+
+  // D_b = op(A_b) B_b for b < batch, column-major, F32 throughout (FP32 math, no TF32): A_b at
+  // a + b * stride_a ([m, k] after op; stored [k, m] when trans_a), B_b [k, n], D_b [m, n].
+  // Returns false (and remembers it) where cuBLASLt has no algorithm or the operands are not
+  // 16-byte aligned; the caller then runs its own kernel.
+  bool lt_sgemm_batched(bool trans_a, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, int64_t stride_a,
+                        const float* b, int64_t ldb, int64_t stride_b, float* d, int64_t ldd, int64_t stride_d,
+                        int64_t batch) {
+    auto aligned = [](const void* p, int64_t stride, int64_t ld) {
+      return reinterpret_cast<uintptr_t>(p) % 16 == 0 && stride % 4 == 0 && ld % 4 == 0;
+    };
+    if (!aligned(a, stride_a, lda) || !aligned(b, stride_b, ldb) || !aligned(d, stride_d, ldd)) return false;
+    const auto key = std::make_tuple(trans_a, m, n, k, lda, stride_a, ldb, stride_b, ldd, stride_d, batch);
+    auto it = sgemm_algos_.find(key);
+    if (it != sgemm_algos_.end() && !it->second.ok) return false;
+    cublasLtMatmulDesc_t desc = nullptr;
+    cublasLtMatrixLayout_t la = nullptr, lb = nullptr, ld = nullptr;
+    DILU_LT(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    const cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, op_n = CUBLAS_OP_N;
+    DILU_LT(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof(op_a)));
+    DILU_LT(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_n, sizeof(op_n)));
+    auto layout = [&](cublasLtMatrixLayout_t* l, int64_t rows, int64_t cols, int64_t ldx, int64_t stride) {
+      DILU_LT(cublasLtMatrixLayoutCreate(l, CUDA_R_32F, static_cast<uint64_t>(rows), static_cast<uint64_t>(cols), ldx));
+      const int32_t count = static_cast<int32_t>(batch);
+      DILU_LT(cublasLtMatrixLayoutSetAttribute(*l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof(count)));
+      DILU_LT(cublasLtMatrixLayoutSetAttribute(*l, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride, sizeof(stride)));
+    };
+    layout(&la, trans_a ? k : m, trans_a ? m : k, lda, stride_a);
+    layout(&lb, k, n, ldb, stride_b);
+    layout(&ld, m, n, ldd, stride_d);
+    auto cleanup = [&] {
+      cublasLtMatrixLayoutDestroy(ld);
+      cublasLtMatrixLayoutDestroy(lb);
+      cublasLtMatrixLayoutDestroy(la);
+      cublasLtMatmulDescDestroy(desc);
+    };
+    if (it == sgemm_algos_.end()) {
+      LtChoice choice;
+      cublasLtMatmulPreference_t pref = nullptr;
+      DILU_LT(cublasLtMatmulPreferenceCreate(&pref));
+      const size_t ws = kLtWorkspace;
+      const uint32_t align = 16;
+      DILU_LT(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
+      for (auto attr : {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES})
+        DILU_LT(cublasLtMatmulPreferenceSetAttribute(pref, attr, &align, sizeof(align)));
+      cublasLtMatmulHeuristicResult_t h{};
+      int found = 0;
+      if (cublasLtMatmulAlgoGetHeuristic(lt_, desc, la, lb, ld, ld, pref, 1, &h, &found) != CUBLAS_STATUS_SUCCESS)
+        found = 0;
+      if (found > 0) {
+        choice.ok = true;
+        choice.algo = h.algo;
+      }
+      cublasLtMatmulPreferenceDestroy(pref);
+      it = sgemm_algos_.emplace(key, choice).first;
+      if (!choice.ok) {
+        cleanup();
+        return false;
+      }
+    }
+    const float alpha = 1.0f, beta = 0.0f;
+    const cublasStatus_t st = cublasLtMatmul(lt_, desc, &alpha, a, la, b, lb, &beta, d, ld, d, ld, &it->second.algo,
+                                             lt_workspace_, kLtWorkspace, stream_);
+    cleanup();
+    if (st != CUBLAS_STATUS_SUCCESS) {
+      it->second.ok = false;  // this shape runs the caller's kernel from now on
+      return false;
+    }
+    return true;
   }
 
   void moe_route(const Tensor& x, const Tensor& gate, const Tensor& bias, const RouterParams& p, Tensor& ids,
@@ -907,6 +1018,12 @@ class CudaOps final : public Ops {
   std::vector<std::function<void()>> wait_checks_;
   std::map<std::pair<const void*, size_t>, ExpertTable> expert_tables_;
   std::map<std::tuple<int, int64_t, int64_t, int64_t>, LtChoice> lt_algos_;
+  std::map<std::tuple<bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>,
+           LtChoice>
+      sgemm_algos_;
+  bool mla_fused_ = false;
+  Tensor mla_split_scratch_;   // cuda.mla=fused: the context splits' partial softmax states
+  size_t mla_split_bytes_ = 0;
 };
 
 }  // namespace

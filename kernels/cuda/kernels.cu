@@ -642,18 +642,214 @@ void grouped_gemm(const GroupedGemm& g, void* stream) {
   check_launch("grouped_gemm");
 }
 
-void mla_attention(const MlaArgs& a, void* stream) {
+void mla_absorb_q(const MlaArgs& a, void* stream) {
+  if (a.t <= 0 || a.h <= 0) return;
+  mla_absorb_q_kernel<<<static_cast<unsigned>(a.t * a.h), 128, static_cast<size_t>(a.nope) * sizeof(float),
+                        as_stream(stream)>>>(a);
+  check_launch("mla_absorb_q");
+}
+
+void mla_absorb_v(const MlaArgs& a, void* stream) {
+  if (a.t <= 0 || a.h <= 0) return;
+  mla_absorb_v_kernel<<<static_cast<unsigned>(a.t * a.h), 128, static_cast<size_t>(a.c) * sizeof(float),
+                        as_stream(stream)>>>(a);
+  check_launch("mla_absorb_v");
+}
+
+void mla_core_reference(const MlaArgs& a, void* stream) {
   if (a.t <= 0 || a.h <= 0) return;
   if (a.c > kMaxC || a.r > kMaxR)
     throw std::runtime_error("mla_attention: kv_lora_rank " + std::to_string(a.c) + " / rope dim " +
                              std::to_string(a.r) + " above the kernel's 512 / 64");
-  const unsigned blocks = static_cast<unsigned>(a.t * a.h);
-  mla_absorb_q_kernel<<<blocks, 128, static_cast<size_t>(a.nope) * sizeof(float), as_stream(stream)>>>(a);
-  check_launch("mla_absorb_q");
-  mla_attention_kernel<<<blocks, kMlaWarps * 32, 0, as_stream(stream)>>>(a);
+  mla_attention_kernel<<<static_cast<unsigned>(a.t * a.h), kMlaWarps * 32, 0, as_stream(stream)>>>(a);
   check_launch("mla_attention");
-  mla_absorb_v_kernel<<<blocks, 128, static_cast<size_t>(a.c) * sizeof(float), as_stream(stream)>>>(a);
-  check_launch("mla_absorb_v");
+}
+
+void mla_attention(const MlaArgs& a, void* stream) {
+  mla_absorb_q(a, stream);
+  mla_core_reference(a, stream);
+  mla_absorb_v(a, stream);
+}
+
+// ---------------------------------------------------------------- MLA, fused core
+// Block (token t, head group g, split s): 8 warps, 2 heads each (kMlaFusedHeads = 16). Shared
+// memory: the group's queries [16][C + R] F32 and a tile of kTile cached positions [kTile][C + R]
+// BF16 with rows padded by one 32-bit word (lane p reads row p: no bank conflicts). Scores: lane p
+// of a warp is position p of the tile, one 576-long dot product per head. Softmax: online, per
+// head, over the tiles. Output: lane l owns latent columns l + 32 i, accumulating every position
+// of the tile with its probability taken from the lane that scored it.
+constexpr int kMlaTile = 32, kMlaFusedWarps = 8;
+static_assert(kMlaFusedHeads == 2 * kMlaFusedWarps, "two heads per warp");
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+__global__ void __launch_bounds__(kMlaFusedWarps * 32)
+    mla_core_fused_kernel(MlaArgs a, int64_t splits, int64_t chunk, float* part_o, float* part_ml) {
+  const int64_t groups = (a.h + kMlaFusedHeads - 1) / kMlaFusedHeads;
+  const int64_t t = blockIdx.x / groups, group = blockIdx.x % groups, split = blockIdx.y;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t width = a.c + a.r, row_words = width / 2 + 1;
+  extern __shared__ float smem[];
+  float* qs = smem;                                                          // [16][width]
+  uint32_t* tile = reinterpret_cast<uint32_t*>(smem + kMlaFusedHeads * width);  // [kTile][row_words]
+
+  const int64_t head0 = group * kMlaFusedHeads;
+  for (int64_t i = threadIdx.x; i < kMlaFusedHeads * width; i += blockDim.x) {
+    const int64_t hl = i / width, k = i % width, head = head0 + hl;
+    float v = 0.0f;
+    if (head < a.h)
+      v = k < a.c ? a.q_lat[(t * a.h + head) * a.c + k] : a.q[(t * a.h + head) * (a.nope + a.r) + a.nope + (k - a.c)];
+    qs[i] = v;
+  }
+  const int64_t ctx = static_cast<int64_t>(a.token_pos[t]) + 1;
+  const int64_t begin = split * chunk, end = ctx < begin + chunk ? ctx : begin + chunk;
+  const int32_t* table = a.tables + static_cast<int64_t>(a.token_seq[t]) * a.table_stride;
+  const int64_t ha = head0 + 2 * warp, hb = ha + 1;  // this warp's heads (may be past H)
+  const float* qa = qs + (2 * warp) * width;
+  const float* qb = qa + width;
+  constexpr int kCols = kMaxC / 32;
+  float ma = -INFINITY, mb = -INFINITY, la = 0.0f, lb = 0.0f;
+  float acc_a[kCols], acc_b[kCols];
+#pragma unroll
+  for (int i = 0; i < kCols; ++i) acc_a[i] = acc_b[i] = 0.0f;
+  __syncthreads();
+
+  for (int64_t j0 = begin; j0 < end; j0 += kMlaTile) {
+    // The tile: kTile positions x width/2 words, position-major; past `end`: zeros.
+    const int64_t words = width / 2;
+    for (int64_t i = threadIdx.x; i < kMlaTile * words; i += blockDim.x) {
+      const int64_t p = i / words, w = i % words, j = j0 + p;
+      uint32_t v = 0;
+      if (j < end) {
+        const int64_t slot = static_cast<int64_t>(table[j / a.block_size]) * a.block_size + j % a.block_size;
+        v = reinterpret_cast<const uint32_t*>(a.cache + slot * width)[w];
+      }
+      tile[p * row_words + w] = v;
+    }
+    __syncthreads();
+    // Scores of position j0 + lane for both heads.
+    float sa = 0.0f, sb = 0.0f;
+    const uint32_t* row = tile + lane * row_words;
+    for (int64_t w = 0; w < words; ++w) {
+      const uint32_t pair = row[w];
+      const float x0 = __uint_as_float(pair << 16), x1 = __uint_as_float(pair & 0xffff0000u);
+      sa = fmaf(qa[2 * w], x0, fmaf(qa[2 * w + 1], x1, sa));
+      sb = fmaf(qb[2 * w], x0, fmaf(qb[2 * w + 1], x1, sb));
+    }
+    const bool valid = j0 + lane < end;
+    sa = valid ? sa * a.scale : -INFINITY;
+    sb = valid ? sb * a.scale : -INFINITY;
+    const float na = fmaxf(ma, warp_max(sa)), nb = fmaxf(mb, warp_max(sb));  // finite: lane 0 is valid
+    const float ca = expf(ma - na), cb = expf(mb - nb);
+    const float pa = expf(sa - na), pb = expf(sb - nb);
+    la = la * ca + warp_sum(pa);
+    lb = lb * cb + warp_sum(pb);
+    ma = na;
+    mb = nb;
+#pragma unroll
+    for (int i = 0; i < kCols; ++i) {
+      acc_a[i] *= ca;
+      acc_b[i] *= cb;
+    }
+    const int64_t valid_n = end - j0 < kMlaTile ? end - j0 : kMlaTile;
+    const uint16_t* tile16 = reinterpret_cast<const uint16_t*>(tile);
+    for (int p = 0; p < valid_n; ++p) {
+      const float wa = __shfl_sync(0xffffffffu, pa, p), wb = __shfl_sync(0xffffffffu, pb, p);
+      const uint16_t* r16 = tile16 + static_cast<int64_t>(p) * row_words * 2;
+#pragma unroll
+      for (int i = 0; i < kCols; ++i) {
+        const int64_t k = lane + 32 * i;
+        if (k < a.c) {
+          const float x = __uint_as_float(static_cast<uint32_t>(r16[k]) << 16);
+          acc_a[i] = fmaf(wa, x, acc_a[i]);
+          acc_b[i] = fmaf(wb, x, acc_b[i]);
+        }
+      }
+    }
+    __syncthreads();  // the tile is overwritten next
+  }
+
+  auto store = [&](int64_t head, float m, float l, const float* acc) {
+    if (head >= a.h) return;
+    const int64_t th = t * a.h + head;
+    if (splits == 1) {
+      const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+#pragma unroll
+      for (int i = 0; i < kCols; ++i) {
+        const int64_t k = lane + 32 * i;
+        if (k < a.c) a.o_lat[th * a.c + k] = acc[i] * inv;
+      }
+      return;
+    }
+    const int64_t at = split * a.t * a.h + th;
+#pragma unroll
+    for (int i = 0; i < kCols; ++i) {
+      const int64_t k = lane + 32 * i;
+      if (k < a.c) part_o[at * a.c + k] = acc[i];
+    }
+    if (lane == 0) {
+      part_ml[2 * at] = m;
+      part_ml[2 * at + 1] = l;
+    }
+  };
+  store(ha, ma, la, acc_a);
+  store(hb, mb, lb, acc_b);
+}
+
+// o_lat[t, h] = the splits' partial states merged: sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M).
+__global__ void mla_combine_kernel(MlaArgs a, int64_t splits, const float* part_o, const float* part_ml) {
+  const int64_t th = blockIdx.x;
+  float big = -INFINITY;
+  for (int64_t s = 0; s < splits; ++s) {
+    const int64_t at = s * a.t * a.h + th;
+    if (part_ml[2 * at + 1] > 0.0f) big = fmaxf(big, part_ml[2 * at]);
+  }
+  float denom = 0.0f;
+  for (int64_t s = 0; s < splits; ++s) {
+    const int64_t at = s * a.t * a.h + th;
+    const float l = part_ml[2 * at + 1];
+    if (l > 0.0f) denom += l * expf(part_ml[2 * at] - big);
+  }
+  const float inv = denom > 0.0f ? 1.0f / denom : 0.0f;
+  for (int64_t k = threadIdx.x; k < a.c; k += blockDim.x) {
+    float o = 0.0f;
+    for (int64_t s = 0; s < splits; ++s) {
+      const int64_t at = s * a.t * a.h + th;
+      const float l = part_ml[2 * at + 1];
+      if (l > 0.0f) o = fmaf(part_o[at * a.c + k], expf(part_ml[2 * at] - big), o);
+    }
+    a.o_lat[th * a.c + k] = o * inv;
+  }
+}
+
+void mla_core_fused(const MlaArgs& a, int64_t splits, int64_t chunk, float* part_o, float* part_ml, void* stream) {
+  if (a.t <= 0 || a.h <= 0) return;
+  const int64_t width = a.c + a.r;
+  if (a.c > kMaxC || width % 2 != 0)
+    throw std::runtime_error("mla_core_fused: kv_lora_rank " + std::to_string(a.c) + " + rope dim " +
+                             std::to_string(a.r) + " (needs C <= 512 and an even C + R)");
+  if (splits < 1 || chunk < 1 || (splits > 1 && (part_o == nullptr || part_ml == nullptr)))
+    throw std::runtime_error("mla_core_fused: bad split");
+  const size_t smem = (static_cast<size_t>(kMlaFusedHeads * width) +
+                       static_cast<size_t>(kMlaTile) * static_cast<size_t>(width / 2 + 1)) * sizeof(float);
+  static size_t smem_set = 0;  // per process: every device gets the same attribute
+  if (smem > smem_set) {
+    if (cudaFuncSetAttribute(mla_core_fused_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(smem)) != cudaSuccess)
+      throw std::runtime_error("mla_core_fused: cannot allow " + std::to_string(smem) + " bytes of shared memory");
+    smem_set = smem;
+  }
+  const int64_t groups = (a.h + kMlaFusedHeads - 1) / kMlaFusedHeads;
+  const dim3 grid(static_cast<unsigned>(a.t * groups), static_cast<unsigned>(splits));
+  mla_core_fused_kernel<<<grid, kMlaFusedWarps * 32, smem, as_stream(stream)>>>(a, splits, chunk, part_o, part_ml);
+  check_launch("mla_core_fused");
+  if (splits > 1) {
+    mla_combine_kernel<<<static_cast<unsigned>(a.t * a.h), 128, 0, as_stream(stream)>>>(a, splits, part_o, part_ml);
+    check_launch("mla_combine");
+  }
 }
 
 void moe_select(const float* logits, const float* bias, int64_t t, int64_t e, int64_t k, int64_t n_group,

@@ -92,6 +92,21 @@ struct MlaArgs {
 // Supports C <= 512 and R <= 64 (DeepSeek-V3: 512 and 64).
 void mla_attention(const MlaArgs& a, void* stream);
 
+// The absorbed form's two per-head products, one thread block per (token, head) (the reference
+// path): q_lat = q_nope @ W_UK[h]; out = o_lat @ W_UV[h]^T. mla_attention runs them around its core.
+void mla_absorb_q(const MlaArgs& a, void* stream);
+void mla_absorb_v(const MlaArgs& a, void* stream);
+// The core alone: o_lat from q_lat, the rope part of q and the cache, one block per (token, head).
+void mla_core_reference(const MlaArgs& a, void* stream);
+
+// The fused core: a block holds kMlaFusedHeads heads of one token and walks a range of its
+// context in tiles of positions loaded once into shared memory for all of them. With splits > 1
+// the context is cut into `splits` ranges of `chunk` positions whose partial softmax states go to
+// part_o [splits, T, H, C], part_ml [splits, T, H, 2] and are merged into o_lat. C + R must be
+// even, C <= 512. splits == 1 writes o_lat directly.
+constexpr int kMlaFusedHeads = 16;
+void mla_core_fused(const MlaArgs& a, int64_t splits, int64_t chunk, float* part_o, float* part_ml, void* stream);
+
 // ---- MoE ----
 // Router choice from logits [T, E] (F32, before the sigmoid): noaux_tc with groups, as the CPU.
 void moe_select(const float* logits, const float* bias, int64_t t, int64_t e, int64_t k, int64_t n_group,

@@ -233,6 +233,7 @@ std::string no_cuda_device() {
 struct Gpu {
   std::string mode;  // BackendOptions::fp8_gemm
   std::unique_ptr<Ops> ops;
+  std::string mla = "reference";  // BackendOptions::mla
   bool block() const { return mode == "block"; }
 };
 
@@ -256,6 +257,13 @@ class CudaOps : public ::testing::Test {
         std::cout << "[   NOTE   ] fp8_gemm=block is not available on this GPU; block-mode comparisons skipped: "
                   << e.what() << "\n";
       }
+    }
+    // The fused MLA kernels (cuda.mla=fused) take every test the reference kernels take.
+    if (!standin()) {
+      BackendOptions o;
+      o.fp8_gemm = "soft";
+      o.mla = "fused";
+      gpus_.push_back({"soft", make_ops("cuda", o), "fused"});
     }
   }
   Ops& cpu() { return *cpu_; }
@@ -525,7 +533,7 @@ TEST_P(CudaLinear, MatchesWithinGemmRounding) {
   const std::vector<float> want = download<float>(cpu(), oc);
 
   for (Gpu& g : gpus_) {
-    SCOPED_TRACE("fp8_gemm=" + g.mode);
+    SCOPED_TRACE("fp8_gemm=" + g.mode + ", mla=" + g.mla);
     Ops& ops = *g.ops;
     LinearWeight wg = place(ops, hw);
     ASSERT_EQ(wg.out_features(), c.out);
@@ -1079,7 +1087,7 @@ TEST_P(CudaMla, MatchesWithinBf16CacheRounding) {
   const auto [want, cpu_cache] = run_cpu(ev);
 
   for (Gpu& g : gpus_) {
-    SCOPED_TRACE("fp8_gemm=" + g.mode);
+    SCOPED_TRACE("fp8_gemm=" + g.mode + ", mla=" + g.mla);
     Ops& ops = *g.ops;
     Tensor w_gpu = ops.dequantize(place(ops, kv_b));
     // The bounds below assume both backends use the same W: dequantize is exact on both.
@@ -1197,6 +1205,16 @@ std::vector<MlaCase> mla_cases() {
   for (int32_t pos = 0; pos < 19; ++pos) odd_q.push_back({2, pos});
   cases.push_back({"odd_widths_prefill", 5, 16, 8, 40, 24, 3, {7, 1, 20}, odd_q, 0.25f, DType::F8E4M3, 32, 64});
   cases.push_back({"empty_batch", 16, 128, 64, 512, 128, 64, {65}, {}, kR1SoftmaxScale, DType::F8E4M3, 128, 128});
+  // All 128 heads of one GPU (eight head groups of the fused kernel) over a decode batch of
+  // contexts 1..1500: the fused path splits these contexts over blocks and merges the splits.
+  const std::vector<int64_t> batch_lens = {1500, 1000, 257, 64, 33, 1};
+  cases.push_back({"R1_128_heads_decode_batch", 128, 128, 64, 512, 128, 64, batch_lens, last_tokens(batch_lens),
+                   kR1SoftmaxScale, DType::F8E4M3, 128, 128});
+  // Heads not a multiple of the fused kernel's group (20 = 16 + 4), a prefill's rows.
+  std::vector<std::pair<int32_t, int32_t>> ragged_q = last_tokens({90, 40});
+  for (int32_t pos = 0; pos < 40; pos += 3) ragged_q.push_back({1, pos});
+  cases.push_back({"R1_20_heads_prefill", 20, 128, 64, 512, 128, 64, {90, 40}, ragged_q, kR1SoftmaxScale,
+                   DType::F8E4M3, 128, 128});
   return cases;
 }
 
@@ -1284,7 +1302,7 @@ TEST_P(CudaMoeRoute, SameExpertsAwayFromTiesSameWeights) {
   EXPECT_LE(ties * 4, t_count) << "test data too close to ties: " << ties << " of " << t_count << " tokens skipped";
 
   for (Gpu& g : gpus_) {
-    SCOPED_TRACE("fp8_gemm=" + g.mode);
+    SCOPED_TRACE("fp8_gemm=" + g.mode + ", mla=" + g.mla);
     const auto [ids, w] = route(*g.ops);
     ASSERT_EQ(ids.size(), want_ids.size());
     ASSERT_EQ(w.size(), want_w.size());
@@ -1376,7 +1394,7 @@ TEST_P(CudaMoeExperts, MatchesWithinTwoGemmLayers) {
   const std::vector<float> want = run(cpu());
 
   for (Gpu& g : gpus_) {
-    SCOPED_TRACE("fp8_gemm=" + g.mode);
+    SCOPED_TRACE("fp8_gemm=" + g.mode + ", mla=" + g.mla);
     const std::vector<float> got = run(*g.ops);
     ASSERT_EQ(got.size(), want.size());
     if (t_count == 0) continue;
@@ -1457,7 +1475,7 @@ INSTANTIATE_TEST_SUITE_P(
 
 TEST_F(CudaOps, MemoryPlacementAndCopiesAreExact) {
   for (Gpu& g : gpus_) {
-    SCOPED_TRACE("fp8_gemm=" + g.mode);
+    SCOPED_TRACE("fp8_gemm=" + g.mode + ", mla=" + g.mla);
     Ops& ops = *g.ops;
     EXPECT_FALSE(ops.name().empty());
     EXPECT_EQ(ops.activation_dtype(), DType::F32);
@@ -1507,7 +1525,7 @@ TEST_F(CudaOps, MemoryPlacementAndCopiesAreExact) {
 
 TEST_F(CudaOps, EmptyBatchesAreNoOps) {
   for (Gpu& g : gpus_) {
-    SCOPED_TRACE("fp8_gemm=" + g.mode);
+    SCOPED_TRACE("fp8_gemm=" + g.mode + ", mla=" + g.mla);
     Ops& ops = *g.ops;
     const int64_t d = 144;
     Tensor x = ops.empty(DType::F32, {0, d}), y = ops.empty(DType::F32, {0, d}), out = ops.empty(DType::F32, {0, d});

@@ -295,6 +295,7 @@ struct GoldenPath {
   std::string name;
   std::string backend;   // make_ops name
   std::string fp8_gemm;  // BackendOptions::fp8_gemm
+  std::string mla = "reference";  // BackendOptions::mla
   bool bf16_cases = false, fp8_cases = false;
   double min_top1 = 1.0;
   double max_logprob_diff = 0.0;
@@ -323,6 +324,7 @@ TEST_P(GoldenTeacherForced, AgreesWithTransformers) {
   BackendOptions options;
   options.cpu_threads = 0;  // every core this process may use
   options.fp8_gemm = path.fp8_gemm;
+  options.mla = path.mla;
   std::unique_ptr<Ops> ops = make_ops(path.backend, options);
   const std::string mode = path.backend + (path.backend == "cuda" ? " fp8_gemm=" + path.fp8_gemm : "");
 
@@ -365,9 +367,14 @@ TEST_P(GoldenTeacherForced, AgreesWithTransformers) {
 
 INSTANTIATE_TEST_SUITE_P(
     Golden, GoldenTeacherForced,
-    ::testing::Values(GoldenPath{"Cpu", "cpu", "auto", true, true, kMinTop1Cpu, kCpuMaxLogprobDiff, false},
-                      GoldenPath{"CudaBf16", "cuda", "auto", true, false, kMinTop1Gpu, kBf16MaxLogprobDiff, true},
-                      GoldenPath{"CudaFp8Soft", "cuda", "soft", false, true, kMinTop1Gpu, kFp8SoftMaxLogprobDiff, true}),
+    ::testing::Values(GoldenPath{"Cpu", "cpu", "auto", "reference", true, true, kMinTop1Cpu, kCpuMaxLogprobDiff, false},
+                      GoldenPath{"CudaBf16", "cuda", "auto", "reference", true, false, kMinTop1Gpu, kBf16MaxLogprobDiff, true},
+                      GoldenPath{"CudaFp8Soft", "cuda", "soft", "reference", false, true, kMinTop1Gpu, kFp8SoftMaxLogprobDiff, true},
+                      // cuda.mla=fused: the same bounds as the reference kernels it replaces.
+                      GoldenPath{"CudaBf16FusedMla", "cuda", "auto", "fused", true, false, kMinTop1Gpu,
+                                 kBf16MaxLogprobDiff, true},
+                      GoldenPath{"CudaFp8SoftFusedMla", "cuda", "soft", "fused", false, true, kMinTop1Gpu,
+                                 kFp8SoftMaxLogprobDiff, true}),
     [](const ::testing::TestParamInfo<GoldenPath>& param_info) { return param_info.param.name; });
 
 // ---- the block-scaled FP8 path ----------------------------------------------------------------------
