@@ -835,12 +835,16 @@ void mla_core_fused(const MlaArgs& a, int64_t splits, int64_t chunk, float* part
     throw std::runtime_error("mla_core_fused: bad split");
   const size_t smem = (static_cast<size_t>(kMlaFusedHeads * width) +
                        static_cast<size_t>(kMlaTile) * static_cast<size_t>(width / 2 + 1)) * sizeof(float);
-  static size_t smem_set = 0;  // per process: every device gets the same attribute
-  if (smem > smem_set) {
+  // Above 48 KiB of dynamic shared memory a kernel must opt in, once per device.
+  static size_t smem_set[64] = {};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64)
+    throw std::runtime_error("mla_core_fused: no current device");
+  if (smem > smem_set[device]) {
     if (cudaFuncSetAttribute(mla_core_fused_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(smem)) != cudaSuccess)
       throw std::runtime_error("mla_core_fused: cannot allow " + std::to_string(smem) + " bytes of shared memory");
-    smem_set = smem;
+    smem_set[device] = smem;
   }
   const int64_t groups = (a.h + kMlaFusedHeads - 1) / kMlaFusedHeads;
   const dim3 grid(static_cast<unsigned>(a.t * groups), static_cast<unsigned>(splits));
