@@ -43,6 +43,7 @@
 #include "engine/model_config.h"
 #include "kernels/dtype.h"
 #include "kernels/ops.h"
+#include "tests/gpu/mla_bench_shapes.h"
 
 namespace dilu {
 namespace {
@@ -1210,6 +1211,12 @@ std::vector<MlaCase> mla_cases() {
   const std::vector<int64_t> batch_lens = {1500, 1000, 257, 64, 33, 1};
   cases.push_back({"R1_128_heads_decode_batch", 128, 128, 64, 512, 128, 64, batch_lens, last_tokens(batch_lens),
                    kR1SoftmaxScale, DType::F8E4M3, 128, 128});
+  // bench/mla_bench.cpp's shapes, two sequences each (the full and half context).
+  for (const MlaBenchShape& s : kMlaBenchShapes) {
+    const std::vector<int64_t> lens = {s.context, s.context / 2};
+    cases.push_back({std::string("bench_") + s.name, s.heads, 128, 64, 512, 128, 64, lens, last_tokens(lens),
+                     kR1SoftmaxScale, DType::F8E4M3, 128, 128});
+  }
   // Heads not a multiple of the fused kernel's group (20 = 16 + 4), a prefill's rows.
   std::vector<std::pair<int32_t, int32_t>> ragged_q = last_tokens({90, 40});
   for (int32_t pos = 0; pos < 40; pos += 3) ragged_q.push_back({1, pos});
