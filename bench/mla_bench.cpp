@@ -1,4 +1,4 @@
-// MLA attention on the GPU, reference kernels against cuda.mla=fused, on DeepSeek-R1's shapes
+// MLA attention on the GPU, reference kernels against cuda.kernels=fast, on DeepSeek-R1's shapes
 // (128 heads on one GPU, latent 512 + rope 64, BF16 paged cache, F32 kv_b): for each decode
 // batch and context, microseconds per call, the bytes a call must read (each token's cache once
 // and kv_b once), the rate that makes, and its ratio to the device copy bandwidth measured in the
@@ -72,8 +72,8 @@ int main(int argc, char** argv) {
   }
   try {
     BackendOptions ref_o, fused_o;
-    ref_o.mla = "reference";
-    fused_o.mla = "fused";
+    ref_o.kernels = "reference";
+    fused_o.kernels = "fast";
     std::unique_ptr<Ops> ref = make_ops("cuda", ref_o);
     std::unique_ptr<Ops> fused = make_ops("cuda", fused_o);
     const double bw = fused->measure_copy_bandwidth(size_t{1} << 30);

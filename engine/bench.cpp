@@ -172,7 +172,7 @@ std::vector<BenchRow> run_bench(const BenchOptions& o, const RunConfig& cfg, std
   BackendOptions bo;
   bo.cpu_threads = cfg.cpu.threads;
   bo.fp8_gemm = cfg.cuda.fp8_gemm;
-  bo.mla = cfg.cuda.mla;
+  bo.kernels = cfg.cuda.kernels;
   const int64_t largest_batch = *std::max_element(o.batch_sizes.begin(), o.batch_sizes.end());
   bo.arena_bytes = DeepseekV3::step_scratch_bytes(mc, std::max<int64_t>(cfg.batch.max_tokens, largest_batch),
                                                   largest_batch, g.tp);

@@ -90,10 +90,10 @@ const Field kFields[] = {
                    "rounding), soft = dequantized in the GEMM with BF16 math; auto: block where supported"),
     DILU_RUN_FIELD(cuda.nccl_timeout_s, v > 0.0, "> 0",
                    "seconds a collective may wait for a peer before every rank gives up"),
-    DILU_RUN_FIELD(cuda.mla, v == "reference" || v == "fused", "reference or fused",
-                   "MLA attention kernels: reference = one thread block per (token, head); fused = all heads of a "
-                   "block share each pass over the latent cache, split over the context, absorption as batched "
-                   "GEMMs (not yet the default: verified on the CPU's numbers only once run on a GPU)"),
+    DILU_RUN_FIELD(cuda.kernels, v == "reference" || v == "fast", "reference or fast",
+                   "CUDA kernels: reference = the kernels the GPU tests have passed; fast = fused MLA (all heads "
+                   "of a block share each pass over the latent cache, split-KV, absorption as batched GEMMs) and "
+                   "a small-batch expert GEMV (not yet the default: not yet run on a GPU, docs/cuda.md)"),
 };
 
 #undef DILU_RUN_FIELD

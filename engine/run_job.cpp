@@ -193,7 +193,7 @@ RunSummary run_job(const RunJobOptions& o, const RunConfig& cfg, std::ostream& l
     BackendOptions bo;
     bo.cpu_threads = cfg.cpu.threads;
     bo.fp8_gemm = cfg.cuda.fp8_gemm;
-    bo.mla = cfg.cuda.mla;
+    bo.kernels = cfg.cuda.kernels;
     bo.arena_bytes = DeepseekV3::step_scratch_bytes(L.mc, cfg.batch.max_tokens, cfg.batch.max_seqs, g.tp);
     L.ops = make_ops(cfg.backend, bo);
     trace.set_device(L.ops->device().kind == DeviceKind::CPU ? L.ops->name()

@@ -205,7 +205,7 @@ struct BackendOptions {
   int cpu_threads = 0;
   std::string fp8_gemm = "auto";  // auto | block | soft
   int64_t arena_bytes = 0;        // GPU activation arena; 0: a default (256 MiB)
-  std::string mla = "reference";  // reference | fused: the CUDA backend's MLA kernels
+  std::string kernels = "reference";  // reference | fast: the CUDA backend's kernel set (cuda.kernels)
 };
 
 // "cpu" always; "cuda" when built with it. Throws UserError for an unknown or unavailable name.

@@ -151,9 +151,10 @@ class CudaOps final : public Ops {
     DILU_CU(cudaHostAlloc(&staging_, staging_bytes_, cudaHostAllocDefault));
     arena_ = std::make_shared<Arena>(o.arena_bytes > 0 ? static_cast<size_t>(o.arena_bytes) : kDefaultArena);
     routed_counter_ = allocate_persistent(DType::U8, {8});
-    DILU_USER_CHECK(o.mla == "reference" || o.mla == "fused", "cuda.mla must be reference or fused, got '", o.mla,
-                    "'");
-    mla_fused_ = o.mla == "fused";
+    DILU_USER_CHECK(o.kernels == "reference" || o.kernels == "fast", "cuda.kernels must be reference or fast, got '",
+                    o.kernels, "'");
+    fast_ = o.kernels == "fast";
+    mla_fused_ = fast_;
     if (mla_fused_) {
       mla_split_bytes_ = size_t{16} << 20;
       mla_split_scratch_ = allocate_persistent(DType::U8, {static_cast<int64_t>(mla_split_bytes_)});
@@ -454,7 +455,16 @@ class CudaOps final : public Ops {
     g.round_bf16 = true;
     g.out = out.data<float>();
     g.ldo = n_out;
-    cuda::grouped_gemm(g, stream_);
+    gemm(g, t, kGemvDenseTokens);
+  }
+
+  // The grouped GEMM of a step of `tokens` tokens: with cuda.kernels=fast and at most
+  // `gemv_tokens` of them, the small-batch kernel (each weight row read once per 16 rows of a
+  // group), else the tiled one.
+  static constexpr int64_t kGemvDenseTokens = 32, kGemvExpertTokens = 256;
+  void gemm(const cuda::GroupedGemm& g, int64_t tokens, int64_t gemv_tokens) {
+    if (fast_ && tokens <= gemv_tokens && cuda::grouped_gemv_fits(g)) cuda::grouped_gemv(g, stream_);
+    else cuda::grouped_gemm(g, stream_);
   }
 
   void silu_mul(const Tensor& gate, const Tensor& up, Tensor& out) override {
@@ -671,7 +681,7 @@ class CudaOps final : public Ops {
     g.round_bf16 = false;
     g.out = logits.data<float>();
     g.ldo = e;
-    cuda::grouped_gemm(g, stream_);
+    gemm(g, t, kGemvDenseTokens);
     const float* bp = bias.defined() && bias.numel() > 0 ? bias.data<float>() : nullptr;
     cuda::moe_select(logits.data<float>(), bp, t, e, k, p.n_group, p.topk_group, p.norm_topk_prob,
                      p.routed_scaling_factor, ids.data<int32_t>(), weights.data<float>(), stream_);
@@ -718,7 +728,7 @@ class CudaOps final : public Ops {
       gg.round_bf16 = true;
       gg.out = dst;
       gg.ldo = n_out;
-      cuda::grouped_gemm(gg, stream_);
+      gemm(gg, t, kGemvExpertTokens);
     };
     run(x.data<float>(), d, rows.data<int32_t>(), 0, f, d, g.data<float>());
     run(x.data<float>(), d, rows.data<int32_t>(), 1, f, d, u.data<float>());
@@ -1021,8 +1031,9 @@ class CudaOps final : public Ops {
   std::map<std::tuple<bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>,
            LtChoice>
       sgemm_algos_;
-  bool mla_fused_ = false;
-  Tensor mla_split_scratch_;   // cuda.mla=fused: the context splits' partial softmax states
+  bool fast_ = false;       // cuda.kernels=fast
+  bool mla_fused_ = false;  // the fused MLA kernels (fast)
+  Tensor mla_split_scratch_;   // fused MLA: the context splits' partial softmax states
   size_t mla_split_bytes_ = 0;
 };
 

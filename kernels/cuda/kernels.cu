@@ -631,6 +631,128 @@ void argmax_rows(const float* x, int64_t rows, int64_t cols, int32_t* out, void*
   check_launch("argmax");
 }
 
+// ---------------------------------------------------------------- small-batch grouped GEMV
+// For groups of few rows (decode: a handful of tokens per expert), where a 64-row tile would be
+// mostly empty and its K loop latency-bound. A block covers kGvCols columns per warp x 8 warps of
+// one group and every row of it, kGvRows rows at a time; K runs in chunks of kGvK. Each weight
+// row's chunk is read once per row batch with 4-element loads, lane l taking elements
+// 4l + 128j (coalesced in global memory; x from shared memory as float4, conflict-free). The
+// arithmetic is the tiled kernel's: weights dequantized (times their block scale) and both
+// operands rounded to BF16 when round_bf16, FP32 accumulation.
+constexpr int kGvRows = 16, kGvCols = 4, kGvWarps = 8, kGvK = 512;
+
+__device__ __forceinline__ void load4_weight(const void* w, WeightType type, int64_t i, float out[4]) {
+  if (type == WeightType::FP8) {
+    const uint32_t bits = *reinterpret_cast<const uint32_t*>(static_cast<const uint8_t*>(w) + i);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      __nv_fp8_e4m3 f;
+      f.__x = static_cast<__nv_fp8_storage_t>((bits >> (8 * e)) & 0xffu);
+      out[e] = static_cast<float>(f);
+    }
+  } else if (type == WeightType::BF16) {
+    const uint2 bits = *reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(w) + i);
+    out[0] = __uint_as_float(bits.x << 16);
+    out[1] = __uint_as_float(bits.x & 0xffff0000u);
+    out[2] = __uint_as_float(bits.y << 16);
+    out[3] = __uint_as_float(bits.y & 0xffff0000u);
+  } else {
+    const float4 v = *reinterpret_cast<const float4*>(static_cast<const float*>(w) + i);
+    out[0] = v.x;
+    out[1] = v.y;
+    out[2] = v.z;
+    out[3] = v.w;
+  }
+}
+
+__global__ void __launch_bounds__(kGvWarps * 32) grouped_gemv_kernel(GroupedGemm g) {
+  const int64_t group = blockIdx.y;
+  int64_t row_begin = 0, row_end = g.rows;
+  if (g.group_offsets) {
+    row_begin = g.group_offsets[group];
+    row_end = g.group_offsets[group + 1];
+  }
+  if (row_begin >= row_end) return;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t n_first = (static_cast<int64_t>(blockIdx.x) * kGvWarps + warp) * kGvCols;
+  const void* w = g.weights ? g.weights[group] : g.weight;
+  const float* scale = g.type != WeightType::FP8 ? nullptr : (g.scales ? g.scales[group] : g.scale);
+  __shared__ __align__(16) float xs[kGvRows][kGvK];
+  for (int64_t r0 = row_begin; r0 < row_end; r0 += kGvRows) {
+    const int64_t rows = row_end - r0 < kGvRows ? row_end - r0 : kGvRows;
+    float acc[kGvRows][kGvCols];
+#pragma unroll
+    for (int r = 0; r < kGvRows; ++r)
+#pragma unroll
+      for (int c = 0; c < kGvCols; ++c) acc[r][c] = 0.0f;
+    for (int64_t k0 = 0; k0 < g.k; k0 += kGvK) {
+      const int64_t kn = g.k - k0 < kGvK ? g.k - k0 : kGvK;
+      __syncthreads();  // the previous chunk's readers are done
+      for (int64_t i = threadIdx.x; i < kGvRows * kGvK; i += blockDim.x) {
+        const int64_t r = i / kGvK, k = i % kGvK;
+        float v = 0.0f;
+        if (r < rows && k < kn) {
+          const int64_t src = g.x_rows ? g.x_rows[r0 + r] : r0 + r;
+          v = g.x[src * g.ldx + k0 + k];
+          if (g.round_bf16) v = round_bf16(v);
+        }
+        xs[r][k] = v;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int c = 0; c < kGvCols; ++c) {
+        const int64_t n = n_first + c;
+        if (n >= g.n) break;
+        for (int64_t kk = 4 * lane; kk < kn; kk += 128) {
+          float wv[4];
+          load4_weight(w, g.type, n * g.k + k0 + kk, wv);
+          if (scale) {
+            const float s = scale[(n / g.block_out) * g.scale_stride + (k0 + kk) / g.block_in];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) wv[e] *= s;
+          }
+          if (g.round_bf16) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) wv[e] = round_bf16(wv[e]);
+          }
+#pragma unroll
+          for (int r = 0; r < kGvRows; ++r) {
+            if (r >= rows) break;
+            const float4 xv = *reinterpret_cast<const float4*>(&xs[r][kk]);
+            acc[r][c] = fmaf(xv.x, wv[0], fmaf(xv.y, wv[1], fmaf(xv.z, wv[2], fmaf(xv.w, wv[3], acc[r][c]))));
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kGvRows; ++r) {
+#pragma unroll
+      for (int c = 0; c < kGvCols; ++c) {
+        const float s = warp_sum(acc[r][c]);
+        const int64_t n = n_first + c;
+        if (lane == 0 && r < rows && n < g.n) g.out[(r0 + r) * g.ldo + n] = s;
+      }
+    }
+  }
+}
+
+bool grouped_gemv_fits(const GroupedGemm& g) {
+  // 4-element loads: K a multiple of 4 (rows stay aligned), FP8 scale blocks of whole quads.
+  return g.k % 4 == 0 && (g.type != WeightType::FP8 || g.block_in % 4 == 0) && g.ldx >= g.k;
+}
+
+void grouped_gemv(const GroupedGemm& g, void* stream) {
+  if (g.rows <= 0 || g.n <= 0 || g.groups <= 0) return;
+  if (!grouped_gemv_fits(g)) throw std::runtime_error("grouped_gemv: K must be a multiple of 4");
+  if (g.type == WeightType::FP8 && g.scale_stride < (g.k + g.block_in - 1) / g.block_in)
+    throw std::runtime_error("grouped_gemv: FP8 scale rows of " + std::to_string(g.scale_stride) + " floats for K " +
+                             std::to_string(g.k));
+  const int64_t cols_per_block = static_cast<int64_t>(kGvWarps) * kGvCols;
+  const dim3 grid(static_cast<unsigned>((g.n + cols_per_block - 1) / cols_per_block), static_cast<unsigned>(g.groups));
+  grouped_gemv_kernel<<<grid, kGvWarps * 32, 0, as_stream(stream)>>>(g);
+  check_launch("grouped_gemv");
+}
+
 void grouped_gemm(const GroupedGemm& g, void* stream) {
   if (g.rows <= 0 || g.n <= 0 || g.groups <= 0) return;
   if (g.type == WeightType::FP8 && g.scale_stride < (g.k + g.block_in - 1) / g.block_in)

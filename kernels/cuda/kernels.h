@@ -72,6 +72,11 @@ struct GroupedGemm {
   int64_t ldo = 0;
 };
 void grouped_gemm(const GroupedGemm& g, void* stream);
+// The same product by a kernel for groups of few rows (cuda.kernels=fast, decode batches): every
+// weight row read once per 16 rows of its group, K in chunks. Needs K % 4 == 0 (and FP8 scale
+// blocks of whole quads): grouped_gemv_fits().
+bool grouped_gemv_fits(const GroupedGemm& g);
+void grouped_gemv(const GroupedGemm& g, void* stream);
 
 // ---- multi-head latent attention (absorbed form) ----
 struct MlaArgs {

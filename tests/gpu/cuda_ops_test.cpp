@@ -234,7 +234,7 @@ std::string no_cuda_device() {
 struct Gpu {
   std::string mode;  // BackendOptions::fp8_gemm
   std::unique_ptr<Ops> ops;
-  std::string mla = "reference";  // BackendOptions::mla
+  std::string kernels = "reference";  // BackendOptions::kernels
   bool block() const { return mode == "block"; }
 };
 
@@ -259,12 +259,12 @@ class CudaOps : public ::testing::Test {
                   << e.what() << "\n";
       }
     }
-    // The fused MLA kernels (cuda.mla=fused) take every test the reference kernels take.
+    // The fast kernels (cuda.kernels=fast) take every test the reference kernels take.
     if (!standin()) {
       BackendOptions o;
       o.fp8_gemm = "soft";
-      o.mla = "fused";
-      gpus_.push_back({"soft", make_ops("cuda", o), "fused"});
+      o.kernels = "fast";
+      gpus_.push_back({"soft", make_ops("cuda", o), "fast"});
     }
   }
   Ops& cpu() { return *cpu_; }
@@ -534,7 +534,7 @@ TEST_P(CudaLinear, MatchesWithinGemmRounding) {
   const std::vector<float> want = download<float>(cpu(), oc);
 
   for (Gpu& g : gpus_) {
-    SCOPED_TRACE("fp8_gemm=" + g.mode + ", mla=" + g.mla);
+    SCOPED_TRACE("fp8_gemm=" + g.mode + ", kernels=" + g.kernels);
     Ops& ops = *g.ops;
     LinearWeight wg = place(ops, hw);
     ASSERT_EQ(wg.out_features(), c.out);
@@ -1088,7 +1088,7 @@ TEST_P(CudaMla, MatchesWithinBf16CacheRounding) {
   const auto [want, cpu_cache] = run_cpu(ev);
 
   for (Gpu& g : gpus_) {
-    SCOPED_TRACE("fp8_gemm=" + g.mode + ", mla=" + g.mla);
+    SCOPED_TRACE("fp8_gemm=" + g.mode + ", kernels=" + g.kernels);
     Ops& ops = *g.ops;
     Tensor w_gpu = ops.dequantize(place(ops, kv_b));
     // The bounds below assume both backends use the same W: dequantize is exact on both.
@@ -1309,7 +1309,7 @@ TEST_P(CudaMoeRoute, SameExpertsAwayFromTiesSameWeights) {
   EXPECT_LE(ties * 4, t_count) << "test data too close to ties: " << ties << " of " << t_count << " tokens skipped";
 
   for (Gpu& g : gpus_) {
-    SCOPED_TRACE("fp8_gemm=" + g.mode + ", mla=" + g.mla);
+    SCOPED_TRACE("fp8_gemm=" + g.mode + ", kernels=" + g.kernels);
     const auto [ids, w] = route(*g.ops);
     ASSERT_EQ(ids.size(), want_ids.size());
     ASSERT_EQ(w.size(), want_w.size());
@@ -1401,7 +1401,7 @@ TEST_P(CudaMoeExperts, MatchesWithinTwoGemmLayers) {
   const std::vector<float> want = run(cpu());
 
   for (Gpu& g : gpus_) {
-    SCOPED_TRACE("fp8_gemm=" + g.mode + ", mla=" + g.mla);
+    SCOPED_TRACE("fp8_gemm=" + g.mode + ", kernels=" + g.kernels);
     const std::vector<float> got = run(*g.ops);
     ASSERT_EQ(got.size(), want.size());
     if (t_count == 0) continue;
@@ -1482,7 +1482,7 @@ INSTANTIATE_TEST_SUITE_P(
 
 TEST_F(CudaOps, MemoryPlacementAndCopiesAreExact) {
   for (Gpu& g : gpus_) {
-    SCOPED_TRACE("fp8_gemm=" + g.mode + ", mla=" + g.mla);
+    SCOPED_TRACE("fp8_gemm=" + g.mode + ", kernels=" + g.kernels);
     Ops& ops = *g.ops;
     EXPECT_FALSE(ops.name().empty());
     EXPECT_EQ(ops.activation_dtype(), DType::F32);
@@ -1532,7 +1532,7 @@ TEST_F(CudaOps, MemoryPlacementAndCopiesAreExact) {
 
 TEST_F(CudaOps, EmptyBatchesAreNoOps) {
   for (Gpu& g : gpus_) {
-    SCOPED_TRACE("fp8_gemm=" + g.mode + ", mla=" + g.mla);
+    SCOPED_TRACE("fp8_gemm=" + g.mode + ", kernels=" + g.kernels);
     Ops& ops = *g.ops;
     const int64_t d = 144;
     Tensor x = ops.empty(DType::F32, {0, d}), y = ops.empty(DType::F32, {0, d}), out = ops.empty(DType::F32, {0, d});

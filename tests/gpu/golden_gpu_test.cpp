@@ -295,7 +295,7 @@ struct GoldenPath {
   std::string name;
   std::string backend;   // make_ops name
   std::string fp8_gemm;  // BackendOptions::fp8_gemm
-  std::string mla = "reference";  // BackendOptions::mla
+  std::string kernels = "reference";  // BackendOptions::kernels
   bool bf16_cases = false, fp8_cases = false;
   double min_top1 = 1.0;
   double max_logprob_diff = 0.0;
@@ -324,7 +324,7 @@ TEST_P(GoldenTeacherForced, AgreesWithTransformers) {
   BackendOptions options;
   options.cpu_threads = 0;  // every core this process may use
   options.fp8_gemm = path.fp8_gemm;
-  options.mla = path.mla;
+  options.kernels = path.kernels;
   std::unique_ptr<Ops> ops = make_ops(path.backend, options);
   const std::string mode = path.backend + (path.backend == "cuda" ? " fp8_gemm=" + path.fp8_gemm : "");
 
@@ -370,10 +370,10 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(GoldenPath{"Cpu", "cpu", "auto", "reference", true, true, kMinTop1Cpu, kCpuMaxLogprobDiff, false},
                       GoldenPath{"CudaBf16", "cuda", "auto", "reference", true, false, kMinTop1Gpu, kBf16MaxLogprobDiff, true},
                       GoldenPath{"CudaFp8Soft", "cuda", "soft", "reference", false, true, kMinTop1Gpu, kFp8SoftMaxLogprobDiff, true},
-                      // cuda.mla=fused: the same bounds as the reference kernels it replaces.
-                      GoldenPath{"CudaBf16FusedMla", "cuda", "auto", "fused", true, false, kMinTop1Gpu,
+                      // cuda.kernels=fast: the same bounds as the reference kernels they replace.
+                      GoldenPath{"CudaBf16Fast", "cuda", "auto", "fast", true, false, kMinTop1Gpu,
                                  kBf16MaxLogprobDiff, true},
-                      GoldenPath{"CudaFp8SoftFusedMla", "cuda", "soft", "fused", false, true, kMinTop1Gpu,
+                      GoldenPath{"CudaFp8SoftFast", "cuda", "soft", "fast", false, true, kMinTop1Gpu,
                                  kFp8SoftMaxLogprobDiff, true}),
     [](const ::testing::TestParamInfo<GoldenPath>& param_info) { return param_info.param.name; });
 
