@@ -41,6 +41,26 @@ GpuType host_as_device(int ranks_on_node) {
   return t;
 }
 
+// The planner's view of this rank's GPU: the closest known type (its bandwidths and peaks) with
+// the memory the device has free now. nullopt: no GPU, or the CPU backend was asked for.
+std::optional<GpuType> local_gpu_as_device(const std::string& backend) {
+  if (backend == "cpu") return std::nullopt;
+  const std::optional<LocalGpu> g = local_gpu();
+  if (!g) return std::nullopt;
+  const std::string& n = g->name;
+  const char* closest = "H100-80GB";
+  if (n.find("H200") != std::string::npos) closest = "H200-141GB";
+  else if (n.find("H800") != std::string::npos) closest = "H800-80GB";
+  else if (n.find("H20") != std::string::npos) closest = "H20-96GB";
+  else if (n.find("A800") != std::string::npos) closest = "A800-40GB";
+  else if (n.find("A100") != std::string::npos) closest = g->total_bytes > (60ull << 30) ? "A100-80GB" : "A100-40GB";
+  GpuType t = gpu_type(closest);
+  t.memory_bytes = g->free_bytes;
+  t.note = n + " (as " + t.name + "), the memory free on it now";
+  t.name = n;
+  return t;
+}
+
 struct RunFlags {
   std::string model, input, output, config, trace_dir;
   std::vector<std::string> sets;
@@ -82,9 +102,13 @@ int run(const RunFlags& f) {
   split_parallel_overrides(sets, plan_options);
   const bool wants_plan = sets.size() != given;
   RunConfig cfg = load_run_config(config_file, sets);
+  const int device = bind_local_device(world.local_rank);
   if (wants_plan) {
     const ModelConfig mc = load_model_config(f.model);
-    ClusterShape cluster{world.num_nodes, world.local_size, host_as_device(world.local_size)};
+    // On GPUs the planner sizes the layout for this GPU; on the CPU backend for this host's
+    // memory, shared by the ranks on it.
+    const std::optional<GpuType> gpu = local_gpu_as_device(cfg.backend);
+    ClusterShape cluster{world.num_nodes, world.local_size, gpu ? *gpu : host_as_device(world.local_size)};
     if (plan_options.tp) cfg.parallel.tp = *plan_options.tp;
     const Plan plan = plan_layout(mc, cluster, cfg, plan_options);
     DILU_USER_CHECK(plan.feasible, plan.refusal_message());
@@ -98,7 +122,6 @@ int run(const RunFlags& f) {
                 << " ranks on " << world.num_nodes << " node(s)\n";
   }
   const ParallelGroups groups = make_parallel_groups(world, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp);
-  const int device = bind_local_device(world.local_rank);
   if (world.is_root())
     std::cout << "dilu " << version_string() << " | " << world.str() << " | tp " << groups.tp << ", pp " << groups.pp
               << ", dp " << groups.dp << (device >= 0 ? " | GPU " + std::to_string(device) + " per local rank" : std::string())

@@ -17,6 +17,14 @@ int bind_local_device(int local_rank) {
 #endif
 }
 
+std::optional<LocalGpu> local_gpu() {
+#ifdef DILU_HAVE_CUDA
+  LocalGpu g;
+  if (cuda::current_device_memory(&g.name, &g.free_bytes, &g.total_bytes)) return g;
+#endif
+  return std::nullopt;
+}
+
 std::unique_ptr<Ops> make_ops(const std::string& backend, const BackendOptions& options) {
 #ifdef DILU_HAVE_CUDA
   if (backend == "cuda" || (backend == "auto" && cuda::device_count() > 0)) return make_cuda_ops(options);

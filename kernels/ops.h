@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -195,6 +196,14 @@ class Ops {
 // Binds the process to the GPU of its local rank when the CUDA build sees GPUs (mpirun and srun
 // start one rank per GPU); returns the device index, or -1 (CPU-only build or no GPU).
 int bind_local_device(int local_rank);
+
+// The GPU this process is bound to (bind_local_device) as the planner should see it; nullopt on a
+// machine without one, or a build without CUDA.
+struct LocalGpu {
+  std::string name;  // e.g. "NVIDIA H200"
+  uint64_t free_bytes = 0, total_bytes = 0;
+};
+std::optional<LocalGpu> local_gpu();
 
 // How the CUDA backend multiplies by FP8 weights: "block" (cuBLASLt FP8 with DeepSeek's block
 // scales; activations quantized per token per 128 channels), "soft" (FP8 weights dequantized to

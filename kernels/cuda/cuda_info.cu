@@ -34,6 +34,22 @@ int bind_device(int local_rank) {
   return device;
 }
 
+bool current_device_memory(std::string* name, uint64_t* free_bytes, uint64_t* total_bytes) {
+  if (device_count() == 0) return false;
+  int device = 0;
+  cudaDeviceProp props{};
+  size_t free_b = 0, total_b = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || cudaGetDeviceProperties(&props, device) != cudaSuccess ||
+      cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  *name = props.name;
+  *free_bytes = free_b;
+  *total_bytes = total_b;
+  return true;
+}
+
 std::string library_versions() {
   int rt = 0;
   cudaRuntimeGetVersion(&rt);

@@ -12,6 +12,8 @@ int device_count();
 // Binds this process to GPU local_rank % device_count (one rank per GPU); returns the device, or
 // -1 when there is none.
 int bind_device(int local_rank);
+// The current device's name and its free and total memory; false when there is none.
+bool current_device_memory(std::string* name, uint64_t* free_bytes, uint64_t* total_bytes);
 // "cudart X.Y, cuBLASLt N, NCCL a.b.c", for logs and --version.
 std::string library_versions();
 
