@@ -27,21 +27,27 @@ reports="$build/sanitizer-reports"
 rm -rf "$reports"
 mkdir -p "$reports"
 # exitcode 86: a sanitizer error never looks like one of dilu's own exit codes (0-4, 128+n).
+# Huge pages for the shadow: poisoning a multi-GiB KV cache in 4 KiB pages costs seconds a run.
 # Leak checking stays on; tests/sanitize/lsan.supp names the only suppressed allocations (Open MPI's).
-export ASAN_OPTIONS="detect_leaks=1:exitcode=86:strict_string_checks=1:detect_stack_use_after_return=1:check_initialization_order=1:log_path=$reports/asan"
+export ASAN_OPTIONS="detect_leaks=1:no_huge_pages_for_shadow=0:exitcode=86:strict_string_checks=1:detect_stack_use_after_return=1:check_initialization_order=1:log_path=$reports/asan"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:exitcode=86:log_path=$reports/ubsan"
 export LSAN_OPTIONS="suppressions=$root/tests/sanitize/lsan.supp:print_suppressions=0"
 rc=0
 # slurm.* is left out: the jobs/ scripts under a throwaway Slurm run the same `dilu run` as the e2e
 # tests and spend minutes starting Slurm; they run in the normal pass (docs/reliability.md).
 ctest --test-dir "$build" --output-on-failure -j "$(nproc)" --timeout 1200 -LE gpu -E '^slurm\.' "$@" || rc=$?
-if compgen -G "$reports/*" >/dev/null; then
-  echo "test-sanitize: sanitizer reports:" >&2
-  for f in "$reports"/*; do
-    echo "==== $f" >&2
-    cat "$f" >&2
-  done
+# A process that is killed while LeakSanitizer symbolizes at its exit (a rank torn down by
+# MPI_Abort or mpirun, a run killed by a fault test) leaves a file holding only the warning that
+# the symbolizer went away: noted, not a finding. Any other line is a report and fails the stage.
+for f in "$reports"/*; do
+  [ -e "$f" ] || continue
+  if ! grep -qvE "^==[0-9]+==WARNING: (Can't read from symbolizer|Symbolizer)" "$f"; then
+    echo "test-sanitize: note: $(basename "$f"): $(head -c 200 "$f")"
+    continue
+  fi
+  echo "==== sanitizer report $f" >&2
+  cat "$f" >&2
   rc=1
-fi
+done
 [ "$rc" = 0 ] && echo "test-sanitize: the whole CPU suite passed under ASan + UBSan, no sanitizer report"
 exit "$rc"

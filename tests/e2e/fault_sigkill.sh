@@ -14,9 +14,9 @@ python3 - "$scratch/in.jsonl" <<'PY'
 import json, random, sys
 random.seed(11)
 with open(sys.argv[1], "w") as f:
-    for i in range(240):
+    for i in range(160):
         ids = [random.randrange(1, 1000) for _ in range(random.randrange(1, 40))]
-        common = {"max_tokens": random.randrange(4, 48), "ignore_eos": True, "temperature": 0.8, "seed": i}
+        common = {"max_tokens": random.randrange(4, 32), "ignore_eos": True, "temperature": 0.8, "seed": i}
         kind = i % 4
         if kind == 0:
             f.write(json.dumps({"id": f"r{i}", "prompt_token_ids": ids, **common}) + "\n")
@@ -28,7 +28,7 @@ with open(sys.argv[1], "w") as f:
         else:
             f.write(json.dumps({"id": f"g{i}", "prompt_token_ids": ids, "max_tokens": common["max_tokens"],
                                 "temperature": 0}) + "\n")
-        if i % 60 == 7:
+        if i % 40 == 7:
             f.write("{not json\n")                                             # error record by line number
             f.write(json.dumps({"id": f"r{i - 7}", "prompt_token_ids": [1]}) + "\n")  # duplicate id
             f.write("\n")                                                      # blank: not a request
