@@ -4,6 +4,7 @@
 #include <cmath>
 #include <numbers>
 #include <set>
+#include <string_view>
 
 #include <nlohmann/json.hpp>
 
@@ -62,8 +63,14 @@ class FieldReader {
   std::string origin_;
 };
 
-void check_positive(const std::string& origin, const char* key, int64_t v) {
+// Sizes past these bounds are no DeepSeek-V3 (R1: hidden 7168, vocab 129280, 163840 positions);
+// bounding them keeps every size computed from them (scratch bytes, cache bytes) inside int64_t.
+constexpr int64_t kMaxDim = int64_t{1} << 20;
+constexpr int64_t kMaxTokens = int64_t{1} << 24;  // vocab_size, positions
+
+void check_positive(const std::string& origin, const char* key, int64_t v, int64_t max = kMaxDim) {
   DILU_USER_CHECK(v > 0, origin, ": field '", key, "' must be positive, got ", v);
+  DILU_USER_CHECK(v <= max, origin, ": field '", key, "' is ", v, "; at most ", max, " is supported");
 }
 
 double yarn_get_mscale(double scale, double mscale) {
@@ -145,7 +152,7 @@ ModelConfig model_config_from_json(const json& j, const std::string& origin) {
       if (r.has("attention_factor")) y.attention_factor = r.number("attention_factor");
       y.truncate = r.boolean_or("truncate", true);
       DILU_USER_CHECK(y.factor > 0, where, ".factor must be positive");
-      check_positive(where, "original_max_position_embeddings", y.original_max_position_embeddings);
+      check_positive(where, "original_max_position_embeddings", y.original_max_position_embeddings, kMaxTokens);
       c.rope_scaling = y;
     }
   }
@@ -180,11 +187,14 @@ ModelConfig model_config_from_json(const json& j, const std::string& origin) {
                         {"qk_nope_head_dim", c.qk_nope_head_dim}, {"qk_rope_head_dim", c.qk_rope_head_dim},
                         {"v_head_dim", c.v_head_dim}, {"max_position_embeddings", c.max_position_embeddings},
                         {"moe_layer_freq", c.moe_layer_freq}})
-    check_positive(origin, key, v);
+    check_positive(origin, key, v,
+                   std::string_view(key) == "vocab_size" || std::string_view(key) == "max_position_embeddings" ? kMaxTokens
+                                                                                                               : kMaxDim);
   DILU_USER_CHECK(c.qk_rope_head_dim % 2 == 0, origin, ": field 'qk_rope_head_dim' must be even (rope rotates pairs), got ",
                   c.qk_rope_head_dim);
   if (c.q_lora_rank) check_positive(origin, "q_lora_rank", *c.q_lora_rank);
-  DILU_USER_CHECK(c.num_nextn_predict_layers >= 0, origin, ": field 'num_nextn_predict_layers' must be >= 0");
+  DILU_USER_CHECK(c.num_nextn_predict_layers >= 0 && c.num_nextn_predict_layers <= kMaxDim, origin,
+                  ": field 'num_nextn_predict_layers' must be in [0, ", kMaxDim, "], got ", c.num_nextn_predict_layers);
   DILU_USER_CHECK(c.hidden_act == "silu", origin, ": field 'hidden_act' is '", c.hidden_act, "'; only \"silu\" is supported");
   DILU_USER_CHECK(!c.attention_bias, origin,
                   ": field 'attention_bias' is true; DeepSeek-V3 checkpoints have no attention biases and dilu "
@@ -198,8 +208,10 @@ ModelConfig model_config_from_json(const json& j, const std::string& origin) {
     check_positive(origin, "moe_intermediate_size", c.moe_intermediate_size);
     check_positive(origin, "num_experts_per_tok", c.num_experts_per_tok);
     check_positive(origin, "n_group", c.n_group);
+    check_positive(origin, "n_routed_experts", c.n_routed_experts);
     check_positive(origin, "topk_group", c.topk_group);
-    DILU_USER_CHECK(c.n_shared_experts >= 0, origin, ": field 'n_shared_experts' must be >= 0");
+    DILU_USER_CHECK(c.n_shared_experts >= 0 && c.n_shared_experts <= kMaxDim, origin,
+                    ": field 'n_shared_experts' must be in [0, ", kMaxDim, "], got ", c.n_shared_experts);
     DILU_USER_CHECK(c.topk_method == "noaux_tc", origin, ": field 'topk_method' is '", c.topk_method,
                     "'; dilu implements DeepSeek-V3's \"noaux_tc\" routing");
     DILU_USER_CHECK(c.scoring_func == "sigmoid", origin, ": field 'scoring_func' is '", c.scoring_func,
