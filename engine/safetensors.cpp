@@ -163,7 +163,8 @@ Checkpoint Checkpoint::open(const fs::path& model_dir) {
                       ": weight_map entry '", it.key(), "' names '", file, "', which is not a file in the directory");
       weight_map[it.key()] = file;
       if (std::find(shard_paths.begin(), shard_paths.end(), model_dir / file) == shard_paths.end()) {
-        if (!fs::exists(model_dir / file)) missing.push_back(file);
+        std::error_code ec;  // a name the file system refuses (too long: ENAMETOOLONG) is missing too
+        if (!fs::exists(model_dir / file, ec)) missing.push_back(file);
         shard_paths.push_back(model_dir / file);
       }
     }
