@@ -63,7 +63,7 @@ int bench(const BenchFlags& f) {
   const bool launched = std::getenv("OMPI_COMM_WORLD_SIZE") || std::getenv("PMI_SIZE") || std::getenv("PMIX_RANK");
   std::optional<MpiSession> mpi;
   ParallelGroups groups;
-  bool rank0 = true;
+  bool prints = true;  // one table per replica, from its root
   if (!f.trace_dir.empty() || launched || tp * pp * cfg.parallel.dp > 1) {
     int argc = 0;
     char** argv = nullptr;
@@ -80,13 +80,14 @@ int bench(const BenchFlags& f) {
     groups = make_parallel_groups(world, tp, pp, dp);
     o.groups = &groups;
     o.trace_dir = f.trace_dir;
-    rank0 = world.is_root();
+    prints = groups.is_replica_root();
   }
-  if (rank0)
+  if (prints)
     std::cout << "dilu " << version_string() << " bench: model " << f.model << ", backend " << cfg.backend
               << ", input " << o.input_len << " tokens, output " << o.output_len << " tokens, greedy"
               << (o.groups ? ", tp " + std::to_string(groups.tp) + " x pp " + std::to_string(groups.pp) + " x dp " +
-                                 std::to_string(groups.dp) + " (the table: replica 0)"
+                                 std::to_string(groups.dp) + " (this table: replica " + std::to_string(groups.dp_rank) +
+                                 ")"
                            : std::string())
               << "\n";
   std::vector<BenchRow> rows;
@@ -102,7 +103,7 @@ int bench(const BenchFlags& f) {
     std::cerr << msg.str() << std::flush;
     MpiSession::abort(user ? 2 : 3);
   }
-  if (!rank0) return 0;
+  if (!prints) return 0;
   double base = 0;
   for (const BenchRow& r : rows)
     if (r.batch == 1) base = r.decode_tok_s();
