@@ -46,12 +46,15 @@ ResumeState load_resume_state(const std::filesystem::path& output) {
     ++st.records;
     // Records carry "id" (dilu lines) or "custom_id" (OpenAI Batch lines); error records of
     // lines without a readable id carry the line number.
+    // An error record answers its input line, whatever id it carries: a line whose id repeats an
+    // earlier line's gets a duplicate-id error, and counting that error as the id's answer would
+    // skip the earlier line if the run died before answering it.
     const nlohmann::json* id = j.contains("custom_id") ? &j["custom_id"] : j.contains("id") ? &j["id"] : nullptr;
-    if (id && !id->is_null()) {
-      ++st.done_ids[id->dump()];
-    } else if (j.contains("error") && j["error"].is_object() && j["error"].contains("line") &&
-               j["error"]["line"].is_number_integer()) {
+    if (j.contains("error") && j["error"].is_object() && j["error"].contains("line") &&
+        j["error"]["line"].is_number_integer()) {
       st.done_lines.insert(j["error"]["line"].get<int64_t>());
+    } else if (id && !id->is_null()) {
+      ++st.done_ids[id->dump()];
     }
   }
   if (st.cut_torn_line) {

@@ -11,10 +11,9 @@
 namespace dilu {
 
 struct ResumeState {
-  // Records per id (JSON text: "\"a\"", "17"): an id given twice in the input has two records
-  // once both lines are answered (a result and a duplicate-id error).
+  // Answers (records without an error) per id (JSON text: "\"a\"", "17").
   std::map<std::string, int64_t> done_ids;
-  std::set<int64_t> done_lines;     // input lines answered by an error record without an id
+  std::set<int64_t> done_lines;     // input lines answered by an error record (with an id or not)
   int64_t records = 0;              // complete lines found
   bool cut_torn_line = false;       // the last line was incomplete and has been removed
 };

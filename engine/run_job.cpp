@@ -371,17 +371,13 @@ RunSummary run_job(const RunJobOptions& o, const RunConfig& cfg, std::ostream& l
       }
       auto parsed = parse_request(text, line, limits);
       if (auto* err = std::get_if<RequestError>(&parsed)) {
-        if (!err->id.is_null() && take_done(resume, err->id.dump())) {
-          ++s.requests_skipped;
-          continue;
-        }
-        fail(*err);
+        fail(*err);  // not in done_lines: its error record was never written
         continue;
       }
       Request& r = std::get<Request>(parsed);
       const std::string key = r.id.dump();
       const bool first = seen_ids.insert(key).second;
-      if (take_done(resume, key)) {  // answered by an earlier run (its duplicate-id error too)
+      if (first && take_done(resume, key)) {  // answered by an earlier run
         ++s.requests_skipped;
         continue;
       }
