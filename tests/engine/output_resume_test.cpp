@@ -32,6 +32,18 @@ TEST(ResumeState, CutsATornLastLineAndCountsRecords) {
   EXPECT_EQ(test::read_bytes(out), record("a") + record("b") + "{\"id\": null, \"error\": {\"line\": 7}}\n");
 }
 
+// A duplicate-id error (line 9) written before the run died, the earlier line with that id not yet
+// answered: the error answers line 9 only, so the earlier line runs again.
+TEST(ResumeState, AnErrorRecordAnswersItsLineNotItsId) {
+  const fs::path out = test::scratch_dir() / "out.jsonl";
+  test::write_bytes(out, record("b") + "{\"id\": \"a\", \"error\": {\"message\": \"duplicate id\", \"line\": 9}}\n");
+  ResumeState st = load_resume_state(out);
+  EXPECT_EQ(st.records, 2);
+  EXPECT_EQ(st.done_lines.count(9), 1u);
+  EXPECT_FALSE(take_done(st, "\"a\""));
+  EXPECT_TRUE(take_done(st, "\"b\""));
+}
+
 TEST(ResumeState, RefusesADamagedLineBeforeTheLastAndLeavesTheFile) {
   const fs::path out = test::scratch_dir() / "out.jsonl";
   const std::string text = record("a") + "garbage\n" + record("b");
