@@ -122,27 +122,11 @@ double measure_gemm_peak(Ops& ops, const ModelConfig& c, int64_t m, std::ostream
 
 std::vector<BenchRow> run_bench(const BenchOptions& o, const RunConfig& cfg, std::ostream& log) {
   const auto t_start = std::chrono::steady_clock::now();
-  TraceIdentity id;
-  id.command = "bench";
-  id.hostname = this_hostname();
   ParallelGroups single;
   if (!o.groups) single = make_parallel_groups(World{}, 1, 1, 1);
   const ParallelGroups& g = o.groups ? *o.groups : single;
-  {
-    const World& w = g.world;
-    id.world_rank = w.rank;
-    id.world_size = w.size;
-    id.node = w.node;
-    id.num_nodes = w.num_nodes;
-    id.local_rank = w.local_rank;
-    id.tp = g.tp;
-    id.pp = g.pp;
-    id.dp = g.dp;
-    id.tp_rank = g.tp_rank;
-    id.pp_rank = g.pp_rank;
-    id.dp_rank = g.dp_rank;
-    g.world_comm->barrier();  // the ranks' trace clocks start together
-  }
+  const TraceIdentity id = trace_identity(g, "bench");
+  g.world_comm->barrier();  // the ranks' trace clocks start together
   const bool root = g.is_replica_root();
   TraceRecorder trace(id);
   if (!o.trace_dir.empty()) {
@@ -182,11 +166,7 @@ std::vector<BenchRow> run_bench(const BenchOptions& o, const RunConfig& cfg, std
   TracedCommunicator tp_traced(*device_comms.tp, trace, TraceGroup::TP);
   TracedCommunicator pp_traced(*device_comms.pp, trace, TraceGroup::PP);
   TracedCommunicator replica_traced(*g.replica_comm, trace, TraceGroup::Replica);
-  std::vector<std::pair<int64_t, int64_t>> stages;
-  for (int64_t count : stage_layer_counts(mc, cfg, g.tp, g.pp)) {
-    const int64_t first = stages.empty() ? 0 : stages.back().second;
-    stages.push_back({first, first + count});
-  }
+  const std::vector<std::pair<int64_t, int64_t>> stages = stage_ranges(mc, cfg, g.tp, g.pp);
   const auto [first_layer, end_layer] = stages[static_cast<size_t>(g.pp_rank)];
   trace.set_device(ops->device().kind == DeviceKind::CPU ? ops->name() : ops->name() + " [" + ops->device().str() + "]");
   trace.set_memory_probe(device_memory_probe(*ops, bo.arena_bytes));

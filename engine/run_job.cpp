@@ -60,6 +60,33 @@ int64_t cache_blocks(const RunConfig& cfg, const ModelConfig& mc, const Ops& ops
 
 }  // namespace
 
+TraceIdentity trace_identity(const ParallelGroups& g, const std::string& command) {
+  TraceIdentity id;
+  id.command = command;
+  id.world_rank = g.world.rank;
+  id.world_size = g.world.size;
+  id.node = g.world.node;
+  id.num_nodes = g.world.num_nodes;
+  id.local_rank = g.world.local_rank;
+  id.tp = g.tp;
+  id.pp = g.pp;
+  id.dp = g.dp;
+  id.tp_rank = g.tp_rank;
+  id.pp_rank = g.pp_rank;
+  id.dp_rank = g.dp_rank;
+  id.hostname = g.world.hostname.empty() ? this_hostname() : g.world.hostname;
+  return id;
+}
+
+std::vector<std::pair<int64_t, int64_t>> stage_ranges(const ModelConfig& mc, const RunConfig& cfg, int tp, int pp) {
+  std::vector<std::pair<int64_t, int64_t>> stages;
+  for (int64_t count : stage_layer_counts(mc, cfg, tp, pp)) {
+    const int64_t first = stages.empty() ? 0 : stages.back().second;
+    stages.push_back({first, first + count});
+  }
+  return stages;
+}
+
 DeviceComms make_device_comms(const ParallelGroups& g, Ops& ops, const RunConfig& cfg) {
   DeviceComms d;
   d.tp = g.tp_comm.get();
@@ -135,23 +162,6 @@ void agree_or_fail(Communicator& world, Fn&& fn) {
   throw AgreedFailure(where + (was_user ? "" : "internal error: ") + message);
 }
 
-TraceIdentity trace_identity(const ParallelGroups& g) {
-  TraceIdentity id;
-  id.command = "run";
-  id.world_rank = g.world.rank;
-  id.world_size = g.world.size;
-  id.node = g.world.node;
-  id.num_nodes = g.world.num_nodes;
-  id.local_rank = g.world.local_rank;
-  id.tp = g.tp;
-  id.pp = g.pp;
-  id.dp = g.dp;
-  id.tp_rank = g.tp_rank;
-  id.pp_rank = g.pp_rank;
-  id.dp_rank = g.dp_rank;
-  id.hostname = g.world.hostname.empty() ? this_hostname() : g.world.hostname;
-  return id;
-}
 
 }  // namespace
 
@@ -163,7 +173,7 @@ RunSummary run_job(const RunJobOptions& o, const RunConfig& cfg, std::ostream& l
   const ParallelGroups& g = o.groups ? *o.groups : single;
   // The trace clock starts as every rank leaves this barrier: the ranks' times line up.
   g.world_comm->barrier();
-  TraceRecorder trace(trace_identity(g));
+  TraceRecorder trace(trace_identity(g, "run"));
 
   Loaded L;
   agree_or_fail(*g.world_comm, [&] {
@@ -225,11 +235,8 @@ RunSummary run_job(const RunJobOptions& o, const RunConfig& cfg, std::ostream& l
       DILU_USER_CHECK(plan.feasible, plan.refusal_message());
       L.planner = plan_to_json(plan, o.model_dir.filename().string());
     }
-    std::vector<std::pair<int64_t, int64_t>>& stages = L.stages;
-    for (int64_t count : stage_layer_counts(L.mc, cfg, g.tp, g.pp)) {
-      const int64_t first = stages.empty() ? 0 : stages.back().second;
-      stages.push_back({first, first + count});
-    }
+    L.stages = stage_ranges(L.mc, cfg, g.tp, g.pp);
+    const std::vector<std::pair<int64_t, int64_t>>& stages = L.stages;
     const auto [first_layer, end_layer] = stages[static_cast<size_t>(g.pp_rank)];
     L.model = std::make_unique<DeepseekV3>(L.mc, *L.ckpt, *L.ops, TensorParallel{g.tp_rank, g.tp, L.tp_comm},
                                            PipelineStage{first_layer, end_layer});

@@ -7,7 +7,11 @@
 #include <exception>
 #include <filesystem>
 #include <iosfwd>
+#include <string>
+#include <utility>
+#include <vector>
 
+#include "engine/model_config.h"
 #include "engine/run_config.h"
 #include "engine/trace.h"
 #include "kernels/error.h"
@@ -74,6 +78,12 @@ struct DeviceComms {
   Communicator* pp = nullptr;
 };
 DeviceComms make_device_comms(const ParallelGroups& groups, Ops& ops, const RunConfig& config);
+
+// This rank's identity in a trace of `command` ("run", "bench").
+TraceIdentity trace_identity(const ParallelGroups& groups, const std::string& command);
+// [first, end) layers of each pipeline stage (parallel.layer_split, or balanced by weight).
+std::vector<std::pair<int64_t, int64_t>> stage_ranges(const ModelConfig& model, const RunConfig& config, int tp,
+                                                      int pp);
 
 // Throws UserError before any compute when the model or the files are unusable. With several
 // ranks, every rank calls it; the summary's counts are summed over the world.
