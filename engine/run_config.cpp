@@ -91,9 +91,9 @@ const Field kFields[] = {
     DILU_RUN_FIELD(cuda.nccl_timeout_s, v > 0.0, "> 0",
                    "seconds a collective may wait for a peer before every rank gives up"),
     DILU_RUN_FIELD(cuda.kernels, v == "reference" || v == "fast", "reference or fast",
-                   "CUDA kernels: reference = the kernels the GPU tests have passed; fast = fused MLA (all heads "
-                   "of a block share each pass over the latent cache, split-KV, absorption as batched GEMMs) and "
-                   "a small-batch expert GEMV (not yet the default: not yet run on a GPU, docs/cuda.md)"),
+                   "CUDA kernels: fast = fused MLA (all heads of a block share each pass over the latent cache, "
+                   "split-KV, absorption as batched GEMMs) and small-batch expert GEMMs; reference = one block per "
+                   "(token, head) and tiled FP32 GEMMs, the kernels fast is tested against (docs/cuda.md)"),
 };
 
 #undef DILU_RUN_FIELD

@@ -61,7 +61,7 @@ struct CpuConfig {
 struct CudaConfig {
   std::string fp8_gemm = "auto";  // auto | block | soft
   double nccl_timeout_s = 600;
-  std::string kernels = "reference";  // reference | fast (docs/cuda.md)
+  std::string kernels = "fast";  // fast | reference (docs/cuda.md)
   friend bool operator==(const CudaConfig&, const CudaConfig&) = default;
 };
 

@@ -214,7 +214,7 @@ struct BackendOptions {
   int cpu_threads = 0;
   std::string fp8_gemm = "auto";  // auto | block | soft
   int64_t arena_bytes = 0;        // GPU activation arena; 0: a default (256 MiB)
-  std::string kernels = "reference";  // reference | fast: the CUDA backend's kernel set (cuda.kernels)
+  std::string kernels = "fast";  // fast | reference: the CUDA backend's kernel set (cuda.kernels)
 };
 
 // "cpu" always; "cuda" when built with it. Throws UserError for an unknown or unavailable name.

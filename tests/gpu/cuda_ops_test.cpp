@@ -250,6 +250,7 @@ class CudaOps : public ::testing::Test {
     for (const char* mode : {"soft", "block"}) {
       BackendOptions o;
       o.fp8_gemm = mode;
+      o.kernels = "reference";
       try {
         gpus_.push_back({mode, standin() ? std::unique_ptr<Ops>(std::make_unique<EmulatedCudaOps>(std::string(mode) == "block"))
                                          : make_ops("cuda", o)});
