@@ -2,12 +2,17 @@
 # shellcheck disable=SC2317  # the stage_* functions are called by name
 # The two-GPU runs (docs/perf/two-gpu-h200.md): on a host with two GPUs, with a built dilu,
 #   tests/gpu/two_gpu.sh DILU OUT_DIR [STAGES]
-# STAGES (default "golden kill bench"), each logged to OUT_DIR/<stage>.log:
+# STAGES (default "golden sampling kill bench"), each logged to OUT_DIR/<stage>.log:
 #  golden  every golden checkpoint with logprobs 5 on one GPU, then tp=2, pp=2 and dp=2 under
 #          mpirun: each compared with the one-GPU run (tests/gpu/compare_layouts.py: tokens equal
 #          but for near ties, top-5 logprobs within the CUDA path's bound) and with the
 #          transformers reference (tests/golden/check_golden.py --near-tie 0.25); soft FP8 GEMMs,
-#          the path held to transformers' arithmetic.
+#          the path held to transformers' arithmetic. One job at a time, one rank per GPU.
+#  sampling v2lite_fp8 and v2lite_bf16 with seeded sampling (n=2, temperature 0.8, top_p 0.95,
+#          seed 7, prompts chunked by batch.max_tokens=8, as tests/e2e/mpi.sh does on the CPU) on
+#          one GPU, then tp=2, pp=2 and dp=2 (tests/gpu/compare_sampling.py): pp=2 and dp=2 must
+#          sample exactly the one-GPU tokens; tp=2 sums in another order, so a sample drawn near a
+#          boundary of the distribution may flip: its differences are counted and printed, not judged.
 #  kill    a tp=2 run on two GPUs, rank 1 SIGKILLed mid-run: every rank gone within 60 s, one
 #          clear message; the same command again resumes and answers every id once.
 #  bench   r1-geometry, random FP8 weights: one GPU holding 2 layers against tp=2 over 4 layers
@@ -17,7 +22,7 @@
 set -uo pipefail
 dilu=$(realpath "$1")
 out=$(realpath -m "$2")
-stages=${3:-golden kill bench}
+stages=${3:-golden sampling kill bench}
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/../.." && pwd)
 mkdir -p "$out"
@@ -48,7 +53,8 @@ PY
   # One GPU: the reference of the layouts. One process per GPU at a time: two mpirun ranks
   # sharing a GPU with another process gave wrong BF16 results once (docs/perf/two-gpu-h200.md).
   for c in "${cases[@]}"; do
-    CUDA_VISIBLE_DEVICES=0 timeout 120 "$dilu" run --model "$root/tests/golden/data/$c/model" \
+    say "golden: $c on one GPU"
+    CUDA_VISIBLE_DEVICES=0 timeout 30 "$dilu" run --model "$root/tests/golden/data/$c/model" \
       --input "$work/$c.in.jsonl" --output "$work/$c.gpu1.jsonl" --overwrite "${common[@]}" \
       >"$work/$c.gpu1.log" 2>&1
   done
@@ -61,7 +67,8 @@ PY
       dp2) set=(--set parallel.dp=2) ;;
     esac
     for c in "${cases[@]}"; do
-      timeout 180 "${mpirun[@]}" "$dilu" run --model "$root/tests/golden/data/$c/model" --input "$work/$c.in.jsonl" \
+      say "golden: $c $layout"
+      timeout 45 "${mpirun[@]}" "$dilu" run --model "$root/tests/golden/data/$c/model" --input "$work/$c.in.jsonl" \
         --output "$work/$c.$layout.jsonl" --overwrite "${common[@]}" "${set[@]}" </dev/null \
         >"$work/$c.$layout.log" 2>&1
     done
@@ -88,6 +95,44 @@ PY
         cat "$work/$c.$layout.golden.txt"
         fail=1
       fi
+    done
+  done
+  return "$fail"
+}
+
+stage_sampling() {
+  local work=$out/sampling fail=0
+  mkdir -p "$work"
+  local common=(--set cuda.fp8_gemm=soft --set kv.num_blocks=256 --set batch.max_seqs=8 --set batch.max_tokens=8
+    --set model.max_seq_len=4096)
+  for c in v2lite_fp8 v2lite_bf16; do
+    local model=$root/tests/golden/data/$c/model
+    python3 - "$root/tests/golden/data/$c/input.jsonl" "$work/$c.in.jsonl" <<'PY'
+import json, sys
+with open(sys.argv[1]) as f, open(sys.argv[2], "w") as g:
+    for line in f:
+        if line.strip():
+            r = json.loads(line)
+            r.update(temperature=0.8, top_p=0.95, seed=7, n=2, logprobs=True, top_logprobs=2)
+            g.write(json.dumps(r) + "\n")
+PY
+    say "sampling: $c on one GPU"
+    CUDA_VISIBLE_DEVICES=0 timeout 30 "$dilu" run --model "$model" --input "$work/$c.in.jsonl" \
+      --output "$work/$c.gpu1.jsonl" --overwrite "${common[@]}" >"$work/$c.gpu1.log" 2>&1 ||
+      { echo "FAIL sampling $c gpu1: $(tail -5 "$work/$c.gpu1.log")"; fail=1; continue; }
+    for layout in tp2 pp2 dp2; do
+      local set=(--set "parallel.${layout%2}=2") judge=()
+      [ "$layout" = tp2 ] && judge=(--report-only)
+      say "sampling: $c $layout"
+      if ! timeout 45 "${mpirun[@]}" "$dilu" run --model "$model" --input "$work/$c.in.jsonl" \
+        --output "$work/$c.$layout.jsonl" --overwrite "${common[@]}" "${set[@]}" </dev/null \
+        >"$work/$c.$layout.log" 2>&1; then
+        echo "FAIL sampling $c $layout: the run failed: $(tail -5 "$work/$c.$layout.log")"
+        fail=1
+        continue
+      fi
+      python3 "$here/compare_sampling.py" "$work/$c.gpu1.jsonl" "$work/$c.$layout.jsonl" "${judge[@]}" \
+        --label "sampling $c $layout vs 1 GPU:" || fail=1
     done
   done
   return "$fail"
@@ -189,6 +234,6 @@ cat "$out/devices.txt"
 for s in $stages; do
   say "stage $s"
   if "stage_$s" >"$out/$s.log" 2>&1; then say "stage $s: PASS"; else say "stage $s: FAIL"; status=1; fi
-  tail -60 "$out/$s.log"
+  grep -v "^\[two_gpu" "$out/$s.log" | tail -60  # the results, without the progress lines
 done
 exit $status
