@@ -458,12 +458,16 @@ class CudaOps final : public Ops {
     gemm(g, t, kGemvDenseTokens);
   }
 
-  // The grouped GEMM of a step of `tokens` tokens: with cuda.kernels=fast and at most
-  // `gemv_tokens` of them, the small-batch kernel (each weight row read once per 16 rows of a
-  // group), else the tiled one.
+  // The grouped GEMM of a step of `tokens` tokens. With cuda.kernels=fast: tensor cores where the
+  // operands fit them (experts at any batch; a single weight once the step has more than
+  // `gemv_tokens` tokens: below that a lone matrix gives the MMA kernel too few blocks), else the
+  // small-batch GEMV up to `gemv_tokens` tokens. Otherwise, and for what neither takes, the tiled
+  // FP32 kernel.
   static constexpr int64_t kGemvDenseTokens = 32, kGemvExpertTokens = 256;
   void gemm(const cuda::GroupedGemm& g, int64_t tokens, int64_t gemv_tokens) {
-    if (fast_ && tokens <= gemv_tokens && cuda::grouped_gemv_fits(g)) cuda::grouped_gemv(g, stream_);
+    const bool small = tokens <= gemv_tokens && cuda::grouped_gemv_fits(g);
+    if (fast_ && cuda::grouped_mma_fits(g) && (g.groups > 1 || !small)) cuda::grouped_mma(g, stream_);
+    else if (fast_ && small) cuda::grouped_gemv(g, stream_);
     else cuda::grouped_gemm(g, stream_);
   }
 

@@ -11,6 +11,7 @@
 #include <cuda_runtime.h>
 
 #include <cfloat>
+#include <cstdint>
 #include <cstdio>
 #include <stdexcept>
 #include <string>
@@ -751,6 +752,189 @@ void grouped_gemv(const GroupedGemm& g, void* stream) {
   const dim3 grid(static_cast<unsigned>((g.n + cols_per_block - 1) / cols_per_block), static_cast<unsigned>(g.groups));
   grouped_gemv_kernel<<<grid, kGvWarps * 32, 0, as_stream(stream)>>>(g);
   check_launch("grouped_gemv");
+}
+
+// ---------------------------------------------------------------- grouped GEMM on tensor cores
+// cuda.kernels=fast, BF16 math (round_bf16) with FP8 or BF16 weights, K a multiple of 64: the
+// same product as the tiled kernel (weights dequantized with their block scale, both operands
+// rounded to BF16, FP32 sums) through mma.sync m16n8k16 BF16. A block of 8 warps covers 128 output
+// columns of one group; warp w owns 16 of them (the MMA's M) and the group's rows (its N, 8 per
+// MMA) come NT * 8 at a time, staged as BF16 in shared memory, K in stages of kMmaSub * 64.
+// Each thread loads 16 consecutive weights of its two rows per 64-wide K chunk in one or two
+// 16-byte loads; the MMA's K positions are permuted consistently for both operands (lane quad
+// position q holds physical K 16q..16q+15 of the chunk; MMA step j takes 4j..4j+3 of them), so the
+// sum is the same and no shuffle is needed. Weight loads of a stage are issued before the stage's
+// activations are staged, so they are in flight together.
+constexpr int kMmaWarps = 8, kMmaCols = kMmaWarps * 16;
+
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// 16 FP8 weights (one uint4) times their block scale, rounded to BF16 pairs.
+__device__ __forceinline__ void fp8x16_to_bf16(const uint4 w, float s, uint32_t out[8]) {
+  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const __nv_fp8x2_storage_t pair = static_cast<__nv_fp8x2_storage_t>((words[i] >> (16 * h)) & 0xffffu);
+      const __half2_raw hr = __nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3);
+      const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&hr));
+      out[2 * i + h] = pack_bf16x2(f.x * s, f.y * s);
+    }
+  }
+}
+
+__device__ __forceinline__ void mma_bf16_16816(float c[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                               uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+  __trap();  // grouped_mma_fits() keeps pre-Ampere devices off this kernel
+#endif
+}
+
+template <int NT, bool kFp8>
+__global__ void __launch_bounds__(kMmaWarps * 32) grouped_mma_kernel(GroupedGemm g) {
+  constexpr int kSub = kFp8 ? 4 : 2;  // 64-wide K chunks per stage
+  constexpr int kStageK = kSub * 64, kRows = NT * 8, kPitch = kStageK + 8;  // BF16 elements per staged row
+  const int64_t group = blockIdx.y;
+  int64_t row_begin = 0, row_end = g.rows;
+  if (g.group_offsets) {
+    row_begin = g.group_offsets[group];
+    row_end = g.group_offsets[group + 1];
+  }
+  if (row_begin >= row_end) return;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, quad = lane & 3;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kMmaCols + warp * 16;
+  const int64_t na = n0 + gid, nb = na + 8;  // this thread's two weight rows
+  const bool va = na < g.n, vb = nb < g.n;
+  const void* w = g.weights ? g.weights[group] : g.weight;
+  const float* scale = kFp8 ? (g.scales ? g.scales[group] : g.scale) : nullptr;
+  const int64_t row_bytes = kFp8 ? g.k : 2 * g.k;
+  const uint8_t* wa = static_cast<const uint8_t*>(w) + na * row_bytes;
+  const uint8_t* wb = static_cast<const uint8_t*>(w) + nb * row_bytes;
+  const float* srow = kFp8 && n0 < g.n ? scale + (n0 / g.block_out) * g.scale_stride : nullptr;
+  __shared__ __align__(16) __nv_bfloat16 xs[kRows][kPitch];
+
+  for (int64_t r0 = row_begin; r0 < row_end; r0 += kRows) {
+    const int rows = static_cast<int>(row_end - r0 < kRows ? row_end - r0 : kRows);
+    float acc[NT][4];
+#pragma unroll
+    for (int i = 0; i < NT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+    for (int64_t k0 = 0; k0 < g.k; k0 += kStageK) {
+      const int subs = static_cast<int>((g.k - k0) / 64 < kSub ? (g.k - k0) / 64 : kSub);
+      // This stage's weights: 16 per row and chunk (FP8: one 16-byte load; BF16: two).
+      constexpr int kLoads = kFp8 ? 1 : 2;
+      uint4 la[kSub][kLoads], lb[kSub][kLoads];
+#pragma unroll
+      for (int s = 0; s < kSub; ++s) {
+#pragma unroll
+        for (int l = 0; l < kLoads; ++l) {
+          la[s][l] = lb[s][l] = make_uint4(0, 0, 0, 0);
+          if (s < subs) {
+            const int64_t off = (kFp8 ? (k0 + 64 * s + 16 * quad) : 2 * (k0 + 64 * s + 16 * quad)) + 16 * l;
+            if (va) la[s][l] = __ldg(reinterpret_cast<const uint4*>(wa + off));
+            if (vb) lb[s][l] = __ldg(reinterpret_cast<const uint4*>(wb + off));
+          }
+        }
+      }
+      float sc[kSub];
+#pragma unroll
+      for (int s = 0; s < kSub; ++s) sc[s] = kFp8 && srow && s < subs ? srow[(k0 + 64 * s) / g.block_in] : 1.0f;
+      __syncthreads();  // the previous stage's readers are done
+      const int width = subs * 64;
+      for (int i = threadIdx.x; i < kRows * (kStageK / 4); i += blockDim.x) {
+        const int r = i / (kStageK / 4), c4 = 4 * (i % (kStageK / 4));
+        if (c4 >= width || r >= ((rows + 7) & ~7)) continue;  // rows past the last MMA tile: unread
+        float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (r < rows) {
+          const int64_t src = g.x_rows ? g.x_rows[r0 + r] : r0 + r;
+          v = *reinterpret_cast<const float4*>(g.x + src * g.ldx + k0 + c4);
+        }
+        uint2 packed;
+        packed.x = pack_bf16x2(v.x, v.y);
+        packed.y = pack_bf16x2(v.z, v.w);
+        *reinterpret_cast<uint2*>(&xs[r][c4]) = packed;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int s = 0; s < kSub; ++s) {
+        if (s >= subs) break;
+        uint32_t pa[8], pb[8];
+        if constexpr (kFp8) {
+          fp8x16_to_bf16(la[s][0], sc[s], pa);
+          fp8x16_to_bf16(lb[s][0], sc[s], pb);
+        } else {
+          const uint32_t* ua = reinterpret_cast<const uint32_t*>(&la[s][0]);
+          const uint32_t* ub = reinterpret_cast<const uint32_t*>(&lb[s][0]);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            pa[i] = ua[i];
+            pb[i] = ub[i];
+          }
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          if (nt * 8 >= rows) break;
+          const uint4* xp = reinterpret_cast<const uint4*>(&xs[nt * 8 + gid][64 * s + 16 * quad]);
+          const uint4 x0 = xp[0], x1 = xp[1];
+          const uint32_t xb[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+            mma_bf16_16816(acc[nt], pa[2 * j], pb[2 * j], pa[2 * j + 1], pb[2 * j + 1], xb[2 * j], xb[2 * j + 1]);
+        }
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int r = nt * 8 + 2 * quad;
+      float* o = g.out + (r0 + r) * g.ldo;
+      if (r < rows) {
+        if (va) o[na] = acc[nt][0];
+        if (vb) o[nb] = acc[nt][2];
+      }
+      if (r + 1 < rows) {
+        if (va) o[g.ldo + na] = acc[nt][1];
+        if (vb) o[g.ldo + nb] = acc[nt][3];
+      }
+    }
+  }
+}
+
+bool grouped_mma_fits(const GroupedGemm& g) {
+  static int major[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+  if (major[dev] == 0 && cudaDeviceGetAttribute(&major[dev], cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
+    return false;
+  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  return major[dev] >= 8 && g.round_bf16 && (g.type == WeightType::FP8 || g.type == WeightType::BF16) &&
+         g.k % 64 == 0 && g.ldx % 4 == 0 && aligned(g.x) && (g.weights || aligned(g.weight)) &&
+         (g.type != WeightType::FP8 || (g.block_in % 64 == 0 && g.block_out % 16 == 0));
+}
+
+void grouped_mma(const GroupedGemm& g, void* stream) {
+  if (g.rows <= 0 || g.n <= 0 || g.groups <= 0) return;
+  if (!grouped_mma_fits(g)) throw std::runtime_error("grouped_mma: operands outside the kernel's shapes");
+  if (g.type == WeightType::FP8 && g.scale_stride < (g.k + g.block_in - 1) / g.block_in)
+    throw std::runtime_error("grouped_mma: FP8 scale rows of " + std::to_string(g.scale_stride) + " floats for K " +
+                             std::to_string(g.k));
+  const dim3 grid(static_cast<unsigned>((g.n + kMmaCols - 1) / kMmaCols), static_cast<unsigned>(g.groups));
+  const bool few = g.rows <= 16 * g.groups;  // decode: a handful of rows per group
+  const bool fp8 = g.type == WeightType::FP8;
+  cudaStream_t s = as_stream(stream);
+  if (few && fp8) grouped_mma_kernel<2, true><<<grid, kMmaWarps * 32, 0, s>>>(g);
+  else if (few) grouped_mma_kernel<2, false><<<grid, kMmaWarps * 32, 0, s>>>(g);
+  else if (fp8) grouped_mma_kernel<8, true><<<grid, kMmaWarps * 32, 0, s>>>(g);
+  else grouped_mma_kernel<8, false><<<grid, kMmaWarps * 32, 0, s>>>(g);
+  check_launch("grouped_mma");
 }
 
 void grouped_gemm(const GroupedGemm& g, void* stream) {

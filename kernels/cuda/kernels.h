@@ -77,6 +77,12 @@ void grouped_gemm(const GroupedGemm& g, void* stream);
 // blocks of whole quads): grouped_gemv_fits().
 bool grouped_gemv_fits(const GroupedGemm& g);
 void grouped_gemv(const GroupedGemm& g, void* stream);
+// The same product on tensor cores (mma.sync BF16, sm_80+): for BF16 math (round_bf16) with FP8
+// or BF16 weights, K % 64 == 0, FP8 scale blocks of whole 64-wide chunks and 16-row tiles, x and
+// its rows 16-byte aligned: grouped_mma_fits(). Any number of rows per group; each weight is read
+// once per 16 (or, when groups average more than 16 rows, 64) rows of its group.
+bool grouped_mma_fits(const GroupedGemm& g);
+void grouped_mma(const GroupedGemm& g, void* stream);
 
 // ---- multi-head latent attention (absorbed form) ----
 struct MlaArgs {

@@ -622,6 +622,7 @@ INSTANTIATE_TEST_SUITE_P(
         LinearCase{DType::BF16, 1, 1, 1, 0, 0}, LinearCase{DType::BF16, 3, 64, 129, 0, 0},
         LinearCase{DType::BF16, 0, 64, 129, 0, 0}, LinearCase{DType::BF16, 4, 1536, 7168, 0, 0},
         LinearCase{DType::BF16, 2, 2000, 7168, 0, 0}, LinearCase{DType::BF16, 64, 256, 512, 0, 0},
+        LinearCase{DType::BF16, 40, 200, 512, 0, 0}, LinearCase{DType::F8E4M3, 70, 1000, 256, 128, 128},
         // F32 (tensor-parallel slices dequantized on the host).
         LinearCase{DType::F32, 5, 23, 37, 0, 0}, LinearCase{DType::F32, 2, 300, 576, 0, 0},
         LinearCase{DType::F32, 0, 23, 37, 0, 0}, LinearCase{DType::F32, 1, 1, 1, 0, 0}),
@@ -1476,6 +1477,12 @@ INSTANTIATE_TEST_SUITE_P(
         MoeCase{"FP8_one_token", DType::F8E4M3, 1, 144, 32, 8, 8, 0, 3, 128, 128},
         // R1: D 7168, 2048 wide, 8 of 256 experts per token, 3 of them on this rank.
         MoeCase{"R1_3_local_of_256", DType::F8E4M3, 2, 7168, 2048, 256, 3, 100, 8, 128, 128},
+        // The tensor-core kernel (cuda.kernels=fast): groups of many rows (several 64-row passes),
+        // BF16 weights, and output widths that end inside a 16-row MMA tile.
+        MoeCase{"FP8_512x256_many_rows", DType::F8E4M3, 200, 512, 256, 8, 8, 0, 6, 128, 128},
+        MoeCase{"BF16_256x192_many_rows", DType::BF16, 40, 256, 192, 8, 8, 0, 4, 0, 0},
+        MoeCase{"FP8_256x136_partial_tile", DType::F8E4M3, 20, 256, 136, 8, 8, 0, 4, 128, 128},
+        MoeCase{"FP8_320x200_b32x64", DType::F8E4M3, 24, 320, 200, 6, 6, 0, 3, 32, 64},
         MoeCase{"empty_batch", DType::F8E4M3, 0, 144, 32, 8, 8, 0, 3, 128, 128}),
     [](const ::testing::TestParamInfo<MoeCase>& param_info) { return param_info.param.name; });
 
