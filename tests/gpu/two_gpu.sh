@@ -13,6 +13,8 @@
 #          one GPU, then tp=2, pp=2 and dp=2 (tests/gpu/compare_sampling.py): pp=2 and dp=2 must
 #          sample exactly the one-GPU tokens; tp=2 sums in another order, so a sample drawn near a
 #          boundary of the distribution may flip: its differences are counted and printed, not judged.
+#          With cuda.kernels=fast, pp=2 and dp=2 logprobs can differ slightly too (the kernels depend
+#          on the step's size); a failure prints the logprob drift before the flip.
 #  kill    a tp=2 run on two GPUs, rank 1 SIGKILLed mid-run: every rank gone within 60 s, one
 #          clear message; the same command again resumes and answers every id once.
 #  bench   r1-geometry, random FP8 weights: one GPU holding 2 layers against tp=2 over 4 layers
