@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstring>
 #include <map>
@@ -466,7 +467,11 @@ class CudaOps final : public Ops {
   static constexpr int64_t kGemvDenseTokens = 32, kGemvExpertTokens = 256;
   void gemm(const cuda::GroupedGemm& g, int64_t tokens, int64_t gemv_tokens) {
     const bool small = tokens <= gemv_tokens && cuda::grouped_gemv_fits(g);
-    if (fast_ && cuda::grouped_mma_fits(g) && (g.groups > 1 || !small)) cuda::grouped_mma(g, stream_);
+    if (fast_ && cuda::grouped_mma_fits(g) && (g.groups > 1 || !small)) {
+      const int64_t splits = cuda::grouped_mma_splits(g, props_.multiProcessorCount);
+      Tensor partial = splits > 1 ? empty(DType::F32, {splits * g.rows * g.n}) : Tensor();
+      cuda::grouped_mma(g, stream_, splits, splits > 1 ? partial.data<float>() : nullptr);
+    }
     else if (fast_ && small) cuda::grouped_gemv(g, stream_);
     else cuda::grouped_gemm(g, stream_);
   }
@@ -486,8 +491,8 @@ class CudaOps final : public Ops {
                    offset + 2 * static_cast<int64_t>(inv_freq.size()) <= x.dim(2),
                "rope: x ", shape_str(x.shape()), " offset ", offset);
     if (pos.empty() || inv_freq.empty()) return;
-    Tensor dev_pos = upload_i32(pos);
-    Tensor dev_freq = upload_f32(inv_freq);
+    Tensor dev_pos = upload_cached(kUpRopePos, pos.data(), pos.size() * sizeof(int32_t), DType::I32);
+    Tensor dev_freq = upload_cached(kUpRopeFreq, inv_freq.data(), inv_freq.size() * sizeof(float), DType::F32);
     cuda::rope(x.data<float>(), x.dim(0), x.dim(1), x.dim(2), offset, dev_pos.data<int32_t>(), dev_freq.data<float>(),
                static_cast<int64_t>(inv_freq.size()), attention_factor, stream_);
   }
@@ -500,8 +505,7 @@ class CudaOps final : public Ops {
     DILU_CHECK(entry.dim(1) == width && entry.dim(0) == t, "cache_write shapes");
     for (int64_t s : layout.token_slot) DILU_CHECK(s >= 0 && s < slots, "cache slot ", s, " outside ", slots);
     if (t == 0) return;
-    Tensor dev_slots = empty(DType::I64, {t});
-    copy_from_host(layout.token_slot.data(), dev_slots);
+    Tensor dev_slots = upload_cached(kUpSlots, layout.token_slot.data(), static_cast<size_t>(t) * sizeof(int64_t), DType::I64);
     cuda::cache_write(static_cast<uint16_t*>(cache.raw()), entry.data<float>(), dev_slots.data<int64_t>(), t, width,
                       stream_);
   }
@@ -535,7 +539,9 @@ class CudaOps final : public Ops {
     for (size_t s = 0; s < layout.block_tables.size(); ++s)
       std::copy(layout.block_tables[s].begin(), layout.block_tables[s].end(),
                 tables.begin() + static_cast<ptrdiff_t>(s * static_cast<size_t>(stride)));
-    Tensor dev_seq = upload_i32(layout.token_seq), dev_pos = upload_i32(layout.token_pos), dev_tables = upload_i32(tables);
+    Tensor dev_seq = upload_cached(kUpSeq, layout.token_seq.data(), layout.token_seq.size() * sizeof(int32_t), DType::I32);
+    Tensor dev_pos = upload_cached(kUpPos, layout.token_pos.data(), layout.token_pos.size() * sizeof(int32_t), DType::I32);
+    Tensor dev_tables = upload_cached(kUpTables, tables.data(), tables.size() * sizeof(int32_t), DType::I32);
     Tensor q_lat = empty(DType::F32, {t, h, c}), o_lat = empty(DType::F32, {t, h, c});
     cuda::MlaArgs a;
     a.q = q.data<float>();
@@ -585,7 +591,8 @@ class CudaOps final : public Ops {
       part_o = static_cast<float*>(mla_split_scratch_.raw());
       part_ml = part_o + splits * t * h * c;
     }
-    cuda::mla_core_fused(a, splits, chunk, part_o, part_ml, stream_);
+    if (cuda::mla_core_mma_fits(a)) cuda::mla_core_mma(a, splits, chunk, part_o, part_ml, stream_);
+    else cuda::mla_core_fused(a, splits, chunk, part_o, part_ml, stream_);
     //   out[t, h*v + i] = o_lat[t, h, :] . W_UV[h][i, :]: column-major v x T = (C x v)^T (C x T)
     const bool v_done = lt_sgemm_batched(true, v, t, c, a.kv_b + nope * c, c, (nope + v) * c, a.o_lat, h * c, c,
                                          a.out, h * v, v, h);
@@ -685,7 +692,10 @@ class CudaOps final : public Ops {
     g.round_bf16 = false;
     g.out = logits.data<float>();
     g.ldo = e;
-    gemm(g, t, kGemvDenseTokens);
+    // fast: cuBLASLt's FP32 GEMM (a GEMV at decode, which the tiled kernels run on a few blocks).
+    //   logits: column-major E x T = (D x E)^T (D x T)
+    if (!fast_ || !lt_sgemm_batched(true, e, t, d, gate.data<float>(), d, 0, x.data<float>(), d, 0, g.out, e, 0, 1))
+      gemm(g, t, kGemvDenseTokens);
     const float* bp = bias.defined() && bias.numel() > 0 ? bias.data<float>() : nullptr;
     cuda::moe_select(logits.data<float>(), bp, t, e, k, p.n_group, p.topk_group, p.norm_topk_prob,
                      p.routed_scaling_factor, ids.data<int32_t>(), weights.data<float>(), stream_);
@@ -918,6 +928,25 @@ class CudaOps final : public Ops {
     if (bytes == 0) return;
     DILU_CU(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_));
     DILU_CU(cudaStreamSynchronize(stream_));
+  }
+
+  // The step's layout (positions, slots, block tables) is the same for every layer of a step:
+  // uploaded once and reused while the host bytes are unchanged, instead of once per op call.
+  enum UploadSlot { kUpSeq, kUpPos, kUpTables, kUpSlots, kUpRopePos, kUpRopeFreq, kUpSlotCount };
+  struct CachedUpload {
+    std::vector<uint8_t> host;
+    Tensor dev;
+  };
+  std::array<CachedUpload, kUpSlotCount> uploads_;
+  Tensor upload_cached(UploadSlot slot, const void* src, size_t bytes, DType dtype) {
+    CachedUpload& c = uploads_[slot];
+    const auto* b = static_cast<const uint8_t*>(src);
+    if (c.dev.defined() && c.host.size() == bytes && std::equal(c.host.begin(), c.host.end(), b)) return c.dev;
+    const int64_t n = static_cast<int64_t>(bytes / dtype_size(dtype));
+    c.dev = empty(dtype, {n});
+    c.host.assign(b, b + bytes);
+    copy_from_host(c.host.data(), c.dev);
+    return c.dev;
   }
 
   Tensor upload_i32(std::span<const int32_t> v) {

@@ -122,8 +122,8 @@ __global__ void embedding_kernel(const void* table, int table_type, int64_t rows
   }
 }
 
-__global__ void rms_norm_kernel(float* x, const float* residual, const float* w, int64_t width, int64_t d, float eps,
-                                float* out) {
+__global__ void rms_norm_kernel(float* x, const float* __restrict__ residual, const float* __restrict__ w, int64_t width,
+                                int64_t d, float eps, float* out) {
   float* xr = x + blockIdx.x * width;
   float* orow = out + blockIdx.x * width;
   float ss = 0.0f;
@@ -140,7 +140,8 @@ __global__ void rms_norm_kernel(float* x, const float* residual, const float* w,
   for (int64_t i = threadIdx.x; i < d; i += blockDim.x) orow[i] = w[i] * (xr[i] * inv);
 }
 
-__global__ void gather_rows_kernel(const float* x, int64_t width, const int32_t* rows, float* out) {
+__global__ void gather_rows_kernel(const float* __restrict__ x, int64_t width, const int32_t* __restrict__ rows,
+                                   float* __restrict__ out) {
   const float* src = x + static_cast<int64_t>(rows[blockIdx.x]) * width;
   for (int64_t i = threadIdx.x; i < width; i += blockDim.x) out[blockIdx.x * width + i] = src[i];
 }
@@ -389,68 +390,114 @@ __global__ void mla_absorb_v_kernel(MlaArgs a) {
 // ---------------------------------------------------------------- MoE
 // One block per token; the selection (a few hundred comparisons) runs on thread 0 with the CPU's
 // order: stable by score, ties to the lower index.
+// One block per token. Scores and the groups' top-2 sums in parallel; the group choice (a few
+// groups) on one thread; then k rounds of a block-wide argmax (ties: the lowest expert id, as a
+// scan in ascending order takes them).
+__device__ __forceinline__ bool better_pick(float v, int i, float bv, int bi) {
+  if (i < 0) return false;
+  if (bi < 0) return true;
+  return v > bv || (v == bv && i < bi);
+}
+
 __global__ void moe_select_kernel(const float* logits, const float* bias, int64_t e_count, int64_t k, int64_t n_group,
                                   int64_t topk_group, bool norm, float factor, int32_t* ids, float* weights) {
   extern __shared__ float sm[];
   float* scores = sm;
   float* choice = sm + e_count;
+  __shared__ float group_score[64];
+  __shared__ float red_v[32];
+  __shared__ int red_i[32];
+  __shared__ unsigned long long kept_s;
   const int64_t t = blockIdx.x;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
   for (int64_t e = threadIdx.x; e < e_count; e += blockDim.x) {
     const float s = 1.0f / (1.0f + expf(-logits[t * e_count + e]));
     scores[e] = s;
     choice[e] = s + (bias ? bias[e] : 0.0f);
   }
   __syncthreads();
-  if (threadIdx.x != 0) return;
   const int64_t per_group = e_count / n_group;
-  // Keep the topk_group groups with the best sums of their two best biased scores.
-  unsigned long long kept = 0;  // n_group <= 64
-  for (int64_t pick = 0; pick < topk_group; ++pick) {
-    int64_t best_g = -1;
-    float best = 0.0f;
-    for (int64_t gi = 0; gi < n_group; ++gi) {
-      if (kept >> gi & 1ull) continue;
-      float a = -INFINITY, b = -INFINITY;
-      for (int64_t e = gi * per_group; e < (gi + 1) * per_group; ++e) {
-        const float v = choice[e];
-        if (v > a) {
-          b = a;
-          a = v;
-        } else if (v > b) {
-          b = v;
+  // Each group's score: the sum of its two best biased scores.
+  if (threadIdx.x < n_group) {
+    const int64_t gi = threadIdx.x;
+    float a = -INFINITY, b = -INFINITY;
+    for (int64_t e = gi * per_group; e < (gi + 1) * per_group; ++e) {
+      const float v = choice[e];
+      if (v > a) {
+        b = a;
+        a = v;
+      } else if (v > b) {
+        b = v;
+      }
+    }
+    group_score[gi] = per_group >= 2 ? a + b : a;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {  // keep the topk_group best groups
+    unsigned long long kept = 0;  // n_group <= 64
+    for (int64_t pick = 0; pick < topk_group; ++pick) {
+      int64_t best_g = -1;
+      float best = 0.0f;
+      for (int64_t gi = 0; gi < n_group; ++gi) {
+        if (kept >> gi & 1ull) continue;
+        if (best_g < 0 || group_score[gi] > best) {
+          best = group_score[gi];
+          best_g = gi;
         }
       }
-      const float gs = per_group >= 2 ? a + b : a;
-      if (best_g < 0 || gs > best) {
-        best = gs;
-        best_g = gi;
-      }
+      kept |= 1ull << best_g;
     }
-    kept |= 1ull << best_g;
+    kept_s = kept;
   }
-  for (int64_t e = 0; e < e_count; ++e)
+  __syncthreads();
+  const unsigned long long kept = kept_s;
+  for (int64_t e = threadIdx.x; e < e_count; e += blockDim.x)
     if (!(kept >> (e / per_group) & 1ull)) choice[e] = -INFINITY;
+  __syncthreads();
   float sum = 0.0f;
   for (int64_t j = 0; j < k; ++j) {
-    int64_t best_e = -1;
-    float best = 0.0f;
-    for (int64_t e = 0; e < e_count; ++e) {
+    float bv = 0.0f;
+    int bi = -1;
+    for (int64_t e = threadIdx.x; e < e_count; e += blockDim.x) {
       const float v = choice[e];
       if (v != v) continue;  // NaN (already chosen)
-      if (best_e < 0 || v > best) {
-        best = v;
-        best_e = e;
+      if (better_pick(v, static_cast<int>(e), bv, bi)) {
+        bv = v;
+        bi = static_cast<int>(e);
       }
     }
-    choice[best_e] = NAN;
-    ids[t * k + j] = static_cast<int32_t>(best_e);
-    weights[t * k + j] = scores[best_e];
-    sum += scores[best_e];
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+      if (better_pick(ov, oi, bv, bi)) {
+        bv = ov;
+        bi = oi;
+      }
+    }
+    if (lane == 0) {
+      red_v[warp] = bv;
+      red_i[warp] = bi;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      for (int w = 1; w < warps; ++w)
+        if (better_pick(red_v[w], red_i[w], bv, bi)) {
+          bv = red_v[w];
+          bi = red_i[w];
+        }
+      choice[bi] = NAN;
+      ids[t * k + j] = bi;
+      weights[t * k + j] = scores[bi];
+      sum += scores[bi];
+    }
+    __syncthreads();
   }
-  for (int64_t j = 0; j < k; ++j) {
-    float w = weights[t * k + j];
-    if (norm) w /= (sum + 1e-20f);
-    weights[t * k + j] = w * factor;
+  if (threadIdx.x == 0) {
+    for (int64_t j = 0; j < k; ++j) {
+      float w = weights[t * k + j];
+      if (norm) w /= (sum + 1e-20f);
+      weights[t * k + j] = w * factor;
+    }
   }
 }
 
@@ -462,16 +509,36 @@ __global__ void moe_count_kernel(const int32_t* ids, int64_t pairs, int64_t firs
   }
 }
 
-// Single block: exclusive scan of the counts into offsets, counters reset to the offsets.
+// Single block of 1024 threads: exclusive scan of the counts into offsets, counters reset to the
+// offsets. Chunks of 1024 experts, each scanned across warps in shared memory.
 __global__ void moe_scan_kernel(int32_t* counters, int64_t local, int32_t* offsets) {
-  if (threadIdx.x != 0) return;
-  int32_t run = 0;
-  for (int64_t e = 0; e < local; ++e) {
-    offsets[e] = run;
-    run += counters[e];
-    counters[e] = offsets[e];
+  __shared__ int32_t warp_total[32];
+  __shared__ int32_t carry_s;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (threadIdx.x == 0) carry_s = 0;
+  __syncthreads();
+  for (int64_t base = 0; base < local; base += blockDim.x) {
+    const int64_t e = base + threadIdx.x;
+    const int32_t c = e < local ? counters[e] : 0;
+    int32_t incl = c;  // inclusive scan within the warp
+    for (int o = 1; o < 32; o <<= 1) {
+      const int32_t v = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += v;
+    }
+    if (lane == 31) warp_total[warp] = incl;
+    __syncthreads();
+    int32_t before = carry_s;
+    for (int w = 0; w < warp; ++w) before += warp_total[w];
+    const int32_t excl = before + incl - c;
+    if (e < local) {
+      offsets[e] = excl;
+      counters[e] = excl;
+    }
+    __syncthreads();
+    if (threadIdx.x == blockDim.x - 1) carry_s = excl + c;
+    __syncthreads();
   }
-  offsets[local] = run;
+  if (threadIdx.x == 0) offsets[local] = carry_s;
 }
 
 __global__ void moe_scatter_kernel(const int32_t* ids, int64_t pairs, int64_t k, int64_t first, int64_t local,
@@ -498,12 +565,15 @@ __global__ void moe_silu_mul_kernel(float* gate, const float* up, const int32_t*
 
 __global__ void moe_combine_kernel(const float* y, const int32_t* ids, const float* weights, const int32_t* pair_row,
                                    int64_t k, int64_t d, float* out) {
+  // Block (token, column chunk). The token's pairs in ascending expert id (k is small), once.
+  constexpr int kMaxK = 64;
+  __shared__ int order[kMaxK];
+  __shared__ int count;
   const int64_t t = blockIdx.x;
-  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
-    float acc = 0.0f;
+  if (threadIdx.x == 0) {
+    int n = 0;
     int32_t last = -1;
-    // The pairs in ascending expert id (k is small: a selection per step).
-    for (int64_t step = 0; step < k; ++step) {
+    for (int64_t step = 0; step < k && n < kMaxK; ++step) {
       int64_t pick = -1;
       for (int64_t j = 0; j < k; ++j) {
         const int32_t e = ids[t * k + j];
@@ -511,11 +581,20 @@ __global__ void moe_combine_kernel(const float* y, const int32_t* ids, const flo
       }
       if (pick < 0) break;
       last = ids[t * k + pick];
-      const int32_t r = pair_row[t * k + pick];
-      if (r >= 0) acc += y[static_cast<int64_t>(r) * d + c] * weights[t * k + pick];
+      order[n++] = static_cast<int>(pick);
     }
-    out[t * d + c] = acc;
+    count = n;
   }
+  __syncthreads();
+  const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  if (c >= d) return;
+  float acc = 0.0f;
+  for (int i = 0; i < count; ++i) {
+    const int64_t pick = order[i];
+    const int32_t r = pair_row[t * k + pick];
+    if (r >= 0) acc += y[static_cast<int64_t>(r) * d + c] * weights[t * k + pick];
+  }
+  out[t * d + c] = acc;
 }
 
 __global__ void random_fill_kernel(void* out, int dtype, int64_t n, uint64_t key, float center, float half_width) {
@@ -583,7 +662,9 @@ void embedding(const void* table, int table_type, int64_t rows, int64_t dim, con
 void rms_norm(float* x, const float* residual, const float* w, int64_t rows, int64_t width, int64_t d, float eps,
               float* out, void* stream) {
   if (rows <= 0) return;
-  rms_norm_kernel<<<static_cast<unsigned>(rows), 256, 0, as_stream(stream)>>>(x, residual, w, width, d, eps, out);
+  // Wide rows take 1024 threads: each thread's loop is a chain of dependent loads.
+  rms_norm_kernel<<<static_cast<unsigned>(rows), d >= 2048 ? 1024 : 256, 0, as_stream(stream)>>>(x, residual, w, width,
+                                                                                              d, eps, out);
   check_launch("rms_norm");
 }
 
@@ -801,8 +882,9 @@ __device__ __forceinline__ void mma_bf16_16816(float c[4], uint32_t a0, uint32_t
 }
 
 template <int NT, bool kFp8>
-__global__ void __launch_bounds__(kMmaWarps * 32) grouped_mma_kernel(GroupedGemm g) {
+__global__ void __launch_bounds__(kMmaWarps * 32) grouped_mma_kernel(GroupedGemm g, int64_t k_chunk, float* partial) {
   constexpr int kSub = kFp8 ? 4 : 2;  // 64-wide K chunks per stage
+  constexpr bool kPrefetch = NT == 2;  // next stage's weights in registers (at NT 8: too many registers)
   constexpr int kStageK = kSub * 64, kRows = NT * 8, kPitch = kStageK + 8;  // BF16 elements per staged row
   const int64_t group = blockIdx.y;
   int64_t row_begin = 0, row_end = g.rows;
@@ -818,6 +900,12 @@ __global__ void __launch_bounds__(kMmaWarps * 32) grouped_mma_kernel(GroupedGemm
   const void* w = g.weights ? g.weights[group] : g.weight;
   const float* scale = kFp8 ? (g.scales ? g.scales[group] : g.scale) : nullptr;
   const int64_t row_bytes = kFp8 ? g.k : 2 * g.k;
+  // Split K (decode: few rows, few blocks): this block's K range, its sums to partial[z] (reduced
+  // in split order by grouped_mma_reduce, so the result does not depend on timing).
+  const int64_t k_begin = static_cast<int64_t>(blockIdx.z) * k_chunk;
+  const int64_t k_end = g.k < k_begin + k_chunk ? g.k : k_begin + k_chunk;
+  float* out = partial ? partial + static_cast<int64_t>(blockIdx.z) * g.rows * g.n : g.out;
+  const int64_t ldo = partial ? g.n : g.ldo;
   const uint8_t* wa = static_cast<const uint8_t*>(w) + na * row_bytes;
   const uint8_t* wb = static_cast<const uint8_t*>(w) + nb * row_bytes;
   const float* srow = kFp8 && n0 < g.n ? scale + (n0 / g.block_out) * g.scale_stride : nullptr;
@@ -828,23 +916,31 @@ __global__ void __launch_bounds__(kMmaWarps * 32) grouped_mma_kernel(GroupedGemm
     float acc[NT][4];
 #pragma unroll
     for (int i = 0; i < NT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
-    for (int64_t k0 = 0; k0 < g.k; k0 += kStageK) {
-      const int subs = static_cast<int>((g.k - k0) / 64 < kSub ? (g.k - k0) / 64 : kSub);
-      // This stage's weights: 16 per row and chunk (FP8: one 16-byte load; BF16: two).
-      constexpr int kLoads = kFp8 ? 1 : 2;
-      uint4 la[kSub][kLoads], lb[kSub][kLoads];
+    // Weights of a stage: 16 per row and 64-wide chunk (FP8: one 16-byte load; BF16: two). The
+    // next stage's are loaded before this one's activations are staged and multiplied.
+    constexpr int kLoads = kFp8 ? 1 : 2;
+    uint4 la[kSub][kLoads], lb[kSub][kLoads];
+    auto load_stage = [&](int64_t k0, uint4 (&da)[kSub][kLoads], uint4 (&db)[kSub][kLoads]) {
+      const int subs = static_cast<int>((k_end - k0) / 64 < kSub ? (k_end - k0) / 64 : kSub);
 #pragma unroll
       for (int s = 0; s < kSub; ++s) {
 #pragma unroll
         for (int l = 0; l < kLoads; ++l) {
-          la[s][l] = lb[s][l] = make_uint4(0, 0, 0, 0);
+          da[s][l] = db[s][l] = make_uint4(0, 0, 0, 0);
           if (s < subs) {
             const int64_t off = (kFp8 ? (k0 + 64 * s + 16 * quad) : 2 * (k0 + 64 * s + 16 * quad)) + 16 * l;
-            if (va) la[s][l] = __ldg(reinterpret_cast<const uint4*>(wa + off));
-            if (vb) lb[s][l] = __ldg(reinterpret_cast<const uint4*>(wb + off));
+            if (va) da[s][l] = __ldg(reinterpret_cast<const uint4*>(wa + off));
+            if (vb) db[s][l] = __ldg(reinterpret_cast<const uint4*>(wb + off));
           }
         }
       }
+    };
+    load_stage(k_begin, la, lb);
+    for (int64_t k0 = k_begin; k0 < k_end; k0 += kStageK) {
+      const int subs = static_cast<int>((k_end - k0) / 64 < kSub ? (k_end - k0) / 64 : kSub);
+      uint4 na_[kSub][kLoads], nb_[kSub][kLoads];
+      if (kPrefetch && k0 + kStageK < k_end) load_stage(k0 + kStageK, na_, nb_);
+      if (!kPrefetch && k0 != k_begin) load_stage(k0, la, lb);
       float sc[kSub];
 #pragma unroll
       for (int s = 0; s < kSub; ++s) sc[s] = kFp8 && srow && s < subs ? srow[(k0 + 64 * s) / g.block_in] : 1.0f;
@@ -891,18 +987,28 @@ __global__ void __launch_bounds__(kMmaWarps * 32) grouped_mma_kernel(GroupedGemm
             mma_bf16_16816(acc[nt], pa[2 * j], pb[2 * j], pa[2 * j + 1], pb[2 * j + 1], xb[2 * j], xb[2 * j + 1]);
         }
       }
+      if (kPrefetch && k0 + kStageK < k_end) {
+#pragma unroll
+        for (int s = 0; s < kSub; ++s) {
+#pragma unroll
+          for (int l = 0; l < kLoads; ++l) {
+            la[s][l] = na_[s][l];
+            lb[s][l] = nb_[s][l];
+          }
+        }
+      }
     }
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       const int r = nt * 8 + 2 * quad;
-      float* o = g.out + (r0 + r) * g.ldo;
+      float* o = out + (r0 + r) * ldo;
       if (r < rows) {
         if (va) o[na] = acc[nt][0];
         if (vb) o[nb] = acc[nt][2];
       }
       if (r + 1 < rows) {
-        if (va) o[g.ldo + na] = acc[nt][1];
-        if (vb) o[g.ldo + nb] = acc[nt][3];
+        if (va) o[ldo + na] = acc[nt][1];
+        if (vb) o[ldo + nb] = acc[nt][3];
       }
     }
   }
@@ -920,21 +1026,56 @@ bool grouped_mma_fits(const GroupedGemm& g) {
          (g.type != WeightType::FP8 || (g.block_in % 64 == 0 && g.block_out % 16 == 0));
 }
 
-void grouped_mma(const GroupedGemm& g, void* stream) {
+__global__ void grouped_mma_reduce_kernel(const float* partial, int64_t splits, int64_t rows, int64_t n,
+                                          const int32_t* row_count, float* out, int64_t ldo) {
+  const int64_t used = row_count ? *row_count : rows;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < used * n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float v = 0.0f;
+    for (int64_t z = 0; z < splits; ++z) v += partial[z * rows * n + i];
+    out[(i / n) * ldo + i % n] = v;
+  }
+}
+
+int64_t grouped_mma_splits(const GroupedGemm& g, int sms) {
+  // Rows are spread over at most `rows` groups: few rows leave most groups empty.
+  const int64_t active = g.groups < g.rows ? g.groups : g.rows;
+  const int64_t blocks = (g.n + kMmaCols - 1) / kMmaCols * active;
+  if (g.rows > 16 * g.groups || blocks >= 2 * static_cast<int64_t>(sms)) return 1;
+  int64_t splits = (4 * static_cast<int64_t>(sms) + blocks - 1) / blocks;
+  const int64_t most = g.k / 1024;  // each split at least 1024 of K
+  if (splits > most) splits = most;
+  return splits < 1 ? 1 : splits;
+}
+
+void grouped_mma(const GroupedGemm& g, void* stream, int64_t splits, float* partial) {
   if (g.rows <= 0 || g.n <= 0 || g.groups <= 0) return;
   if (!grouped_mma_fits(g)) throw std::runtime_error("grouped_mma: operands outside the kernel's shapes");
   if (g.type == WeightType::FP8 && g.scale_stride < (g.k + g.block_in - 1) / g.block_in)
     throw std::runtime_error("grouped_mma: FP8 scale rows of " + std::to_string(g.scale_stride) + " floats for K " +
                              std::to_string(g.k));
-  const dim3 grid(static_cast<unsigned>((g.n + kMmaCols - 1) / kMmaCols), static_cast<unsigned>(g.groups));
+  if (splits < 1 || (splits > 1 && partial == nullptr)) throw std::runtime_error("grouped_mma: bad split");
+  // K per split: whole stages of 256 (FP8) or 128 (BF16), so every split but the last is full.
+  const int64_t stage = g.type == WeightType::FP8 ? 256 : 128;
+  const int64_t k_chunk = splits == 1 ? g.k : ((g.k + splits - 1) / splits + stage - 1) / stage * stage;
+  splits = (g.k + k_chunk - 1) / k_chunk;
+  float* part = splits > 1 ? partial : nullptr;
+  const dim3 grid(static_cast<unsigned>((g.n + kMmaCols - 1) / kMmaCols), static_cast<unsigned>(g.groups),
+                  static_cast<unsigned>(splits));
   const bool few = g.rows <= 16 * g.groups;  // decode: a handful of rows per group
   const bool fp8 = g.type == WeightType::FP8;
   cudaStream_t s = as_stream(stream);
-  if (few && fp8) grouped_mma_kernel<2, true><<<grid, kMmaWarps * 32, 0, s>>>(g);
-  else if (few) grouped_mma_kernel<2, false><<<grid, kMmaWarps * 32, 0, s>>>(g);
-  else if (fp8) grouped_mma_kernel<8, true><<<grid, kMmaWarps * 32, 0, s>>>(g);
-  else grouped_mma_kernel<8, false><<<grid, kMmaWarps * 32, 0, s>>>(g);
+  if (few && fp8) grouped_mma_kernel<2, true><<<grid, kMmaWarps * 32, 0, s>>>(g, k_chunk, part);
+  else if (few) grouped_mma_kernel<2, false><<<grid, kMmaWarps * 32, 0, s>>>(g, k_chunk, part);
+  else if (fp8) grouped_mma_kernel<8, true><<<grid, kMmaWarps * 32, 0, s>>>(g, k_chunk, part);
+  else grouped_mma_kernel<8, false><<<grid, kMmaWarps * 32, 0, s>>>(g, k_chunk, part);
   check_launch("grouped_mma");
+  if (part) {
+    const int32_t* row_count = g.group_offsets ? g.group_offsets + g.groups : nullptr;
+    grouped_mma_reduce_kernel<<<grid_for(g.rows * g.n, 256), 256, 0, s>>>(part, splits, g.rows, g.n, row_count, g.out,
+                                                                       g.ldo);
+    check_launch("grouped_mma_reduce");
+  }
 }
 
 void grouped_gemm(const GroupedGemm& g, void* stream) {
@@ -1162,6 +1303,266 @@ void mla_core_fused(const MlaArgs& a, int64_t splits, int64_t chunk, float* part
   }
 }
 
+// ---------------------------------------------------------------- MLA, core on tensor cores
+// cuda.kernels=fast where C % 64 == 0, C <= 512 and (C + R) % 16 == 0 (R1: 512 + 64). Block
+// (token t, 16 heads, split s), 8 warps. The queries are staged as BF16 pairs hi + lo
+// (hi = bf16(q), lo = bf16(q - hi): 16 significant bits, near the F32 kernel's accuracy), the
+// cache in tiles of 64 positions, double-buffered through cp.async. Scores: warp w takes
+// positions 8w..8w+7 of the tile for all 16 heads (mma m16n8k16, hi and lo into one F32 sum).
+// Softmax: online per head, warp w keeping heads 2w, 2w+1. Output: warp w owns latent columns
+// 64w..64w+63 for all 16 heads; the probabilities enter as hi + lo BF16 pairs too, the cache's
+// columns through ldmatrix.trans.
+constexpr int kMmaTile = 64, kMlaMmaWarps = 8;
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0));
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(const void* smem, uint32_t& r0, uint32_t& r1, uint32_t& r2,
+                                                  uint32_t& r3) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(s));
+#else
+  r0 = r1 = r2 = r3 = 0;
+#endif
+}
+
+// hi + lo BF16 pairs of (x, y): hi = bf16(v), lo = bf16(v - hi).
+__device__ __forceinline__ void split_bf16x2(float x, float y, uint32_t& hi, uint32_t& lo) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
+  const float2 hf = __bfloat1622float2(h);
+  hi = *reinterpret_cast<const uint32_t*>(&h);
+  lo = pack_bf16x2(x - hf.x, y - hf.y);
+}
+
+__global__ void __launch_bounds__(kMlaMmaWarps * 32)
+    mla_core_mma_kernel(MlaArgs a, int64_t splits, int64_t chunk, float* part_o, float* part_ml) {
+  const int64_t groups = (a.h + kMlaFusedHeads - 1) / kMlaFusedHeads;
+  const int64_t t = blockIdx.x / groups, group = blockIdx.x % groups, split = blockIdx.y;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, quad = lane & 3;
+  const int width = static_cast<int>(a.c + a.r), pitch = width + 8;  // BF16 elements per staged row
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __nv_bfloat16* qh = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [16][pitch]
+  __nv_bfloat16* ql = qh + kMlaFusedHeads * pitch;                  // [16][pitch]
+  __nv_bfloat16* tiles = ql + kMlaFusedHeads * pitch;               // [2][64][pitch]
+  float* sp = reinterpret_cast<float*>(tiles + 2 * kMmaTile * pitch);  // [16][kMmaTile + 4] scores, then p
+  constexpr int kSp = kMmaTile + 4;
+  float* stat_m = sp + kMlaFusedHeads * kSp;  // [16] running max
+  float* stat_l = stat_m + kMlaFusedHeads;    // [16] running sum
+  float* stat_c = stat_l + kMlaFusedHeads;    // [16] this tile's correction
+
+  const int64_t head0 = group * kMlaFusedHeads;
+  for (int i = threadIdx.x; i < kMlaFusedHeads * width / 2; i += blockDim.x) {
+    const int hl = i / (width / 2), k = 2 * (i % (width / 2));
+    const int64_t head = head0 + hl;
+    float v0 = 0.0f, v1 = 0.0f;
+    if (head < a.h) {
+      const int64_t th = t * a.h + head;
+      v0 = k < a.c ? a.q_lat[th * a.c + k] : a.q[th * (a.nope + a.r) + a.nope + (k - a.c)];
+      v1 = k + 1 < a.c ? a.q_lat[th * a.c + k + 1] : a.q[th * (a.nope + a.r) + a.nope + (k + 1 - a.c)];
+    }
+    uint32_t hi, lo;
+    split_bf16x2(v0, v1, hi, lo);
+    *reinterpret_cast<uint32_t*>(qh + hl * pitch + k) = hi;
+    *reinterpret_cast<uint32_t*>(ql + hl * pitch + k) = lo;
+  }
+  if (threadIdx.x < kMlaFusedHeads) {
+    stat_m[threadIdx.x] = -INFINITY;
+    stat_l[threadIdx.x] = 0.0f;
+  }
+  const int64_t ctx = static_cast<int64_t>(a.token_pos[t]) + 1;
+  const int64_t begin = split * chunk, end = ctx < begin + chunk ? ctx : begin + chunk;
+  const int32_t* table = a.tables + static_cast<int64_t>(a.token_seq[t]) * a.table_stride;
+  const int chunks16 = width / 8;  // 16-byte pieces per cached row
+  auto load_tile = [&](int buf, int64_t j0) {
+    __nv_bfloat16* dst = tiles + buf * kMmaTile * pitch;
+    for (int i = threadIdx.x; i < kMmaTile * chunks16; i += blockDim.x) {
+      const int p = i / chunks16, piece = i % chunks16;
+      const int64_t j = j0 + p;
+      const bool valid = j < end;
+      const uint16_t* src = a.cache;
+      if (valid) src += (static_cast<int64_t>(table[j / a.block_size]) * a.block_size + j % a.block_size) * width + 8 * piece;
+      cp_async16(dst + p * pitch + 8 * piece, src, valid);
+    }
+  };
+
+  const int cols = static_cast<int>(a.c) / kMlaMmaWarps;  // latent columns per warp (64 for C = 512)
+  const int ntiles = cols / 8;
+  float acc[8][4];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+
+  if (begin < end) load_tile(0, begin);
+  cp_async_commit();
+  int buf = 0;
+  for (int64_t j0 = begin; j0 < end; j0 += kMmaTile, buf ^= 1) {
+    if (j0 + kMmaTile < end) load_tile(buf ^ 1, j0 + kMmaTile);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();  // this tile (and, the first time, the queries) visible to all
+    const __nv_bfloat16* tile = tiles + buf * kMmaTile * pitch;
+    {  // scores of positions 8 warp .. 8 warp + 7
+      float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      const __nv_bfloat16* krow = tile + (8 * warp + gid) * pitch + 2 * quad;
+      const __nv_bfloat16* qa = qh + gid * pitch + 2 * quad;
+      const __nv_bfloat16* la = ql + gid * pitch + 2 * quad;
+      for (int k = 0; k < width; k += 16) {
+        const uint32_t b0 = *reinterpret_cast<const uint32_t*>(krow + k);
+        const uint32_t b1 = *reinterpret_cast<const uint32_t*>(krow + k + 8);
+        mma_bf16_16816(s, *reinterpret_cast<const uint32_t*>(qa + k), *reinterpret_cast<const uint32_t*>(qa + 8 * pitch + k),
+                       *reinterpret_cast<const uint32_t*>(qa + k + 8),
+                       *reinterpret_cast<const uint32_t*>(qa + 8 * pitch + k + 8), b0, b1);
+        mma_bf16_16816(s, *reinterpret_cast<const uint32_t*>(la + k), *reinterpret_cast<const uint32_t*>(la + 8 * pitch + k),
+                       *reinterpret_cast<const uint32_t*>(la + k + 8),
+                       *reinterpret_cast<const uint32_t*>(la + 8 * pitch + k + 8), b0, b1);
+      }
+      const int p = 8 * warp + 2 * quad;
+      const bool v0 = j0 + p < end, v1 = j0 + p + 1 < end;
+      sp[gid * kSp + p] = v0 ? s[0] * a.scale : -INFINITY;
+      sp[gid * kSp + p + 1] = v1 ? s[1] * a.scale : -INFINITY;
+      sp[(gid + 8) * kSp + p] = v0 ? s[2] * a.scale : -INFINITY;
+      sp[(gid + 8) * kSp + p + 1] = v1 ? s[3] * a.scale : -INFINITY;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {  // online softmax of heads 2 warp, 2 warp + 1
+      const int hl = 2 * warp + hh;
+      float* row = sp + hl * kSp;
+      const float s0 = row[lane], s1 = row[lane + 32];
+      const float m_old = stat_m[hl];
+      const float m_new = fmaxf(m_old, warp_max(fmaxf(s0, s1)));  // finite: position j0 is valid
+      const float p0 = expf(s0 - m_new), p1 = expf(s1 - m_new);
+      row[lane] = p0;
+      row[lane + 32] = p1;
+      const float sum = warp_sum(p0 + p1);
+      __syncwarp();
+      if (lane == 0) {
+        const float corr = expf(m_old - m_new);
+        stat_c[hl] = corr;
+        stat_l[hl] = stat_l[hl] * corr + sum;
+        stat_m[hl] = m_new;
+      }
+    }
+    __syncthreads();
+    {  // acc = acc * corr + P (16 x 64) . V (64 x cols of this warp)
+      const float ca = stat_c[gid], cb = stat_c[gid + 8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        acc[i][0] *= ca;
+        acc[i][1] *= ca;
+        acc[i][2] *= cb;
+        acc[i][3] *= cb;
+      }
+      const int mi = lane >> 3, ri = lane & 7;
+#pragma unroll
+      for (int k = 0; k < kMmaTile; k += 16) {
+        const float* pa = sp + gid * kSp + k + 2 * quad;
+        const float* pb = pa + 8 * kSp;
+        uint32_t ah[4], al[4];
+        split_bf16x2(pa[0], pa[1], ah[0], al[0]);
+        split_bf16x2(pb[0], pb[1], ah[1], al[1]);
+        split_bf16x2(pa[8], pa[9], ah[2], al[2]);
+        split_bf16x2(pb[8], pb[9], ah[3], al[3]);
+        const __nv_bfloat16* vrow = tile + (k + (mi & 1) * 8 + ri) * pitch + warp * cols + (mi >> 1) * 8;
+#pragma unroll
+        for (int n = 0; n < 8; n += 2) {
+          if (n >= ntiles) break;
+          uint32_t b0, b1, b2, b3;
+          ldmatrix_x4_trans(vrow + 8 * n, b0, b1, b2, b3);
+          mma_bf16_16816(acc[n], ah[0], ah[1], ah[2], ah[3], b0, b1);
+          mma_bf16_16816(acc[n], al[0], al[1], al[2], al[3], b0, b1);
+          mma_bf16_16816(acc[n + 1], ah[0], ah[1], ah[2], ah[3], b2, b3);
+          mma_bf16_16816(acc[n + 1], al[0], al[1], al[2], al[3], b2, b3);
+        }
+      }
+    }
+    __syncthreads();  // the tile buffer and the scores are overwritten next
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the statistics (also when this split is empty)
+
+  const int64_t at0 = split * a.t * a.h + t * a.h;
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int hl = gid + 8 * hh;
+    const int64_t head = head0 + hl;
+    if (head >= a.h) continue;
+    const float l = stat_l[hl];
+    const float inv = splits == 1 ? (l > 0.0f ? 1.0f / l : 0.0f) : 1.0f;
+    float* dst = splits == 1 ? a.o_lat + (t * a.h + head) * a.c : part_o + (at0 + head) * a.c;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      if (i >= ntiles) break;
+      const int col = warp * cols + 8 * i + 2 * quad;
+      *reinterpret_cast<float2*>(dst + col) = make_float2(acc[i][2 * hh] * inv, acc[i][2 * hh + 1] * inv);
+    }
+  }
+  if (splits > 1 && threadIdx.x < kMlaFusedHeads && head0 + threadIdx.x < a.h) {
+    part_ml[2 * (at0 + head0 + threadIdx.x)] = stat_m[threadIdx.x];
+    part_ml[2 * (at0 + head0 + threadIdx.x) + 1] = stat_l[threadIdx.x];
+  }
+}
+
+size_t mla_core_mma_smem(int64_t width) {
+  const size_t pitch = static_cast<size_t>(width) + 8;
+  return (2 * kMlaFusedHeads + 2 * kMmaTile) * pitch * 2 + (kMlaFusedHeads * (kMmaTile + 4) + 3 * kMlaFusedHeads) * 4;
+}
+
+bool mla_core_mma_fits(const MlaArgs& a) {
+  static int max_smem[64] = {}, major[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+  if (major[dev] == 0 &&
+      (cudaDeviceGetAttribute(&major[dev], cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+       cudaDeviceGetAttribute(&max_smem[dev], cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess))
+    return false;
+  const int64_t width = a.c + a.r;
+  return major[dev] >= 8 && a.c % 128 == 0 && a.c <= 512 && width % 16 == 0 &&
+         mla_core_mma_smem(width) <= static_cast<size_t>(max_smem[dev]);
+}
+
+void mla_core_mma(const MlaArgs& a, int64_t splits, int64_t chunk, float* part_o, float* part_ml, void* stream) {
+  if (a.t <= 0 || a.h <= 0) return;
+  if (!mla_core_mma_fits(a)) throw std::runtime_error("mla_core_mma: shapes or device outside the kernel's");
+  if (splits < 1 || chunk < 1 || (splits > 1 && (part_o == nullptr || part_ml == nullptr)))
+    throw std::runtime_error("mla_core_mma: bad split");
+  const size_t smem = mla_core_mma_smem(a.c + a.r);
+  static size_t smem_set[64] = {};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64)
+    throw std::runtime_error("mla_core_mma: no current device");
+  if (smem > smem_set[device]) {
+    if (cudaFuncSetAttribute(mla_core_mma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(smem)) != cudaSuccess)
+      throw std::runtime_error("mla_core_mma: cannot allow " + std::to_string(smem) + " bytes of shared memory");
+    smem_set[device] = smem;
+  }
+  const int64_t groups = (a.h + kMlaFusedHeads - 1) / kMlaFusedHeads;
+  const dim3 grid(static_cast<unsigned>(a.t * groups), static_cast<unsigned>(splits));
+  mla_core_mma_kernel<<<grid, kMlaMmaWarps * 32, smem, as_stream(stream)>>>(a, splits, chunk, part_o, part_ml);
+  check_launch("mla_core_mma");
+  if (splits > 1) {
+    mla_combine_kernel<<<static_cast<unsigned>(a.t * a.h), 128, 0, as_stream(stream)>>>(a, splits, part_o, part_ml);
+    check_launch("mla_combine");
+  }
+}
+
 void moe_select(const float* logits, const float* bias, int64_t t, int64_t e, int64_t k, int64_t n_group,
                 int64_t topk_group, bool norm_topk_prob, float routed_scaling_factor, int32_t* ids, float* weights,
                 void* stream) {
@@ -1182,7 +1583,7 @@ void moe_group(const int32_t* ids, int64_t t, int64_t k, int64_t first, int64_t 
     moe_count_kernel<<<grid_for(pairs, 256), 256, 0, s>>>(ids, pairs, first, local, counters);
     check_launch("moe_count");
   }
-  moe_scan_kernel<<<1, 32, 0, s>>>(counters, local, offsets);
+  moe_scan_kernel<<<1, 1024, 0, s>>>(counters, local, offsets);
   check_launch("moe_scan");
   if (pairs > 0) {
     moe_scatter_kernel<<<grid_for(pairs, 256), 256, 0, s>>>(ids, pairs, k, first, local, counters, rows, pair_row);
@@ -1200,7 +1601,9 @@ void moe_silu_mul(float* gate, const float* up, const int32_t* offsets, int64_t 
 void moe_combine(const float* y, const int32_t* ids, const float* weights, const int32_t* pair_row, int64_t t,
                  int64_t k, int64_t d, float* out, void* stream) {
   if (t <= 0) return;
-  moe_combine_kernel<<<static_cast<unsigned>(t), 256, 0, as_stream(stream)>>>(y, ids, weights, pair_row, k, d, out);
+  if (k > 64) throw std::runtime_error("moe_combine: more than 64 experts per token");
+  moe_combine_kernel<<<dim3(static_cast<unsigned>(t), static_cast<unsigned>((d + 255) / 256)), 256, 0,
+                       as_stream(stream)>>>(y, ids, weights, pair_row, k, d, out);
   check_launch("moe_combine");
 }
 

@@ -82,7 +82,10 @@ void grouped_gemv(const GroupedGemm& g, void* stream);
 // its rows 16-byte aligned: grouped_mma_fits(). Any number of rows per group; each weight is read
 // once per 16 (or, when groups average more than 16 rows, 64) rows of its group.
 bool grouped_mma_fits(const GroupedGemm& g);
-void grouped_mma(const GroupedGemm& g, void* stream);
+// K split over `splits` blocks (grouped_mma_splits: when few rows leave the GPU mostly idle),
+// their sums in `partial` (splits x rows x n floats), added in split order.
+int64_t grouped_mma_splits(const GroupedGemm& g, int sms);
+void grouped_mma(const GroupedGemm& g, void* stream, int64_t splits = 1, float* partial = nullptr);
 
 // ---- multi-head latent attention (absorbed form) ----
 struct MlaArgs {
@@ -117,6 +120,11 @@ void mla_core_reference(const MlaArgs& a, void* stream);
 // even, C <= 512. splits == 1 writes o_lat directly.
 constexpr int kMlaFusedHeads = 16;
 void mla_core_fused(const MlaArgs& a, int64_t splits, int64_t chunk, float* part_o, float* part_ml, void* stream);
+// The same core on tensor cores (mma.sync BF16 with hi + lo splits of the queries and the
+// probabilities), 64-position cache tiles; same splits, scratch and combine. Needs C % 128 == 0,
+// C <= 512, (C + R) % 16 == 0, sm_80+ and ~190 KB of shared memory per block: mla_core_mma_fits().
+bool mla_core_mma_fits(const MlaArgs& a);
+void mla_core_mma(const MlaArgs& a, int64_t splits, int64_t chunk, float* part_o, float* part_ml, void* stream);
 
 // ---- MoE ----
 // Router choice from logits [T, E] (F32, before the sigmoid): noaux_tc with groups, as the CPU.

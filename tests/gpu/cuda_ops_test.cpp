@@ -1483,6 +1483,9 @@ INSTANTIATE_TEST_SUITE_P(
         MoeCase{"BF16_256x192_many_rows", DType::BF16, 40, 256, 192, 8, 8, 0, 4, 0, 0},
         MoeCase{"FP8_256x136_partial_tile", DType::F8E4M3, 20, 256, 136, 8, 8, 0, 4, 128, 128},
         MoeCase{"FP8_320x200_b32x64", DType::F8E4M3, 24, 320, 200, 6, 6, 0, 3, 32, 64},
+        // Split K (few rows): decode of one and of three tokens.
+        MoeCase{"BF16_2048x1024_one_token", DType::BF16, 1, 2048, 1024, 8, 8, 0, 2, 0, 0},
+        MoeCase{"FP8_4096x2048_three_tokens", DType::F8E4M3, 3, 4096, 2048, 16, 16, 0, 4, 128, 128},
         MoeCase{"empty_batch", DType::F8E4M3, 0, 144, 32, 8, 8, 0, 3, 128, 128}),
     [](const ::testing::TestParamInfo<MoeCase>& param_info) { return param_info.param.name; });
 
