@@ -846,7 +846,9 @@ void grouped_gemv(const GroupedGemm& g, void* stream) {
 // position q holds physical K 16q..16q+15 of the chunk; MMA step j takes 4j..4j+3 of them), so the
 // sum is the same and no shuffle is needed. Weight loads of a stage are issued before the stage's
 // activations are staged, so they are in flight together.
-constexpr int kMmaWarps = 8, kMmaCols = kMmaWarps * 16;
+// Warps per block: 8 for decode's few rows (more blocks in flight), 16 for groups of many rows
+// (each staged activation row serves twice the weights). Measured on an H100, R1 geometry.
+constexpr int kMmaWarps = 8, kMmaCols = kMmaWarps * 16, kMmaWarpsWide = 16;
 
 __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
@@ -881,10 +883,10 @@ __device__ __forceinline__ void mma_bf16_16816(float c[4], uint32_t a0, uint32_t
 #endif
 }
 
-template <int NT, bool kFp8>
-__global__ void __launch_bounds__(kMmaWarps * 32) grouped_mma_kernel(GroupedGemm g, int64_t k_chunk, float* partial) {
+template <int NT, bool kFp8, int W = kMmaWarps>
+__global__ void __launch_bounds__(W * 32) grouped_mma_kernel(GroupedGemm g, int64_t k_chunk, float* partial) {
   constexpr int kSub = kFp8 ? 4 : 2;  // 64-wide K chunks per stage
-  constexpr bool kPrefetch = NT == 2;  // next stage's weights in registers (at NT 8: too many registers)
+  constexpr bool kPrefetch = NT <= 4;  // next stage's weights in registers (at NT 8: too many registers)
   constexpr int kStageK = kSub * 64, kRows = NT * 8, kPitch = kStageK + 8;  // BF16 elements per staged row
   const int64_t group = blockIdx.y;
   int64_t row_begin = 0, row_end = g.rows;
@@ -894,7 +896,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) grouped_mma_kernel(GroupedGemm
   }
   if (row_begin >= row_end) return;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, quad = lane & 3;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kMmaCols + warp * 16;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * (W * 16) + warp * 16;
   const int64_t na = n0 + gid, nb = na + 8;  // this thread's two weight rows
   const bool va = na < g.n, vb = nb < g.n;
   const void* w = g.weights ? g.weights[group] : g.weight;
@@ -1062,13 +1064,21 @@ void grouped_mma(const GroupedGemm& g, void* stream, int64_t splits, float* part
   float* part = splits > 1 ? partial : nullptr;
   const dim3 grid(static_cast<unsigned>((g.n + kMmaCols - 1) / kMmaCols), static_cast<unsigned>(g.groups),
                   static_cast<unsigned>(splits));
-  const bool few = g.rows <= 16 * g.groups;  // decode: a handful of rows per group
+  // Rows per pass over the weights: 16 where groups average at most 4 rows, 32 up to 16 (decode:
+  // the busiest experts of a step see a few times the average), else 64.
+  const bool few = g.rows <= 4 * g.groups, some = g.rows <= 16 * g.groups;
   const bool fp8 = g.type == WeightType::FP8;
   cudaStream_t s = as_stream(stream);
   if (few && fp8) grouped_mma_kernel<2, true><<<grid, kMmaWarps * 32, 0, s>>>(g, k_chunk, part);
   else if (few) grouped_mma_kernel<2, false><<<grid, kMmaWarps * 32, 0, s>>>(g, k_chunk, part);
-  else if (fp8) grouped_mma_kernel<8, true><<<grid, kMmaWarps * 32, 0, s>>>(g, k_chunk, part);
-  else grouped_mma_kernel<8, false><<<grid, kMmaWarps * 32, 0, s>>>(g, k_chunk, part);
+  else if (some && fp8) grouped_mma_kernel<4, true><<<grid, kMmaWarps * 32, 0, s>>>(g, k_chunk, part);
+  else if (some) grouped_mma_kernel<4, false><<<grid, kMmaWarps * 32, 0, s>>>(g, k_chunk, part);
+  else {
+    const dim3 wide(static_cast<unsigned>((g.n + kMmaWarpsWide * 16 - 1) / (kMmaWarpsWide * 16)),
+                    static_cast<unsigned>(g.groups), static_cast<unsigned>(splits));
+    if (fp8) grouped_mma_kernel<8, true, kMmaWarpsWide><<<wide, kMmaWarpsWide * 32, 0, s>>>(g, k_chunk, part);
+    else grouped_mma_kernel<8, false, kMmaWarpsWide><<<wide, kMmaWarpsWide * 32, 0, s>>>(g, k_chunk, part);
+  }
   check_launch("grouped_mma");
   if (part) {
     const int32_t* row_count = g.group_offsets ? g.group_offsets + g.groups : nullptr;
@@ -1308,11 +1318,13 @@ void mla_core_fused(const MlaArgs& a, int64_t splits, int64_t chunk, float* part
 // (token t, 16 heads, split s), 8 warps. The queries are staged as BF16 pairs hi + lo
 // (hi = bf16(q), lo = bf16(q - hi): 16 significant bits, near the F32 kernel's accuracy), the
 // cache in tiles of 64 positions, double-buffered through cp.async. Scores: warp w takes
-// positions 8w..8w+7 of the tile for all 16 heads (mma m16n8k16, hi and lo into one F32 sum).
+// positions 8w..8w+7 of the tile for all 16 heads (mma m16n8k16, hi and lo summed in F32).
 // Softmax: online per head, warp w keeping heads 2w, 2w+1. Output: warp w owns latent columns
 // 64w..64w+63 for all 16 heads; the probabilities enter as hi + lo BF16 pairs too, the cache's
-// columns through ldmatrix.trans.
+// columns through ldmatrix.trans. Every loop index is 32-bit: 64-bit division costs more than a
+// tile's MMAs.
 constexpr int kMmaTile = 64, kMlaMmaWarps = 8;
+static_assert(kMmaTile * 4 == kMlaMmaWarps * 32, "the tile loader's thread layout");
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -1368,19 +1380,24 @@ __global__ void __launch_bounds__(kMlaMmaWarps * 32)
   float* stat_c = stat_l + kMlaFusedHeads;    // [16] this tile's correction
 
   const int64_t head0 = group * kMlaFusedHeads;
-  for (int i = threadIdx.x; i < kMlaFusedHeads * width / 2; i += blockDim.x) {
-    const int hl = i / (width / 2), k = 2 * (i % (width / 2));
-    const int64_t head = head0 + hl;
-    float v0 = 0.0f, v1 = 0.0f;
-    if (head < a.h) {
-      const int64_t th = t * a.h + head;
-      v0 = k < a.c ? a.q_lat[th * a.c + k] : a.q[th * (a.nope + a.r) + a.nope + (k - a.c)];
-      v1 = k + 1 < a.c ? a.q_lat[th * a.c + k + 1] : a.q[th * (a.nope + a.r) + a.nope + (k + 1 - a.c)];
+  {  // the queries, 4 at a time (C, nope and nope + R are multiples of 4: mla_core_mma_fits)
+    const int quads = width / 4, c4 = static_cast<int>(a.c) / 4;
+    const float* qlat = a.q_lat + (t * a.h + head0) * a.c;
+    const float* qrope = a.q + (t * a.h + head0) * (a.nope + a.r) + a.nope;
+    const int qstride = static_cast<int>(a.nope + a.r);
+    const int heads = static_cast<int>(a.h - head0 < kMlaFusedHeads ? a.h - head0 : kMlaFusedHeads);
+    for (int i = threadIdx.x; i < kMlaFusedHeads * quads; i += blockDim.x) {
+      const int hl = i / quads, k4 = i - hl * quads;
+      float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      if (hl < heads)
+        v = k4 < c4 ? *reinterpret_cast<const float4*>(qlat + hl * static_cast<int>(a.c) + 4 * k4)
+                    : *reinterpret_cast<const float4*>(qrope + hl * qstride + 4 * (k4 - c4));
+      uint32_t h0, l0, h1, l1;
+      split_bf16x2(v.x, v.y, h0, l0);
+      split_bf16x2(v.z, v.w, h1, l1);
+      *reinterpret_cast<uint2*>(qh + hl * pitch + 4 * k4) = make_uint2(h0, h1);
+      *reinterpret_cast<uint2*>(ql + hl * pitch + 4 * k4) = make_uint2(l0, l1);
     }
-    uint32_t hi, lo;
-    split_bf16x2(v0, v1, hi, lo);
-    *reinterpret_cast<uint32_t*>(qh + hl * pitch + k) = hi;
-    *reinterpret_cast<uint32_t*>(ql + hl * pitch + k) = lo;
   }
   if (threadIdx.x < kMlaFusedHeads) {
     stat_m[threadIdx.x] = -INFINITY;
@@ -1389,17 +1406,20 @@ __global__ void __launch_bounds__(kMlaMmaWarps * 32)
   const int64_t ctx = static_cast<int64_t>(a.token_pos[t]) + 1;
   const int64_t begin = split * chunk, end = ctx < begin + chunk ? ctx : begin + chunk;
   const int32_t* table = a.tables + static_cast<int64_t>(a.token_seq[t]) * a.table_stride;
-  const int chunks16 = width / 8;  // 16-byte pieces per cached row
+  // Tile loader: thread i copies position i / 4 of the tile, 16-byte pieces i % 4 + 4j of its row
+  // (kMmaTile * 4 threads; width / 8 pieces per row, a multiple of 4).
+  const int pieces = width / 8, bs = static_cast<int>(a.block_size);
   auto load_tile = [&](int buf, int64_t j0) {
-    __nv_bfloat16* dst = tiles + buf * kMmaTile * pitch;
-    for (int i = threadIdx.x; i < kMmaTile * chunks16; i += blockDim.x) {
-      const int p = i / chunks16, piece = i % chunks16;
-      const int64_t j = j0 + p;
-      const bool valid = j < end;
-      const uint16_t* src = a.cache;
-      if (valid) src += (static_cast<int64_t>(table[j / a.block_size]) * a.block_size + j % a.block_size) * width + 8 * piece;
-      cp_async16(dst + p * pitch + 8 * piece, src, valid);
+    const int p = threadIdx.x >> 2, first = threadIdx.x & 3;
+    const int64_t j = j0 + p;
+    const bool valid = j < end;
+    const uint16_t* src = a.cache;
+    if (valid) {
+      const int jj = static_cast<int>(j);  // positions fit 32 bits (token_pos is int32)
+      src += (static_cast<int64_t>(table[jj / bs]) * bs + jj % bs) * width;
     }
+    __nv_bfloat16* dst = tiles + (buf * kMmaTile + p) * pitch;
+    for (int piece = first; piece < pieces; piece += 4) cp_async16(dst + 8 * piece, src + 8 * piece, valid);
   };
 
   const int cols = static_cast<int>(a.c) / kMlaMmaWarps;  // latent columns per warp (64 for C = 512)
@@ -1418,20 +1438,27 @@ __global__ void __launch_bounds__(kMlaMmaWarps * 32)
     __syncthreads();  // this tile (and, the first time, the queries) visible to all
     const __nv_bfloat16* tile = tiles + buf * kMmaTile * pitch;
     {  // scores of positions 8 warp .. 8 warp + 7
-      float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      // Four independent accumulators (hi and lo, even and odd K steps): the MMAs of one chain
+      // wait for each other.
+      float acc_s[4][4] = {};
       const __nv_bfloat16* krow = tile + (8 * warp + gid) * pitch + 2 * quad;
       const __nv_bfloat16* qa = qh + gid * pitch + 2 * quad;
       const __nv_bfloat16* la = ql + gid * pitch + 2 * quad;
-      for (int k = 0; k < width; k += 16) {
-        const uint32_t b0 = *reinterpret_cast<const uint32_t*>(krow + k);
-        const uint32_t b1 = *reinterpret_cast<const uint32_t*>(krow + k + 8);
-        mma_bf16_16816(s, *reinterpret_cast<const uint32_t*>(qa + k), *reinterpret_cast<const uint32_t*>(qa + 8 * pitch + k),
-                       *reinterpret_cast<const uint32_t*>(qa + k + 8),
-                       *reinterpret_cast<const uint32_t*>(qa + 8 * pitch + k + 8), b0, b1);
-        mma_bf16_16816(s, *reinterpret_cast<const uint32_t*>(la + k), *reinterpret_cast<const uint32_t*>(la + 8 * pitch + k),
-                       *reinterpret_cast<const uint32_t*>(la + k + 8),
-                       *reinterpret_cast<const uint32_t*>(la + 8 * pitch + k + 8), b0, b1);
+      auto u32 = [](const __nv_bfloat16* p) { return *reinterpret_cast<const uint32_t*>(p); };
+      for (int k0 = 0; k0 < width; k0 += 32) {  // width % 32 == 0 (mla_core_mma_fits)
+#pragma unroll
+        for (int odd = 0; odd < 2; ++odd) {
+          const int k = k0 + 16 * odd;
+          const uint32_t b0 = u32(krow + k), b1 = u32(krow + k + 8);
+          mma_bf16_16816(acc_s[odd], u32(qa + k), u32(qa + 8 * pitch + k), u32(qa + k + 8), u32(qa + 8 * pitch + k + 8),
+                         b0, b1);
+          mma_bf16_16816(acc_s[2 + odd], u32(la + k), u32(la + 8 * pitch + k), u32(la + k + 8),
+                         u32(la + 8 * pitch + k + 8), b0, b1);
+        }
       }
+      float s[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[e] = (acc_s[0][e] + acc_s[1][e]) + (acc_s[2][e] + acc_s[3][e]);
       const int p = 8 * warp + 2 * quad;
       const bool v0 = j0 + p < end, v1 = j0 + p + 1 < end;
       sp[gid * kSp + p] = v0 ? s[0] * a.scale : -INFINITY;
@@ -1486,8 +1513,8 @@ __global__ void __launch_bounds__(kMlaMmaWarps * 32)
           uint32_t b0, b1, b2, b3;
           ldmatrix_x4_trans(vrow + 8 * n, b0, b1, b2, b3);
           mma_bf16_16816(acc[n], ah[0], ah[1], ah[2], ah[3], b0, b1);
-          mma_bf16_16816(acc[n], al[0], al[1], al[2], al[3], b0, b1);
           mma_bf16_16816(acc[n + 1], ah[0], ah[1], ah[2], ah[3], b2, b3);
+          mma_bf16_16816(acc[n], al[0], al[1], al[2], al[3], b0, b1);
           mma_bf16_16816(acc[n + 1], al[0], al[1], al[2], al[3], b2, b3);
         }
       }
@@ -1533,7 +1560,8 @@ bool mla_core_mma_fits(const MlaArgs& a) {
        cudaDeviceGetAttribute(&max_smem[dev], cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess))
     return false;
   const int64_t width = a.c + a.r;
-  return major[dev] >= 8 && a.c % 128 == 0 && a.c <= 512 && width % 16 == 0 &&
+  return major[dev] >= 8 && a.c % 128 == 0 && a.c <= 512 && width % 32 == 0 && a.nope % 4 == 0 && a.r % 4 == 0 &&
+         reinterpret_cast<uintptr_t>(a.q) % 16 == 0 && reinterpret_cast<uintptr_t>(a.q_lat) % 16 == 0 &&
          mla_core_mma_smem(width) <= static_cast<size_t>(max_smem[dev]);
 }
 
