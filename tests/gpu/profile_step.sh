@@ -25,7 +25,7 @@ def load(path):
     rows = list(csv.reader(l for l in open(path) if l.startswith('"')))
     head, rows = rows[0], rows[1:]
     ki, vi, ui = head.index("Kernel Name"), head.index("Metric Value"), head.index("Metric Unit")
-    scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6}
+    scale = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3, "s": 1e6, "second": 1e6}
     tot = collections.defaultdict(lambda: [0, 0.0])
     for r in rows:
         t = tot[r[ki].split("(")[0][:72]]
