@@ -837,8 +837,10 @@ void grouped_gemv(const GroupedGemm& g, void* stream) {
 
 // ---------------------------------------------------------------- grouped GEMM on tensor cores
 // cuda.kernels=fast, BF16 math (round_bf16) with FP8 or BF16 weights, K a multiple of 64: the
-// same product as the tiled kernel (weights dequantized with their block scale, both operands
-// rounded to BF16, FP32 sums) through mma.sync m16n8k16 BF16. A block of 8 warps covers 128 output
+// same product as the tiled kernel (weights dequantized with their block scale and rounded to
+// BF16, as transformers dequantizes them; activations rounded to BF16; FP32 sums) through
+// mma.sync m16n8k16 BF16. (Applying the scale to each chunk's sum instead, exact but not
+// transformers' arithmetic, moved greedy tokens of the FP8 golden cases off the reference.) A block of 8 warps covers 128 output
 // columns of one group; warp w owns 16 of them (the MMA's M) and the group's rows (its N, 8 per
 // MMA) come NT * 8 at a time, staged as BF16 in shared memory, K in stages of kMmaSub * 64.
 // Each thread loads 16 consecutive weights of its two rows per 64-wide K chunk in one or two
@@ -912,9 +914,12 @@ __global__ void __launch_bounds__(W * 32) grouped_mma_kernel(GroupedGemm g, int6
   const uint8_t* wb = static_cast<const uint8_t*>(w) + nb * row_bytes;
   const float* srow = kFp8 && n0 < g.n ? scale + (n0 / g.block_out) * g.scale_stride : nullptr;
   __shared__ __align__(16) __nv_bfloat16 xs[kRows][kPitch];
+  __shared__ int64_t src_row[kRows];  // the activation row of each of the pass's rows
 
   for (int64_t r0 = row_begin; r0 < row_end; r0 += kRows) {
     const int rows = static_cast<int>(row_end - r0 < kRows ? row_end - r0 : kRows);
+    // Written before the first stage's barrier; read only between a stage's two barriers.
+    for (int r = threadIdx.x; r < rows; r += blockDim.x) src_row[r] = (g.x_rows ? g.x_rows[r0 + r] : r0 + r) * g.ldx;
     float acc[NT][4];
 #pragma unroll
     for (int i = 0; i < NT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
@@ -953,8 +958,7 @@ __global__ void __launch_bounds__(W * 32) grouped_mma_kernel(GroupedGemm g, int6
         if (c4 >= width || r >= ((rows + 7) & ~7)) continue;  // rows past the last MMA tile: unread
         float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         if (r < rows) {
-          const int64_t src = g.x_rows ? g.x_rows[r0 + r] : r0 + r;
-          v = *reinterpret_cast<const float4*>(g.x + src * g.ldx + k0 + c4);
+          v = *reinterpret_cast<const float4*>(g.x + src_row[r] + k0 + c4);
         }
         uint2 packed;
         packed.x = pack_bf16x2(v.x, v.y);
@@ -966,7 +970,7 @@ __global__ void __launch_bounds__(W * 32) grouped_mma_kernel(GroupedGemm g, int6
       for (int s = 0; s < kSub; ++s) {
         if (s >= subs) break;
         uint32_t pa[8], pb[8];
-        if constexpr (kFp8) {
+        if constexpr (kFp8) {  // weight x block scale, rounded to BF16 (transformers' dequantization)
           fp8x16_to_bf16(la[s][0], sc[s], pa);
           fp8x16_to_bf16(lb[s][0], sc[s], pb);
         } else {
