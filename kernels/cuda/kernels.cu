@@ -13,6 +13,8 @@
 #include <cfloat>
 #include <cstdint>
 #include <cstdio>
+#include <map>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 
@@ -25,6 +27,38 @@ cudaStream_t as_stream(void* s) { return static_cast<cudaStream_t>(s); }
 void check_launch(const char* what) {
   const cudaError_t rc = cudaGetLastError();
   if (rc != cudaSuccess) throw std::runtime_error(std::string(what) + ": kernel launch failed: " + cudaGetErrorString(rc));
+}
+
+constexpr int kMaxDevices = 64;
+
+// An attribute of the current device, read once per device; 0 when there is no device.
+int device_attribute(cudaDeviceAttr attr) {
+  static std::mutex mu;
+  static std::map<std::pair<int, int>, int> cache;
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
+  std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_pair(dev, static_cast<int>(attr));
+  auto it = cache.find(key);
+  if (it == cache.end()) {
+    int v = 0;
+    if (cudaDeviceGetAttribute(&v, attr, dev) != cudaSuccess) v = 0;
+    it = cache.emplace(key, v).first;
+  }
+  return it->second;
+}
+
+// Above 48 KiB of dynamic shared memory a kernel must opt in, once per device; `allowed` is the
+// kernel's own record of what each device allows it.
+template <typename Kernel>
+void allow_dynamic_smem(Kernel kernel, size_t smem, size_t (&allowed)[kMaxDevices], const char* what) {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices)
+    throw std::runtime_error(std::string(what) + ": no current device");
+  if (smem <= allowed[device]) return;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) != cudaSuccess)
+    throw std::runtime_error(std::string(what) + ": cannot allow " + std::to_string(smem) + " bytes of shared memory");
+  allowed[device] = smem;
 }
 
 int grid_for(int64_t n, int threads) {
@@ -1021,13 +1055,8 @@ __global__ void __launch_bounds__(W * 32) grouped_mma_kernel(GroupedGemm g, int6
 }
 
 bool grouped_mma_fits(const GroupedGemm& g) {
-  static int major[64] = {};
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
-  if (major[dev] == 0 && cudaDeviceGetAttribute(&major[dev], cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
-    return false;
   const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  return major[dev] >= 8 && g.round_bf16 && (g.type == WeightType::FP8 || g.type == WeightType::BF16) &&
+  return device_attribute(cudaDevAttrComputeCapabilityMajor) >= 8 && g.round_bf16 && (g.type == WeightType::FP8 || g.type == WeightType::BF16) &&
          g.k % 64 == 0 && g.ldx % 4 == 0 && aligned(g.x) && (g.weights || aligned(g.weight)) &&
          (g.type != WeightType::FP8 || (g.block_in % 64 == 0 && g.block_out % 16 == 0));
 }
@@ -1286,6 +1315,19 @@ __global__ void mla_combine_kernel(MlaArgs a, int64_t splits, const float* part_
   }
 }
 
+// Blocks (token x head group, split) of the fused and the tensor-core MLA cores.
+static dim3 mla_grid(const MlaArgs& a, int64_t splits) {
+  const int64_t groups = (a.h + kMlaFusedHeads - 1) / kMlaFusedHeads;
+  return dim3(static_cast<unsigned>(a.t * groups), static_cast<unsigned>(splits));
+}
+
+// The splits' partial softmax states merged into o_lat (nothing to do for one split).
+static void mla_combine(const MlaArgs& a, int64_t splits, const float* part_o, const float* part_ml, void* stream) {
+  if (splits <= 1) return;
+  mla_combine_kernel<<<static_cast<unsigned>(a.t * a.h), 128, 0, as_stream(stream)>>>(a, splits, part_o, part_ml);
+  check_launch("mla_combine");
+}
+
 void mla_core_fused(const MlaArgs& a, int64_t splits, int64_t chunk, float* part_o, float* part_ml, void* stream) {
   if (a.t <= 0 || a.h <= 0) return;
   const int64_t width = a.c + a.r;
@@ -1296,25 +1338,12 @@ void mla_core_fused(const MlaArgs& a, int64_t splits, int64_t chunk, float* part
     throw std::runtime_error("mla_core_fused: bad split");
   const size_t smem = (static_cast<size_t>(kMlaFusedHeads * width) +
                        static_cast<size_t>(kMlaTile) * static_cast<size_t>(width / 2 + 1)) * sizeof(float);
-  // Above 48 KiB of dynamic shared memory a kernel must opt in, once per device.
-  static size_t smem_set[64] = {};
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64)
-    throw std::runtime_error("mla_core_fused: no current device");
-  if (smem > smem_set[device]) {
-    if (cudaFuncSetAttribute(mla_core_fused_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(smem)) != cudaSuccess)
-      throw std::runtime_error("mla_core_fused: cannot allow " + std::to_string(smem) + " bytes of shared memory");
-    smem_set[device] = smem;
-  }
-  const int64_t groups = (a.h + kMlaFusedHeads - 1) / kMlaFusedHeads;
-  const dim3 grid(static_cast<unsigned>(a.t * groups), static_cast<unsigned>(splits));
-  mla_core_fused_kernel<<<grid, kMlaFusedWarps * 32, smem, as_stream(stream)>>>(a, splits, chunk, part_o, part_ml);
+  static size_t allowed[kMaxDevices] = {};
+  allow_dynamic_smem(mla_core_fused_kernel, smem, allowed, "mla_core_fused");
+  mla_core_fused_kernel<<<mla_grid(a, splits), kMlaFusedWarps * 32, smem, as_stream(stream)>>>(a, splits, chunk, part_o,
+                                                                                              part_ml);
   check_launch("mla_core_fused");
-  if (splits > 1) {
-    mla_combine_kernel<<<static_cast<unsigned>(a.t * a.h), 128, 0, as_stream(stream)>>>(a, splits, part_o, part_ml);
-    check_launch("mla_combine");
-  }
+  mla_combine(a, splits, part_o, part_ml, stream);
 }
 
 // ---------------------------------------------------------------- MLA, core on tensor cores
@@ -1550,23 +1579,16 @@ __global__ void __launch_bounds__(kMlaMmaWarps * 32)
   }
 }
 
-size_t mla_core_mma_smem(int64_t width) {
+static size_t mla_core_mma_smem(int64_t width) {
   const size_t pitch = static_cast<size_t>(width) + 8;
   return (2 * kMlaFusedHeads + 2 * kMmaTile) * pitch * 2 + (kMlaFusedHeads * (kMmaTile + 4) + 3 * kMlaFusedHeads) * 4;
 }
 
 bool mla_core_mma_fits(const MlaArgs& a) {
-  static int max_smem[64] = {}, major[64] = {};
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
-  if (major[dev] == 0 &&
-      (cudaDeviceGetAttribute(&major[dev], cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
-       cudaDeviceGetAttribute(&max_smem[dev], cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess))
-    return false;
   const int64_t width = a.c + a.r;
-  return major[dev] >= 8 && a.c % 128 == 0 && a.c <= 512 && width % 32 == 0 && a.nope % 4 == 0 && a.r % 4 == 0 &&
+  return device_attribute(cudaDevAttrComputeCapabilityMajor) >= 8 && a.c % 128 == 0 && a.c <= 512 && width % 32 == 0 && a.nope % 4 == 0 && a.r % 4 == 0 &&
          reinterpret_cast<uintptr_t>(a.q) % 16 == 0 && reinterpret_cast<uintptr_t>(a.q_lat) % 16 == 0 &&
-         mla_core_mma_smem(width) <= static_cast<size_t>(max_smem[dev]);
+         mla_core_mma_smem(width) <= static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
 }
 
 void mla_core_mma(const MlaArgs& a, int64_t splits, int64_t chunk, float* part_o, float* part_ml, void* stream) {
@@ -1575,24 +1597,12 @@ void mla_core_mma(const MlaArgs& a, int64_t splits, int64_t chunk, float* part_o
   if (splits < 1 || chunk < 1 || (splits > 1 && (part_o == nullptr || part_ml == nullptr)))
     throw std::runtime_error("mla_core_mma: bad split");
   const size_t smem = mla_core_mma_smem(a.c + a.r);
-  static size_t smem_set[64] = {};
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64)
-    throw std::runtime_error("mla_core_mma: no current device");
-  if (smem > smem_set[device]) {
-    if (cudaFuncSetAttribute(mla_core_mma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(smem)) != cudaSuccess)
-      throw std::runtime_error("mla_core_mma: cannot allow " + std::to_string(smem) + " bytes of shared memory");
-    smem_set[device] = smem;
-  }
-  const int64_t groups = (a.h + kMlaFusedHeads - 1) / kMlaFusedHeads;
-  const dim3 grid(static_cast<unsigned>(a.t * groups), static_cast<unsigned>(splits));
-  mla_core_mma_kernel<<<grid, kMlaMmaWarps * 32, smem, as_stream(stream)>>>(a, splits, chunk, part_o, part_ml);
+  static size_t allowed[kMaxDevices] = {};
+  allow_dynamic_smem(mla_core_mma_kernel, smem, allowed, "mla_core_mma");
+  mla_core_mma_kernel<<<mla_grid(a, splits), kMlaMmaWarps * 32, smem, as_stream(stream)>>>(a, splits, chunk, part_o,
+                                                                                          part_ml);
   check_launch("mla_core_mma");
-  if (splits > 1) {
-    mla_combine_kernel<<<static_cast<unsigned>(a.t * a.h), 128, 0, as_stream(stream)>>>(a, splits, part_o, part_ml);
-    check_launch("mla_combine");
-  }
+  mla_combine(a, splits, part_o, part_ml, stream);
 }
 
 void moe_select(const float* logits, const float* bias, int64_t t, int64_t e, int64_t k, int64_t n_group,
