@@ -17,7 +17,7 @@ python3 - "$scratch/in.jsonl" <<'PY'
 import json, sys
 with open(sys.argv[1], "w") as f:
     for i in range(120):
-        f.write(json.dumps({"id": i, "prompt_token_ids": [1 + i % 200, 2, 3, 4 + i % 7], "max_tokens": 24 + i % 17,
+        f.write(json.dumps({"id": i, "prompt_token_ids": [1 + i % 200, 2, 3, 4 + i % 7], "max_tokens": 64 + i % 17,
                             "ignore_eos": True, "temperature": 0}) + "\n")
 PY
 "$dilu" run --model "$model" --input "$scratch/in.jsonl" --output "$scratch/ref.jsonl" --set cpu.threads=1 \
@@ -52,16 +52,22 @@ kill_one_rank() {  # kill_one_rank RANK NAME
       sleep 0.1
     done
     grep -q "model loaded" "$log" || fail "$name: the model did not load in 300 s"
-    sleep "$(python3 -c "import random; random.seed($seed + $rank); print(round(random.uniform(0.2, 2.0) / $try, 2))")"
+    for _ in $(seq 1 3000); do  # until a record is on disk, so that the last run has one to resume
+      [ -n "$(cat "$scratch"/out.jsonl* 2>/dev/null | head -c 1)" ] && break
+      kill -0 "$launcher" 2>/dev/null || break
+      sleep 0.1
+    done
+    sleep "$(python3 -c "import random; random.seed($seed + $rank); print(round(random.uniform(0.1, 1.0) / $try, 2))")"
     victim=$(marked_pids "$rank" | head -1)
-    [ -n "$victim" ] && break
-    # The job finished before the kill (a quick machine): start over with an earlier kill.
+    # The rank can end between being found and being killed: then, as when it was not found,
+    # the job finished before the kill (a quick machine): start over with an earlier kill.
+    if [ -n "$victim" ] && kill -KILL "$victim" 2>/dev/null; then break; fi
+    victim=""
     wait "$launcher" || fail "$name: mpirun failed before the kill: $(tail -5 "$log")"
     echo "fault_rank_kill: $name: the job finished before the kill; again, earlier"
     rm -f "$scratch/out.jsonl"
   done
   [ -n "$victim" ] || fail "$name: the job finished before every kill, $try times"
-  kill -KILL "$victim"
   local killed_at=$SECONDS rc=0
   # All ranks must be gone within 60 s: mpirun ends them, and itself.
   for _ in $(seq 1 600); do
