@@ -427,6 +427,34 @@ class CudaOps final : public Ops {
       // 64 did not), so the activations are padded with zero rows to a multiple of 8.
       const int64_t kb = in / 128, t8 = (t + 7) / 8 * 8;
       DILU_CHECK(w.scale_inv.dim(1) == (kb + 3) / 4 * 4, "FP8 scales not placed by this backend");
+      if (fast_ && t <= kFp8SmallTokens) {
+        // Few tokens (decode): the same quantized product on FP8 tensor cores, weights read once at
+        // close to bandwidth, where cuBLASLt reads them at about half of it (H100, M = 1).
+        Tensor xq = empty(DType::U8, {t, in});
+        Tensor xs = empty(DType::F32, {t, kb});
+        cuda::quantize_fp8_per_token_128(x.data<float>(), t, t, in, xq.data<uint8_t>(), xs.data<float>(), kb, 1,
+                                         stream_);
+        cuda::GroupedGemm g;
+        g.rows = t;
+        g.weight = w.weight.raw();
+        g.scale = w.scale_inv.data<float>();
+        g.type = cuda::WeightType::FP8;
+        g.n = n_out;
+        g.k = in;
+        g.block_out = 128;
+        g.block_in = 128;
+        g.scale_stride = w.scale_inv.dim(1);
+        g.xq = xq.data<uint8_t>();
+        g.xscale = xs.data<float>();
+        g.ldx = in;
+        g.lds = kb;
+        g.out = out.data<float>();
+        g.ldo = n_out;
+        if (cuda::grouped_fp8_fits(g)) {
+          fp8_gemm(g);
+          return;
+        }
+      }
       Tensor xq = empty(DType::U8, {t8, in});
       Tensor xs = empty(DType::F32, {kb, t8});
       cuda::quantize_fp8_per_token_128(x.data<float>(), t, t8, in, xq.data<uint8_t>(), xs.data<float>(), 1, t8,
@@ -465,6 +493,8 @@ class CudaOps final : public Ops {
   // small-batch GEMV up to `gemv_tokens` tokens. Otherwise, and for what neither takes, the tiled
   // FP32 kernel.
   static constexpr int64_t kGemvDenseTokens = 32, kGemvExpertTokens = 256;
+  // Block-scaled FP8 linears of at most this many tokens run on grouped_fp8, not cuBLASLt.
+  static constexpr int64_t kFp8SmallTokens = 16;
   void gemm(const cuda::GroupedGemm& g, int64_t tokens, int64_t gemv_tokens) {
     const bool small = tokens <= gemv_tokens && cuda::grouped_gemv_fits(g);
     if (fast_ && cuda::grouped_mma_fits(g) && (g.groups > 1 || !small)) {
@@ -474,6 +504,14 @@ class CudaOps final : public Ops {
     }
     else if (fast_ && small) cuda::grouped_gemv(g, stream_);
     else cuda::grouped_gemm(g, stream_);
+  }
+
+  // The block-scaled FP8 product on FP8 tensor cores (g.xq and g.xscale set), split over K when
+  // few rows leave the GPU idle.
+  void fp8_gemm(const cuda::GroupedGemm& g) {
+    const int64_t splits = cuda::grouped_fp8_splits(g, props_.multiProcessorCount);
+    Tensor partial = splits > 1 ? empty(DType::F32, {splits * g.rows * g.n}) : Tensor();
+    cuda::grouped_fp8(g, stream_, splits, splits > 1 ? partial.data<float>() : nullptr);
   }
 
   void silu_mul(const Tensor& gate, const Tensor& up, Tensor& out) override {
@@ -722,8 +760,19 @@ class CudaOps final : public Ops {
     cuda::count_routed_experts(offsets.data<int32_t>(), local,
                                static_cast<unsigned long long*>(routed_counter_.raw()), stream_);
     Tensor g = empty(DType::F32, {pairs, f}), u = empty(DType::F32, {pairs, f}), y = empty(DType::F32, {pairs, d});
+    // fp8_gemm=block: the experts' inputs quantized per token per 128 channels, as the block-scaled
+    // linears' (and the CPU block path's, whose experts run through linear()), on FP8 tensor cores.
+    const bool fp8 = fast_ && fp8_block_ && table.type == cuda::WeightType::FP8 && table.block_out == 128 &&
+                     table.block_in == 128 && d % 128 == 0 && f % 128 == 0;
+    Tensor xq, xsc, hq, hsc;
+    if (fp8) {
+      xq = empty(DType::U8, {t, d});
+      xsc = empty(DType::F32, {t, d / 128});
+      cuda::quantize_fp8_per_token_128(x.data<float>(), t, t, d, xq.data<uint8_t>(), xsc.data<float>(), d / 128, 1,
+                                       stream_);
+    }
     auto run = [&](const float* in, int64_t ldx, const int32_t* in_rows, int proj, int64_t n_out, int64_t k_in,
-                   float* dst) {
+                   float* dst, const Tensor& q = Tensor(), const Tensor& qs = Tensor()) {
       cuda::GroupedGemm gg;
       gg.x = in;
       gg.ldx = ldx;
@@ -742,12 +791,28 @@ class CudaOps final : public Ops {
       gg.round_bf16 = true;
       gg.out = dst;
       gg.ldo = n_out;
+      if (q.numel() > 0) {
+        gg.xq = q.data<uint8_t>();
+        gg.xscale = qs.data<float>();
+        gg.lds = k_in / 128;
+        // `fp8` above implies the kernel's shapes (sm_90, 128x128 blocks, widths of whole blocks).
+        DILU_CHECK(cuda::grouped_fp8_fits(gg), "grouped_fp8 declined an expert projection of ", n_out, " x ", k_in);
+        fp8_gemm(gg);
+        return;
+      }
       gemm(gg, t, kGemvExpertTokens);
     };
-    run(x.data<float>(), d, rows.data<int32_t>(), 0, f, d, g.data<float>());
-    run(x.data<float>(), d, rows.data<int32_t>(), 1, f, d, u.data<float>());
-    cuda::moe_silu_mul(g.data<float>(), u.data<float>(), offsets.data<int32_t>(), local, pairs, f, stream_);
-    run(g.data<float>(), f, nullptr, 2, d, f, y.data<float>());
+    run(x.data<float>(), d, rows.data<int32_t>(), 0, f, d, g.data<float>(), xq, xsc);
+    run(x.data<float>(), d, rows.data<int32_t>(), 1, f, d, u.data<float>(), xq, xsc);
+    if (fp8) {
+      hq = empty(DType::U8, {pairs, f});
+      hsc = empty(DType::F32, {pairs, f / 128});
+      cuda::moe_silu_mul_fp8(g.data<float>(), u.data<float>(), offsets.data<int32_t>(), local, pairs, f,
+                             hq.data<uint8_t>(), hsc.data<float>(), stream_);
+    } else {
+      cuda::moe_silu_mul(g.data<float>(), u.data<float>(), offsets.data<int32_t>(), local, pairs, f, stream_);
+    }
+    run(g.data<float>(), f, nullptr, 2, d, f, y.data<float>(), hq, hsc);
     cuda::moe_combine(y.data<float>(), ids.data<int32_t>(), weights.data<float>(), pair_row.data<int32_t>(), t, k, d,
                       out.data<float>(), stream_);
   }

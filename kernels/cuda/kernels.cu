@@ -118,6 +118,17 @@ __global__ void dequantize_kernel(const void* w, WeightType type, const float* s
   }
 }
 
+// A warp's 128 values (lane + 32 i) quantized to e4m3 with the scale amax / 448 (the CPU block
+// path's rounding: x / scale, round to nearest even); returns the scale.
+__device__ __forceinline__ float quantize_128(const float (&v)[4], __nv_fp8_e4m3* q, int lane) {
+  float amax = 0.0f;
+  for (int i = 0; i < 4; ++i) amax = fmaxf(amax, fabsf(v[i]));
+  for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  const float s = amax > 0.0f ? amax / 448.0f : 1.0f;
+  for (int i = 0; i < 4; ++i) q[lane + 32 * i] = __nv_fp8_e4m3(v[i] / s);
+  return s;
+}
+
 // One warp per (row, 128-channel group).
 __global__ void quantize_fp8_kernel(const float* x, int64_t rows, int64_t out_rows, int64_t cols, __nv_fp8_e4m3* q,
                                     float* scale, int64_t row_stride, int64_t group_stride) {
@@ -127,14 +138,9 @@ __global__ void quantize_fp8_kernel(const float* x, int64_t rows, int64_t out_ro
   if (warp >= out_rows * groups) return;
   const int64_t row = warp / groups, g = warp % groups;
   const float* src = x + row * cols + g * 128;
-  float v[4], amax = 0.0f;
-  for (int i = 0; i < 4; ++i) {
-    v[i] = row < rows ? src[lane + 32 * i] : 0.0f;
-    amax = fmaxf(amax, fabsf(v[i]));
-  }
-  for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-  const float s = amax > 0.0f ? amax / 448.0f : 1.0f;
-  for (int i = 0; i < 4; ++i) q[row * cols + g * 128 + lane + 32 * i] = __nv_fp8_e4m3(v[i] / s);
+  float v[4];
+  for (int i = 0; i < 4; ++i) v[i] = row < rows ? src[lane + 32 * i] : 0.0f;
+  const float s = quantize_128(v, q + row * cols + g * 128, lane);
   if (lane == 0) scale[row * row_stride + g * group_stride] = s;
 }
 
@@ -595,6 +601,20 @@ __global__ void moe_silu_mul_kernel(float* gate, const float* up, const int32_t*
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
     gate[i] = silu_times(gate[i], up[i]);
+}
+
+// One warp per (row, 128-channel group) of the rows in use.
+__global__ void moe_silu_mul_fp8_kernel(const float* gate, const float* up, const int32_t* offsets, int64_t local,
+                                        int64_t f, __nv_fp8_e4m3* q, float* scale) {
+  const int64_t groups = f / 128;
+  const int64_t warp = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (warp >= static_cast<int64_t>(offsets[local]) * groups) return;
+  const int64_t at = warp * 128;  // row * f + group * 128
+  float v[4];
+  for (int i = 0; i < 4; ++i) v[i] = silu_times(gate[at + lane + 32 * i], up[at + lane + 32 * i]);
+  const float s = quantize_128(v, q + at, lane);
+  if (lane == 0) scale[warp] = s;
 }
 
 __global__ void moe_combine_kernel(const float* y, const int32_t* ids, const float* weights, const int32_t* pair_row,
@@ -1121,6 +1141,206 @@ void grouped_mma(const GroupedGemm& g, void* stream, int64_t splits, float* part
   }
 }
 
+// ---------------------------------------------------------------- block-scaled FP8 on tensor cores
+// cuda.fp8_gemm=block with cuda.kernels=fast: mma.sync m16n8k32 e4m3 x e4m3 -> F32 (sm_89+).
+// The layout is grouped_mma's (warp w: 16 weight rows as the MMA's M; the group's rows 8 per N
+// tile, NT tiles a pass; stages of 128 K; each thread loads 16 consecutive weight bytes per row
+// and 64-wide chunk), but both operands stay FP8: the weight bytes go to the MMA as loaded, and
+// the activations, quantized beforehand, are staged as bytes. Within a 64-wide chunk lane quad q
+// holds physical K 16q..16q+15; MMA step j takes bytes 8j..8j+7 of them (logical K 4q..4q+3 and
+// 16+4q..16+4q+3), the same permutation for both operands. Each 128-wide K block is summed on
+// its own (2 chunks x 2 steps) and added to the result times weight scale x activation scale,
+// DeepSeek's promotion of FP8 partial sums to FP32 per 128 of K.
+__device__ __forceinline__ void mma_fp8_16832(float c[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                              uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+  __trap();  // grouped_fp8_fits() keeps devices before sm_89 off this kernel
+#endif
+}
+
+template <int NT, int W = kMmaWarps>
+__global__ void __launch_bounds__(W * 32) grouped_fp8_kernel(GroupedGemm g, int64_t k_chunk, float* partial) {
+  constexpr int kSub = 2;  // 64-wide K chunks per stage: one scale block (more held too many registers)
+  constexpr bool kPrefetch = NT <= 4;
+  // A staged row's pitch: 128 bytes + 64, so the 8 rows x 4 quads of a quarter warp's 16-byte
+  // reads fall in distinct banks.
+  constexpr int kStageK = kSub * 64, kRows = NT * 8, kPitch = kStageK + 64;
+  const int64_t group = blockIdx.y;
+  int64_t row_begin = 0, row_end = g.rows;
+  if (g.group_offsets) {
+    row_begin = g.group_offsets[group];
+    row_end = g.group_offsets[group + 1];
+  }
+  if (row_begin >= row_end) return;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, quad = lane & 3;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * (W * 16) + warp * 16;
+  const int64_t na = n0 + gid, nb = na + 8;
+  const bool va = na < g.n, vb = nb < g.n;
+  const void* w = g.weights ? g.weights[group] : g.weight;
+  const float* scale = g.scales ? g.scales[group] : g.scale;
+  const int64_t k_begin = static_cast<int64_t>(blockIdx.z) * k_chunk;
+  const int64_t k_end = g.k < k_begin + k_chunk ? g.k : k_begin + k_chunk;
+  float* out = partial ? partial + static_cast<int64_t>(blockIdx.z) * g.rows * g.n : g.out;
+  const int64_t ldo = partial ? g.n : g.ldo;
+  const uint8_t* wa = static_cast<const uint8_t*>(w) + na * g.k;
+  const uint8_t* wb = static_cast<const uint8_t*>(w) + nb * g.k;
+  // This warp's 16 rows lie in one scale block row (block_out % 16 == 0).
+  const float* srow = n0 < g.n ? scale + (n0 / g.block_out) * g.scale_stride : nullptr;
+  __shared__ __align__(16) uint8_t xs[kRows][kPitch];
+  __shared__ float xsc[kRows][kStageK / 128];  // the stage's activation scales
+  __shared__ int64_t src_row[kRows];
+
+  for (int64_t r0 = row_begin; r0 < row_end; r0 += kRows) {
+    const int rows = static_cast<int>(row_end - r0 < kRows ? row_end - r0 : kRows);
+    for (int r = threadIdx.x; r < rows; r += blockDim.x) src_row[r] = g.x_rows ? g.x_rows[r0 + r] : r0 + r;
+    float acc[NT][4], part[NT][4];
+#pragma unroll
+    for (int i = 0; i < NT; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][e] = part[i][e] = 0.0f;
+    uint4 la[kSub], lb[kSub];
+    auto load_stage = [&](int64_t k0, uint4 (&da)[kSub], uint4 (&db)[kSub]) {
+      const int subs = static_cast<int>((k_end - k0) / 64 < kSub ? (k_end - k0) / 64 : kSub);
+#pragma unroll
+      for (int s = 0; s < kSub; ++s) {
+        da[s] = db[s] = make_uint4(0, 0, 0, 0);
+        if (s < subs) {
+          const int64_t off = k0 + 64 * s + 16 * quad;
+          if (va) da[s] = __ldg(reinterpret_cast<const uint4*>(wa + off));
+          if (vb) db[s] = __ldg(reinterpret_cast<const uint4*>(wb + off));
+        }
+      }
+    };
+    load_stage(k_begin, la, lb);
+    for (int64_t k0 = k_begin; k0 < k_end; k0 += kStageK) {
+      const int subs = static_cast<int>((k_end - k0) / 64 < kSub ? (k_end - k0) / 64 : kSub);  // even
+      uint4 na_[kSub], nb_[kSub];
+      if (kPrefetch && k0 + kStageK < k_end) load_stage(k0 + kStageK, na_, nb_);
+      if (!kPrefetch && k0 != k_begin) load_stage(k0, la, lb);
+      float ws[kSub / 2];
+#pragma unroll
+      for (int b = 0; b < kSub / 2; ++b) ws[b] = srow && 2 * b < subs ? srow[(k0 + 128 * b) / g.block_in] : 0.0f;
+      __syncthreads();  // the previous stage's readers are done
+      const int width16 = subs * 4;  // 16-byte pieces per staged row
+      const int tile_rows = (rows + 7) & ~7;
+      for (int i = threadIdx.x; i < kRows * (kStageK / 16); i += blockDim.x) {
+        const int r = i / (kStageK / 16), c16 = i % (kStageK / 16);
+        if (c16 >= width16 || r >= tile_rows) continue;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (r < rows) v = *reinterpret_cast<const uint4*>(g.xq + src_row[r] * g.ldx + k0 + 16 * c16);
+        *reinterpret_cast<uint4*>(&xs[r][16 * c16]) = v;
+      }
+      for (int i = threadIdx.x; i < tile_rows * (kStageK / 128); i += blockDim.x) {
+        const int r = i / (kStageK / 128), b = i % (kStageK / 128);
+        xsc[r][b] = r < rows && 2 * b < subs ? g.xscale[src_row[r] * g.lds + (k0 + 128 * b) / 128] : 0.0f;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int s = 0; s < kSub; ++s) {
+        if (s >= subs) break;
+        const uint32_t* ua = reinterpret_cast<const uint32_t*>(&la[s]);
+        const uint32_t* ub = reinterpret_cast<const uint32_t*>(&lb[s]);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          if (nt * 8 >= rows) break;
+          const uint4 xv = *reinterpret_cast<const uint4*>(&xs[nt * 8 + gid][64 * s + 16 * quad]);
+          mma_fp8_16832(part[nt], ua[0], ub[0], ua[1], ub[1], xv.x, xv.y);
+          mma_fp8_16832(part[nt], ua[2], ub[2], ua[3], ub[3], xv.z, xv.w);
+        }
+        if (s & 1) {  // the end of a 128-wide K block: promote its sums with their scales
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            if (nt * 8 >= rows) break;
+            const float s0 = ws[s / 2] * xsc[nt * 8 + 2 * quad][s / 2];
+            const float s1 = ws[s / 2] * xsc[nt * 8 + 2 * quad + 1][s / 2];
+            acc[nt][0] += part[nt][0] * s0;
+            acc[nt][1] += part[nt][1] * s1;
+            acc[nt][2] += part[nt][2] * s0;
+            acc[nt][3] += part[nt][3] * s1;
+            part[nt][0] = part[nt][1] = part[nt][2] = part[nt][3] = 0.0f;
+          }
+        }
+      }
+      if (kPrefetch && k0 + kStageK < k_end) {
+#pragma unroll
+        for (int s = 0; s < kSub; ++s) {
+          la[s] = na_[s];
+          lb[s] = nb_[s];
+        }
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int r = nt * 8 + 2 * quad;
+      float* o = out + (r0 + r) * ldo;
+      if (r < rows) {
+        if (va) o[na] = acc[nt][0];
+        if (vb) o[nb] = acc[nt][2];
+      }
+      if (r + 1 < rows) {
+        if (va) o[ldo + na] = acc[nt][1];
+        if (vb) o[ldo + nb] = acc[nt][3];
+      }
+    }
+  }
+}
+
+bool grouped_fp8_fits(const GroupedGemm& g) {
+  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  const int cc = device_attribute(cudaDevAttrComputeCapabilityMajor) * 10 +
+                 device_attribute(cudaDevAttrComputeCapabilityMinor);
+  return cc >= 89 && g.type == WeightType::FP8 && g.xq && g.xscale && g.k % 128 == 0 && g.ldx % 16 == 0 &&
+         g.lds >= g.k / 128 && aligned(g.xq) && (g.weights || aligned(g.weight)) && g.block_in == 128 &&
+         g.block_out % 16 == 0 && g.block_out > 0;
+}
+
+int64_t grouped_fp8_splits(const GroupedGemm& g, int sms) {
+  const int64_t active = g.groups < g.rows ? g.groups : g.rows;
+  const int64_t blocks = (g.n + kMmaCols - 1) / kMmaCols * active;
+  if (g.rows > 16 * g.groups || blocks >= 2 * static_cast<int64_t>(sms)) return 1;
+  int64_t splits = (4 * static_cast<int64_t>(sms) + blocks - 1) / blocks;
+  const int64_t most = g.k / 512;  // each split at least 4 stages of 128
+  if (splits > most) splits = most;
+  return splits < 1 ? 1 : splits;
+}
+
+void grouped_fp8(const GroupedGemm& g, void* stream, int64_t splits, float* partial) {
+  if (g.rows <= 0 || g.n <= 0 || g.groups <= 0) return;
+  if (!grouped_fp8_fits(g)) throw std::runtime_error("grouped_fp8: operands outside the kernel's shapes");
+  if (g.scale_stride < g.k / 128)
+    throw std::runtime_error("grouped_fp8: FP8 scale rows of " + std::to_string(g.scale_stride) + " floats for K " +
+                             std::to_string(g.k));
+  if (splits < 1 || (splits > 1 && partial == nullptr)) throw std::runtime_error("grouped_fp8: bad split");
+  const int64_t stage = 128;
+  const int64_t k_chunk = splits == 1 ? g.k : ((g.k + splits - 1) / splits + stage - 1) / stage * stage;
+  splits = (g.k + k_chunk - 1) / k_chunk;
+  float* part = splits > 1 ? partial : nullptr;
+  const dim3 grid(static_cast<unsigned>((g.n + kMmaCols - 1) / kMmaCols), static_cast<unsigned>(g.groups),
+                  static_cast<unsigned>(splits));
+  const bool few = g.rows <= 4 * g.groups, some = g.rows <= 16 * g.groups;
+  cudaStream_t s = as_stream(stream);
+  if (few) grouped_fp8_kernel<2><<<grid, kMmaWarps * 32, 0, s>>>(g, k_chunk, part);
+  else if (some) grouped_fp8_kernel<4><<<grid, kMmaWarps * 32, 0, s>>>(g, k_chunk, part);
+  else {
+    const dim3 wide(static_cast<unsigned>((g.n + kMmaWarpsWide * 16 - 1) / (kMmaWarpsWide * 16)),
+                    static_cast<unsigned>(g.groups), static_cast<unsigned>(splits));
+    grouped_fp8_kernel<8, kMmaWarpsWide><<<wide, kMmaWarpsWide * 32, 0, s>>>(g, k_chunk, part);
+  }
+  check_launch("grouped_fp8");
+  if (part) {
+    const int32_t* row_count = g.group_offsets ? g.group_offsets + g.groups : nullptr;
+    grouped_mma_reduce_kernel<<<grid_for(g.rows * g.n, 256), 256, 0, s>>>(part, splits, g.rows, g.n, row_count, g.out,
+                                                                       g.ldo);
+    check_launch("grouped_fp8_reduce");
+  }
+}
+
 void grouped_gemm(const GroupedGemm& g, void* stream) {
   if (g.rows <= 0 || g.n <= 0 || g.groups <= 0) return;
   if (g.type == WeightType::FP8 && g.scale_stride < (g.k + g.block_in - 1) / g.block_in)
@@ -1638,6 +1858,16 @@ void moe_silu_mul(float* gate, const float* up, const int32_t* offsets, int64_t 
   if (max_rows * f <= 0) return;
   moe_silu_mul_kernel<<<grid_for(max_rows * f, 256), 256, 0, as_stream(stream)>>>(gate, up, offsets, local, f);
   check_launch("moe_silu_mul");
+}
+
+void moe_silu_mul_fp8(const float* gate, const float* up, const int32_t* offsets, int64_t local, int64_t max_rows,
+                      int64_t f, uint8_t* q, float* scale, void* stream) {
+  if (max_rows * f <= 0) return;
+  if (f % 128 != 0) throw std::runtime_error("moe_silu_mul_fp8: width " + std::to_string(f) + " is not a multiple of 128");
+  const int64_t warps = max_rows * (f / 128);
+  moe_silu_mul_fp8_kernel<<<static_cast<int>((warps * 32 + 255) / 256), 256, 0, as_stream(stream)>>>(
+      gate, up, offsets, local, f, reinterpret_cast<__nv_fp8_e4m3*>(q), scale);
+  check_launch("moe_silu_mul_fp8");
 }
 
 void moe_combine(const float* y, const int32_t* ids, const float* weights, const int32_t* pair_row, int64_t t,

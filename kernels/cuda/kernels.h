@@ -68,6 +68,11 @@ struct GroupedGemm {
   int64_t n = 0, k = 0, block_out = 0, block_in = 0;
   int64_t scale_stride = 0;  // floats per row of the scales (>= ceil(K / bi))
   bool round_bf16 = true;
+  // FP8 activations for grouped_fp8: row r's K bytes at xq + r * ldx, its K/128 scales at
+  // xscale + r * lds.
+  const uint8_t* xq = nullptr;
+  const float* xscale = nullptr;
+  int64_t lds = 0;
   float* out = nullptr;
   int64_t ldo = 0;
 };
@@ -86,6 +91,15 @@ bool grouped_mma_fits(const GroupedGemm& g);
 // their sums in `partial` (splits x rows x n floats), added in split order.
 int64_t grouped_mma_splits(const GroupedGemm& g, int sms);
 void grouped_mma(const GroupedGemm& g, void* stream, int64_t splits = 1, float* partial = nullptr);
+// The block-scaled FP8 product (cuda.fp8_gemm=block) on FP8 tensor cores (mma.sync e4m3, sm_89+):
+// activations already quantized per row per 128 channels (quantize_fp8_per_token_128 with scales
+// [row][K/128], or moe_silu_mul_fp8), FP8 weights with 128x128 block scales; each 128-wide K block
+// is summed in FP32 on its own and added times (activation scale x weight scale), so the products
+// are exactly the CPU block path's. Reads xq/xscale/lds (not x); x_rows, groups, split-K and the
+// output as grouped_mma. Needs K % 128 == 0 and 16-byte aligned rows: grouped_fp8_fits().
+bool grouped_fp8_fits(const GroupedGemm& g);
+int64_t grouped_fp8_splits(const GroupedGemm& g, int sms);
+void grouped_fp8(const GroupedGemm& g, void* stream, int64_t splits = 1, float* partial = nullptr);
 
 // ---- multi-head latent attention (absorbed form) ----
 struct MlaArgs {
@@ -139,6 +153,10 @@ void moe_group(const int32_t* ids, int64_t t, int64_t k, int64_t first, int64_t 
 // gate <- silu(gate) * up for the first offsets[local] rows of width f.
 void moe_silu_mul(float* gate, const float* up, const int32_t* offsets, int64_t local, int64_t max_rows, int64_t f,
                   void* stream);
+// The same h = silu(gate) * up, quantized per row per 128 channels as quantize_fp8_per_token_128
+// does (q [rows, f], scale [rows, f / 128]) for grouped_fp8; f % 128 == 0.
+void moe_silu_mul_fp8(const float* gate, const float* up, const int32_t* offsets, int64_t local, int64_t max_rows,
+                      int64_t f, uint8_t* q, float* scale, void* stream);
 // out[t] = sum over its pairs in ascending expert id of weight * y[pair_row] (zero when none).
 void moe_combine(const float* y, const int32_t* ids, const float* weights, const int32_t* pair_row, int64_t t,
                  int64_t k, int64_t d, float* out, void* stream);

@@ -261,11 +261,19 @@ class CudaOps : public ::testing::Test {
       }
     }
     // The fast kernels (cuda.kernels=fast) take every test the reference kernels take.
+    // fp8_gemm=block with them: the FP8 tensor-core kernel (grouped_fp8) for experts and for
+    // block-scaled linears of few tokens.
     if (!standin()) {
       BackendOptions o;
       o.fp8_gemm = "soft";
       o.kernels = "fast";
       gpus_.push_back({"soft", make_ops("cuda", o), "fast"});
+      o.fp8_gemm = "block";
+      try {
+        gpus_.push_back({"block", make_ops("cuda", o), "fast"});
+      } catch (const UserError&) {
+        // not on this GPU: noted above
+      }
     }
   }
   Ops& cpu() { return *cpu_; }
