@@ -772,7 +772,7 @@ class CudaOps final : public Ops {
                                        stream_);
     }
     auto run = [&](const float* in, int64_t ldx, const int32_t* in_rows, int proj, int64_t n_out, int64_t k_in,
-                   float* dst, const Tensor& q = Tensor(), const Tensor& qs = Tensor()) {
+                   float* dst, const uint8_t* q = nullptr, const float* qs = nullptr) {
       cuda::GroupedGemm gg;
       gg.x = in;
       gg.ldx = ldx;
@@ -791,9 +791,9 @@ class CudaOps final : public Ops {
       gg.round_bf16 = true;
       gg.out = dst;
       gg.ldo = n_out;
-      if (q.numel() > 0) {
-        gg.xq = q.data<uint8_t>();
-        gg.xscale = qs.data<float>();
+      if (q) {
+        gg.xq = q;
+        gg.xscale = qs;
         gg.lds = k_in / 128;
         // `fp8` above implies the kernel's shapes (sm_90, 128x128 blocks, widths of whole blocks).
         DILU_CHECK(cuda::grouped_fp8_fits(gg), "grouped_fp8 declined an expert projection of ", n_out, " x ", k_in);
@@ -802,8 +802,10 @@ class CudaOps final : public Ops {
       }
       gemm(gg, t, kGemvExpertTokens);
     };
-    run(x.data<float>(), d, rows.data<int32_t>(), 0, f, d, g.data<float>(), xq, xsc);
-    run(x.data<float>(), d, rows.data<int32_t>(), 1, f, d, u.data<float>(), xq, xsc);
+    const uint8_t* xq_p = fp8 ? xq.data<uint8_t>() : nullptr;
+    const float* xsc_p = fp8 ? xsc.data<float>() : nullptr;
+    run(x.data<float>(), d, rows.data<int32_t>(), 0, f, d, g.data<float>(), xq_p, xsc_p);
+    run(x.data<float>(), d, rows.data<int32_t>(), 1, f, d, u.data<float>(), xq_p, xsc_p);
     if (fp8) {
       hq = empty(DType::U8, {pairs, f});
       hsc = empty(DType::F32, {pairs, f / 128});
@@ -812,7 +814,8 @@ class CudaOps final : public Ops {
     } else {
       cuda::moe_silu_mul(g.data<float>(), u.data<float>(), offsets.data<int32_t>(), local, pairs, f, stream_);
     }
-    run(g.data<float>(), f, nullptr, 2, d, f, y.data<float>(), hq, hsc);
+    run(g.data<float>(), f, nullptr, 2, d, f, y.data<float>(), fp8 ? hq.data<uint8_t>() : nullptr,
+        fp8 ? hsc.data<float>() : nullptr);
     cuda::moe_combine(y.data<float>(), ids.data<int32_t>(), weights.data<float>(), pair_row.data<int32_t>(), t, k, d,
                       out.data<float>(), stream_);
   }

@@ -1141,6 +1141,31 @@ void grouped_mma(const GroupedGemm& g, void* stream, int64_t splits, float* part
   }
 }
 
+// ---------------------------------------------------------------- cp.async (sm_80+)
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0));
+#endif
+}
+// The same through L1 (.ca): for data that the block's other warps copy too.
+__device__ __forceinline__ void cp_async16_ca(void* smem, const void* gmem, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0));
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
 // ---------------------------------------------------------------- block-scaled FP8 on tensor cores
 // cuda.fp8_gemm=block with cuda.kernels=fast: mma.sync m16n8k32 e4m3 x e4m3 -> F32 (sm_89+).
 // The layout is grouped_mma's (warp w: 16 weight rows as the MMA's M; the group's rows 8 per N
@@ -1291,6 +1316,140 @@ __global__ void __launch_bounds__(W * 32) grouped_fp8_kernel(GroupedGemm g, int6
   }
 }
 
+// The same product for groups of few rows (decode), streamed: no block barrier. Each warp owns
+// 16 weight rows and runs its own ring of S stages of 128 K in shared memory, filled by cp.async
+// (weights past L1, the group's activation rows through L1, which the block's warps share), so
+// S - 1 stages of weights are in flight per warp without holding registers. A stage's row is
+// 128 bytes, its 16-byte pieces swizzled (piece p of row r at p ^ 4 (r & 1)) so that a quarter
+// warp's reads (rows 2i and 2i + 1, pieces 4s..4s+3) fall in distinct banks.
+constexpr int kFp8StreamWarps = 4;
+template <int NT, int S>
+constexpr size_t fp8_stream_smem() {
+  return static_cast<size_t>(kFp8StreamWarps) * S * (16 + NT * 8) * 128;
+}
+
+template <int NT, int S>
+__global__ void __launch_bounds__(kFp8StreamWarps * 32) grouped_fp8_stream_kernel(GroupedGemm g, int64_t k_chunk,
+                                                                                    float* partial) {
+  constexpr int kRows = NT * 8, kWBytes = 16 * 128, kStage = (16 + kRows) * 128;
+  extern __shared__ __align__(128) uint8_t fp8_ring[];
+  const int64_t group = blockIdx.y;
+  int64_t row_begin = 0, row_end = g.rows;
+  if (g.group_offsets) {
+    row_begin = g.group_offsets[group];
+    row_end = g.group_offsets[group + 1];
+  }
+  if (row_begin >= row_end) return;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, quad = lane & 3;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * (kFp8StreamWarps * 16) + warp * 16;
+  if (n0 >= g.n) return;  // no block barrier below: a warp without rows may leave
+  uint8_t* ring = fp8_ring + static_cast<size_t>(warp) * S * kStage;
+  const int64_t na = n0 + gid, nb = na + 8;
+  const bool va = na < g.n, vb = nb < g.n;
+  const uint8_t* w = static_cast<const uint8_t*>(g.weights ? g.weights[group] : g.weight);
+  const float* srow = (g.scales ? g.scales[group] : g.scale) + (n0 / g.block_out) * g.scale_stride;
+  const int64_t k_begin = static_cast<int64_t>(blockIdx.z) * k_chunk;
+  const int64_t k_end = g.k < k_begin + k_chunk ? g.k : k_begin + k_chunk;
+  float* out = partial ? partial + static_cast<int64_t>(blockIdx.z) * g.rows * g.n : g.out;
+  const int64_t ldo = partial ? g.n : g.ldo;
+  // This lane's copies per stage: piece (lane & 7) of rows (lane >> 3) + 4j.
+  const int piece = lane & 7, row0 = lane >> 3;
+  const int64_t stages = (k_end - k_begin) / 128;
+
+  for (int64_t r0 = row_begin; r0 < row_end; r0 += kRows) {
+    const int rows = static_cast<int>(row_end - r0 < kRows ? row_end - r0 : kRows);
+    const uint8_t* xsrc[kRows / 4];  // the lane's activation rows (null: past the group)
+#pragma unroll
+    for (int j = 0; j < kRows / 4; ++j) {
+      const int r = row0 + 4 * j;
+      xsrc[j] = r < rows ? g.xq + (g.x_rows ? g.x_rows[r0 + r] : r0 + r) * g.ldx + 16 * piece : nullptr;
+    }
+    const float* xs_lo[NT];  // scales of the rows this lane's sums belong to (2 quad, 2 quad + 1)
+    const float* xs_hi[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int r = nt * 8 + 2 * quad;
+      xs_lo[nt] = r < rows ? g.xscale + (g.x_rows ? g.x_rows[r0 + r] : r0 + r) * g.lds : nullptr;
+      xs_hi[nt] = r + 1 < rows ? g.xscale + (g.x_rows ? g.x_rows[r0 + r + 1] : r0 + r + 1) * g.lds : nullptr;
+    }
+    auto issue = [&](int64_t st) {  // stage st into its slot; always one commit group
+      if (st < stages) {
+        const int64_t k0 = k_begin + 128 * st;
+        uint8_t* dst = ring + (st % S) * kStage;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int r = row0 + 4 * j;
+          const bool ok = n0 + r < g.n;
+          cp_async16(dst + r * 128 + 16 * (piece ^ ((r & 1) << 2)), ok ? w + (n0 + r) * g.k + k0 + 16 * piece : w, ok);
+        }
+#pragma unroll
+        for (int j = 0; j < kRows / 4; ++j) {
+          const int r = row0 + 4 * j;
+          const uint8_t* src = xsrc[j];
+          cp_async16_ca(dst + kWBytes + r * 128 + 16 * (piece ^ ((r & 1) << 2)), src ? src + k0 : g.xq, src != nullptr);
+        }
+      }
+      cp_async_commit();
+    };
+#pragma unroll
+    for (int st = 0; st < S - 1; ++st) issue(st);
+    float acc[NT][4];
+#pragma unroll
+    for (int i = 0; i < NT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+    for (int64_t st = 0; st < stages; ++st) {
+      issue(st + S - 1);
+      cp_async_wait<S - 1>();  // stage st has landed (this lane's copies)
+      __syncwarp();            // ... and every lane's
+      const uint8_t* slot = ring + (st % S) * kStage;
+      float part[NT][4];
+#pragma unroll
+      for (int i = 0; i < NT; ++i) part[i][0] = part[i][1] = part[i][2] = part[i][3] = 0.0f;
+#pragma unroll
+      for (int s = 0; s < 2; ++s) {
+        const int p = 4 * s + quad;
+        const uint4 wa = *reinterpret_cast<const uint4*>(slot + gid * 128 + 16 * (p ^ ((gid & 1) << 2)));
+        const uint4 wb = *reinterpret_cast<const uint4*>(slot + (gid + 8) * 128 + 16 * (p ^ ((gid & 1) << 2)));
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          if (nt * 8 >= rows) break;
+          const int r = nt * 8 + gid;
+          const uint4 xv = *reinterpret_cast<const uint4*>(slot + kWBytes + r * 128 + 16 * (p ^ ((r & 1) << 2)));
+          mma_fp8_16832(part[nt], wa.x, wb.x, wa.y, wb.y, xv.x, xv.y);
+          mma_fp8_16832(part[nt], wa.z, wb.z, wa.w, wb.w, xv.z, xv.w);
+        }
+      }
+      const int64_t kb = (k_begin + 128 * st) / 128;
+      const float ws = __ldg(srow + kb);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        if (nt * 8 >= rows) break;
+        const float s0 = xs_lo[nt] ? ws * __ldg(xs_lo[nt] + kb) : 0.0f;
+        const float s1 = xs_hi[nt] ? ws * __ldg(xs_hi[nt] + kb) : 0.0f;
+        acc[nt][0] += part[nt][0] * s0;
+        acc[nt][1] += part[nt][1] * s1;
+        acc[nt][2] += part[nt][2] * s0;
+        acc[nt][3] += part[nt][3] * s1;
+      }
+      __syncwarp();  // the slot is read before the next issue refills it
+    }
+    cp_async_wait<0>();
+    __syncwarp();
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int r = nt * 8 + 2 * quad;
+      float* o = out + (r0 + r) * ldo;
+      if (r < rows) {
+        if (va) o[na] = acc[nt][0];
+        if (vb) o[nb] = acc[nt][2];
+      }
+      if (r + 1 < rows) {
+        if (va) o[ldo + na] = acc[nt][1];
+        if (vb) o[ldo + nb] = acc[nt][3];
+      }
+    }
+  }
+}
+
 bool grouped_fp8_fits(const GroupedGemm& g) {
   const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
   const int cc = device_attribute(cudaDevAttrComputeCapabilityMajor) * 10 +
@@ -1299,6 +1458,9 @@ bool grouped_fp8_fits(const GroupedGemm& g) {
          g.lds >= g.k / 128 && aligned(g.xq) && (g.weights || aligned(g.weight)) && g.block_in == 128 &&
          g.block_out % 16 == 0 && g.block_out > 0;
 }
+
+// Ring depths: 6 stages at up to 16 rows a pass (3 x 4 warps per SM), 4 at up to 32 (2 x 4).
+constexpr int kFp8StreamStagesFew = 6, kFp8StreamStagesSome = 4;
 
 int64_t grouped_fp8_splits(const GroupedGemm& g, int sms) {
   const int64_t active = g.groups < g.rows ? g.groups : g.rows;
@@ -1325,9 +1487,19 @@ void grouped_fp8(const GroupedGemm& g, void* stream, int64_t splits, float* part
                   static_cast<unsigned>(splits));
   const bool few = g.rows <= 4 * g.groups, some = g.rows <= 16 * g.groups;
   cudaStream_t s = as_stream(stream);
-  if (few) grouped_fp8_kernel<2><<<grid, kMmaWarps * 32, 0, s>>>(g, k_chunk, part);
-  else if (some) grouped_fp8_kernel<4><<<grid, kMmaWarps * 32, 0, s>>>(g, k_chunk, part);
-  else {
+  const dim3 stream_grid(static_cast<unsigned>((g.n + kFp8StreamWarps * 16 - 1) / (kFp8StreamWarps * 16)),
+                         static_cast<unsigned>(g.groups), static_cast<unsigned>(splits));
+  if (few) {
+    constexpr size_t smem = fp8_stream_smem<2, kFp8StreamStagesFew>();
+    static size_t allowed[kMaxDevices] = {};
+    allow_dynamic_smem(grouped_fp8_stream_kernel<2, kFp8StreamStagesFew>, smem, allowed, "grouped_fp8");
+    grouped_fp8_stream_kernel<2, kFp8StreamStagesFew><<<stream_grid, kFp8StreamWarps * 32, smem, s>>>(g, k_chunk, part);
+  } else if (some) {
+    constexpr size_t smem = fp8_stream_smem<4, kFp8StreamStagesSome>();
+    static size_t allowed[kMaxDevices] = {};
+    allow_dynamic_smem(grouped_fp8_stream_kernel<4, kFp8StreamStagesSome>, smem, allowed, "grouped_fp8");
+    grouped_fp8_stream_kernel<4, kFp8StreamStagesSome><<<stream_grid, kFp8StreamWarps * 32, smem, s>>>(g, k_chunk, part);
+  } else {
     const dim3 wide(static_cast<unsigned>((g.n + kMmaWarpsWide * 16 - 1) / (kMmaWarpsWide * 16)),
                     static_cast<unsigned>(g.groups), static_cast<unsigned>(splits));
     grouped_fp8_kernel<8, kMmaWarpsWide><<<wide, kMmaWarpsWide * 32, 0, s>>>(g, k_chunk, part);
@@ -1579,23 +1751,6 @@ void mla_core_fused(const MlaArgs& a, int64_t splits, int64_t chunk, float* part
 constexpr int kMmaTile = 64, kMlaMmaWarps = 8;
 static_assert(kMmaTile * 4 == kMlaMmaWarps * 32, "the tile loader's thread layout");
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0));
-#endif
-}
-__device__ __forceinline__ void cp_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::);
-#endif
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-#endif
-}
 __device__ __forceinline__ void ldmatrix_x4_trans(const void* smem, uint32_t& r0, uint32_t& r1, uint32_t& r2,
                                                   uint32_t& r3) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
