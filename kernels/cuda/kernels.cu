@@ -801,14 +801,21 @@ __device__ __forceinline__ void load4_weight(const void* w, WeightType type, int
   }
 }
 
+// The rows [begin, end) of `group` (all rows without group offsets); false when none.
+__device__ __forceinline__ bool group_rows(const GroupedGemm& g, int64_t group, int64_t& begin, int64_t& end) {
+  begin = 0;
+  end = g.rows;
+  if (g.group_offsets) {
+    begin = g.group_offsets[group];
+    end = g.group_offsets[group + 1];
+  }
+  return begin < end;
+}
+
 __global__ void __launch_bounds__(kGvWarps * 32) grouped_gemv_kernel(GroupedGemm g) {
   const int64_t group = blockIdx.y;
-  int64_t row_begin = 0, row_end = g.rows;
-  if (g.group_offsets) {
-    row_begin = g.group_offsets[group];
-    row_end = g.group_offsets[group + 1];
-  }
-  if (row_begin >= row_end) return;
+  int64_t row_begin, row_end;
+  if (!group_rows(g, group, row_begin, row_end)) return;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t n_first = (static_cast<int64_t>(blockIdx.x) * kGvWarps + warp) * kGvCols;
   const void* w = g.weights ? g.weights[group] : g.weight;
@@ -939,18 +946,34 @@ __device__ __forceinline__ void mma_bf16_16816(float c[4], uint32_t a0, uint32_t
 #endif
 }
 
+// A warp's NT accumulator tiles (m16n8: weight rows na = n0 + gid and nb = na + 8, pass rows
+// 8 nt + 2 quad and + 1) to out, skipping rows past the pass and columns past N.
+template <int NT>
+__device__ __forceinline__ void store_tiles(const float (&acc)[NT][4], float* out, int64_t ldo, int64_t r0, int rows,
+                                            int quad, int64_t na, int64_t nb, bool va, bool vb) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int r = nt * 8 + 2 * quad;
+    float* o = out + (r0 + r) * ldo;
+    if (r < rows) {
+      if (va) o[na] = acc[nt][0];
+      if (vb) o[nb] = acc[nt][2];
+    }
+    if (r + 1 < rows) {
+      if (va) o[ldo + na] = acc[nt][1];
+      if (vb) o[ldo + nb] = acc[nt][3];
+    }
+  }
+}
+
 template <int NT, bool kFp8, int W = kMmaWarps>
 __global__ void __launch_bounds__(W * 32) grouped_mma_kernel(GroupedGemm g, int64_t k_chunk, float* partial) {
   constexpr int kSub = kFp8 ? 4 : 2;  // 64-wide K chunks per stage
   constexpr bool kPrefetch = NT <= 4;  // next stage's weights in registers (at NT 8: too many registers)
   constexpr int kStageK = kSub * 64, kRows = NT * 8, kPitch = kStageK + 8;  // BF16 elements per staged row
   const int64_t group = blockIdx.y;
-  int64_t row_begin = 0, row_end = g.rows;
-  if (g.group_offsets) {
-    row_begin = g.group_offsets[group];
-    row_end = g.group_offsets[group + 1];
-  }
-  if (row_begin >= row_end) return;
+  int64_t row_begin, row_end;
+  if (!group_rows(g, group, row_begin, row_end)) return;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, quad = lane & 3;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * (W * 16) + warp * 16;
   const int64_t na = n0 + gid, nb = na + 8;  // this thread's two weight rows
@@ -1058,19 +1081,7 @@ __global__ void __launch_bounds__(W * 32) grouped_mma_kernel(GroupedGemm g, int6
         }
       }
     }
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const int r = nt * 8 + 2 * quad;
-      float* o = out + (r0 + r) * ldo;
-      if (r < rows) {
-        if (va) o[na] = acc[nt][0];
-        if (vb) o[nb] = acc[nt][2];
-      }
-      if (r + 1 < rows) {
-        if (va) o[ldo + na] = acc[nt][1];
-        if (vb) o[ldo + nb] = acc[nt][3];
-      }
-    }
+    store_tiles<NT>(acc, out, ldo, r0, rows, quad, na, nb, va, vb);
   }
 }
 
@@ -1092,16 +1103,19 @@ __global__ void grouped_mma_reduce_kernel(const float* partial, int64_t splits, 
   }
 }
 
-int64_t grouped_mma_splits(const GroupedGemm& g, int sms) {
+// Splits of K that give few-row groups about 4 blocks per SM, each split at least `min_k` of K.
+static int64_t k_splits(const GroupedGemm& g, int sms, int64_t min_k) {
   // Rows are spread over at most `rows` groups: few rows leave most groups empty.
   const int64_t active = g.groups < g.rows ? g.groups : g.rows;
   const int64_t blocks = (g.n + kMmaCols - 1) / kMmaCols * active;
   if (g.rows > 16 * g.groups || blocks >= 2 * static_cast<int64_t>(sms)) return 1;
   int64_t splits = (4 * static_cast<int64_t>(sms) + blocks - 1) / blocks;
-  const int64_t most = g.k / 1024;  // each split at least 1024 of K
+  const int64_t most = g.k / min_k;
   if (splits > most) splits = most;
   return splits < 1 ? 1 : splits;
 }
+
+int64_t grouped_mma_splits(const GroupedGemm& g, int sms) { return k_splits(g, sms, 1024); }
 
 void grouped_mma(const GroupedGemm& g, void* stream, int64_t splits, float* partial) {
   if (g.rows <= 0 || g.n <= 0 || g.groups <= 0) return;
@@ -1189,6 +1203,16 @@ __device__ __forceinline__ void mma_fp8_16832(float c[4], uint32_t a0, uint32_t 
 #endif
 }
 
+// One 128-wide K block's FP8 sums `part` (reset) into `acc` with their scales: s0 for the tile's
+// even pass row, s1 for the odd one.
+__device__ __forceinline__ void promote(float (&acc)[4], float (&part)[4], float s0, float s1) {
+  acc[0] += part[0] * s0;
+  acc[1] += part[1] * s1;
+  acc[2] += part[2] * s0;
+  acc[3] += part[3] * s1;
+  part[0] = part[1] = part[2] = part[3] = 0.0f;
+}
+
 template <int NT, int W = kMmaWarps>
 __global__ void __launch_bounds__(W * 32) grouped_fp8_kernel(GroupedGemm g, int64_t k_chunk, float* partial) {
   constexpr int kSub = 2;  // 64-wide K chunks per stage: one scale block (more held too many registers)
@@ -1197,12 +1221,8 @@ __global__ void __launch_bounds__(W * 32) grouped_fp8_kernel(GroupedGemm g, int6
   // reads fall in distinct banks.
   constexpr int kStageK = kSub * 64, kRows = NT * 8, kPitch = kStageK + 64;
   const int64_t group = blockIdx.y;
-  int64_t row_begin = 0, row_end = g.rows;
-  if (g.group_offsets) {
-    row_begin = g.group_offsets[group];
-    row_end = g.group_offsets[group + 1];
-  }
-  if (row_begin >= row_end) return;
+  int64_t row_begin, row_end;
+  if (!group_rows(g, group, row_begin, row_end)) return;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, quad = lane & 3;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * (W * 16) + warp * 16;
   const int64_t na = n0 + gid, nb = na + 8;
@@ -1282,13 +1302,8 @@ __global__ void __launch_bounds__(W * 32) grouped_fp8_kernel(GroupedGemm g, int6
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) {
             if (nt * 8 >= rows) break;
-            const float s0 = ws[s / 2] * xsc[nt * 8 + 2 * quad][s / 2];
-            const float s1 = ws[s / 2] * xsc[nt * 8 + 2 * quad + 1][s / 2];
-            acc[nt][0] += part[nt][0] * s0;
-            acc[nt][1] += part[nt][1] * s1;
-            acc[nt][2] += part[nt][2] * s0;
-            acc[nt][3] += part[nt][3] * s1;
-            part[nt][0] = part[nt][1] = part[nt][2] = part[nt][3] = 0.0f;
+            promote(acc[nt], part[nt], ws[s / 2] * xsc[nt * 8 + 2 * quad][s / 2],
+                    ws[s / 2] * xsc[nt * 8 + 2 * quad + 1][s / 2]);
           }
         }
       }
@@ -1300,19 +1315,7 @@ __global__ void __launch_bounds__(W * 32) grouped_fp8_kernel(GroupedGemm g, int6
         }
       }
     }
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const int r = nt * 8 + 2 * quad;
-      float* o = out + (r0 + r) * ldo;
-      if (r < rows) {
-        if (va) o[na] = acc[nt][0];
-        if (vb) o[nb] = acc[nt][2];
-      }
-      if (r + 1 < rows) {
-        if (va) o[ldo + na] = acc[nt][1];
-        if (vb) o[ldo + nb] = acc[nt][3];
-      }
-    }
+    store_tiles<NT>(acc, out, ldo, r0, rows, quad, na, nb, va, vb);
   }
 }
 
@@ -1334,12 +1337,8 @@ __global__ void __launch_bounds__(kFp8StreamWarps * 32) grouped_fp8_stream_kerne
   constexpr int kRows = NT * 8, kWBytes = 16 * 128, kStage = (16 + kRows) * 128;
   extern __shared__ __align__(128) uint8_t fp8_ring[];
   const int64_t group = blockIdx.y;
-  int64_t row_begin = 0, row_end = g.rows;
-  if (g.group_offsets) {
-    row_begin = g.group_offsets[group];
-    row_end = g.group_offsets[group + 1];
-  }
-  if (row_begin >= row_end) return;
+  int64_t row_begin, row_end;
+  if (!group_rows(g, group, row_begin, row_end)) return;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, quad = lane & 3;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * (kFp8StreamWarps * 16) + warp * 16;
   if (n0 >= g.n) return;  // no block barrier below: a warp without rows may leave
@@ -1393,17 +1392,16 @@ __global__ void __launch_bounds__(kFp8StreamWarps * 32) grouped_fp8_stream_kerne
     };
 #pragma unroll
     for (int st = 0; st < S - 1; ++st) issue(st);
-    float acc[NT][4];
+    float acc[NT][4], part[NT][4];  // part: the stage's 128-K block, promoted and reset at its end
 #pragma unroll
-    for (int i = 0; i < NT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+    for (int i = 0; i < NT; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][e] = part[i][e] = 0.0f;
     for (int64_t st = 0; st < stages; ++st) {
       issue(st + S - 1);
       cp_async_wait<S - 1>();  // stage st has landed (this lane's copies)
       __syncwarp();            // ... and every lane's
       const uint8_t* slot = ring + (st % S) * kStage;
-      float part[NT][4];
-#pragma unroll
-      for (int i = 0; i < NT; ++i) part[i][0] = part[i][1] = part[i][2] = part[i][3] = 0.0f;
 #pragma unroll
       for (int s = 0; s < 2; ++s) {
         const int p = 4 * s + quad;
@@ -1423,30 +1421,14 @@ __global__ void __launch_bounds__(kFp8StreamWarps * 32) grouped_fp8_stream_kerne
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         if (nt * 8 >= rows) break;
-        const float s0 = xs_lo[nt] ? ws * __ldg(xs_lo[nt] + kb) : 0.0f;
-        const float s1 = xs_hi[nt] ? ws * __ldg(xs_hi[nt] + kb) : 0.0f;
-        acc[nt][0] += part[nt][0] * s0;
-        acc[nt][1] += part[nt][1] * s1;
-        acc[nt][2] += part[nt][2] * s0;
-        acc[nt][3] += part[nt][3] * s1;
+        promote(acc[nt], part[nt], xs_lo[nt] ? ws * __ldg(xs_lo[nt] + kb) : 0.0f,
+                xs_hi[nt] ? ws * __ldg(xs_hi[nt] + kb) : 0.0f);
       }
       __syncwarp();  // the slot is read before the next issue refills it
     }
     cp_async_wait<0>();
     __syncwarp();
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const int r = nt * 8 + 2 * quad;
-      float* o = out + (r0 + r) * ldo;
-      if (r < rows) {
-        if (va) o[na] = acc[nt][0];
-        if (vb) o[nb] = acc[nt][2];
-      }
-      if (r + 1 < rows) {
-        if (va) o[ldo + na] = acc[nt][1];
-        if (vb) o[ldo + nb] = acc[nt][3];
-      }
-    }
+    store_tiles<NT>(acc, out, ldo, r0, rows, quad, na, nb, va, vb);
   }
 }
 
@@ -1462,15 +1444,7 @@ bool grouped_fp8_fits(const GroupedGemm& g) {
 // Ring depths: 6 stages at up to 16 rows a pass (3 x 4 warps per SM), 4 at up to 32 (2 x 4).
 constexpr int kFp8StreamStagesFew = 6, kFp8StreamStagesSome = 4;
 
-int64_t grouped_fp8_splits(const GroupedGemm& g, int sms) {
-  const int64_t active = g.groups < g.rows ? g.groups : g.rows;
-  const int64_t blocks = (g.n + kMmaCols - 1) / kMmaCols * active;
-  if (g.rows > 16 * g.groups || blocks >= 2 * static_cast<int64_t>(sms)) return 1;
-  int64_t splits = (4 * static_cast<int64_t>(sms) + blocks - 1) / blocks;
-  const int64_t most = g.k / 512;  // each split at least 4 stages of 128
-  if (splits > most) splits = most;
-  return splits < 1 ? 1 : splits;
-}
+int64_t grouped_fp8_splits(const GroupedGemm& g, int sms) { return k_splits(g, sms, 512); }  // 4 stages
 
 void grouped_fp8(const GroupedGemm& g, void* stream, int64_t splits, float* partial) {
   if (g.rows <= 0 || g.n <= 0 || g.groups <= 0) return;
