@@ -1457,8 +1457,6 @@ void grouped_fp8(const GroupedGemm& g, void* stream, int64_t splits, float* part
   const int64_t k_chunk = splits == 1 ? g.k : ((g.k + splits - 1) / splits + stage - 1) / stage * stage;
   splits = (g.k + k_chunk - 1) / k_chunk;
   float* part = splits > 1 ? partial : nullptr;
-  const dim3 grid(static_cast<unsigned>((g.n + kMmaCols - 1) / kMmaCols), static_cast<unsigned>(g.groups),
-                  static_cast<unsigned>(splits));
   const bool few = g.rows <= 4 * g.groups, some = g.rows <= 16 * g.groups;
   cudaStream_t s = as_stream(stream);
   const dim3 stream_grid(static_cast<unsigned>((g.n + kFp8StreamWarps * 16 - 1) / (kFp8StreamWarps * 16)),
