@@ -1711,17 +1711,35 @@ void mla_core_fused(const MlaArgs& a, int64_t splits, int64_t chunk, float* part
 }
 
 // ---------------------------------------------------------------- MLA, core on tensor cores
-// cuda.kernels=fast where C % 64 == 0, C <= 512 and (C + R) % 16 == 0 (R1: 512 + 64). Block
-// (token t, 16 heads, split s), 8 warps. The queries are staged as BF16 pairs hi + lo
-// (hi = bf16(q), lo = bf16(q - hi): 16 significant bits, near the F32 kernel's accuracy), the
-// cache in tiles of 64 positions, double-buffered through cp.async. Scores: warp w takes
-// positions 8w..8w+7 of the tile for all 16 heads (mma m16n8k16, hi and lo summed in F32).
-// Softmax: online per head, warp w keeping heads 2w, 2w+1. Output: warp w owns latent columns
-// 64w..64w+63 for all 16 heads; the probabilities enter as hi + lo BF16 pairs too, the cache's
-// columns through ldmatrix.trans. Every loop index is 32-bit: 64-bit division costs more than a
-// tile's MMAs.
-constexpr int kMmaTile = 64, kMlaMmaWarps = 8;
-static_assert(kMmaTile * 4 == kMlaMmaWarps * 32, "the tile loader's thread layout");
+// cuda.kernels=fast where C % 128 == 0, C <= 512, (C + R) % 16 == 0 and C + R <= 640 (R1: 512 +
+// 64). Block (token t, 16 heads, split s), 8 warps, two blocks per SM (96 KB of shared memory,
+// at most 128 registers a thread). The queries live in registers as BF16 pairs hi + lo
+// (hi = bf16(q), lo = bf16(q - hi): 16 significant bits, near the F32 kernel's accuracy): warp w
+// holds the 16-wide K steps w * S / 8 .. of the C + R columns (S = (C + R) / 16 steps, 4 or 5 a
+// warp for R1), so no warp reads them from shared memory again. The cache comes in tiles of 32
+// positions, double-buffered through cp.async. Per tile:
+//   scores: warp w multiplies its K steps of the queries with the tile's 32 positions (B
+//     fragments by ldmatrix) and leaves a partial 16 x 32 in shared memory;
+//   softmax: warp w sums the 8 partials of heads 2w, 2w + 1 (lane = position), keeps their
+//     running max and sum in registers, and writes the probabilities as hi + lo BF16;
+//   output: warp w owns latent columns 64w..64w+63 for all 16 heads; the cache's columns enter
+//     through ldmatrix.trans.
+// Three barriers a tile. Every loop index is 32-bit: 64-bit division costs more than a tile's MMAs.
+constexpr int kMmaTile = 32, kMlaMmaWarps = 8, kMlaQSteps = 5;
+constexpr int kMlaPart = kMmaTile + 8;  // pitch of the partial scores (F32) and probabilities (BF16)
+static_assert(kMmaTile * 8 == kMlaMmaWarps * 32, "the tile loader's thread layout");
+static_assert(kMlaFusedHeads == 2 * kMlaMmaWarps, "two heads a warp in the softmax, one m16 tile of heads");
+
+__device__ __forceinline__ void ldmatrix_x4(const void* smem, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(s));
+#else
+  r0 = r1 = r2 = r3 = 0;
+#endif
+}
 
 __device__ __forceinline__ void ldmatrix_x4_trans(const void* smem, uint32_t& r0, uint32_t& r1, uint32_t& r2,
                                                   uint32_t& r3) {
@@ -1743,54 +1761,59 @@ __device__ __forceinline__ void split_bf16x2(float x, float y, uint32_t& hi, uin
   lo = pack_bf16x2(x - hf.x, y - hf.y);
 }
 
-__global__ void __launch_bounds__(kMlaMmaWarps * 32)
+__global__ void __launch_bounds__(kMlaMmaWarps * 32, 2)
     mla_core_mma_kernel(MlaArgs a, int64_t splits, int64_t chunk, float* part_o, float* part_ml) {
   const int64_t groups = (a.h + kMlaFusedHeads - 1) / kMlaFusedHeads;
   const int64_t t = blockIdx.x / groups, group = blockIdx.x % groups, split = blockIdx.y;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, quad = lane & 3;
-  const int width = static_cast<int>(a.c + a.r), pitch = width + 8;  // BF16 elements per staged row
+  const int c = static_cast<int>(a.c), width = c + static_cast<int>(a.r), pitch = width + 8;  // BF16 a staged row
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  __nv_bfloat16* qh = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [16][pitch]
-  __nv_bfloat16* ql = qh + kMlaFusedHeads * pitch;                  // [16][pitch]
-  __nv_bfloat16* tiles = ql + kMlaFusedHeads * pitch;               // [2][64][pitch]
-  float* sp = reinterpret_cast<float*>(tiles + 2 * kMmaTile * pitch);  // [16][kMmaTile + 4] scores, then p
-  constexpr int kSp = kMmaTile + 4;
-  float* stat_m = sp + kMlaFusedHeads * kSp;  // [16] running max
-  float* stat_l = stat_m + kMlaFusedHeads;    // [16] running sum
-  float* stat_c = stat_l + kMlaFusedHeads;    // [16] this tile's correction
+  __nv_bfloat16* tiles = reinterpret_cast<__nv_bfloat16*>(smem_raw);     // [2][kMmaTile][pitch]
+  float* part = reinterpret_cast<float*>(tiles + 2 * kMmaTile * pitch);  // [warps][16][kMlaPart] partial scores
+  __nv_bfloat16* p_hi = reinterpret_cast<__nv_bfloat16*>(part + kMlaMmaWarps * kMlaFusedHeads * kMlaPart);
+  __nv_bfloat16* p_lo = p_hi + kMlaFusedHeads * kMlaPart;                   // [16][kMlaPart] each
+  float* stat_c = reinterpret_cast<float*>(p_lo + kMlaFusedHeads * kMlaPart);  // [16] this tile's correction
+  float* stat_m = stat_c + kMlaFusedHeads;                                   // [16] final max, sum
+  float* stat_l = stat_m + kMlaFusedHeads;
 
+  // This warp's K steps of the queries, as m16k16 A fragments (rows: heads; zero past a.h).
   const int64_t head0 = group * kMlaFusedHeads;
-  {  // the queries, 4 at a time (C, nope and nope + R are multiples of 4: mla_core_mma_fits)
-    const int quads = width / 4, c4 = static_cast<int>(a.c) / 4;
+  const int heads = static_cast<int>(a.h - head0 < kMlaFusedHeads ? a.h - head0 : kMlaFusedHeads);
+  const int steps = width / 16, base = steps / kMlaMmaWarps, rem = steps % kMlaMmaWarps;
+  const int my_steps = base + (warp < rem ? 1 : 0), step0 = warp * base + (warp < rem ? warp : rem);
+  uint32_t qh[kMlaQSteps][4], ql[kMlaQSteps][4];
+  {
     const float* qlat = a.q_lat + (t * a.h + head0) * a.c;
     const float* qrope = a.q + (t * a.h + head0) * (a.nope + a.r) + a.nope;
     const int qstride = static_cast<int>(a.nope + a.r);
-    const int heads = static_cast<int>(a.h - head0 < kMlaFusedHeads ? a.h - head0 : kMlaFusedHeads);
-    for (int i = threadIdx.x; i < kMlaFusedHeads * quads; i += blockDim.x) {
-      const int hl = i / quads, k4 = i - hl * quads;
-      float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      if (hl < heads)
-        v = k4 < c4 ? *reinterpret_cast<const float4*>(qlat + hl * static_cast<int>(a.c) + 4 * k4)
-                    : *reinterpret_cast<const float4*>(qrope + hl * qstride + 4 * (k4 - c4));
-      uint32_t h0, l0, h1, l1;
-      split_bf16x2(v.x, v.y, h0, l0);
-      split_bf16x2(v.z, v.w, h1, l1);
-      *reinterpret_cast<uint2*>(qh + hl * pitch + 4 * k4) = make_uint2(h0, h1);
-      *reinterpret_cast<uint2*>(ql + hl * pitch + 4 * k4) = make_uint2(l0, l1);
+    // Columns col, col + 1 (col even; C even, so both on one side of C).
+    auto q2 = [&](int hl, int col) {
+      if (hl >= heads) return make_float2(0.0f, 0.0f);
+      return col < c ? *reinterpret_cast<const float2*>(qlat + hl * c + col)
+                     : *reinterpret_cast<const float2*>(qrope + hl * qstride + col - c);
+    };
+#pragma unroll
+    for (int s = 0; s < kMlaQSteps; ++s) {
+      qh[s][0] = qh[s][1] = qh[s][2] = qh[s][3] = ql[s][0] = ql[s][1] = ql[s][2] = ql[s][3] = 0u;
+      if (s < my_steps) {
+        const int k = 16 * (step0 + s) + 2 * quad;
+        const float2 v0 = q2(gid, k), v1 = q2(gid + 8, k), v2 = q2(gid, k + 8), v3 = q2(gid + 8, k + 8);
+        split_bf16x2(v0.x, v0.y, qh[s][0], ql[s][0]);
+        split_bf16x2(v1.x, v1.y, qh[s][1], ql[s][1]);
+        split_bf16x2(v2.x, v2.y, qh[s][2], ql[s][2]);
+        split_bf16x2(v3.x, v3.y, qh[s][3], ql[s][3]);
+      }
     }
   }
-  if (threadIdx.x < kMlaFusedHeads) {
-    stat_m[threadIdx.x] = -INFINITY;
-    stat_l[threadIdx.x] = 0.0f;
-  }
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};  // heads 2 warp, 2 warp + 1
+
   const int64_t ctx = static_cast<int64_t>(a.token_pos[t]) + 1;
   const int64_t begin = split * chunk, end = ctx < begin + chunk ? ctx : begin + chunk;
   const int32_t* table = a.tables + static_cast<int64_t>(a.token_seq[t]) * a.table_stride;
-  // Tile loader: thread i copies position i / 4 of the tile, 16-byte pieces i % 4 + 4j of its row
-  // (kMmaTile * 4 threads; width / 8 pieces per row, a multiple of 4).
+  // Tile loader: thread i copies position i / 8 of the tile, 16-byte pieces i % 8 + 8j of its row.
   const int pieces = width / 8, bs = static_cast<int>(a.block_size);
   auto load_tile = [&](int buf, int64_t j0) {
-    const int p = threadIdx.x >> 2, first = threadIdx.x & 3;
+    const int p = threadIdx.x >> 3, first = threadIdx.x & 7;
     const int64_t j = j0 + p;
     const bool valid = j < end;
     const uint16_t* src = a.cache;
@@ -1799,75 +1822,72 @@ __global__ void __launch_bounds__(kMlaMmaWarps * 32)
       src += (static_cast<int64_t>(table[jj / bs]) * bs + jj % bs) * width;
     }
     __nv_bfloat16* dst = tiles + (buf * kMmaTile + p) * pitch;
-    for (int piece = first; piece < pieces; piece += 4) cp_async16(dst + 8 * piece, src + 8 * piece, valid);
+    for (int piece = first; piece < pieces; piece += 8) cp_async16(dst + 8 * piece, src + 8 * piece, valid);
   };
 
-  const int cols = static_cast<int>(a.c) / kMlaMmaWarps;  // latent columns per warp (64 for C = 512)
+  const int cols = c / kMlaMmaWarps;  // latent columns per warp (64 for C = 512)
   const int ntiles = cols / 8;
+  const int mi = lane >> 3, ri = lane & 7;  // ldmatrix: lane's matrix and row
   float acc[8][4];
 #pragma unroll
   for (int i = 0; i < 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+  auto u32 = [](const __nv_bfloat16* p) { return *reinterpret_cast<const uint32_t*>(p); };
 
   if (begin < end) load_tile(0, begin);
   cp_async_commit();
   int buf = 0;
   for (int64_t j0 = begin; j0 < end; j0 += kMmaTile, buf ^= 1) {
+    cp_async_wait<0>();
+    __syncthreads();  // this tile visible to all; every warp done with the last tile's buffer
     if (j0 + kMmaTile < end) load_tile(buf ^ 1, j0 + kMmaTile);
     cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();  // this tile (and, the first time, the queries) visible to all
     const __nv_bfloat16* tile = tiles + buf * kMmaTile * pitch;
-    {  // scores of positions 8 warp .. 8 warp + 7
-      // Four independent accumulators (hi and lo, even and odd K steps): the MMAs of one chain
-      // wait for each other.
-      float acc_s[4][4] = {};
-      const __nv_bfloat16* krow = tile + (8 * warp + gid) * pitch + 2 * quad;
-      const __nv_bfloat16* qa = qh + gid * pitch + 2 * quad;
-      const __nv_bfloat16* la = ql + gid * pitch + 2 * quad;
-      auto u32 = [](const __nv_bfloat16* p) { return *reinterpret_cast<const uint32_t*>(p); };
-      for (int k0 = 0; k0 < width; k0 += 32) {  // width % 32 == 0 (mla_core_mma_fits)
+    {  // partial scores: this warp's K steps, the tile's 32 positions (4 n-tiles, hi and lo)
+      float s[4][4] = {};
 #pragma unroll
-        for (int odd = 0; odd < 2; ++odd) {
-          const int k = k0 + 16 * odd;
-          const uint32_t b0 = u32(krow + k), b1 = u32(krow + k + 8);
-          mma_bf16_16816(acc_s[odd], u32(qa + k), u32(qa + 8 * pitch + k), u32(qa + k + 8), u32(qa + 8 * pitch + k + 8),
-                         b0, b1);
-          mma_bf16_16816(acc_s[2 + odd], u32(la + k), u32(la + 8 * pitch + k), u32(la + k + 8),
-                         u32(la + 8 * pitch + k + 8), b0, b1);
+      for (int st = 0; st < kMlaQSteps; ++st) {
+        if (st < my_steps) {
+          const __nv_bfloat16* krow = tile + (8 * (mi >> 1) + ri) * pitch + 16 * (step0 + st) + 8 * (mi & 1);
+#pragma unroll
+          for (int n = 0; n < 4; n += 2) {
+            uint32_t b0, b1, b2, b3;
+            ldmatrix_x4(krow + 8 * n * pitch, b0, b1, b2, b3);
+            mma_bf16_16816(s[n], qh[st][0], qh[st][1], qh[st][2], qh[st][3], b0, b1);
+            mma_bf16_16816(s[n + 1], qh[st][0], qh[st][1], qh[st][2], qh[st][3], b2, b3);
+            mma_bf16_16816(s[n], ql[st][0], ql[st][1], ql[st][2], ql[st][3], b0, b1);
+            mma_bf16_16816(s[n + 1], ql[st][0], ql[st][1], ql[st][2], ql[st][3], b2, b3);
+          }
         }
       }
-      float s[4];
+      float* pw = part + warp * kMlaFusedHeads * kMlaPart;
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[e] = (acc_s[0][e] + acc_s[1][e]) + (acc_s[2][e] + acc_s[3][e]);
-      const int p = 8 * warp + 2 * quad;
-      const bool v0 = j0 + p < end, v1 = j0 + p + 1 < end;
-      sp[gid * kSp + p] = v0 ? s[0] * a.scale : -INFINITY;
-      sp[gid * kSp + p + 1] = v1 ? s[1] * a.scale : -INFINITY;
-      sp[(gid + 8) * kSp + p] = v0 ? s[2] * a.scale : -INFINITY;
-      sp[(gid + 8) * kSp + p + 1] = v1 ? s[3] * a.scale : -INFINITY;
-    }
-    __syncthreads();
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {  // online softmax of heads 2 warp, 2 warp + 1
-      const int hl = 2 * warp + hh;
-      float* row = sp + hl * kSp;
-      const float s0 = row[lane], s1 = row[lane + 32];
-      const float m_old = stat_m[hl];
-      const float m_new = fmaxf(m_old, warp_max(fmaxf(s0, s1)));  // finite: position j0 is valid
-      const float p0 = expf(s0 - m_new), p1 = expf(s1 - m_new);
-      row[lane] = p0;
-      row[lane + 32] = p1;
-      const float sum = warp_sum(p0 + p1);
-      __syncwarp();
-      if (lane == 0) {
-        const float corr = expf(m_old - m_new);
-        stat_c[hl] = corr;
-        stat_l[hl] = stat_l[hl] * corr + sum;
-        stat_m[hl] = m_new;
+      for (int n = 0; n < 4; ++n) {
+        const int col = 8 * n + 2 * quad;
+        *reinterpret_cast<float2*>(pw + gid * kMlaPart + col) = make_float2(s[n][0], s[n][1]);
+        *reinterpret_cast<float2*>(pw + (gid + 8) * kMlaPart + col) = make_float2(s[n][2], s[n][3]);
       }
     }
     __syncthreads();
-    {  // acc = acc * corr + P (16 x 64) . V (64 x cols of this warp)
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {  // online softmax of heads 2 warp, 2 warp + 1; lane = position
+      const int hl = 2 * warp + hh;
+      float s = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kMlaMmaWarps; ++w) s += part[(w * kMlaFusedHeads + hl) * kMlaPart + lane];
+      const bool valid = j0 + lane < end;
+      s = valid ? s * a.scale : -INFINITY;
+      const float m_new = fmaxf(m_run[hh], warp_max(s));  // finite: position j0 is valid
+      const float p = valid ? expf(s - m_new) : 0.0f;
+      const float corr = expf(m_run[hh] - m_new);
+      l_run[hh] = l_run[hh] * corr + warp_sum(p);
+      m_run[hh] = m_new;
+      const __nv_bfloat16 ph = __float2bfloat16_rn(p);
+      p_hi[hl * kMlaPart + lane] = ph;
+      p_lo[hl * kMlaPart + lane] = __float2bfloat16_rn(p - __bfloat162float(ph));
+      if (lane == 0) stat_c[hl] = corr;
+    }
+    __syncthreads();
+    {  // acc = acc * corr + P (16 x 32) . V (32 x cols of this warp)
       const float ca = stat_c[gid], cb = stat_c[gid + 8];
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
@@ -1876,32 +1896,33 @@ __global__ void __launch_bounds__(kMlaMmaWarps * 32)
         acc[i][2] *= cb;
         acc[i][3] *= cb;
       }
-      const int mi = lane >> 3, ri = lane & 7;
 #pragma unroll
       for (int k = 0; k < kMmaTile; k += 16) {
-        const float* pa = sp + gid * kSp + k + 2 * quad;
-        const float* pb = pa + 8 * kSp;
-        uint32_t ah[4], al[4];
-        split_bf16x2(pa[0], pa[1], ah[0], al[0]);
-        split_bf16x2(pb[0], pb[1], ah[1], al[1]);
-        split_bf16x2(pa[8], pa[9], ah[2], al[2]);
-        split_bf16x2(pb[8], pb[9], ah[3], al[3]);
+        const __nv_bfloat16* ha = p_hi + gid * kMlaPart + k + 2 * quad;
+        const __nv_bfloat16* la = p_lo + gid * kMlaPart + k + 2 * quad;
+        const uint32_t ah0 = u32(ha), ah1 = u32(ha + 8 * kMlaPart), ah2 = u32(ha + 8), ah3 = u32(ha + 8 * kMlaPart + 8);
+        const uint32_t al0 = u32(la), al1 = u32(la + 8 * kMlaPart), al2 = u32(la + 8), al3 = u32(la + 8 * kMlaPart + 8);
         const __nv_bfloat16* vrow = tile + (k + (mi & 1) * 8 + ri) * pitch + warp * cols + (mi >> 1) * 8;
 #pragma unroll
         for (int n = 0; n < 8; n += 2) {
           if (n >= ntiles) break;
           uint32_t b0, b1, b2, b3;
           ldmatrix_x4_trans(vrow + 8 * n, b0, b1, b2, b3);
-          mma_bf16_16816(acc[n], ah[0], ah[1], ah[2], ah[3], b0, b1);
-          mma_bf16_16816(acc[n + 1], ah[0], ah[1], ah[2], ah[3], b2, b3);
-          mma_bf16_16816(acc[n], al[0], al[1], al[2], al[3], b0, b1);
-          mma_bf16_16816(acc[n + 1], al[0], al[1], al[2], al[3], b2, b3);
+          mma_bf16_16816(acc[n], ah0, ah1, ah2, ah3, b0, b1);
+          mma_bf16_16816(acc[n + 1], ah0, ah1, ah2, ah3, b2, b3);
+          mma_bf16_16816(acc[n], al0, al1, al2, al3, b0, b1);
+          mma_bf16_16816(acc[n + 1], al0, al1, al2, al3, b2, b3);
         }
       }
     }
-    __syncthreads();  // the tile buffer and the scores are overwritten next
   }
   cp_async_wait<0>();
+  if (lane == 0) {
+    stat_m[2 * warp] = m_run[0];
+    stat_m[2 * warp + 1] = m_run[1];
+    stat_l[2 * warp] = l_run[0];
+    stat_l[2 * warp + 1] = l_run[1];
+  }
   __syncthreads();  // the statistics (also when this split is empty)
 
   const int64_t at0 = split * a.t * a.h + t * a.h;
@@ -1928,12 +1949,14 @@ __global__ void __launch_bounds__(kMlaMmaWarps * 32)
 
 static size_t mla_core_mma_smem(int64_t width) {
   const size_t pitch = static_cast<size_t>(width) + 8;
-  return (2 * kMlaFusedHeads + 2 * kMmaTile) * pitch * 2 + (kMlaFusedHeads * (kMmaTile + 4) + 3 * kMlaFusedHeads) * 4;
+  return 2 * kMmaTile * pitch * 2 + kMlaMmaWarps * kMlaFusedHeads * kMlaPart * 4 + 2 * kMlaFusedHeads * kMlaPart * 2 +
+         3 * kMlaFusedHeads * 4;
 }
 
 bool mla_core_mma_fits(const MlaArgs& a) {
   const int64_t width = a.c + a.r;
-  return device_attribute(cudaDevAttrComputeCapabilityMajor) >= 8 && a.c % 128 == 0 && a.c <= 512 && width % 32 == 0 && a.nope % 4 == 0 && a.r % 4 == 0 &&
+  return device_attribute(cudaDevAttrComputeCapabilityMajor) >= 8 && a.c % 128 == 0 && a.c <= 512 &&
+         width % 16 == 0 && width <= 16 * kMlaQSteps * kMlaMmaWarps && a.nope % 4 == 0 && a.r % 4 == 0 &&
          reinterpret_cast<uintptr_t>(a.q) % 16 == 0 && reinterpret_cast<uintptr_t>(a.q_lat) % 16 == 0 &&
          mla_core_mma_smem(width) <= static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
 }

@@ -134,9 +134,9 @@ void mla_core_reference(const MlaArgs& a, void* stream);
 // even, C <= 512. splits == 1 writes o_lat directly.
 constexpr int kMlaFusedHeads = 16;
 void mla_core_fused(const MlaArgs& a, int64_t splits, int64_t chunk, float* part_o, float* part_ml, void* stream);
-// The same core on tensor cores (mma.sync BF16: the queries as hi + lo BF16 splits, the
-// probabilities rounded to BF16), 64-position cache tiles; same splits, scratch and combine. Needs C % 128 == 0,
-// C <= 512, (C + R) % 32 == 0, sm_80+ and ~190 KB of shared memory per block: mla_core_mma_fits().
+// The same core on tensor cores (mma.sync BF16: the queries and the probabilities as hi + lo
+// BF16 splits), 32-position cache tiles, two blocks per SM; same splits, scratch and combine. Needs C % 128 == 0,
+// C <= 512, (C + R) % 16 == 0, C + R <= 640, sm_80+ and 96 KB of shared memory per block: mla_core_mma_fits().
 bool mla_core_mma_fits(const MlaArgs& a);
 void mla_core_mma(const MlaArgs& a, int64_t splits, int64_t chunk, float* part_o, float* part_ml, void* stream);
 
