@@ -1367,6 +1367,7 @@ struct MoeCase {
   std::string name;
   DType dtype;
   int64_t tokens, d, f, total_experts, local, first, k, block_out, block_in;
+  bool hot = false;  // every token also routed to expert `first` (a step whose routing piles up)
 };
 
 class CudaMoeExperts : public CudaOps, public ::testing::WithParamInterface<MoeCase> {};
@@ -1385,6 +1386,7 @@ TEST_P(CudaMoeExperts, MatchesWithinTwoGemmLayers) {
   std::vector<int32_t> idv;
   for (int64_t t = 0; t < t_count; ++t) {
     std::set<int32_t> row;
+    if (mc.hot) row.insert(static_cast<int32_t>(mc.first));
     const int64_t locals = std::min<int64_t>(1 + t % 2, std::min(k, std::max<int64_t>(mc.local - 1, 1)));
     while (static_cast<int64_t>(row.size()) < locals)
       row.insert(static_cast<int32_t>(mc.first + static_cast<int64_t>(rng_() % static_cast<uint64_t>(std::max<int64_t>(mc.local - 1, 1)))));
@@ -1494,6 +1496,10 @@ INSTANTIATE_TEST_SUITE_P(
         // Split K (few rows): decode of one and of three tokens.
         MoeCase{"BF16_2048x1024_one_token", DType::BF16, 1, 2048, 1024, 8, 8, 0, 2, 0, 0},
         MoeCase{"FP8_4096x2048_three_tokens", DType::F8E4M3, 3, 4096, 2048, 16, 16, 0, 4, 128, 128},
+        // One hot expert among many light ones: grouped_fp8 streams the light groups and sends the
+        // hot one (48 and 100 rows, past one 16- or 32-row pass) to its staged kernel.
+        MoeCase{"FP8_hot_expert_few_rows", DType::F8E4M3, 48, 256, 128, 64, 64, 0, 4, 128, 128, true},
+        MoeCase{"FP8_hot_expert_some_rows", DType::F8E4M3, 100, 256, 128, 64, 64, 0, 8, 128, 128, true},
         MoeCase{"empty_batch", DType::F8E4M3, 0, 144, 32, 8, 8, 0, 3, 128, 128}),
     [](const ::testing::TestParamInfo<MoeCase>& param_info) { return param_info.param.name; });
 
