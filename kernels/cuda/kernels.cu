@@ -809,7 +809,7 @@ __device__ __forceinline__ bool group_rows(const GroupedGemm& g, int64_t group, 
     begin = g.group_offsets[group];
     end = g.group_offsets[group + 1];
   }
-  return begin < end && end - begin > g.min_group_rows && end - begin <= g.max_group_rows;
+  return begin < end;
 }
 
 __global__ void __launch_bounds__(kGvWarps * 32) grouped_gemv_kernel(GroupedGemm g) {
@@ -1461,31 +1461,21 @@ void grouped_fp8(const GroupedGemm& g, void* stream, int64_t splits, float* part
   cudaStream_t s = as_stream(stream);
   const dim3 stream_grid(static_cast<unsigned>((g.n + kFp8StreamWarps * 16 - 1) / (kFp8StreamWarps * 16)),
                          static_cast<unsigned>(g.groups), static_cast<unsigned>(splits));
-  const dim3 wide(static_cast<unsigned>((g.n + kMmaWarpsWide * 16 - 1) / (kMmaWarpsWide * 16)),
-                  static_cast<unsigned>(g.groups), static_cast<unsigned>(splits));
-  // Streamed: the groups that fit one pass (16 or 32 rows). A step whose routing piles many rows
-  // on a few experts sends those to the staged kernel, which reads their weights once per 64 rows
-  // instead of once per pass.
-  const int64_t pass_rows = few ? 16 : 32;
-  GroupedGemm light = g, heavy = g;
-  light.max_group_rows = std::min<int64_t>(g.max_group_rows, pass_rows);
-  heavy.min_group_rows = std::max<int64_t>(g.min_group_rows, pass_rows);
   if (few) {
     constexpr size_t smem = fp8_stream_smem<2, kFp8StreamStagesFew>();
     static size_t allowed[kMaxDevices] = {};
     allow_dynamic_smem(grouped_fp8_stream_kernel<2, kFp8StreamStagesFew>, smem, allowed, "grouped_fp8");
-    grouped_fp8_stream_kernel<2, kFp8StreamStagesFew><<<stream_grid, kFp8StreamWarps * 32, smem, s>>>(light, k_chunk,
-                                                                                                    part);
+    grouped_fp8_stream_kernel<2, kFp8StreamStagesFew><<<stream_grid, kFp8StreamWarps * 32, smem, s>>>(g, k_chunk, part);
   } else if (some) {
     constexpr size_t smem = fp8_stream_smem<4, kFp8StreamStagesSome>();
     static size_t allowed[kMaxDevices] = {};
     allow_dynamic_smem(grouped_fp8_stream_kernel<4, kFp8StreamStagesSome>, smem, allowed, "grouped_fp8");
-    grouped_fp8_stream_kernel<4, kFp8StreamStagesSome><<<stream_grid, kFp8StreamWarps * 32, smem, s>>>(light, k_chunk,
-                                                                                                     part);
+    grouped_fp8_stream_kernel<4, kFp8StreamStagesSome><<<stream_grid, kFp8StreamWarps * 32, smem, s>>>(g, k_chunk, part);
+  } else {
+    const dim3 wide(static_cast<unsigned>((g.n + kMmaWarpsWide * 16 - 1) / (kMmaWarpsWide * 16)),
+                    static_cast<unsigned>(g.groups), static_cast<unsigned>(splits));
+    grouped_fp8_kernel<8, kMmaWarpsWide><<<wide, kMmaWarpsWide * 32, 0, s>>>(g, k_chunk, part);
   }
-  if (!few && !some) grouped_fp8_kernel<8, kMmaWarpsWide><<<wide, kMmaWarpsWide * 32, 0, s>>>(g, k_chunk, part);
-  else if (g.rows > pass_rows && g.max_group_rows > pass_rows)
-    grouped_fp8_kernel<8, kMmaWarpsWide><<<wide, kMmaWarpsWide * 32, 0, s>>>(heavy, k_chunk, part);
   check_launch("grouped_fp8");
   if (part) {
     const int32_t* row_count = g.group_offsets ? g.group_offsets + g.groups : nullptr;

@@ -75,9 +75,6 @@ struct GroupedGemm {
   int64_t lds = 0;
   float* out = nullptr;
   int64_t ldo = 0;
-  // Only the groups of more than min_group_rows and at most max_group_rows rows (grouped_fp8
-  // sends a step's few heavy experts to another kernel than the rest).
-  int64_t min_group_rows = 0, max_group_rows = INT64_MAX;
 };
 void grouped_gemm(const GroupedGemm& g, void* stream);
 // The same product by a kernel for groups of few rows (cuda.kernels=fast, decode batches): every

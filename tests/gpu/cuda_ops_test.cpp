@@ -1496,8 +1496,8 @@ INSTANTIATE_TEST_SUITE_P(
         // Split K (few rows): decode of one and of three tokens.
         MoeCase{"BF16_2048x1024_one_token", DType::BF16, 1, 2048, 1024, 8, 8, 0, 2, 0, 0},
         MoeCase{"FP8_4096x2048_three_tokens", DType::F8E4M3, 3, 4096, 2048, 16, 16, 0, 4, 128, 128},
-        // One hot expert among many light ones: grouped_fp8 streams the light groups and sends the
-        // hot one (48 and 100 rows, past one 16- or 32-row pass) to its staged kernel.
+        // One hot expert among many light ones (48 and 100 rows, past one 16- or 32-row pass of
+        // grouped_fp8's streamed kernel: several passes over its weights).
         MoeCase{"FP8_hot_expert_few_rows", DType::F8E4M3, 48, 256, 128, 64, 64, 0, 4, 128, 128, true},
         MoeCase{"FP8_hot_expert_some_rows", DType::F8E4M3, 100, 256, 128, 64, 64, 0, 8, 128, 128, true},
         MoeCase{"empty_batch", DType::F8E4M3, 0, 144, 32, 8, 8, 0, 3, 128, 128}),
