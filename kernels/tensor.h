@@ -45,9 +45,6 @@ class Tensor {
   size_t nbytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype_); }
 
   void* raw() const { return data_; }
-  // What keeps the storage alive (null for borrowed memory): tells a tensor from a later one at
-  // the same address.
-  const std::shared_ptr<const void>& owner() const { return keep_alive_; }
   template <class T>
   T* data() const {
     DILU_CHECK(dtype_matches<T>(), "tensor of dtype ", dtype_name(dtype_), " read with the wrong C++ type");

@@ -11,9 +11,7 @@
 #include <array>
 #include <chrono>
 #include <cstring>
-#include <iterator>
 #include <map>
-#include <memory>
 #include <mutex>
 #include <thread>
 #include <tuple>
@@ -610,20 +608,8 @@ class CudaOps final : public Ops {
     // not once per token), the core with all heads of a block sharing each tile of the cache,
     // the context split over blocks when the batch alone cannot fill the GPU.
     //   q_lat[t, h, :] = q[t, h, :nope] @ W_UK[h]: column-major C x T = (C x nope) (nope x T)
-    // From kAbsorbSplitTokens tokens up, both absorptions run on BF16 tensor cores as three
-    // products of hi + lo splits (A_hi B_hi + A_lo B_hi + A_hi B_lo, FP32 sums: 16 significant
-    // bits of each operand), where FP32 SIMT made them compute-bound.
-    const Bf16Split* w3 = t >= kAbsorbSplitTokens ? bf16_split_of(w_kv_b) : nullptr;
-    bool q_done = false;
-    if (w3 && splittable(q)) {
-      Tensor qh = empty(DType::BF16, q.shape()), ql = empty(DType::BF16, q.shape());
-      cuda::split_bf16(a.q, static_cast<uint16_t*>(qh.raw()), static_cast<uint16_t*>(ql.raw()), q.numel(), stream_);
-      q_done = lt_bf16x3(false, c, t, nope, w3->hi.get(), w3->lo.get(), 0, c, (nope + v) * c, qh.raw(), ql.raw(),
-                         h * (nope + r), nope + r, a.q_lat, h * c, c, h);
-    }
-    if (!q_done)
-      q_done = lt_sgemm_batched(false, c, t, nope, a.kv_b, c, (nope + v) * c, a.q, h * (nope + r), nope + r, a.q_lat,
-                                h * c, c, h);
+    const bool q_done = lt_sgemm_batched(false, c, t, nope, a.kv_b, c, (nope + v) * c, a.q, h * (nope + r), nope + r,
+                                         a.q_lat, h * c, c, h);
     if (!q_done) cuda::mla_absorb_q(a, stream_);
     int64_t max_ctx = 1;
     for (int32_t pos : layout.token_pos) max_ctx = std::max<int64_t>(max_ctx, pos + 1);
@@ -646,112 +632,40 @@ class CudaOps final : public Ops {
     if (cuda::mla_core_mma_fits(a)) cuda::mla_core_mma(a, splits, chunk, part_o, part_ml, stream_);
     else cuda::mla_core_fused(a, splits, chunk, part_o, part_ml, stream_);
     //   out[t, h*v + i] = o_lat[t, h, :] . W_UV[h][i, :]: column-major v x T = (C x v)^T (C x T)
-    bool v_done = false;
-    if (w3 && splittable(o_lat)) {
-      Tensor oh = empty(DType::BF16, o_lat.shape()), ol = empty(DType::BF16, o_lat.shape());
-      cuda::split_bf16(a.o_lat, static_cast<uint16_t*>(oh.raw()), static_cast<uint16_t*>(ol.raw()), o_lat.numel(),
-                       stream_);
-      v_done = lt_bf16x3(true, v, t, c, w3->hi.get(), w3->lo.get(), nope * c, c, (nope + v) * c, oh.raw(), ol.raw(),
-                         h * c, c, a.out, h * v, v, h);
-    }
-    if (!v_done)
-      v_done = lt_sgemm_batched(true, v, t, c, a.kv_b + nope * c, c, (nope + v) * c, a.o_lat, h * c, c, a.out, h * v,
-                                v, h);
+    const bool v_done = lt_sgemm_batched(true, v, t, c, a.kv_b + nope * c, c, (nope + v) * c, a.o_lat, h * c, c,
+                                         a.out, h * v, v, h);
     if (!v_done) cuda::mla_absorb_v(a, stream_);
   }
 
-  static constexpr int64_t kAbsorbSplitTokens = 64;
-  struct Bf16Split {
-    std::weak_ptr<const void> owner;
-    std::shared_ptr<void> hi, lo;
-  };
-
-  static bool splittable(const Tensor& x) {
-    return x.numel() % 4 == 0 && reinterpret_cast<uintptr_t>(x.raw()) % 16 == 0;
-  }
-
-  // The hi + lo BF16 split of a weight (kv_b) kept while the weight lives, or null where it cannot
-  // be made (borrowed memory, alignment, no device memory left).
-  const Bf16Split* bf16_split_of(const Tensor& w) {
-    if (bf16_split_oom_ || !w.owner() || !splittable(w)) return nullptr;
-    for (auto it = bf16_splits_.begin(); it != bf16_splits_.end();)
-      it = it->second.owner.expired() ? bf16_splits_.erase(it) : std::next(it);
-    if (auto it = bf16_splits_.find(w.raw()); it != bf16_splits_.end()) {
-      const std::weak_ptr<const void>& o = it->second.owner;
-      if (!o.owner_before(w.owner()) && !w.owner().owner_before(o)) return &it->second;
-      bf16_splits_.erase(it);
-    }
-    const size_t bytes = static_cast<size_t>(w.numel()) * 2;
-    auto alloc = [&]() -> std::shared_ptr<void> {
-      void* p = nullptr;
-      if (cudaMalloc(&p, bytes) != cudaSuccess) {
-        cudaGetLastError();
-        return nullptr;
-      }
-      placed_ += bytes;
-      return std::shared_ptr<void>(p, [this, bytes](void* q) {
-        cudaFree(q);
-        placed_ -= bytes;
-      });
+  // D_b = op(A_b) B_b for b < batch, column-major, F32 throughout (FP32 math, no TF32): A_b at
+  // a + b * stride_a ([m, k] after op; stored [k, m] when trans_a), B_b [k, n], D_b [m, n].
+  // Returns false (and remembers it) where cuBLASLt has no algorithm or the operands are not
+  // 16-byte aligned; the caller then runs its own kernel.
+  bool lt_sgemm_batched(bool trans_a, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, int64_t stride_a,
+                        const float* b, int64_t ldb, int64_t stride_b, float* d, int64_t ldd, int64_t stride_d,
+                        int64_t batch) {
+    auto aligned = [](const void* p, int64_t stride, int64_t ld) {
+      return reinterpret_cast<uintptr_t>(p) % 16 == 0 && stride % 4 == 0 && ld % 4 == 0;
     };
-    Bf16Split split{w.owner(), alloc(), alloc()};
-    if (!split.hi || !split.lo) {
-      bf16_split_oom_ = true;
-      return nullptr;
-    }
-    cuda::split_bf16(w.data<float>(), static_cast<uint16_t*>(split.hi.get()), static_cast<uint16_t*>(split.lo.get()),
-                     w.numel(), stream_);
-    return &(bf16_splits_[w.raw()] = std::move(split));
-  }
-
-  // lt_sgemm_batched on hi + lo BF16 splits: A_hi B_hi + A_lo B_hi + A_hi B_lo. A_b at
-  // a_hi / a_lo + a_offset + b * stride_a (BF16 elements).
-  bool lt_bf16x3(bool trans_a, int64_t m, int64_t n, int64_t k, const void* a_hi, const void* a_lo, int64_t a_offset,
-                 int64_t lda, int64_t stride_a, const void* b_hi, const void* b_lo, int64_t ldb, int64_t stride_b,
-                 float* d, int64_t ldd, int64_t stride_d, int64_t batch) {
-    const uint16_t* ah = static_cast<const uint16_t*>(a_hi) + a_offset;
-    const uint16_t* al = static_cast<const uint16_t*>(a_lo) + a_offset;
-    return lt_sgemm_batched(trans_a, m, n, k, ah, lda, stride_a, b_hi, ldb, stride_b, d, ldd, stride_d, batch, true,
-                            false) &&
-           lt_sgemm_batched(trans_a, m, n, k, al, lda, stride_a, b_hi, ldb, stride_b, d, ldd, stride_d, batch, true,
-                            true) &&
-           lt_sgemm_batched(trans_a, m, n, k, ah, lda, stride_a, b_lo, ldb, stride_b, d, ldd, stride_d, batch, true,
-                            true);
-  }
-
-  // D_b = op(A_b) B_b (+ D_b when accumulate) for b < batch, column-major, FP32 math (no TF32):
-  // A_b at a + b * stride_a ([m, k] after op; stored [k, m] when trans_a), B_b [k, n], D_b [m, n]
-  // F32. A and B are F32, or BF16 with in_bf16. Returns false (and remembers it) where cuBLASLt
-  // has no algorithm or the operands are not 16-byte aligned; the caller then runs its own kernel.
-  bool lt_sgemm_batched(bool trans_a, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda, int64_t stride_a,
-                        const void* b, int64_t ldb, int64_t stride_b, float* d, int64_t ldd, int64_t stride_d,
-                        int64_t batch, bool in_bf16 = false, bool accumulate = false) {
-    const int64_t in_size = in_bf16 ? 2 : 4;
-    auto aligned = [](const void* p, int64_t stride, int64_t ld, int64_t size) {
-      return reinterpret_cast<uintptr_t>(p) % 16 == 0 && stride * size % 16 == 0 && ld * size % 16 == 0;
-    };
-    if (!aligned(a, stride_a, lda, in_size) || !aligned(b, stride_b, ldb, in_size) || !aligned(d, stride_d, ldd, 4))
-      return false;
-    const auto key = std::make_tuple(trans_a, m, n, k, lda, stride_a, ldb, stride_b, ldd, stride_d, batch, in_bf16);
+    if (!aligned(a, stride_a, lda) || !aligned(b, stride_b, ldb) || !aligned(d, stride_d, ldd)) return false;
+    const auto key = std::make_tuple(trans_a, m, n, k, lda, stride_a, ldb, stride_b, ldd, stride_d, batch);
     auto it = sgemm_algos_.find(key);
     if (it != sgemm_algos_.end() && !it->second.ok) return false;
     cublasLtMatmulDesc_t desc = nullptr;
     cublasLtMatrixLayout_t la = nullptr, lb = nullptr, ld = nullptr;
     DILU_LT(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     const cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, op_n = CUBLAS_OP_N;
-    const cudaDataType_t in_type = in_bf16 ? CUDA_R_16BF : CUDA_R_32F;
     DILU_LT(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof(op_a)));
     DILU_LT(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_n, sizeof(op_n)));
-    auto layout = [&](cublasLtMatrixLayout_t* l, cudaDataType_t type, int64_t rows, int64_t cols, int64_t ldx,
-                      int64_t stride) {
-      DILU_LT(cublasLtMatrixLayoutCreate(l, type, static_cast<uint64_t>(rows), static_cast<uint64_t>(cols), ldx));
+    auto layout = [&](cublasLtMatrixLayout_t* l, int64_t rows, int64_t cols, int64_t ldx, int64_t stride) {
+      DILU_LT(cublasLtMatrixLayoutCreate(l, CUDA_R_32F, static_cast<uint64_t>(rows), static_cast<uint64_t>(cols), ldx));
       const int32_t count = static_cast<int32_t>(batch);
       DILU_LT(cublasLtMatrixLayoutSetAttribute(*l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof(count)));
       DILU_LT(cublasLtMatrixLayoutSetAttribute(*l, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride, sizeof(stride)));
     };
-    layout(&la, in_type, trans_a ? k : m, trans_a ? m : k, lda, stride_a);
-    layout(&lb, in_type, k, n, ldb, stride_b);
-    layout(&ld, CUDA_R_32F, m, n, ldd, stride_d);
+    layout(&la, trans_a ? k : m, trans_a ? m : k, lda, stride_a);
+    layout(&lb, k, n, ldb, stride_b);
+    layout(&ld, m, n, ldd, stride_d);
     auto cleanup = [&] {
       cublasLtMatrixLayoutDestroy(ld);
       cublasLtMatrixLayoutDestroy(lb);
@@ -783,7 +697,7 @@ class CudaOps final : public Ops {
         return false;
       }
     }
-    const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+    const float alpha = 1.0f, beta = 0.0f;
     const cublasStatus_t st = cublasLtMatmul(lt_, desc, &alpha, a, la, b, lb, &beta, d, ld, d, ld, &it->second.algo,
                                              lt_workspace_, kLtWorkspace, stream_);
     cleanup();
@@ -1215,14 +1129,9 @@ class CudaOps final : public Ops {
   std::vector<std::function<void()>> wait_checks_;
   std::map<std::pair<const void*, size_t>, ExpertTable> expert_tables_;
   std::map<std::tuple<int, int64_t, int64_t, int64_t>, LtChoice> lt_algos_;
-  std::map<std::tuple<bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                      bool>,
+  std::map<std::tuple<bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>,
            LtChoice>
       sgemm_algos_;
-  // kv_b weights as BF16 hi + lo, made at their first use at a large batch; an entry is dropped
-  // once its F32 tensor is gone.
-  std::map<const void*, Bf16Split> bf16_splits_;
-  bool bf16_split_oom_ = false;  // no memory was left for a split: the F32 absorptions from then on
   bool fast_ = false;       // cuda.kernels=fast
   bool mla_fused_ = false;  // the fused MLA kernels (fast)
   Tensor mla_split_scratch_;   // fused MLA: the context splits' partial softmax states

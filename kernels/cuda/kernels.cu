@@ -93,19 +93,6 @@ __global__ void f32_to_bf16_kernel(const float* x, __nv_bfloat16* out, int64_t n
     out[i] = __float2bfloat16_rn(x[i]);
 }
 
-// hi = bf16(x), lo = bf16(x - hi): hi + lo carries 16 significant bits of x.
-__global__ void split_bf16_kernel(const float4* x, uint2* hi, uint2* lo, int64_t n4) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n4;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const float4 v = x[i];
-    const __nv_bfloat162 h0 = __floats2bfloat162_rn(v.x, v.y), h1 = __floats2bfloat162_rn(v.z, v.w);
-    const float2 f0 = __bfloat1622float2(h0), f1 = __bfloat1622float2(h1);
-    const __nv_bfloat162 l0 = __floats2bfloat162_rn(v.x - f0.x, v.y - f0.y), l1 = __floats2bfloat162_rn(v.z - f1.x, v.w - f1.y);
-    hi[i] = make_uint2(*reinterpret_cast<const uint32_t*>(&h0), *reinterpret_cast<const uint32_t*>(&h1));
-    lo[i] = make_uint2(*reinterpret_cast<const uint32_t*>(&l0), *reinterpret_cast<const uint32_t*>(&l1));
-  }
-}
-
 __global__ void bf16_to_f32_kernel(const __nv_bfloat16* x, float* out, int64_t n) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
@@ -693,16 +680,6 @@ void f32_to_bf16(const float* x, uint16_t* out, int64_t n, void* stream) {
   if (n <= 0) return;
   f32_to_bf16_kernel<<<grid_for(n, 256), 256, 0, as_stream(stream)>>>(x, reinterpret_cast<__nv_bfloat16*>(out), n);
   check_launch("f32_to_bf16");
-}
-
-void split_bf16(const float* x, uint16_t* hi, uint16_t* lo, int64_t n, void* stream) {
-  if (n <= 0) return;
-  if (n % 4 != 0 || reinterpret_cast<uintptr_t>(x) % 16 != 0 || reinterpret_cast<uintptr_t>(hi) % 8 != 0 ||
-      reinterpret_cast<uintptr_t>(lo) % 8 != 0)
-    throw std::runtime_error("split_bf16: needs a multiple of 4 elements, x 16-byte and hi/lo 8-byte aligned");
-  split_bf16_kernel<<<grid_for(n / 4, 256), 256, 0, as_stream(stream)>>>(
-      reinterpret_cast<const float4*>(x), reinterpret_cast<uint2*>(hi), reinterpret_cast<uint2*>(lo), n / 4);
-  check_launch("split_bf16");
 }
 
 void bf16_to_f32(const uint16_t* x, float* out, int64_t n, void* stream) {

@@ -14,9 +14,6 @@ enum class WeightType : int { F32 = 0, BF16 = 1, FP8 = 2 };
 
 // ---- conversions ----
 void f32_to_bf16(const float* x, uint16_t* out, int64_t n, void* stream);
-// hi[i] = bf16(x[i]), lo[i] = bf16(x[i] - hi[i]) (16 significant bits in all); n % 4 == 0, x
-// 16-byte and hi, lo 8-byte aligned.
-void split_bf16(const float* x, uint16_t* hi, uint16_t* lo, int64_t n, void* stream);
 // out[r, c] = w[r, c] * scale_inv[r / bo, c / bi] (w FP8 e4m3), or w (BF16/F32), as F32.
 // scale_stride: floats per row of scale_inv (>= ceil(cols / bi)).
 void dequantize_to_f32(const void* w, WeightType type, const float* scale_inv, int64_t scale_stride, int64_t rows,
