@@ -1232,6 +1232,11 @@ std::vector<MlaCase> mla_cases() {
   for (int32_t pos = 0; pos < 40; pos += 3) ragged_q.push_back({1, pos});
   cases.push_back({"R1_20_heads_prefill", 20, 128, 64, 512, 128, 64, {90, 40}, ragged_q, kR1SoftmaxScale,
                    DType::F8E4M3, 128, 128});
+  // A prefill of 72 rows plus a decode row over 128 heads (eight head groups, 73 tokens).
+  std::vector<std::pair<int32_t, int32_t>> wide_q = last_tokens({72, 300});
+  for (int32_t pos = 0; pos < 71; ++pos) wide_q.push_back({0, pos});
+  cases.push_back({"R1_128_heads_prefill_73_rows", 128, 128, 64, 512, 128, 64, {72, 300}, wide_q, kR1SoftmaxScale,
+                   DType::F8E4M3, 128, 128});
   return cases;
 }
 
