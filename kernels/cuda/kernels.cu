@@ -1169,6 +1169,13 @@ __device__ __forceinline__ void cp_async16_ca(void* smem, const void* gmem, bool
   asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0));
 #endif
 }
+// 4 bytes through L1.
+__device__ __forceinline__ void cp_async4_ca(void* smem, const void* gmem, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 4 : 0));
+#endif
+}
 __device__ __forceinline__ void cp_async_commit() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;\n" ::);
@@ -1213,10 +1220,14 @@ __device__ __forceinline__ void promote(float (&acc)[4], float (&part)[4], float
   part[0] = part[1] = part[2] = part[3] = 0.0f;
 }
 
+// Prefill groups (many rows): a block of W warps covers W x 16 output columns, the group's rows
+// come NT x 8 at a time. Per 128-wide K stage the block stages the rows' FP8 bytes and scales in
+// shared memory through cp.async, double-buffered (the next stage's copy is in flight while this
+// one is multiplied), and each warp holds its 16 weight rows' bytes for the stage in registers,
+// loaded one stage ahead. One barrier a stage.
 template <int NT, int W = kMmaWarps>
 __global__ void __launch_bounds__(W * 32) grouped_fp8_kernel(GroupedGemm g, int64_t k_chunk, float* partial) {
-  constexpr int kSub = 2;  // 64-wide K chunks per stage: one scale block (more held too many registers)
-  constexpr bool kPrefetch = NT <= 4;
+  constexpr int kSub = 2;  // 64-wide K chunks per stage: one scale block
   // A staged row's pitch: 128 bytes + 64, so the 8 rows x 4 quads of a quarter warp's 16-byte
   // reads fall in distinct banks.
   constexpr int kStageK = kSub * 64, kRows = NT * 8, kPitch = kStageK + 64;
@@ -1237,13 +1248,28 @@ __global__ void __launch_bounds__(W * 32) grouped_fp8_kernel(GroupedGemm g, int6
   const uint8_t* wb = static_cast<const uint8_t*>(w) + nb * g.k;
   // This warp's 16 rows lie in one scale block row (block_out % 16 == 0).
   const float* srow = n0 < g.n ? scale + (n0 / g.block_out) * g.scale_stride : nullptr;
-  __shared__ __align__(16) uint8_t xs[kRows][kPitch];
-  __shared__ float xsc[kRows][kStageK / 128];  // the stage's activation scales
+  __shared__ __align__(16) uint8_t xs[2][kRows][kPitch];
+  __shared__ float xsc[2][kRows];  // the stage's activation scales (one 128 block)
   __shared__ int64_t src_row[kRows];
 
   for (int64_t r0 = row_begin; r0 < row_end; r0 += kRows) {
     const int rows = static_cast<int>(row_end - r0 < kRows ? row_end - r0 : kRows);
+    const int tile_rows = (rows + 7) & ~7;
+    __syncthreads();  // the last pass is done with src_row and the buffers
     for (int r = threadIdx.x; r < rows; r += blockDim.x) src_row[r] = g.x_rows ? g.x_rows[r0 + r] : r0 + r;
+    __syncthreads();
+    // One stage's activation rows (zeros past `rows`, up to the tile) and scales into buffer buf.
+    auto stage_x = [&](int buf, int64_t k0) {
+      const int width16 = static_cast<int>((k_end - k0) / 64 < kSub ? (k_end - k0) / 64 : kSub) * 4;
+      for (int i = threadIdx.x; i < tile_rows * (kStageK / 16); i += blockDim.x) {
+        const int r = i / (kStageK / 16), c16 = i % (kStageK / 16);
+        if (c16 >= width16) continue;
+        const bool ok = r < rows;
+        cp_async16_ca(&xs[buf][r][16 * c16], ok ? g.xq + src_row[r] * g.ldx + k0 + 16 * c16 : g.xq, ok);
+      }
+      for (int r = threadIdx.x; r < tile_rows; r += blockDim.x)
+        cp_async4_ca(&xsc[buf][r], r < rows ? g.xscale + src_row[r] * g.lds + k0 / 128 : g.xscale, r < rows);
+    };
     float acc[NT][4], part[NT][4];
 #pragma unroll
     for (int i = 0; i < NT; ++i)
@@ -1263,29 +1289,19 @@ __global__ void __launch_bounds__(W * 32) grouped_fp8_kernel(GroupedGemm g, int6
       }
     };
     load_stage(k_begin, la, lb);
-    for (int64_t k0 = k_begin; k0 < k_end; k0 += kStageK) {
+    stage_x(0, k_begin);
+    cp_async_commit();
+    int buf = 0;
+    for (int64_t k0 = k_begin; k0 < k_end; k0 += kStageK, buf ^= 1) {
       const int subs = static_cast<int>((k_end - k0) / 64 < kSub ? (k_end - k0) / 64 : kSub);  // even
+      const bool more = k0 + kStageK < k_end;
       uint4 na_[kSub], nb_[kSub];
-      if (kPrefetch && k0 + kStageK < k_end) load_stage(k0 + kStageK, na_, nb_);
-      if (!kPrefetch && k0 != k_begin) load_stage(k0, la, lb);
-      float ws[kSub / 2];
-#pragma unroll
-      for (int b = 0; b < kSub / 2; ++b) ws[b] = srow && 2 * b < subs ? srow[(k0 + 128 * b) / g.block_in] : 0.0f;
-      __syncthreads();  // the previous stage's readers are done
-      const int width16 = subs * 4;  // 16-byte pieces per staged row
-      const int tile_rows = (rows + 7) & ~7;
-      for (int i = threadIdx.x; i < kRows * (kStageK / 16); i += blockDim.x) {
-        const int r = i / (kStageK / 16), c16 = i % (kStageK / 16);
-        if (c16 >= width16 || r >= tile_rows) continue;
-        uint4 v = make_uint4(0, 0, 0, 0);
-        if (r < rows) v = *reinterpret_cast<const uint4*>(g.xq + src_row[r] * g.ldx + k0 + 16 * c16);
-        *reinterpret_cast<uint4*>(&xs[r][16 * c16]) = v;
-      }
-      for (int i = threadIdx.x; i < tile_rows * (kStageK / 128); i += blockDim.x) {
-        const int r = i / (kStageK / 128), b = i % (kStageK / 128);
-        xsc[r][b] = r < rows && 2 * b < subs ? g.xscale[src_row[r] * g.lds + (k0 + 128 * b) / 128] : 0.0f;
-      }
-      __syncthreads();
+      if (more) load_stage(k0 + kStageK, na_, nb_);
+      const float ws = srow ? srow[k0 / g.block_in] : 0.0f;
+      cp_async_wait<0>();
+      __syncthreads();  // this stage's rows visible to all; every warp done with the other buffer
+      if (more) stage_x(buf ^ 1, k0 + kStageK);
+      cp_async_commit();
 #pragma unroll
       for (int s = 0; s < kSub; ++s) {
         if (s >= subs) break;
@@ -1294,20 +1310,17 @@ __global__ void __launch_bounds__(W * 32) grouped_fp8_kernel(GroupedGemm g, int6
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
           if (nt * 8 >= rows) break;
-          const uint4 xv = *reinterpret_cast<const uint4*>(&xs[nt * 8 + gid][64 * s + 16 * quad]);
+          const uint4 xv = *reinterpret_cast<const uint4*>(&xs[buf][nt * 8 + gid][64 * s + 16 * quad]);
           mma_fp8_16832(part[nt], ua[0], ub[0], ua[1], ub[1], xv.x, xv.y);
           mma_fp8_16832(part[nt], ua[2], ub[2], ua[3], ub[3], xv.z, xv.w);
         }
-        if (s & 1) {  // the end of a 128-wide K block: promote its sums with their scales
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt) {
-            if (nt * 8 >= rows) break;
-            promote(acc[nt], part[nt], ws[s / 2] * xsc[nt * 8 + 2 * quad][s / 2],
-                    ws[s / 2] * xsc[nt * 8 + 2 * quad + 1][s / 2]);
-          }
-        }
       }
-      if (kPrefetch && k0 + kStageK < k_end) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {  // the 128-wide K block: promote its sums with their scales
+        if (nt * 8 >= rows) break;
+        promote(acc[nt], part[nt], ws * xsc[buf][nt * 8 + 2 * quad], ws * xsc[buf][nt * 8 + 2 * quad + 1]);
+      }
+      if (more) {
 #pragma unroll
         for (int s = 0; s < kSub; ++s) {
           la[s] = na_[s];
@@ -1315,6 +1328,7 @@ __global__ void __launch_bounds__(W * 32) grouped_fp8_kernel(GroupedGemm g, int6
         }
       }
     }
+    cp_async_wait<0>();
     store_tiles<NT>(acc, out, ldo, r0, rows, quad, na, nb, va, vb);
   }
 }
