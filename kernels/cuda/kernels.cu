@@ -1221,16 +1221,20 @@ __device__ __forceinline__ void promote(float (&acc)[4], float (&part)[4], float
 }
 
 // Prefill groups (many rows): a block of W warps covers W x 16 output columns, the group's rows
-// come NT x 8 at a time. Per 128-wide K stage the block stages the rows' FP8 bytes and scales in
-// shared memory through cp.async, double-buffered (the next stage's copy is in flight while this
-// one is multiplied), and each warp holds its 16 weight rows' bytes for the stage in registers,
-// loaded one stage ahead. One barrier a stage.
-template <int NT, int W = kMmaWarps>
+// come NT x 8 at a time. The K loop runs a ring of S stages of 128 K in shared memory, filled by
+// cp.async S - 1 stages ahead: each warp copies its own 16 weight rows (128-byte rows, 16-byte
+// pieces swizzled as in the streamed kernel below), the block the group's rows and their scales.
+// One barrier a stage: it shows the stage to all and frees the slot the next copy refills.
+template <int NT, int S, int W>
+constexpr size_t fp8_staged_smem() {
+  return static_cast<size_t>(S) * (W * 16 * 128 + NT * 8 * 128 + NT * 8 * 4);
+}
+
+template <int NT, int S, int W>
 __global__ void __launch_bounds__(W * 32) grouped_fp8_kernel(GroupedGemm g, int64_t k_chunk, float* partial) {
-  constexpr int kSub = 2;  // 64-wide K chunks per stage: one scale block
-  // A staged row's pitch: 128 bytes + 64, so the 8 rows x 4 quads of a quarter warp's 16-byte
-  // reads fall in distinct banks.
-  constexpr int kStageK = kSub * 64, kRows = NT * 8, kPitch = kStageK + 64;
+  constexpr int kRows = NT * 8, kWBytes = W * 16 * 128, kXBytes = kRows * 128;
+  constexpr int kStage = kWBytes + kXBytes + kRows * 4;
+  extern __shared__ __align__(128) uint8_t fp8_stages[];
   const int64_t group = blockIdx.y;
   int64_t row_begin, row_end;
   if (!group_rows(g, group, row_begin, row_end)) return;
@@ -1238,94 +1242,82 @@ __global__ void __launch_bounds__(W * 32) grouped_fp8_kernel(GroupedGemm g, int6
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * (W * 16) + warp * 16;
   const int64_t na = n0 + gid, nb = na + 8;
   const bool va = na < g.n, vb = nb < g.n;
-  const void* w = g.weights ? g.weights[group] : g.weight;
+  const uint8_t* w = static_cast<const uint8_t*>(g.weights ? g.weights[group] : g.weight);
   const float* scale = g.scales ? g.scales[group] : g.scale;
   const int64_t k_begin = static_cast<int64_t>(blockIdx.z) * k_chunk;
   const int64_t k_end = g.k < k_begin + k_chunk ? g.k : k_begin + k_chunk;
   float* out = partial ? partial + static_cast<int64_t>(blockIdx.z) * g.rows * g.n : g.out;
   const int64_t ldo = partial ? g.n : g.ldo;
-  const uint8_t* wa = static_cast<const uint8_t*>(w) + na * g.k;
-  const uint8_t* wb = static_cast<const uint8_t*>(w) + nb * g.k;
   // This warp's 16 rows lie in one scale block row (block_out % 16 == 0).
   const float* srow = n0 < g.n ? scale + (n0 / g.block_out) * g.scale_stride : nullptr;
-  __shared__ __align__(16) uint8_t xs[2][kRows][kPitch];
-  __shared__ float xsc[2][kRows];  // the stage's activation scales (one 128 block)
+  const int64_t stages = (k_end - k_begin) / 128;  // K % 128 == 0 (grouped_fp8_fits)
   __shared__ int64_t src_row[kRows];
+  const int piece = lane & 7, row0 = lane >> 3;  // this lane's weight copies: piece of rows row0 + 4j
 
   for (int64_t r0 = row_begin; r0 < row_end; r0 += kRows) {
     const int rows = static_cast<int>(row_end - r0 < kRows ? row_end - r0 : kRows);
     const int tile_rows = (rows + 7) & ~7;
-    __syncthreads();  // the last pass is done with src_row and the buffers
+    __syncthreads();  // the last pass is done with src_row and the ring
     for (int r = threadIdx.x; r < rows; r += blockDim.x) src_row[r] = g.x_rows ? g.x_rows[r0 + r] : r0 + r;
     __syncthreads();
-    // One stage's activation rows (zeros past `rows`, up to the tile) and scales into buffer buf.
-    auto stage_x = [&](int buf, int64_t k0) {
-      const int width16 = static_cast<int>((k_end - k0) / 64 < kSub ? (k_end - k0) / 64 : kSub) * 4;
-      for (int i = threadIdx.x; i < tile_rows * (kStageK / 16); i += blockDim.x) {
-        const int r = i / (kStageK / 16), c16 = i % (kStageK / 16);
-        if (c16 >= width16) continue;
-        const bool ok = r < rows;
-        cp_async16_ca(&xs[buf][r][16 * c16], ok ? g.xq + src_row[r] * g.ldx + k0 + 16 * c16 : g.xq, ok);
+    auto issue = [&](int64_t st) {  // stage st into its slot; always one commit group
+      if (st < stages) {
+        const int64_t k0 = k_begin + 128 * st;
+        uint8_t* slot = fp8_stages + (st % S) * kStage;
+        uint8_t* wdst = slot + warp * 16 * 128;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int r = row0 + 4 * j;
+          const bool ok = n0 + r < g.n;
+          cp_async16(wdst + r * 128 + 16 * (piece ^ ((r & 1) << 2)), ok ? w + (n0 + r) * g.k + k0 + 16 * piece : w, ok);
+        }
+        uint8_t* xdst = slot + kWBytes;
+        for (int i = threadIdx.x; i < tile_rows * 8; i += blockDim.x) {
+          const int r = i >> 3, p = i & 7;
+          const bool ok = r < rows;
+          cp_async16_ca(xdst + r * 128 + 16 * (p ^ ((r & 1) << 2)), ok ? g.xq + src_row[r] * g.ldx + k0 + 16 * p : g.xq,
+                        ok);
+        }
+        float* sdst = reinterpret_cast<float*>(slot + kWBytes + kXBytes);
+        for (int r = threadIdx.x; r < tile_rows; r += blockDim.x)
+          cp_async4_ca(sdst + r, r < rows ? g.xscale + src_row[r] * g.lds + k0 / 128 : g.xscale, r < rows);
       }
-      for (int r = threadIdx.x; r < tile_rows; r += blockDim.x)
-        cp_async4_ca(&xsc[buf][r], r < rows ? g.xscale + src_row[r] * g.lds + k0 / 128 : g.xscale, r < rows);
+      cp_async_commit();
     };
+#pragma unroll
+    for (int st = 0; st < S - 1; ++st) issue(st);
     float acc[NT][4], part[NT][4];
 #pragma unroll
     for (int i = 0; i < NT; ++i)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][e] = part[i][e] = 0.0f;
-    uint4 la[kSub], lb[kSub];
-    auto load_stage = [&](int64_t k0, uint4 (&da)[kSub], uint4 (&db)[kSub]) {
-      const int subs = static_cast<int>((k_end - k0) / 64 < kSub ? (k_end - k0) / 64 : kSub);
+    for (int64_t st = 0; st < stages; ++st) {
+      const float ws = srow ? __ldg(srow + (k_begin + 128 * st) / g.block_in) : 0.0f;
+      cp_async_wait<S - 2>();  // stage st has landed (this thread's copies)
+      __syncthreads();         // ... and every thread's; every warp is done with stage st - 1's slot
+      issue(st + S - 1);
+      const uint8_t* slot = fp8_stages + (st % S) * kStage;
+      const uint8_t* wslot = slot + warp * 16 * 128;
+      const uint8_t* xslot = slot + kWBytes;
+      const float* xsc = reinterpret_cast<const float*>(slot + kWBytes + kXBytes);
 #pragma unroll
-      for (int s = 0; s < kSub; ++s) {
-        da[s] = db[s] = make_uint4(0, 0, 0, 0);
-        if (s < subs) {
-          const int64_t off = k0 + 64 * s + 16 * quad;
-          if (va) da[s] = __ldg(reinterpret_cast<const uint4*>(wa + off));
-          if (vb) db[s] = __ldg(reinterpret_cast<const uint4*>(wb + off));
-        }
-      }
-    };
-    load_stage(k_begin, la, lb);
-    stage_x(0, k_begin);
-    cp_async_commit();
-    int buf = 0;
-    for (int64_t k0 = k_begin; k0 < k_end; k0 += kStageK, buf ^= 1) {
-      const int subs = static_cast<int>((k_end - k0) / 64 < kSub ? (k_end - k0) / 64 : kSub);  // even
-      const bool more = k0 + kStageK < k_end;
-      uint4 na_[kSub], nb_[kSub];
-      if (more) load_stage(k0 + kStageK, na_, nb_);
-      const float ws = srow ? srow[k0 / g.block_in] : 0.0f;
-      cp_async_wait<0>();
-      __syncthreads();  // this stage's rows visible to all; every warp done with the other buffer
-      if (more) stage_x(buf ^ 1, k0 + kStageK);
-      cp_async_commit();
-#pragma unroll
-      for (int s = 0; s < kSub; ++s) {
-        if (s >= subs) break;
-        const uint32_t* ua = reinterpret_cast<const uint32_t*>(&la[s]);
-        const uint32_t* ub = reinterpret_cast<const uint32_t*>(&lb[s]);
+      for (int s = 0; s < 2; ++s) {
+        const int p = 4 * s + quad;
+        const uint4 wa = *reinterpret_cast<const uint4*>(wslot + gid * 128 + 16 * (p ^ ((gid & 1) << 2)));
+        const uint4 wb = *reinterpret_cast<const uint4*>(wslot + (gid + 8) * 128 + 16 * (p ^ ((gid & 1) << 2)));
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
           if (nt * 8 >= rows) break;
-          const uint4 xv = *reinterpret_cast<const uint4*>(&xs[buf][nt * 8 + gid][64 * s + 16 * quad]);
-          mma_fp8_16832(part[nt], ua[0], ub[0], ua[1], ub[1], xv.x, xv.y);
-          mma_fp8_16832(part[nt], ua[2], ub[2], ua[3], ub[3], xv.z, xv.w);
+          const int r = nt * 8 + gid;
+          const uint4 xv = *reinterpret_cast<const uint4*>(xslot + r * 128 + 16 * (p ^ ((r & 1) << 2)));
+          mma_fp8_16832(part[nt], wa.x, wb.x, wa.y, wb.y, xv.x, xv.y);
+          mma_fp8_16832(part[nt], wa.z, wb.z, wa.w, wb.w, xv.z, xv.w);
         }
       }
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {  // the 128-wide K block: promote its sums with their scales
         if (nt * 8 >= rows) break;
-        promote(acc[nt], part[nt], ws * xsc[buf][nt * 8 + 2 * quad], ws * xsc[buf][nt * 8 + 2 * quad + 1]);
-      }
-      if (more) {
-#pragma unroll
-        for (int s = 0; s < kSub; ++s) {
-          la[s] = na_[s];
-          lb[s] = nb_[s];
-        }
+        promote(acc[nt], part[nt], ws * xsc[nt * 8 + 2 * quad], ws * xsc[nt * 8 + 2 * quad + 1]);
       }
     }
     cp_async_wait<0>();
@@ -1455,6 +1447,8 @@ bool grouped_fp8_fits(const GroupedGemm& g) {
          g.block_out % 16 == 0 && g.block_out > 0;
 }
 
+// The staged (prefill) kernel's ring: 4 stages of 41 KB.
+constexpr int kFp8StagedStages = 4;
 // Ring depths: 6 stages at up to 16 rows a pass (3 x 4 warps per SM), 4 at up to 32 (2 x 4).
 constexpr int kFp8StreamStagesFew = 6, kFp8StreamStagesSome = 4;
 
@@ -1488,7 +1482,10 @@ void grouped_fp8(const GroupedGemm& g, void* stream, int64_t splits, float* part
   } else {
     const dim3 wide(static_cast<unsigned>((g.n + kMmaWarpsWide * 16 - 1) / (kMmaWarpsWide * 16)),
                     static_cast<unsigned>(g.groups), static_cast<unsigned>(splits));
-    grouped_fp8_kernel<8, kMmaWarpsWide><<<wide, kMmaWarpsWide * 32, 0, s>>>(g, k_chunk, part);
+    constexpr size_t smem = fp8_staged_smem<8, kFp8StagedStages, kMmaWarpsWide>();
+    static size_t allowed[kMaxDevices] = {};
+    allow_dynamic_smem(grouped_fp8_kernel<8, kFp8StagedStages, kMmaWarpsWide>, smem, allowed, "grouped_fp8");
+    grouped_fp8_kernel<8, kFp8StagedStages, kMmaWarpsWide><<<wide, kMmaWarpsWide * 32, smem, s>>>(g, k_chunk, part);
   }
   check_launch("grouped_fp8");
   if (part) {
