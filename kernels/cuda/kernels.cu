@@ -1741,24 +1741,19 @@ constexpr int kMlaPart = kMmaTile + 8;  // pitch of the partial scores (F32) and
 static_assert(kMmaTile * 8 == kMlaMmaWarps * 32, "the tile loader's thread layout");
 static_assert(kMlaFusedHeads == 2 * kMlaMmaWarps, "two heads a warp in the softmax, one m16 tile of heads");
 
+// Four 8x8 BF16 matrices from shared memory (kTrans: transposed), rows addressed by lanes 8i..8i+7.
+template <bool kTrans>
 __device__ __forceinline__ void ldmatrix_x4(const void* smem, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-               : "r"(s));
-#else
-  r0 = r1 = r2 = r3 = 0;
-#endif
-}
-
-__device__ __forceinline__ void ldmatrix_x4_trans(const void* smem, uint32_t& r0, uint32_t& r1, uint32_t& r2,
-                                                  uint32_t& r3) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-               : "r"(s));
+  if constexpr (kTrans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(s));
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(s));
 #else
   r0 = r1 = r2 = r3 = 0;
 #endif
@@ -1862,7 +1857,7 @@ __global__ void __launch_bounds__(kMlaMmaWarps * 32, 2)
 #pragma unroll
           for (int n = 0; n < 4; n += 2) {
             uint32_t b0, b1, b2, b3;
-            ldmatrix_x4(krow + 8 * n * pitch, b0, b1, b2, b3);
+            ldmatrix_x4<false>(krow + 8 * n * pitch, b0, b1, b2, b3);
             mma_bf16_16816(s[n], qh[st][0], qh[st][1], qh[st][2], qh[st][3], b0, b1);
             mma_bf16_16816(s[n + 1], qh[st][0], qh[st][1], qh[st][2], qh[st][3], b2, b3);
             mma_bf16_16816(s[n], ql[st][0], ql[st][1], ql[st][2], ql[st][3], b0, b1);
@@ -1918,7 +1913,7 @@ __global__ void __launch_bounds__(kMlaMmaWarps * 32, 2)
         for (int n = 0; n < 8; n += 2) {
           if (n >= ntiles) break;
           uint32_t b0, b1, b2, b3;
-          ldmatrix_x4_trans(vrow + 8 * n, b0, b1, b2, b3);
+          ldmatrix_x4<true>(vrow + 8 * n, b0, b1, b2, b3);
           mma_bf16_16816(acc[n], ah0, ah1, ah2, ah3, b0, b1);
           mma_bf16_16816(acc[n + 1], ah0, ah1, ah2, ah3, b2, b3);
           mma_bf16_16816(acc[n], al0, al1, al2, al3, b0, b1);
