@@ -1220,10 +1220,48 @@ __device__ __forceinline__ void promote(float (&acc)[4], float (&part)[4], float
   part[0] = part[1] = part[2] = part[3] = 0.0f;
 }
 
+// The FP8 kernels' staged rows: 128 bytes (one 128-wide K stage) each, 16-byte piece p of row r
+// at byte offset fp8_piece(r, p) (swizzled so a quarter warp's reads of rows 2i and 2i + 1,
+// pieces 4s..4s+3, fall in distinct banks).
+__device__ __forceinline__ int fp8_piece(int r, int p) { return 16 * (p ^ ((r & 1) << 2)); }
+
+// This lane's 4 cp.async copies of a warp's 16 weight rows n0.. for the stage at k0 (zeros past g.n).
+__device__ __forceinline__ void fp8_copy_weights(uint8_t* dst, const uint8_t* w, int64_t n0, const GroupedGemm& g,
+                                                 int64_t k0, int lane) {
+  const int piece = lane & 7, row0 = lane >> 3;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int r = row0 + 4 * j;
+    const bool ok = n0 + r < g.n;
+    cp_async16(dst + r * 128 + fp8_piece(r, piece), ok ? w + (n0 + r) * g.k + k0 + 16 * piece : w, ok);
+  }
+}
+
+// One stage's FP8 sums into part: the 16 weight rows staged at wslot times the pass's rows staged
+// at xslot (NT tiles of 8, those below `rows`).
+template <int NT>
+__device__ __forceinline__ void fp8_stage_mma(float (&part)[NT][4], const uint8_t* wslot, const uint8_t* xslot,
+                                              int rows, int gid, int quad) {
+#pragma unroll
+  for (int s = 0; s < 2; ++s) {
+    const int p = 4 * s + quad;
+    const uint4 wa = *reinterpret_cast<const uint4*>(wslot + gid * 128 + fp8_piece(gid, p));
+    const uint4 wb = *reinterpret_cast<const uint4*>(wslot + (gid + 8) * 128 + fp8_piece(gid, p));
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      if (nt * 8 >= rows) break;
+      const int r = nt * 8 + gid;
+      const uint4 xv = *reinterpret_cast<const uint4*>(xslot + r * 128 + fp8_piece(r, p));
+      mma_fp8_16832(part[nt], wa.x, wb.x, wa.y, wb.y, xv.x, xv.y);
+      mma_fp8_16832(part[nt], wa.z, wb.z, wa.w, wb.w, xv.z, xv.w);
+    }
+  }
+}
+
 // Prefill groups (many rows): a block of W warps covers W x 16 output columns, the group's rows
 // come NT x 8 at a time. The K loop runs a ring of S stages of 128 K in shared memory, filled by
-// cp.async S - 1 stages ahead: each warp copies its own 16 weight rows (128-byte rows, 16-byte
-// pieces swizzled as in the streamed kernel below), the block the group's rows and their scales.
+// cp.async S - 1 stages ahead: each warp copies its own 16 weight rows (fp8_copy_weights), the
+// block the group's rows and their scales.
 // One barrier a stage: it shows the stage to all and frees the slot the next copy refills.
 template <int NT, int S, int W>
 constexpr size_t fp8_staged_smem() {
@@ -1252,7 +1290,6 @@ __global__ void __launch_bounds__(W * 32) grouped_fp8_kernel(GroupedGemm g, int6
   const float* srow = n0 < g.n ? scale + (n0 / g.block_out) * g.scale_stride : nullptr;
   const int64_t stages = (k_end - k_begin) / 128;  // K % 128 == 0 (grouped_fp8_fits)
   __shared__ int64_t src_row[kRows];
-  const int piece = lane & 7, row0 = lane >> 3;  // this lane's weight copies: piece of rows row0 + 4j
 
   for (int64_t r0 = row_begin; r0 < row_end; r0 += kRows) {
     const int rows = static_cast<int>(row_end - r0 < kRows ? row_end - r0 : kRows);
@@ -1264,18 +1301,12 @@ __global__ void __launch_bounds__(W * 32) grouped_fp8_kernel(GroupedGemm g, int6
       if (st < stages) {
         const int64_t k0 = k_begin + 128 * st;
         uint8_t* slot = fp8_stages + (st % S) * kStage;
-        uint8_t* wdst = slot + warp * 16 * 128;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int r = row0 + 4 * j;
-          const bool ok = n0 + r < g.n;
-          cp_async16(wdst + r * 128 + 16 * (piece ^ ((r & 1) << 2)), ok ? w + (n0 + r) * g.k + k0 + 16 * piece : w, ok);
-        }
+        fp8_copy_weights(slot + warp * 16 * 128, w, n0, g, k0, lane);
         uint8_t* xdst = slot + kWBytes;
         for (int i = threadIdx.x; i < tile_rows * 8; i += blockDim.x) {
           const int r = i >> 3, p = i & 7;
           const bool ok = r < rows;
-          cp_async16_ca(xdst + r * 128 + 16 * (p ^ ((r & 1) << 2)), ok ? g.xq + src_row[r] * g.ldx + k0 + 16 * p : g.xq,
+          cp_async16_ca(xdst + r * 128 + fp8_piece(r, p), ok ? g.xq + src_row[r] * g.ldx + k0 + 16 * p : g.xq,
                         ok);
         }
         float* sdst = reinterpret_cast<float*>(slot + kWBytes + kXBytes);
@@ -1297,23 +1328,8 @@ __global__ void __launch_bounds__(W * 32) grouped_fp8_kernel(GroupedGemm g, int6
       __syncthreads();         // ... and every thread's; every warp is done with stage st - 1's slot
       issue(st + S - 1);
       const uint8_t* slot = fp8_stages + (st % S) * kStage;
-      const uint8_t* wslot = slot + warp * 16 * 128;
-      const uint8_t* xslot = slot + kWBytes;
       const float* xsc = reinterpret_cast<const float*>(slot + kWBytes + kXBytes);
-#pragma unroll
-      for (int s = 0; s < 2; ++s) {
-        const int p = 4 * s + quad;
-        const uint4 wa = *reinterpret_cast<const uint4*>(wslot + gid * 128 + 16 * (p ^ ((gid & 1) << 2)));
-        const uint4 wb = *reinterpret_cast<const uint4*>(wslot + (gid + 8) * 128 + 16 * (p ^ ((gid & 1) << 2)));
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          if (nt * 8 >= rows) break;
-          const int r = nt * 8 + gid;
-          const uint4 xv = *reinterpret_cast<const uint4*>(xslot + r * 128 + 16 * (p ^ ((r & 1) << 2)));
-          mma_fp8_16832(part[nt], wa.x, wb.x, wa.y, wb.y, xv.x, xv.y);
-          mma_fp8_16832(part[nt], wa.z, wb.z, wa.w, wb.w, xv.z, xv.w);
-        }
-      }
+      fp8_stage_mma<NT>(part, slot + warp * 16 * 128, slot + kWBytes, rows, gid, quad);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {  // the 128-wide K block: promote its sums with their scales
         if (nt * 8 >= rows) break;
@@ -1381,17 +1397,12 @@ __global__ void __launch_bounds__(kFp8StreamWarps * 32) grouped_fp8_stream_kerne
       if (st < stages) {
         const int64_t k0 = k_begin + 128 * st;
         uint8_t* dst = ring + (st % S) * kStage;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int r = row0 + 4 * j;
-          const bool ok = n0 + r < g.n;
-          cp_async16(dst + r * 128 + 16 * (piece ^ ((r & 1) << 2)), ok ? w + (n0 + r) * g.k + k0 + 16 * piece : w, ok);
-        }
+        fp8_copy_weights(dst, w, n0, g, k0, lane);
 #pragma unroll
         for (int j = 0; j < kRows / 4; ++j) {
           const int r = row0 + 4 * j;
           const uint8_t* src = xsrc[j];
-          cp_async16_ca(dst + kWBytes + r * 128 + 16 * (piece ^ ((r & 1) << 2)), src ? src + k0 : g.xq, src != nullptr);
+          cp_async16_ca(dst + kWBytes + r * 128 + fp8_piece(r, piece), src ? src + k0 : g.xq, src != nullptr);
         }
       }
       cp_async_commit();
@@ -1408,20 +1419,7 @@ __global__ void __launch_bounds__(kFp8StreamWarps * 32) grouped_fp8_stream_kerne
       cp_async_wait<S - 1>();  // stage st has landed (this lane's copies)
       __syncwarp();            // ... and every lane's
       const uint8_t* slot = ring + (st % S) * kStage;
-#pragma unroll
-      for (int s = 0; s < 2; ++s) {
-        const int p = 4 * s + quad;
-        const uint4 wa = *reinterpret_cast<const uint4*>(slot + gid * 128 + 16 * (p ^ ((gid & 1) << 2)));
-        const uint4 wb = *reinterpret_cast<const uint4*>(slot + (gid + 8) * 128 + 16 * (p ^ ((gid & 1) << 2)));
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          if (nt * 8 >= rows) break;
-          const int r = nt * 8 + gid;
-          const uint4 xv = *reinterpret_cast<const uint4*>(slot + kWBytes + r * 128 + 16 * (p ^ ((r & 1) << 2)));
-          mma_fp8_16832(part[nt], wa.x, wb.x, wa.y, wb.y, xv.x, xv.y);
-          mma_fp8_16832(part[nt], wa.z, wb.z, wa.w, wb.w, xv.z, xv.w);
-        }
-      }
+      fp8_stage_mma<NT>(part, slot, slot + kWBytes, rows, gid, quad);
       const int64_t kb = (k_begin + 128 * st) / 128;
       const float ws = __ldg(srow + kb);
 #pragma unroll
