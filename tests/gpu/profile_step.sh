@@ -6,7 +6,7 @@
 # an unprofiled bench: what the GPU spends per step, and how much of the step the host adds.
 # With PREFILL=1 the two runs differ in their batch instead (1 and 3 prompts of 1024 tokens, one
 # output token): the difference over 2 is one 1024-token prompt's prefill kernels.
-# Usage: tests/gpu/profile_step.sh DILU OUT BATCH [LAYERS]
+# Usage: tests/gpu/profile_step.sh DILU OUT BATCH [LAYERS]   (BATCH only names the files with PREFILL=1)
 set -uo pipefail
 dilu=$1; out=$2; batch=$3; layers=${4:-2}
 mkdir -p "$out"
