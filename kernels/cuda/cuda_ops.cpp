@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <array>
+#include <bit>
 #include <chrono>
 #include <cstring>
 #include <map>
@@ -136,6 +137,12 @@ cuda::WeightType weight_type(DType t) {
 }
 
 class CudaOps final : public Ops {
+  struct LtChoice {  // a cuBLASLt algorithm chosen for one shape (ok: found and accepted)
+    bool ok = false;
+    bool out_bf16 = false;
+    cublasLtMatmulAlgo_t algo{};
+  };
+
  public:
   explicit CudaOps(const BackendOptions& o) {
     int count = 0;
@@ -637,6 +644,36 @@ class CudaOps final : public Ops {
     if (!v_done) cuda::mla_absorb_v(a, stream_);
   }
 
+  // The token count whose algorithm serves n: n itself up to 16 (decode's small batches keep their
+  // own choice), else the next power of two.
+  static int64_t lt_bucket(int64_t n) {
+    return n <= 16 ? n : static_cast<int64_t>(std::bit_ceil(static_cast<uint64_t>(n)));
+  }
+
+  // cuBLASLt's first choice for a matmul within our workspace and 16-byte alignment.
+  LtChoice lt_heuristic(cublasLtMatmulDesc_t desc, cublasLtMatrixLayout_t la, cublasLtMatrixLayout_t lb,
+                        cublasLtMatrixLayout_t ld) {
+    LtChoice choice;
+    cublasLtMatmulPreference_t pref = nullptr;
+    DILU_LT(cublasLtMatmulPreferenceCreate(&pref));
+    const size_t ws = kLtWorkspace;
+    const uint32_t align = 16;
+    DILU_LT(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
+    for (auto attr : {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                      CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES})
+      DILU_LT(cublasLtMatmulPreferenceSetAttribute(pref, attr, &align, sizeof(align)));
+    cublasLtMatmulHeuristicResult_t h{};
+    int found = 0;
+    if (cublasLtMatmulAlgoGetHeuristic(lt_, desc, la, lb, ld, ld, pref, 1, &h, &found) != CUBLAS_STATUS_SUCCESS)
+      found = 0;
+    if (found > 0) {
+      choice.ok = true;
+      choice.algo = h.algo;
+    }
+    cublasLtMatmulPreferenceDestroy(pref);
+    return choice;
+  }
+
   // D_b = op(A_b) B_b for b < batch, column-major, F32 throughout (FP32 math, no TF32): A_b at
   // a + b * stride_a ([m, k] after op; stored [k, m] when trans_a), B_b [k, n], D_b [m, n].
   // Returns false (and remembers it) where cuBLASLt has no algorithm or the operands are not
@@ -673,24 +710,31 @@ class CudaOps final : public Ops {
       cublasLtMatmulDescDestroy(desc);
     };
     if (it == sgemm_algos_.end()) {
-      LtChoice choice;
-      cublasLtMatmulPreference_t pref = nullptr;
-      DILU_LT(cublasLtMatmulPreferenceCreate(&pref));
-      const size_t ws = kLtWorkspace;
-      const uint32_t align = 16;
-      DILU_LT(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
-      for (auto attr : {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
-                        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES})
-        DILU_LT(cublasLtMatmulPreferenceSetAttribute(pref, attr, &align, sizeof(align)));
-      cublasLtMatmulHeuristicResult_t h{};
-      int found = 0;
-      if (cublasLtMatmulAlgoGetHeuristic(lt_, desc, la, lb, ld, ld, pref, 1, &h, &found) != CUBLAS_STATUS_SUCCESS)
-        found = 0;
-      if (found > 0) {
-        choice.ok = true;
-        choice.algo = h.algo;
+      // A new token count n. A heuristic search costs host time (milliseconds for cuBLASLt's
+      // tensor-core kernels, docs/cuda.md) and decode's n changes every step as sequences finish,
+      // so the search runs once per bucket of n (lt_bucket); a count inside the bucket takes the
+      // bucket's algorithm when cuBLASLt accepts it for the exact shape (cublasLtMatmulAlgoCheck),
+      // else its own search.
+      const int64_t nb = lt_bucket(n);
+      auto bucket_key = key;
+      std::get<2>(bucket_key) = nb;
+      auto bit = sgemm_buckets_.find(bucket_key);
+      if (bit == sgemm_buckets_.end()) {
+        cublasLtMatrixLayout_t lbb = nullptr, ldb_ = nullptr;
+        layout(&lbb, k, nb, ldb, stride_b);
+        layout(&ldb_, m, nb, ldd, stride_d);
+        bit = sgemm_buckets_.emplace(bucket_key, lt_heuristic(desc, la, lbb, ldb_)).first;
+        cublasLtMatrixLayoutDestroy(ldb_);
+        cublasLtMatrixLayoutDestroy(lbb);
       }
-      cublasLtMatmulPreferenceDestroy(pref);
+      LtChoice choice;
+      if (bit->second.ok) {
+        cublasLtMatmulHeuristicResult_t check{};
+        if (cublasLtMatmulAlgoCheck(lt_, desc, la, lb, ld, ld, &bit->second.algo, &check) == CUBLAS_STATUS_SUCCESS &&
+            check.workspaceSize <= kLtWorkspace)
+          choice = bit->second;
+      }
+      if (!choice.ok) choice = lt_heuristic(desc, la, lb, ld);
       it = sgemm_algos_.emplace(key, choice).first;
       if (!choice.ok) {
         cleanup();
@@ -1064,25 +1108,53 @@ class CudaOps final : public Ops {
       cublasLtMatmulDescDestroy(desc);
     };
     if (it == lt_algos_.end()) {
-      LtChoice choice;
-      cublasLtMatmulPreference_t pref = nullptr;
-      DILU_LT(cublasLtMatmulPreferenceCreate(&pref));
-      const size_t ws = kLtWorkspace;
-      DILU_LT(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
-      cublasLtMatmulHeuristicResult_t h{};
-      int found = 0;
       // F32 output first; FP8 falls back to BF16 output (converted) where F32 has no kernel.
-      for (int out_bf16 = 0; out_bf16 < (fp8 ? 2 : 1) && found == 0; ++out_bf16) {
-        const cublasLtMatrixLayout_t lo = out_bf16 ? lbf : ld;
-        if (cublasLtMatmulAlgoGetHeuristic(lt_, desc, la, lb, lo, lo, pref, 1, &h, &found) != CUBLAS_STATUS_SUCCESS)
-          found = 0;
-        if (found > 0) {
-          choice.ok = true;
-          choice.out_bf16 = out_bf16 == 1;
-          choice.algo = h.algo;
+      auto search = [&](cublasLtMatrixLayout_t lb_x, cublasLtMatrixLayout_t ld_x, cublasLtMatrixLayout_t lbf_x) {
+        LtChoice choice;
+        cublasLtMatmulPreference_t pref = nullptr;
+        DILU_LT(cublasLtMatmulPreferenceCreate(&pref));
+        const size_t ws = kLtWorkspace;
+        DILU_LT(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
+        cublasLtMatmulHeuristicResult_t h{};
+        int found = 0;
+        for (int out_bf16 = 0; out_bf16 < (fp8 ? 2 : 1) && found == 0; ++out_bf16) {
+          const cublasLtMatrixLayout_t lo = out_bf16 ? lbf_x : ld_x;
+          if (cublasLtMatmulAlgoGetHeuristic(lt_, desc, la, lb_x, lo, lo, pref, 1, &h, &found) != CUBLAS_STATUS_SUCCESS)
+            found = 0;
+          if (found > 0) {
+            choice.ok = true;
+            choice.out_bf16 = out_bf16 == 1;
+            choice.algo = h.algo;
+          }
         }
+        cublasLtMatmulPreferenceDestroy(pref);
+        return choice;
+      };
+      // A new token count m: one heuristic search per bucket of m (lt_bucket; searches cost
+      // milliseconds of host time, and decode's m changes every step), the bucket's algorithm
+      // taken where cuBLASLt accepts it for the exact shape (as lt_sgemm_batched).
+      const int64_t mb = lt_bucket(m);
+      const auto bucket_key = std::make_tuple(static_cast<int>(ab), n, mb, k);
+      auto bit = lt_buckets_.find(bucket_key);
+      if (bit == lt_buckets_.end()) {
+        cublasLtMatrixLayout_t lbb = nullptr, ldb_ = nullptr, lbfb = nullptr;
+        DILU_LT(cublasLtMatrixLayoutCreate(&lbb, ab, static_cast<uint64_t>(k), static_cast<uint64_t>(mb), k));
+        DILU_LT(cublasLtMatrixLayoutCreate(&ldb_, CUDA_R_32F, static_cast<uint64_t>(n), static_cast<uint64_t>(mb), n));
+        DILU_LT(cublasLtMatrixLayoutCreate(&lbfb, CUDA_R_16BF, static_cast<uint64_t>(n), static_cast<uint64_t>(mb), n));
+        bit = lt_buckets_.emplace(bucket_key, search(lbb, ldb_, lbfb)).first;
+        cublasLtMatrixLayoutDestroy(lbfb);
+        cublasLtMatrixLayoutDestroy(ldb_);
+        cublasLtMatrixLayoutDestroy(lbb);
       }
-      cublasLtMatmulPreferenceDestroy(pref);
+      LtChoice choice;
+      if (bit->second.ok) {
+        const cublasLtMatrixLayout_t lo = bit->second.out_bf16 ? lbf : ld;
+        cublasLtMatmulHeuristicResult_t check{};
+        if (cublasLtMatmulAlgoCheck(lt_, desc, la, lb, lo, lo, &bit->second.algo, &check) == CUBLAS_STATUS_SUCCESS &&
+            check.workspaceSize <= kLtWorkspace)
+          choice = bit->second;
+      }
+      if (!choice.ok) choice = search(lb, ld, lbf);
       it = lt_algos_.emplace(key, choice).first;
       if (!choice.ok) {
         cleanup();
@@ -1109,12 +1181,6 @@ class CudaOps final : public Ops {
     return true;
   }
 
-  struct LtChoice {
-    bool ok = false;
-    bool out_bf16 = false;
-    cublasLtMatmulAlgo_t algo{};
-  };
-
   int device_ = 0;
   cudaDeviceProp props_{};
   cudaStream_t stream_ = nullptr;
@@ -1128,10 +1194,10 @@ class CudaOps final : public Ops {
   size_t placed_ = 0;
   std::vector<std::function<void()>> wait_checks_;
   std::map<std::pair<const void*, size_t>, ExpertTable> expert_tables_;
-  std::map<std::tuple<int, int64_t, int64_t, int64_t>, LtChoice> lt_algos_;
+  std::map<std::tuple<int, int64_t, int64_t, int64_t>, LtChoice> lt_algos_, lt_buckets_;  // lt_matmul's
   std::map<std::tuple<bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>,
            LtChoice>
-      sgemm_algos_;
+      sgemm_algos_, sgemm_buckets_;  // per exact shape; per bucket of n (lt_bucket)
   bool fast_ = false;       // cuda.kernels=fast
   bool mla_fused_ = false;  // the fused MLA kernels (fast)
   Tensor mla_split_scratch_;   // fused MLA: the context splits' partial softmax states

@@ -1156,11 +1156,17 @@ void grouped_mma(const GroupedGemm& g, void* stream, int64_t splits, float* part
 }
 
 // ---------------------------------------------------------------- cp.async (sm_80+)
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+// 16 bytes to the shared-space address s (zeros when !valid).
+__device__ __forceinline__ void cp_async16_s(uint32_t s, const void* gmem, bool valid) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0));
 #endif
+}
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  cp_async16_s(smem_u32(smem), gmem, valid);
 }
 // The same through L1 (.ca): for data that the block's other warps copy too.
 __device__ __forceinline__ void cp_async16_ca(void* smem, const void* gmem, bool valid) {
@@ -1663,28 +1669,51 @@ __global__ void __launch_bounds__(kMlaFusedWarps * 32)
 }
 
 // o_lat[t, h] = the splits' partial states merged: sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M).
+// One block per (token, head): the first warp turns the (at most 32) splits' statistics into
+// factors e^(m_s - M) once, then every thread merges its float4 columns (scalar when C % 4 != 0).
+constexpr int kMlaMaxSplits = 32;
 __global__ void mla_combine_kernel(MlaArgs a, int64_t splits, const float* part_o, const float* part_ml) {
-  const int64_t th = blockIdx.x;
-  float big = -INFINITY;
-  for (int64_t s = 0; s < splits; ++s) {
-    const int64_t at = s * a.t * a.h + th;
-    if (part_ml[2 * at + 1] > 0.0f) big = fmaxf(big, part_ml[2 * at]);
+  const int64_t th = blockIdx.x, rows = a.t * a.h;  // rows: one split's (token, head) count
+  __shared__ float factor[kMlaMaxSplits];
+  __shared__ float inv_denom;
+  if (threadIdx.x < 32) {
+    const int s = static_cast<int>(threadIdx.x);
+    const float* ml = part_ml + 2 * (s * rows + th);
+    const bool live = s < splits && ml[1] > 0.0f;
+    const float m = live ? ml[0] : -INFINITY, l = live ? ml[1] : 0.0f;
+    const float big = warp_max(m);
+    const float f = live ? expf(m - big) : 0.0f;
+    const float denom = warp_sum(l * f);
+    if (s < splits) factor[s] = f;
+    if (s == 0) inv_denom = denom > 0.0f ? 1.0f / denom : 0.0f;
   }
-  float denom = 0.0f;
-  for (int64_t s = 0; s < splits; ++s) {
-    const int64_t at = s * a.t * a.h + th;
-    const float l = part_ml[2 * at + 1];
-    if (l > 0.0f) denom += l * expf(part_ml[2 * at] - big);
-  }
-  const float inv = denom > 0.0f ? 1.0f / denom : 0.0f;
-  for (int64_t k = threadIdx.x; k < a.c; k += blockDim.x) {
-    float o = 0.0f;
-    for (int64_t s = 0; s < splits; ++s) {
-      const int64_t at = s * a.t * a.h + th;
-      const float l = part_ml[2 * at + 1];
-      if (l > 0.0f) o = fmaf(part_o[at * a.c + k], expf(part_ml[2 * at] - big), o);
+  __syncthreads();
+  const int ns = static_cast<int>(splits), c = static_cast<int>(a.c);
+  const float inv = inv_denom;
+  const float* src = part_o + th * a.c;
+  float* dst = a.o_lat + th * a.c;
+  const int64_t split_stride = rows * a.c;
+  if (c % 4 == 0) {
+    for (int k = 4 * static_cast<int>(threadIdx.x); k < c; k += 4 * static_cast<int>(blockDim.x)) {
+      float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      for (int s = 0; s < ns; ++s) {
+        const float f = factor[s];
+        if (f == 0.0f) continue;  // an empty split: its partials may be unwritten
+        const float4 x = *reinterpret_cast<const float4*>(src + s * split_stride + k);
+        o.x = fmaf(x.x, f, o.x);
+        o.y = fmaf(x.y, f, o.y);
+        o.z = fmaf(x.z, f, o.z);
+        o.w = fmaf(x.w, f, o.w);
+      }
+      *reinterpret_cast<float4*>(dst + k) = make_float4(o.x * inv, o.y * inv, o.z * inv, o.w * inv);
     }
-    a.o_lat[th * a.c + k] = o * inv;
+  } else {
+    for (int k = static_cast<int>(threadIdx.x); k < c; k += static_cast<int>(blockDim.x)) {
+      float o = 0.0f;
+      for (int s = 0; s < ns; ++s)
+        if (factor[s] != 0.0f) o = fmaf(src[s * split_stride + k], factor[s], o);
+      dst[k] = o * inv;
+    }
   }
 }
 
@@ -1697,6 +1726,7 @@ static dim3 mla_grid(const MlaArgs& a, int64_t splits) {
 // The splits' partial softmax states merged into o_lat (nothing to do for one split).
 static void mla_combine(const MlaArgs& a, int64_t splits, const float* part_o, const float* part_ml, void* stream) {
   if (splits <= 1) return;
+  if (splits > kMlaMaxSplits) throw std::runtime_error("mla_combine: more than 32 context splits");
   mla_combine_kernel<<<static_cast<unsigned>(a.t * a.h), 128, 0, as_stream(stream)>>>(a, splits, part_o, part_ml);
   check_launch("mla_combine");
 }
@@ -1741,9 +1771,8 @@ static_assert(kMlaFusedHeads == 2 * kMlaMmaWarps, "two heads a warp in the softm
 
 // Four 8x8 BF16 matrices from shared memory (kTrans: transposed), rows addressed by lanes 8i..8i+7.
 template <bool kTrans>
-__device__ __forceinline__ void ldmatrix_x4(const void* smem, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
+__device__ __forceinline__ void ldmatrix_x4(uint32_t s, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   if constexpr (kTrans)
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
@@ -1755,6 +1784,10 @@ __device__ __forceinline__ void ldmatrix_x4(const void* smem, uint32_t& r0, uint
 #else
   r0 = r1 = r2 = r3 = 0;
 #endif
+}
+template <bool kTrans>
+__device__ __forceinline__ void ldmatrix_x4(const void* smem, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
+  ldmatrix_x4<kTrans>(smem_u32(smem), r0, r1, r2, r3);
 }
 
 // hi + lo BF16 pairs of (x, y): hi = bf16(v), lo = bf16(v - hi).
@@ -1815,27 +1848,43 @@ __global__ void __launch_bounds__(kMlaMmaWarps * 32, 2)
   const int64_t begin = split * chunk, end = ctx < begin + chunk ? ctx : begin + chunk;
   const int32_t* table = a.tables + static_cast<int64_t>(a.token_seq[t]) * a.table_stride;
   // Tile loader: thread i copies position i / 8 of the tile, 16-byte pieces i % 8 + 8j of its row.
+  // Addresses in shared space are 32-bit byte offsets computed once; a tile adds its buffer's.
   const int pieces = width / 8, bs = static_cast<int>(a.block_size);
+  const bool bs_pow2 = (bs & (bs - 1)) == 0;
+  const int bs_shift = __ffs(bs) - 1;
+  const int lp = threadIdx.x >> 3, lfirst = threadIdx.x & 7;
+  const uint32_t tiles_s = smem_u32(tiles), buf_bytes = static_cast<uint32_t>(kMmaTile * pitch * 2);
+  const uint32_t load_s = tiles_s + static_cast<uint32_t>((lp * pitch + 8 * lfirst) * 2);
+  constexpr int kLoadSteps = 16 * kMlaQSteps * kMlaMmaWarps / 64;  // 16-byte pieces a thread, at most
   auto load_tile = [&](int buf, int64_t j0) {
-    const int p = threadIdx.x >> 3, first = threadIdx.x & 7;
-    const int64_t j = j0 + p;
+    const int64_t j = j0 + lp;
     const bool valid = j < end;
     const uint16_t* src = a.cache;
     if (valid) {
       const int jj = static_cast<int>(j);  // positions fit 32 bits (token_pos is int32)
-      src += (static_cast<int64_t>(table[jj / bs]) * bs + jj % bs) * width;
+      const int blk = bs_pow2 ? jj >> bs_shift : jj / bs, off = bs_pow2 ? jj & (bs - 1) : jj % bs;
+      src += (static_cast<int64_t>(table[blk]) * bs + off) * width;
     }
-    __nv_bfloat16* dst = tiles + (buf * kMmaTile + p) * pitch;
-    for (int piece = first; piece < pieces; piece += 8) cp_async16(dst + 8 * piece, src + 8 * piece, valid);
+    src += 8 * lfirst;
+    const uint32_t dst = load_s + buf * buf_bytes;
+#pragma unroll
+    for (int i = 0; i < kLoadSteps; ++i)
+      if (lfirst + 8 * i < pieces) cp_async16_s(dst + 128 * i, src + 64 * i, valid);
   };
 
   const int cols = c / kMlaMmaWarps;  // latent columns per warp (64 for C = 512)
   const int ntiles = cols / 8;
   const int mi = lane >> 3, ri = lane & 7;  // ldmatrix: lane's matrix and row
+  // ldmatrix row addresses of this lane: the cache rows as the scores' B (this warp's first K
+  // step), as the output's B (transposed; this warp's columns), and the probabilities as A.
+  const uint32_t k_lane = tiles_s + static_cast<uint32_t>(((8 * (mi >> 1) + ri) * pitch + 16 * step0 + 8 * (mi & 1)) * 2);
+  const uint32_t k_next = static_cast<uint32_t>(16 * pitch * 2);  // the next 16 positions
+  const uint32_t v_lane = tiles_s + static_cast<uint32_t>((((mi & 1) * 8 + ri) * pitch + warp * cols + (mi >> 1) * 8) * 2);
+  const uint32_t p_lane = smem_u32(p_hi) + static_cast<uint32_t>(((ri + 8 * (mi & 1)) * kMlaPart + 8 * (mi >> 1)) * 2);
+  constexpr uint32_t kPLo = kMlaFusedHeads * kMlaPart * 2;  // p_lo - p_hi in bytes
   float acc[8][4];
 #pragma unroll
   for (int i = 0; i < 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
-  auto u32 = [](const __nv_bfloat16* p) { return *reinterpret_cast<const uint32_t*>(p); };
 
   if (begin < end) load_tile(0, begin);
   cp_async_commit();
@@ -1845,17 +1894,16 @@ __global__ void __launch_bounds__(kMlaMmaWarps * 32, 2)
     __syncthreads();  // this tile visible to all; every warp done with the last tile's buffer
     if (j0 + kMmaTile < end) load_tile(buf ^ 1, j0 + kMmaTile);
     cp_async_commit();
-    const __nv_bfloat16* tile = tiles + buf * kMmaTile * pitch;
     {  // partial scores: this warp's K steps, the tile's 32 positions (4 n-tiles, hi and lo)
       float s[4][4] = {};
+      const uint32_t kb = k_lane + buf * buf_bytes;
 #pragma unroll
       for (int st = 0; st < kMlaQSteps; ++st) {
         if (st < my_steps) {
-          const __nv_bfloat16* krow = tile + (8 * (mi >> 1) + ri) * pitch + 16 * (step0 + st) + 8 * (mi & 1);
 #pragma unroll
           for (int n = 0; n < 4; n += 2) {
             uint32_t b0, b1, b2, b3;
-            ldmatrix_x4<false>(krow + 8 * n * pitch, b0, b1, b2, b3);
+            ldmatrix_x4<false>(kb + 32 * st + (n / 2) * k_next, b0, b1, b2, b3);
             mma_bf16_16816(s[n], qh[st][0], qh[st][1], qh[st][2], qh[st][3], b0, b1);
             mma_bf16_16816(s[n + 1], qh[st][0], qh[st][1], qh[st][2], qh[st][3], b2, b3);
             mma_bf16_16816(s[n], ql[st][0], ql[st][1], ql[st][2], ql[st][3], b0, b1);
@@ -1893,25 +1941,26 @@ __global__ void __launch_bounds__(kMlaMmaWarps * 32, 2)
     __syncthreads();
     {  // acc = acc * corr + P (16 x 32) . V (32 x cols of this warp)
       const float ca = stat_c[gid], cb = stat_c[gid + 8];
+      if (__any_sync(0xffffffffu, ca != 1.0f || cb != 1.0f)) {  // once the maxima settle, mostly not
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        acc[i][0] *= ca;
-        acc[i][1] *= ca;
-        acc[i][2] *= cb;
-        acc[i][3] *= cb;
+        for (int i = 0; i < 8; ++i) {
+          acc[i][0] *= ca;
+          acc[i][1] *= ca;
+          acc[i][2] *= cb;
+          acc[i][3] *= cb;
+        }
       }
+      const uint32_t vb = v_lane + buf * buf_bytes;
 #pragma unroll
       for (int k = 0; k < kMmaTile; k += 16) {
-        const __nv_bfloat16* ha = p_hi + gid * kMlaPart + k + 2 * quad;
-        const __nv_bfloat16* la = p_lo + gid * kMlaPart + k + 2 * quad;
-        const uint32_t ah0 = u32(ha), ah1 = u32(ha + 8 * kMlaPart), ah2 = u32(ha + 8), ah3 = u32(ha + 8 * kMlaPart + 8);
-        const uint32_t al0 = u32(la), al1 = u32(la + 8 * kMlaPart), al2 = u32(la + 8), al3 = u32(la + 8 * kMlaPart + 8);
-        const __nv_bfloat16* vrow = tile + (k + (mi & 1) * 8 + ri) * pitch + warp * cols + (mi >> 1) * 8;
+        uint32_t ah0, ah1, ah2, ah3, al0, al1, al2, al3;
+        ldmatrix_x4<false>(p_lane + 2 * k, ah0, ah1, ah2, ah3);
+        ldmatrix_x4<false>(p_lane + kPLo + 2 * k, al0, al1, al2, al3);
 #pragma unroll
         for (int n = 0; n < 8; n += 2) {
           if (n >= ntiles) break;
           uint32_t b0, b1, b2, b3;
-          ldmatrix_x4<true>(vrow + 8 * n, b0, b1, b2, b3);
+          ldmatrix_x4<true>(vb + k * k_next / 16 + 16 * n, b0, b1, b2, b3);
           mma_bf16_16816(acc[n], ah0, ah1, ah2, ah3, b0, b1);
           mma_bf16_16816(acc[n + 1], ah0, ah1, ah2, ah3, b2, b3);
           mma_bf16_16816(acc[n], al0, al1, al2, al3, b0, b1);
