@@ -799,8 +799,17 @@ class CudaOps final : public Ops {
     const int64_t f = experts[0].gate.out_features(), pairs = t * k;
     Tensor counters = empty(DType::I32, {local}), offsets = empty(DType::I32, {local + 1});
     Tensor rows = empty(DType::I32, {pairs}), pair_row = empty(DType::I32, {pairs});
+    // Fewer pairs than experts (decode's small batches): the expert GEMMs' grids cover only the
+    // experts selected, listed on the device, instead of every expert with most blocks idle.
+    const int64_t slots = std::min(local, pairs);
+    Tensor group_list;
+    int32_t* list = nullptr;
+    if (fast_ && slots < local) {
+      group_list = empty(DType::I32, {slots});
+      list = group_list.data<int32_t>();
+    }
     cuda::moe_group(ids.data<int32_t>(), t, k, first_expert, local, counters.data<int32_t>(), offsets.data<int32_t>(),
-                    rows.data<int32_t>(), pair_row.data<int32_t>(), stream_);
+                    rows.data<int32_t>(), pair_row.data<int32_t>(), list, slots, stream_);
     cuda::count_routed_experts(offsets.data<int32_t>(), local,
                                static_cast<unsigned long long*>(routed_counter_.raw()), stream_);
     Tensor g = empty(DType::F32, {pairs, f}), u = empty(DType::F32, {pairs, f}), y = empty(DType::F32, {pairs, d});
@@ -835,6 +844,8 @@ class CudaOps final : public Ops {
       gg.round_bf16 = true;
       gg.out = dst;
       gg.ldo = n_out;
+      gg.group_list = list;
+      gg.group_slots = list ? slots : 0;
       if (q) {
         gg.xq = q;
         gg.xscale = qs;

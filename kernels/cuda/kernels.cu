@@ -61,6 +61,9 @@ void allow_dynamic_smem(Kernel kernel, size_t smem, size_t (&allowed)[kMaxDevice
   allowed[device] = smem;
 }
 
+// Grid extent over groups: every group, or g.group_slots entries of g.group_list.
+int64_t grid_groups(const GroupedGemm& g) { return g.group_list ? g.group_slots : g.groups; }
+
 int grid_for(int64_t n, int threads) {
   const int64_t b = (n + threads - 1) / threads;
   return static_cast<int>(b < 65535 * 16 ? (b < 1 ? 1 : b) : 65535 * 16);
@@ -266,7 +269,8 @@ __global__ void argmax_kernel(const float* x, int64_t cols, int32_t* out) {
 constexpr int kTm = 64, kTn = 64, kTk = 16;
 
 __global__ void __launch_bounds__(256) grouped_gemm_kernel(GroupedGemm g) {
-  const int64_t group = blockIdx.z;
+  const int64_t group = g.group_list ? g.group_list[blockIdx.z] : static_cast<int64_t>(blockIdx.z);
+  if (group < 0) return;
   int64_t row_begin = 0, row_end = g.rows;
   if (g.group_offsets) {
     row_begin = g.group_offsets[group];
@@ -551,11 +555,12 @@ __global__ void moe_count_kernel(const int32_t* ids, int64_t pairs, int64_t firs
 
 // Single block of 1024 threads: exclusive scan of the counts into offsets, counters reset to the
 // offsets. Chunks of 1024 experts, each scanned across warps in shared memory.
-__global__ void moe_scan_kernel(int32_t* counters, int64_t local, int32_t* offsets) {
-  __shared__ int32_t warp_total[32];
-  __shared__ int32_t carry_s;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (threadIdx.x == 0) carry_s = 0;
+__global__ void moe_scan_kernel(int32_t* counters, int64_t local, int32_t* offsets, int32_t* group_list,
+                                int64_t group_slots) {
+  __shared__ int32_t warp_total[32], warp_live[32];
+  __shared__ int32_t carry_s, live_s;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  if (threadIdx.x == 0) carry_s = live_s = 0;
   __syncthreads();
   for (int64_t base = 0; base < local; base += blockDim.x) {
     const int64_t e = base + threadIdx.x;
@@ -565,20 +570,31 @@ __global__ void moe_scan_kernel(int32_t* counters, int64_t local, int32_t* offse
       const int32_t v = __shfl_up_sync(0xffffffffu, incl, o);
       if (lane >= o) incl += v;
     }
+    const unsigned live = __ballot_sync(0xffffffffu, c > 0);  // the non-empty groups, in order
     if (lane == 31) warp_total[warp] = incl;
+    if (lane == 0) warp_live[warp] = __popc(live);
     __syncthreads();
-    int32_t before = carry_s;
-    for (int w = 0; w < warp; ++w) before += warp_total[w];
+    int32_t before = carry_s, live_before = live_s;
+    for (int w = 0; w < warp; ++w) {
+      before += warp_total[w];
+      live_before += warp_live[w];
+    }
     const int32_t excl = before + incl - c;
     if (e < local) {
       offsets[e] = excl;
       counters[e] = excl;
     }
+    live_before += __popc(live & ((1u << lane) - 1u));
+    if (group_list && c > 0 && live_before < group_slots) group_list[live_before] = static_cast<int32_t>(e);
     __syncthreads();
     if (threadIdx.x == blockDim.x - 1) carry_s = excl + c;
+    if (threadIdx.x == 0)
+      for (int w = 0; w < warps; ++w) live_s += warp_live[w];
     __syncthreads();
   }
   if (threadIdx.x == 0) offsets[local] = carry_s;
+  if (group_list)
+    for (int64_t i = live_s + threadIdx.x; i < group_slots; i += blockDim.x) group_list[i] = -1;
 }
 
 __global__ void moe_scatter_kernel(const int32_t* ids, int64_t pairs, int64_t k, int64_t first, int64_t local,
@@ -801,10 +817,14 @@ __device__ __forceinline__ void load4_weight(const void* w, WeightType type, int
   }
 }
 
-// The rows [begin, end) of `group` (all rows without group offsets); false when none.
-__device__ __forceinline__ bool group_rows(const GroupedGemm& g, int64_t group, int64_t& begin, int64_t& end) {
+// The rows [begin, end) of the group of grid index idx (all rows without group offsets); false
+// when none. The group is idx, or the idx-th entry of g.group_list (-1: no group).
+__device__ __forceinline__ bool group_rows(const GroupedGemm& g, unsigned idx, int64_t& group, int64_t& begin,
+                                           int64_t& end) {
+  group = g.group_list ? g.group_list[idx] : static_cast<int64_t>(idx);
   begin = 0;
   end = g.rows;
+  if (group < 0) return false;
   if (g.group_offsets) {
     begin = g.group_offsets[group];
     end = g.group_offsets[group + 1];
@@ -813,9 +833,8 @@ __device__ __forceinline__ bool group_rows(const GroupedGemm& g, int64_t group, 
 }
 
 __global__ void __launch_bounds__(kGvWarps * 32) grouped_gemv_kernel(GroupedGemm g) {
-  const int64_t group = blockIdx.y;
-  int64_t row_begin, row_end;
-  if (!group_rows(g, group, row_begin, row_end)) return;
+  int64_t group, row_begin, row_end;
+  if (!group_rows(g, blockIdx.y, group, row_begin, row_end)) return;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t n_first = (static_cast<int64_t>(blockIdx.x) * kGvWarps + warp) * kGvCols;
   const void* w = g.weights ? g.weights[group] : g.weight;
@@ -891,7 +910,7 @@ void grouped_gemv(const GroupedGemm& g, void* stream) {
     throw std::runtime_error("grouped_gemv: FP8 scale rows of " + std::to_string(g.scale_stride) + " floats for K " +
                              std::to_string(g.k));
   const int64_t cols_per_block = static_cast<int64_t>(kGvWarps) * kGvCols;
-  const dim3 grid(static_cast<unsigned>((g.n + cols_per_block - 1) / cols_per_block), static_cast<unsigned>(g.groups));
+  const dim3 grid(static_cast<unsigned>((g.n + cols_per_block - 1) / cols_per_block), static_cast<unsigned>(grid_groups(g)));
   grouped_gemv_kernel<<<grid, kGvWarps * 32, 0, as_stream(stream)>>>(g);
   check_launch("grouped_gemv");
 }
@@ -971,9 +990,8 @@ __global__ void __launch_bounds__(W * 32) grouped_mma_kernel(GroupedGemm g, int6
   constexpr int kSub = kFp8 ? 4 : 2;  // 64-wide K chunks per stage
   constexpr bool kPrefetch = NT <= 4;  // next stage's weights in registers (at NT 8: too many registers)
   constexpr int kStageK = kSub * 64, kRows = NT * 8, kPitch = kStageK + 8;  // BF16 elements per staged row
-  const int64_t group = blockIdx.y;
-  int64_t row_begin, row_end;
-  if (!group_rows(g, group, row_begin, row_end)) return;
+  int64_t group, row_begin, row_end;
+  if (!group_rows(g, blockIdx.y, group, row_begin, row_end)) return;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, quad = lane & 3;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * (W * 16) + warp * 16;
   const int64_t na = n0 + gid, nb = na + 8;  // this thread's two weight rows
@@ -1129,7 +1147,7 @@ void grouped_mma(const GroupedGemm& g, void* stream, int64_t splits, float* part
   const int64_t k_chunk = splits == 1 ? g.k : ((g.k + splits - 1) / splits + stage - 1) / stage * stage;
   splits = (g.k + k_chunk - 1) / k_chunk;
   float* part = splits > 1 ? partial : nullptr;
-  const dim3 grid(static_cast<unsigned>((g.n + kMmaCols - 1) / kMmaCols), static_cast<unsigned>(g.groups),
+  const dim3 grid(static_cast<unsigned>((g.n + kMmaCols - 1) / kMmaCols), static_cast<unsigned>(grid_groups(g)),
                   static_cast<unsigned>(splits));
   // Rows per pass over the weights: 16 where groups average at most 4 rows, 32 up to 16 (decode:
   // the busiest experts of a step see a few times the average), else 64.
@@ -1142,7 +1160,7 @@ void grouped_mma(const GroupedGemm& g, void* stream, int64_t splits, float* part
   else if (some) grouped_mma_kernel<4, false><<<grid, kMmaWarps * 32, 0, s>>>(g, k_chunk, part);
   else {
     const dim3 wide(static_cast<unsigned>((g.n + kMmaWarpsWide * 16 - 1) / (kMmaWarpsWide * 16)),
-                    static_cast<unsigned>(g.groups), static_cast<unsigned>(splits));
+                    static_cast<unsigned>(grid_groups(g)), static_cast<unsigned>(splits));
     if (fp8) grouped_mma_kernel<8, true, kMmaWarpsWide><<<wide, kMmaWarpsWide * 32, 0, s>>>(g, k_chunk, part);
     else grouped_mma_kernel<8, false, kMmaWarpsWide><<<wide, kMmaWarpsWide * 32, 0, s>>>(g, k_chunk, part);
   }
@@ -1279,9 +1297,8 @@ __global__ void __launch_bounds__(W * 32) grouped_fp8_kernel(GroupedGemm g, int6
   constexpr int kRows = NT * 8, kWBytes = W * 16 * 128, kXBytes = kRows * 128;
   constexpr int kStage = kWBytes + kXBytes + kRows * 4;
   extern __shared__ __align__(128) uint8_t fp8_stages[];
-  const int64_t group = blockIdx.y;
-  int64_t row_begin, row_end;
-  if (!group_rows(g, group, row_begin, row_end)) return;
+  int64_t group, row_begin, row_end;
+  if (!group_rows(g, blockIdx.y, group, row_begin, row_end)) return;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, quad = lane & 3;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * (W * 16) + warp * 16;
   const int64_t na = n0 + gid, nb = na + 8;
@@ -1364,9 +1381,8 @@ __global__ void __launch_bounds__(kFp8StreamWarps * 32) grouped_fp8_stream_kerne
                                                                                     float* partial) {
   constexpr int kRows = NT * 8, kWBytes = 16 * 128, kStage = (16 + kRows) * 128;
   extern __shared__ __align__(128) uint8_t fp8_ring[];
-  const int64_t group = blockIdx.y;
-  int64_t row_begin, row_end;
-  if (!group_rows(g, group, row_begin, row_end)) return;
+  int64_t group, row_begin, row_end;
+  if (!group_rows(g, blockIdx.y, group, row_begin, row_end)) return;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, quad = lane & 3;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * (kFp8StreamWarps * 16) + warp * 16;
   if (n0 >= g.n) return;  // no block barrier below: a warp without rows may leave
@@ -1472,7 +1488,7 @@ void grouped_fp8(const GroupedGemm& g, void* stream, int64_t splits, float* part
   const bool few = g.rows <= 4 * g.groups, some = g.rows <= 16 * g.groups;
   cudaStream_t s = as_stream(stream);
   const dim3 stream_grid(static_cast<unsigned>((g.n + kFp8StreamWarps * 16 - 1) / (kFp8StreamWarps * 16)),
-                         static_cast<unsigned>(g.groups), static_cast<unsigned>(splits));
+                         static_cast<unsigned>(grid_groups(g)), static_cast<unsigned>(splits));
   if (few) {
     constexpr size_t smem = fp8_stream_smem<2, kFp8StreamStagesFew>();
     static size_t allowed[kMaxDevices] = {};
@@ -1485,7 +1501,7 @@ void grouped_fp8(const GroupedGemm& g, void* stream, int64_t splits, float* part
     grouped_fp8_stream_kernel<4, kFp8StreamStagesSome><<<stream_grid, kFp8StreamWarps * 32, smem, s>>>(g, k_chunk, part);
   } else {
     const dim3 wide(static_cast<unsigned>((g.n + kMmaWarpsWide * 16 - 1) / (kMmaWarpsWide * 16)),
-                    static_cast<unsigned>(g.groups), static_cast<unsigned>(splits));
+                    static_cast<unsigned>(grid_groups(g)), static_cast<unsigned>(splits));
     constexpr size_t smem = fp8_staged_smem<8, kFp8StagedStages, kMmaWarpsWide>();
     static size_t allowed[kMaxDevices] = {};
     allow_dynamic_smem(grouped_fp8_kernel<8, kFp8StagedStages, kMmaWarpsWide>, smem, allowed, "grouped_fp8");
@@ -1506,7 +1522,7 @@ void grouped_gemm(const GroupedGemm& g, void* stream) {
     throw std::runtime_error("grouped_gemm: FP8 scale rows of " + std::to_string(g.scale_stride) + " floats for K " +
                              std::to_string(g.k));
   const dim3 grid(static_cast<unsigned>((g.n + kTn - 1) / kTn), static_cast<unsigned>((g.rows + kTm - 1) / kTm),
-                  static_cast<unsigned>(g.groups));
+                  static_cast<unsigned>(grid_groups(g)));
   grouped_gemm_kernel<<<grid, 256, 0, as_stream(stream)>>>(g);
   check_launch("grouped_gemm");
 }
@@ -2039,7 +2055,8 @@ void moe_select(const float* logits, const float* bias, int64_t t, int64_t e, in
 }
 
 void moe_group(const int32_t* ids, int64_t t, int64_t k, int64_t first, int64_t local, int32_t* counters,
-               int32_t* offsets, int32_t* rows, int32_t* pair_row, void* stream) {
+               int32_t* offsets, int32_t* rows, int32_t* pair_row, int32_t* group_list, int64_t group_slots,
+               void* stream) {
   cudaStream_t s = as_stream(stream);
   if (cudaMemsetAsync(counters, 0, static_cast<size_t>(local) * sizeof(int32_t), s) != cudaSuccess)
     throw std::runtime_error("moe_group: cudaMemsetAsync failed");
@@ -2048,7 +2065,7 @@ void moe_group(const int32_t* ids, int64_t t, int64_t k, int64_t first, int64_t 
     moe_count_kernel<<<grid_for(pairs, 256), 256, 0, s>>>(ids, pairs, first, local, counters);
     check_launch("moe_count");
   }
-  moe_scan_kernel<<<1, 1024, 0, s>>>(counters, local, offsets);
+  moe_scan_kernel<<<1, 1024, 0, s>>>(counters, local, offsets, group_list, group_slots);
   check_launch("moe_scan");
   if (pairs > 0) {
     moe_scatter_kernel<<<grid_for(pairs, 256), 256, 0, s>>>(ids, pairs, k, first, local, counters, rows, pair_row);

@@ -75,6 +75,10 @@ struct GroupedGemm {
   int64_t lds = 0;
   float* out = nullptr;
   int64_t ldo = 0;
+  // Optional: the grid covers only group_slots groups, the ids in group_list (device; -1 past the
+  // non-empty ones, as moe_active_groups writes them). Decode's few rows select few of many experts.
+  const int32_t* group_list = nullptr;
+  int64_t group_slots = 0;
 };
 void grouped_gemm(const GroupedGemm& g, void* stream);
 // The same product by a kernel for groups of few rows (cuda.kernels=fast, decode batches): every
@@ -147,9 +151,12 @@ void moe_select(const float* logits, const float* bias, int64_t t, int64_t e, in
                 void* stream);
 // Groups the (token, k) pairs routed to experts [first, first + local) by expert: offsets
 // [local + 1], rows [T * K] (token of each grouped row), pair_row [T * K] (grouped row of each
-// pair, -1 for another rank's expert). counters: scratch [local] int32.
+// pair, -1 for another rank's expert). counters: scratch [local] int32. With group_list (device,
+// [group_slots]): the non-empty experts' local ids in ascending order, then -1 (GroupedGemm's
+// group_list; group_slots >= min(local, T * K) holds them all).
 void moe_group(const int32_t* ids, int64_t t, int64_t k, int64_t first, int64_t local, int32_t* counters,
-               int32_t* offsets, int32_t* rows, int32_t* pair_row, void* stream);
+               int32_t* offsets, int32_t* rows, int32_t* pair_row, int32_t* group_list, int64_t group_slots,
+               void* stream);
 // gate <- silu(gate) * up for the first offsets[local] rows of width f.
 void moe_silu_mul(float* gate, const float* up, const int32_t* offsets, int64_t local, int64_t max_rows, int64_t f,
                   void* stream);
