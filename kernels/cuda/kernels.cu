@@ -10,6 +10,7 @@
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cfloat>
 #include <cstdint>
 #include <cstdio>
@@ -165,11 +166,42 @@ __global__ void embedding_kernel(const void* table, int table_type, int64_t rows
   }
 }
 
+// Rows of up to kNormPer values a thread are held in registers: every load of the row is issued
+// before the first store (x and out may alias), instead of one dependent load-store pair at a time.
+constexpr int kNormPer = 8;
 __global__ void rms_norm_kernel(float* x, const float* __restrict__ residual, const float* __restrict__ w, int64_t width,
                                 int64_t d, float eps, float* out) {
   float* xr = x + blockIdx.x * width;
   float* orow = out + blockIdx.x * width;
   float ss = 0.0f;
+  if (d <= kNormPer * static_cast<int64_t>(blockDim.x)) {
+    const float* rr = residual ? residual + blockIdx.x * width : nullptr;
+    float v[kNormPer], r[kNormPer];
+#pragma unroll
+    for (int j = 0; j < kNormPer; ++j) {
+      const int64_t i = threadIdx.x + static_cast<int64_t>(j) * blockDim.x;
+      v[j] = i < d ? xr[i] : 0.0f;
+      r[j] = rr && i < d ? rr[i] : 0.0f;
+    }
+#pragma unroll
+    for (int j = 0; j < kNormPer; ++j) {
+      const int64_t i = threadIdx.x + static_cast<int64_t>(j) * blockDim.x;
+      if (i >= d) continue;
+      if (rr) {
+        v[j] += r[j];
+        xr[i] = v[j];
+      }
+      ss += v[j] * v[j];
+    }
+    ss = block_sum(ss);
+    const float inv = 1.0f / sqrtf(ss / static_cast<float>(d) + eps);
+#pragma unroll
+    for (int j = 0; j < kNormPer; ++j) {
+      const int64_t i = threadIdx.x + static_cast<int64_t>(j) * blockDim.x;
+      if (i < d) orow[i] = w[i] * (v[j] * inv);
+    }
+    return;
+  }
   for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
     float v = xr[i];
     if (residual) {
@@ -204,13 +236,23 @@ __global__ void silu_mul_kernel(const float* gate, const float* up, int64_t n, f
 }
 
 // One block per token; threads over (head, pair).
+// Block (token t, slice y of its heads): the token's cos and sin, computed once into shared
+// memory for all heads, then the rotations of the slice's (head, pair) items.
 __global__ void rope_kernel(float* x, int64_t heads, int64_t width, int64_t offset, const int32_t* pos,
                             const float* inv_freq, int64_t half, float attention_factor) {
+  extern __shared__ float rope_cs[];  // [half] cos, [half] sin, times attention_factor
   const int64_t t = blockIdx.x;
-  for (int64_t j = threadIdx.x; j < heads * half; j += blockDim.x) {
-    const int64_t head = j / half, i = j % half;
+  for (int64_t i = threadIdx.x; i < half; i += blockDim.x) {
     const float f = static_cast<float>(pos[t]) * inv_freq[i];
-    const float c = cosf(f) * attention_factor, s = sinf(f) * attention_factor;
+    rope_cs[i] = cosf(f) * attention_factor;
+    rope_cs[half + i] = sinf(f) * attention_factor;
+  }
+  __syncthreads();
+  const int hh = static_cast<int>(half), items = static_cast<int>(heads * half);
+  for (int j = static_cast<int>(blockIdx.y * blockDim.x + threadIdx.x); j < items;
+       j += static_cast<int>(gridDim.y * blockDim.x)) {
+    const int head = j / hh, i = j % hh;
+    const float c = rope_cs[i], s = rope_cs[hh + i];
     float* v = x + (t * heads + head) * width + offset;
     const float a = v[2 * i], b = v[2 * i + 1];
     v[2 * i] = a * c - b * s;
@@ -759,8 +801,10 @@ void silu_mul(const float* gate, const float* up, int64_t n, float* out, void* s
 void rope(float* x, int64_t t, int64_t heads, int64_t width, int64_t offset, const int32_t* pos,
           const float* inv_freq, int64_t half, float attention_factor, void* stream) {
   if (t <= 0 || heads * half <= 0) return;
-  rope_kernel<<<static_cast<unsigned>(t), 256, 0, as_stream(stream)>>>(x, heads, width, offset, pos, inv_freq, half,
-                                                                       attention_factor);
+  if (heads * half >= (int64_t{1} << 31)) throw std::runtime_error("rope: more than 2^31 rotations a token");
+  const dim3 grid(static_cast<unsigned>(t), static_cast<unsigned>(std::min<int64_t>((heads * half + 255) / 256, 16)));
+  const size_t smem = static_cast<size_t>(2 * half) * sizeof(float);
+  rope_kernel<<<grid, 256, smem, as_stream(stream)>>>(x, heads, width, offset, pos, inv_freq, half, attention_factor);
   check_launch("rope");
 }
 
