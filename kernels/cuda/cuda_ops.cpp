@@ -650,18 +650,20 @@ class CudaOps final : public Ops {
     return n <= 16 ? n : static_cast<int64_t>(std::bit_ceil(static_cast<uint64_t>(n)));
   }
 
-  // cuBLASLt's first choice for a matmul within our workspace and 16-byte alignment.
+  // cuBLASLt's first choice for a matmul within our workspace (and, with align16, for operands
+  // that are 16-byte aligned).
   LtChoice lt_heuristic(cublasLtMatmulDesc_t desc, cublasLtMatrixLayout_t la, cublasLtMatrixLayout_t lb,
-                        cublasLtMatrixLayout_t ld) {
+                        cublasLtMatrixLayout_t ld, bool align16) {
     LtChoice choice;
     cublasLtMatmulPreference_t pref = nullptr;
     DILU_LT(cublasLtMatmulPreferenceCreate(&pref));
     const size_t ws = kLtWorkspace;
     const uint32_t align = 16;
     DILU_LT(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
-    for (auto attr : {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
-                      CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES})
-      DILU_LT(cublasLtMatmulPreferenceSetAttribute(pref, attr, &align, sizeof(align)));
+    if (align16)
+      for (auto attr : {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES})
+        DILU_LT(cublasLtMatmulPreferenceSetAttribute(pref, attr, &align, sizeof(align)));
     cublasLtMatmulHeuristicResult_t h{};
     int found = 0;
     if (cublasLtMatmulAlgoGetHeuristic(lt_, desc, la, lb, ld, ld, pref, 1, &h, &found) != CUBLAS_STATUS_SUCCESS)
@@ -723,7 +725,7 @@ class CudaOps final : public Ops {
         cublasLtMatrixLayout_t lbb = nullptr, ldb_ = nullptr;
         layout(&lbb, k, nb, ldb, stride_b);
         layout(&ldb_, m, nb, ldd, stride_d);
-        bit = sgemm_buckets_.emplace(bucket_key, lt_heuristic(desc, la, lbb, ldb_)).first;
+        bit = sgemm_buckets_.emplace(bucket_key, lt_heuristic(desc, la, lbb, ldb_, true)).first;
         cublasLtMatrixLayoutDestroy(ldb_);
         cublasLtMatrixLayoutDestroy(lbb);
       }
@@ -734,7 +736,7 @@ class CudaOps final : public Ops {
             check.workspaceSize <= kLtWorkspace)
           choice = bit->second;
       }
-      if (!choice.ok) choice = lt_heuristic(desc, la, lb, ld);
+      if (!choice.ok) choice = lt_heuristic(desc, la, lb, ld, true);
       it = sgemm_algos_.emplace(key, choice).first;
       if (!choice.ok) {
         cleanup();
@@ -1121,24 +1123,11 @@ class CudaOps final : public Ops {
     if (it == lt_algos_.end()) {
       // F32 output first; FP8 falls back to BF16 output (converted) where F32 has no kernel.
       auto search = [&](cublasLtMatrixLayout_t lb_x, cublasLtMatrixLayout_t ld_x, cublasLtMatrixLayout_t lbf_x) {
-        LtChoice choice;
-        cublasLtMatmulPreference_t pref = nullptr;
-        DILU_LT(cublasLtMatmulPreferenceCreate(&pref));
-        const size_t ws = kLtWorkspace;
-        DILU_LT(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
-        cublasLtMatmulHeuristicResult_t h{};
-        int found = 0;
-        for (int out_bf16 = 0; out_bf16 < (fp8 ? 2 : 1) && found == 0; ++out_bf16) {
-          const cublasLtMatrixLayout_t lo = out_bf16 ? lbf_x : ld_x;
-          if (cublasLtMatmulAlgoGetHeuristic(lt_, desc, la, lb_x, lo, lo, pref, 1, &h, &found) != CUBLAS_STATUS_SUCCESS)
-            found = 0;
-          if (found > 0) {
-            choice.ok = true;
-            choice.out_bf16 = out_bf16 == 1;
-            choice.algo = h.algo;
-          }
+        LtChoice choice = lt_heuristic(desc, la, lb_x, ld_x, false);
+        if (!choice.ok && fp8) {
+          choice = lt_heuristic(desc, la, lb_x, lbf_x, false);
+          choice.out_bf16 = choice.ok;
         }
-        cublasLtMatmulPreferenceDestroy(pref);
         return choice;
       };
       // A new token count m: one heuristic search per bucket of m (lt_bucket; searches cost

@@ -235,7 +235,6 @@ __global__ void silu_mul_kernel(const float* gate, const float* up, int64_t n, f
     out[i] = silu_times(gate[i], up[i]);
 }
 
-// One block per token; threads over (head, pair).
 // Block (token t, slice y of its heads): the token's cos and sin, computed once into shared
 // memory for all heads, then the rotations of the slice's (head, pair) items.
 __global__ void rope_kernel(float* x, int64_t heads, int64_t width, int64_t offset, const int32_t* pos,
@@ -596,7 +595,8 @@ __global__ void moe_count_kernel(const int32_t* ids, int64_t pairs, int64_t firs
 }
 
 // Single block of 1024 threads: exclusive scan of the counts into offsets, counters reset to the
-// offsets. Chunks of 1024 experts, each scanned across warps in shared memory.
+// offsets. Chunks of 1024 experts, each scanned across warps in shared memory. With group_list,
+// the non-empty experts' ids in order (a ballot per warp gives each its rank), then -1 to the end.
 __global__ void moe_scan_kernel(int32_t* counters, int64_t local, int32_t* offsets, int32_t* group_list,
                                 int64_t group_slots) {
   __shared__ int32_t warp_total[32], warp_live[32];
