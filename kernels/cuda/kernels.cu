@@ -1516,7 +1516,32 @@ constexpr int kFp8StagedStages = 4;
 // Ring depths: 6 stages at up to 16 rows a pass (3 x 4 warps per SM), 4 at up to 32 (2 x 4).
 constexpr int kFp8StreamStagesFew = 6, kFp8StreamStagesSome = 4;
 
-int64_t grouped_fp8_splits(const GroupedGemm& g, int sms) { return k_splits(g, sms, 512); }  // 4 stages
+// The staged (prefill) kernel: as grouped_mma. The decode kernel: its blocks are 64 columns wide
+// and two fit an SM (shared memory), so the split count is chosen by waves of resident blocks, a
+// wave costing its blocks' 128-K stages plus about 4 stages of pipeline fill (a partly filled last
+// wave costs a full one); the smaller count on a tie. Splits of at least 512 of K.
+int64_t grouped_fp8_splits(const GroupedGemm& g, int sms) {
+  if (g.rows > 16 * g.groups) return k_splits(g, sms, 512);
+  const int64_t active = g.groups < g.rows ? g.groups : g.rows;
+  const int64_t per_block = kFp8StreamWarps * 16, blocks = (g.n + per_block - 1) / per_block * active;
+  const size_t smem = g.rows <= 4 * g.groups ? fp8_stream_smem<2, kFp8StreamStagesFew>()
+                                             : fp8_stream_smem<4, kFp8StreamStagesSome>();
+  const int64_t per_sm = static_cast<int64_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor)) /
+                         static_cast<int64_t>(smem + 1024);
+  const int64_t slots = static_cast<int64_t>(sms) * (per_sm < 1 ? 1 : per_sm);
+  const int64_t stages = g.k / 128, most = g.k / 512 < 1 ? 1 : g.k / 512;
+  constexpr int64_t kFill = 4;  // stages' worth of a block's start
+  int64_t best = 1, best_cost = 0;
+  for (int64_t splits = 1; splits <= most; ++splits) {
+    const int64_t waves = (blocks * splits + slots - 1) / slots;
+    const int64_t cost = waves * (kFill + (stages + splits - 1) / splits);
+    if (splits == 1 || cost < best_cost) {
+      best = splits;
+      best_cost = cost;
+    }
+  }
+  return best;
+}
 
 void grouped_fp8(const GroupedGemm& g, void* stream, int64_t splits, float* partial) {
   if (g.rows <= 0 || g.n <= 0 || g.groups <= 0) return;
