@@ -157,6 +157,7 @@ std::vector<BenchRow> run_bench(const BenchOptions& o, const RunConfig& cfg, std
   bo.cpu_threads = cfg.cpu.threads;
   bo.fp8_gemm = cfg.cuda.fp8_gemm;
   bo.kernels = cfg.cuda.kernels;
+  bo.graphs = cfg.cuda.graphs;
   const int64_t largest_batch = *std::max_element(o.batch_sizes.begin(), o.batch_sizes.end());
   bo.arena_bytes = DeepseekV3::step_scratch_bytes(mc, std::max<int64_t>(cfg.batch.max_tokens, largest_batch),
                                                   largest_batch, g.tp);
@@ -174,12 +175,17 @@ std::vector<BenchRow> run_bench(const BenchOptions& o, const RunConfig& cfg, std
   const auto t_place = std::chrono::steady_clock::now();
   DeepseekV3 model(mc, ckpt, *ops, TensorParallel{g.tp_rank, g.tp, g.tp > 1 ? &tp_traced : nullptr},
                    PipelineStage{first_layer, end_layer});
+  // Before the KV cache takes its memory: the scratch of the decode steps' graphs.
+  const bool graphs = model.enable_graphs(largest_batch);
   ops->synchronize();
   if (root)
     log << "dilu bench: " << mc.num_hidden_layers << " layers, " << model.weight_bytes() / (1 << 20)
         << " MiB of weights on this rank" << (o.random_weights ? " made on the device" : " placed") << " in "
         << std::chrono::duration<double>(std::chrono::steady_clock::now() - t_place).count() << " s on "
         << ops->name() << "\n";
+  if (root && ops->device().kind == DeviceKind::CUDA)
+    log << "dilu bench: decode steps " << (graphs ? "captured as CUDA graphs and replayed" : "launched kernel by kernel")
+        << " (cuda.graphs" << (cfg.cuda.graphs ? "" : "=false") << ")\n";
   if (root && g.pp > 1) {
     log << "dilu bench: pipeline stages:";
     for (const auto& [a, b] : stages) log << " [" << a << ", " << b << ")";

@@ -303,9 +303,76 @@ void DeepseekV3::all_reduce(Tensor& t) {
 
 Tensor DeepseekV3::forward(const StepInput& step, KvCache& cache) {
   DILU_CHECK(first_stage_ && last_stage_, "forward() runs the whole model; a pipeline stage uses embed/run_layers/head");
+  const int64_t t = static_cast<int64_t>(step.token_ids.size());
+  if (graph_max_tokens_ > 0 && t > 0 && t <= graph_max_tokens_ && static_cast<int64_t>(step.logit_rows.size()) == t) {
+    const uint64_t key = ops_.stage_step(step.token_ids, step.layout, step.logit_rows);
+    if (key != 0) return forward_graph(key, step, cache);
+  }
+  return forward_eager(step, cache);
+}
+
+Tensor DeepseekV3::forward_eager(const StepInput& step, KvCache& cache) {
   Tensor x = embed(step);
   run_layers(x, step, cache);
   return head(x, step);
+}
+
+bool DeepseekV3::enable_graphs(int64_t max_tokens) {
+  graph_max_tokens_ = 0;
+  graphs_.clear();
+  if (max_tokens < 1 || tp_.size != 1 || !first_stage_ || !last_stage_) return false;
+  if (!ops_.enable_graphs(step_scratch_bytes(config_, max_tokens, max_tokens, 1))) return false;
+  graph_max_tokens_ = max_tokens;
+  return true;
+}
+
+// A shape's first step runs eagerly (it also makes the backend's one-time choices: GEMM
+// algorithms, kernel attributes); the second is captured and replayed; later ones replay. A
+// capture that fails (an op the backend cannot record) leaves that shape eager, with a warning.
+Tensor DeepseekV3::forward_graph(uint64_t key, const StepInput& step, KvCache& cache) {
+  // A replay skips the ops' own checks of the layout against the cache: they are made here.
+  const int64_t bs = step.layout.block_size, blocks = cache.num_blocks();
+  DILU_CHECK(bs == cache.block_size(), "step layout block size ", bs, " against the cache's ", cache.block_size());
+  for (int64_t slot : step.layout.token_slot) DILU_CHECK(slot >= 0 && slot < blocks * bs, "cache slot ", slot);
+  for (size_t i = 0; i < step.token_ids.size(); ++i) {
+    const int32_t seq = step.layout.token_seq[i];
+    DILU_CHECK(seq >= 0 && static_cast<size_t>(seq) < step.layout.block_tables.size(), "token sequence ", seq);
+    const std::vector<int32_t>& table = step.layout.block_tables[static_cast<size_t>(seq)];
+    DILU_CHECK(static_cast<int64_t>(table.size()) * bs > step.layout.token_pos[i], "block table too short for position ",
+               step.layout.token_pos[i]);
+  }
+  for (const std::vector<int32_t>& table : step.layout.block_tables)
+    for (int32_t b : table) DILU_CHECK(b >= 0 && b < blocks, "cache block ", b, " outside ", blocks);
+
+  auto found = graphs_.find(key);
+  if (found == graphs_.end()) {
+    constexpr size_t kMaxGraphs = 64;  // batch shapes kept; a run past them starts over
+    if (graphs_.size() >= kMaxGraphs) graphs_.clear();
+    graphs_.emplace(key, StepGraph{});
+    return forward_eager(step, cache);
+  }
+  StepGraph& g = found->second;
+  if (g.failed) return forward_eager(step, cache);
+  if (!g.exec) {
+    try {
+      ops_.begin_capture();
+      Tensor logits = forward_eager(step, cache);
+      g.exec = ops_.end_capture();
+      g.logits = logits;
+      ++graph_counts_.captured;
+    } catch (const std::exception& e) {
+      ops_.abort_capture();
+      g = StepGraph{};
+      g.failed = true;
+      ++graph_counts_.failed;
+      std::cerr << "dilu: capturing a decode step of " << step.token_ids.size()
+                << " tokens as a graph failed, so steps of that shape run without one: " << e.what() << "\n";
+      return forward_eager(step, cache);
+    }
+  }
+  ops_.replay(g.exec);
+  ++graph_counts_.replayed;
+  return g.logits;
 }
 
 Tensor DeepseekV3::embed(const StepInput& step) {

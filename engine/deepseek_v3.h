@@ -4,6 +4,7 @@
 #pragma once
 
 #include <memory>
+#include <unordered_map>
 #include <vector>
 
 #include "engine/model_config.h"
@@ -76,8 +77,20 @@ class DeepseekV3 {
   // Bytes of weights this rank holds (its share under tensor parallelism).
   int64_t weight_bytes() const { return weight_bytes_; }
   // Runs every token of the step through the model, writing each token's latent cache entry,
-  // and returns the logits [logit_rows, V] (FP32, on the device).
+  // and returns the logits [logit_rows, V] (FP32, on the device). With graphs enabled, a decode
+  // step's logits stay valid until the next forward().
   Tensor forward(const StepInput& step, KvCache& cache);
+  // Decode steps (every token wants its logits) of up to max_tokens tokens run as graphs where
+  // the backend captures them (Ops::enable_graphs; single-rank models only): a step shape's
+  // second occurrence is captured, later ones replay it. Sets the graphs' scratch aside, so call
+  // it before sizing the KV cache from the free memory. Returns whether graphs are on.
+  bool enable_graphs(int64_t max_tokens);
+  struct GraphCounts {
+    int64_t captured = 0;  // step shapes captured
+    int64_t replayed = 0;  // steps run as a replay
+    int64_t failed = 0;    // step shapes whose capture failed (they run eagerly)
+  };
+  const GraphCounts& graph_counts() const { return graph_counts_; }
   // The same in pieces, for pipeline stages: the first stage embeds, every stage runs its layers
   // on the hidden states x [T, D] (cache layer i is the stage's i-th layer), the last one applies
   // the head (the logits of step.logit_rows).
@@ -92,6 +105,15 @@ class DeepseekV3 {
   void mlp(const LayerWeights& lw, const Tensor& x, Tensor& out);
 
   void all_reduce(Tensor& t);
+  Tensor forward_eager(const StepInput& step, KvCache& cache);
+  Tensor forward_graph(uint64_t key, const StepInput& step, KvCache& cache);
+
+  // A decode step shape's graph: seen once (not yet captured), captured, or failed to capture.
+  struct StepGraph {
+    std::shared_ptr<void> exec;
+    Tensor logits;  // in the graphs' scratch, rewritten by each replay
+    bool failed = false;
+  };
 
   ModelConfig config_;
   Ops& ops_;
@@ -108,6 +130,9 @@ class DeepseekV3 {
   std::vector<LayerWeights> layers_;
   Tensor norm_;          // [D]
   LinearWeight lm_head_; // [ceil(V / tp), D] this rank's vocabulary rows (zero-padded)
+  int64_t graph_max_tokens_ = 0;  // 0: no graphs
+  GraphCounts graph_counts_;
+  std::unordered_map<uint64_t, StepGraph> graphs_;  // by Ops::stage_step's shape key
 };
 
 // Checks names, shapes and dtypes of a checkpoint against the config without loading anything;

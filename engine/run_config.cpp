@@ -94,6 +94,9 @@ const Field kFields[] = {
                    "CUDA kernels: fast = fused MLA (all heads of a block share each pass over the latent cache, "
                    "split-KV, absorption as batched GEMMs) and small-batch expert GEMMs; reference = one block per "
                    "(token, head) and tiled FP32 GEMMs, the kernels fast is tested against (docs/cuda.md)"),
+    DILU_RUN_FIELD(cuda.graphs, true, "true or false",
+                   "run decode steps as CUDA graphs, one captured per batch shape and replayed (single-rank "
+                   "runs); false: launch every kernel from the host"),
 };
 
 #undef DILU_RUN_FIELD

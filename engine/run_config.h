@@ -62,6 +62,7 @@ struct CudaConfig {
   std::string fp8_gemm = "auto";  // auto | block | soft
   double nccl_timeout_s = 600;
   std::string kernels = "fast";  // fast | reference (docs/cuda.md)
+  bool graphs = true;            // decode steps captured as CUDA graphs and replayed
   friend bool operator==(const CudaConfig&, const CudaConfig&) = default;
 };
 

@@ -204,6 +204,7 @@ RunSummary run_job(const RunJobOptions& o, const RunConfig& cfg, std::ostream& l
     bo.cpu_threads = cfg.cpu.threads;
     bo.fp8_gemm = cfg.cuda.fp8_gemm;
     bo.kernels = cfg.cuda.kernels;
+    bo.graphs = cfg.cuda.graphs;
     bo.arena_bytes = DeepseekV3::step_scratch_bytes(L.mc, cfg.batch.max_tokens, cfg.batch.max_seqs, g.tp);
     L.ops = make_ops(cfg.backend, bo);
     trace.set_device(L.ops->device().kind == DeviceKind::CPU ? L.ops->name()
@@ -240,6 +241,8 @@ RunSummary run_job(const RunJobOptions& o, const RunConfig& cfg, std::ostream& l
     const auto [first_layer, end_layer] = stages[static_cast<size_t>(g.pp_rank)];
     L.model = std::make_unique<DeepseekV3>(L.mc, *L.ckpt, *L.ops, TensorParallel{g.tp_rank, g.tp, L.tp_comm},
                                            PipelineStage{first_layer, end_layer});
+    // Before the KV cache is sized from the free memory: the scratch of the decode steps' graphs.
+    L.model->enable_graphs(cfg.batch.max_seqs);
     if (g.world.rank == 0 && g.pp > 1) {
       log << "dilu: pipeline stages:";
       for (const auto& [a, b] : stages) log << " [" << a << ", " << b << ")";

@@ -170,6 +170,40 @@ class Ops {
   virtual void concat_columns(const Tensor& parts, Tensor& out) = 0;
   // Greedy choice per row of logits [N, V]: index of the first maximum.
   virtual std::vector<int32_t> argmax(const Tensor& logits) = 0;
+  // ---- step graphs (CUDA graphs; other backends have none) ----
+  // A decode step's work recorded once and replayed: the same kernels on the same scratch with
+  // no per-launch host work. What a captured step reads from the host (token ids, the attention
+  // layout, the logits rows) is staged first, into buffers whose addresses stay fixed.
+  //
+  // Sets aside `scratch_bytes` of device memory that only captured steps allocate from; false
+  // when this backend does not capture (the CPU one, cuda.graphs=false) or the memory is not
+  // there (the caller then runs every step eagerly).
+  virtual bool enable_graphs(int64_t scratch_bytes) {
+    (void)scratch_bytes;
+    return false;
+  }
+  // Uploads a step's host inputs (what embedding, rope, cache_write, mla_attention and
+  // gather_rows read) to the staging buffers, and returns the step's shape key: two steps with
+  // the same key launch the same kernels with the same arguments, so one's graph serves both.
+  // Changes no result: the ops called afterwards find these inputs staged.
+  virtual uint64_t stage_step(std::span<const int32_t> token_ids, const AttentionLayout& layout,
+                              std::span<const int32_t> logit_rows) {
+    (void)token_ids;
+    (void)layout;
+    (void)logit_rows;
+    return 0;
+  }
+  // Records the work queued until end_capture() instead of running it; empty() hands out the
+  // graph scratch meanwhile. The ops' host inputs must have been staged (stage_step).
+  virtual void begin_capture() { DILU_CHECK(false, "backend ", name(), " captures no graphs"); }
+  // The recorded work, ready to replay; throws (after leaving capture mode) when the capture
+  // failed. A captured step has not run: replay() runs it.
+  virtual std::shared_ptr<void> end_capture() { return nullptr; }
+  // Leaves capture mode after an exception, discarding what was recorded.
+  virtual void abort_capture() {}
+  // Runs a captured step on the inputs staged last.
+  virtual void replay(const std::shared_ptr<void>& graph) { (void)graph; }
+
   // ---- benchmarks ----
   // A tensor that lives for the run, made where it is used: element i is center + half_width * u
   // rounded to `dtype` (F32, BF16 or F8E4M3), u in [-1, 1) from a counter-based hash of (key, i).
@@ -215,6 +249,7 @@ struct BackendOptions {
   std::string fp8_gemm = "auto";  // auto | block | soft
   int64_t arena_bytes = 0;        // GPU activation arena; 0: a default (256 MiB)
   std::string kernels = "fast";  // fast | reference: the CUDA backend's kernel set (cuda.kernels)
+  bool graphs = true;             // decode steps as CUDA graphs (cuda.graphs)
 };
 
 // "cpu" always; "cuda" when built with it. Throws UserError for an unknown or unavailable name.

@@ -12,6 +12,7 @@
 #include <bit>
 #include <chrono>
 #include <cstring>
+#include <iostream>
 #include <map>
 #include <mutex>
 #include <thread>
@@ -162,6 +163,7 @@ class CudaOps final : public Ops {
     DILU_USER_CHECK(o.kernels == "reference" || o.kernels == "fast", "cuda.kernels must be reference or fast, got '",
                     o.kernels, "'");
     fast_ = o.kernels == "fast";
+    graphs_ = o.graphs;
     mla_fused_ = fast_;
     if (mla_fused_) {
       mla_split_bytes_ = size_t{16} << 20;
@@ -207,8 +209,8 @@ class CudaOps final : public Ops {
 
   Tensor empty(DType dtype, Shape shape) override {
     Tensor probe(nullptr, dtype, shape, device(), nullptr);
-    void* p = arena_->alloc(probe.nbytes());
-    std::shared_ptr<Arena> arena = arena_;
+    std::shared_ptr<Arena> arena = capturing_ ? graph_arena_ : arena_;  // a captured step's scratch: its own
+    void* p = arena->alloc(probe.nbytes());
     return Tensor(p, dtype, std::move(shape), device(),
                   std::shared_ptr<const void>(p, [arena](const void* q) { arena->release(q); }));
   }
@@ -353,6 +355,80 @@ class CudaOps final : public Ops {
 
   void add_wait_check(std::function<void()> check) override { wait_checks_.push_back(std::move(check)); }
 
+  // ---- step graphs ----
+  bool enable_graphs(int64_t scratch_bytes) override {
+    if (!graphs_) return false;
+    if (graph_arena_) return graph_arena_->size() >= static_cast<size_t>(scratch_bytes);
+    try {
+      graph_arena_ = std::make_shared<Arena>(static_cast<size_t>(scratch_bytes));
+    } catch (const UserError&) {
+      std::cerr << "dilu: no room on " << props_.name << " for the " << mib(static_cast<size_t>(scratch_bytes))
+                << " of scratch that CUDA graphs of decode steps need; every step runs without one\n";
+      return false;
+    }
+    return true;
+  }
+
+  uint64_t stage_step(std::span<const int32_t> token_ids, const AttentionLayout& layout,
+                      std::span<const int32_t> logit_rows) override {
+    DILU_CHECK(!capturing_, "stage_step() inside a capture");
+    const size_t t = token_ids.size();
+    DILU_CHECK(layout.token_pos.size() == t && layout.token_seq.size() == t && layout.token_slot.size() == t,
+               "step layout of ", layout.token_pos.size(), " tokens for ", t);
+    // The uploads embedding, rope, cache_write, mla_attention and gather_rows make.
+    upload_cached(kUpIds, token_ids.data(), t * sizeof(int32_t), DType::I32);
+    upload_cached(kUpRopePos, layout.token_pos.data(), t * sizeof(int32_t), DType::I32);
+    upload_cached(kUpSlots, layout.token_slot.data(), t * sizeof(int64_t), DType::I64);
+    const MlaLayout m = mla_layout(layout);
+    upload_cached(kUpRows, logit_rows.data(), logit_rows.size() * sizeof(int32_t), DType::I32);
+    // What the launches keep besides the staged bytes: the token and row counts (every shape
+    // and grid follows from them and the weights), the tables' stride and the staging buffers'
+    // addresses (their epoch). The block size is the cache's, fixed for a run. 0 (run eagerly)
+    // when a field does not fit its 16 bits.
+    const uint64_t fields[] = {staging_epoch_, t, logit_rows.size(), static_cast<uint64_t>(m.stride)};
+    uint64_t key = 0;
+    for (uint64_t f : fields) {
+      if (f > 0xffff) return 0;
+      key = key << 16 | f;
+    }
+    return key;
+  }
+
+  void begin_capture() override {
+    DILU_CHECK(graph_arena_ && !capturing_, "begin_capture() without enable_graphs(), or inside a capture");
+    DILU_CU(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+    capturing_ = true;
+  }
+
+  std::shared_ptr<void> end_capture() override {
+    DILU_CHECK(capturing_, "end_capture() outside a capture");
+    capturing_ = false;
+    cudaGraph_t graph = nullptr;
+    cudaError_t rc = cudaStreamEndCapture(stream_, &graph);
+    cudaGraphExec_t exec = nullptr;
+    if (rc == cudaSuccess) rc = cudaGraphInstantiate(&exec, graph, 0);
+    if (graph != nullptr) cudaGraphDestroy(graph);
+    if (rc != cudaSuccess) {
+      cudaGetLastError();
+      throw std::runtime_error(std::string("CUDA graph capture: ") + cudaGetErrorString(rc));
+    }
+    return std::shared_ptr<void>(exec, [](void* e) { cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(e)); });
+  }
+
+  void abort_capture() override {
+    if (!capturing_) return;
+    capturing_ = false;
+    cudaGraph_t graph = nullptr;
+    cudaStreamEndCapture(stream_, &graph);
+    if (graph != nullptr) cudaGraphDestroy(graph);
+    cudaGetLastError();
+  }
+
+  void replay(const std::shared_ptr<void>& graph) override {
+    DILU_CHECK(graph != nullptr && !capturing_, "replay() of no graph, or inside a capture");
+    DILU_CU(cudaGraphLaunch(static_cast<cudaGraphExec_t>(graph.get()), stream_));
+  }
+
   void* native_stream() const override { return stream_; }
 
   // ---- ops ----
@@ -361,7 +437,7 @@ class CudaOps final : public Ops {
     const int64_t d = table.dim(1), n = static_cast<int64_t>(ids.size());
     DILU_CHECK(out.dim(0) == n && out.dim(1) == d, "embedding shapes");
     if (n == 0) return;
-    Tensor dev_ids = upload_i32(ids);
+    Tensor dev_ids = upload_cached(kUpIds, ids.data(), ids.size() * sizeof(int32_t), DType::I32);
     cuda::embedding(table.raw(), table_type(table.dtype()), table.dim(0), d, dev_ids.data<int32_t>(), n, first_id,
                     out.data<float>(), stream_);
   }
@@ -399,7 +475,7 @@ class CudaOps final : public Ops {
     DILU_CHECK(out.dim(0) == static_cast<int64_t>(rows.size()) && out.dim(1) == width, "gather shapes");
     for (int32_t r : rows) DILU_CHECK(r >= 0 && r < x.dim(0), "gather row ", r);
     if (rows.empty()) return;
-    Tensor dev_rows = upload_i32(rows);
+    Tensor dev_rows = upload_cached(kUpRows, rows.data(), rows.size() * sizeof(int32_t), DType::I32);
     cuda::gather_rows(x.data<float>(), width, dev_rows.data<int32_t>(), static_cast<int64_t>(rows.size()),
                       out.data<float>(), stream_);
   }
@@ -570,8 +646,6 @@ class CudaOps final : public Ops {
     DILU_CHECK(static_cast<int64_t>(layout.token_seq.size()) == t && static_cast<int64_t>(layout.token_pos.size()) == t,
                "mla layout of ", layout.token_seq.size(), " tokens for ", t);
     if (t == 0) return;
-    int64_t stride = 1;
-    for (const auto& b : layout.block_tables) stride = std::max<int64_t>(stride, static_cast<int64_t>(b.size()));
     for (int64_t i = 0; i < t; ++i) {
       const int32_t seq = layout.token_seq[static_cast<size_t>(i)];
       DILU_CHECK(seq >= 0 && static_cast<size_t>(seq) < layout.block_tables.size(), "token sequence ", seq);
@@ -580,22 +654,16 @@ class CudaOps final : public Ops {
                  "block table too short for position ", layout.token_pos[static_cast<size_t>(i)]);
       for (int32_t b : blocks) DILU_CHECK(b >= 0 && b < cache.dim(0), "cache block ", b, " outside ", cache.dim(0));
     }
-    std::vector<int32_t> tables(layout.block_tables.size() * static_cast<size_t>(stride), 0);
-    for (size_t s = 0; s < layout.block_tables.size(); ++s)
-      std::copy(layout.block_tables[s].begin(), layout.block_tables[s].end(),
-                tables.begin() + static_cast<ptrdiff_t>(s * static_cast<size_t>(stride)));
-    Tensor dev_seq = upload_cached(kUpSeq, layout.token_seq.data(), layout.token_seq.size() * sizeof(int32_t), DType::I32);
-    Tensor dev_pos = upload_cached(kUpPos, layout.token_pos.data(), layout.token_pos.size() * sizeof(int32_t), DType::I32);
-    Tensor dev_tables = upload_cached(kUpTables, tables.data(), tables.size() * sizeof(int32_t), DType::I32);
+    const MlaLayout dev = mla_layout(layout);
     Tensor q_lat = empty(DType::F32, {t, h, c}), o_lat = empty(DType::F32, {t, h, c});
     cuda::MlaArgs a;
     a.q = q.data<float>();
     a.kv_b = w_kv_b.data<float>();
     a.cache = static_cast<const uint16_t*>(cache.raw());
-    a.token_seq = dev_seq.data<int32_t>();
-    a.token_pos = dev_pos.data<int32_t>();
-    a.tables = dev_tables.data<int32_t>();
-    a.table_stride = stride;
+    a.token_seq = dev.seq.data<int32_t>();
+    a.token_pos = dev.pos.data<int32_t>();
+    a.tables = dev.tables.data<int32_t>();
+    a.table_stride = dev.stride;
     a.block_size = bs;
     a.t = t;
     a.h = h;
@@ -618,26 +686,23 @@ class CudaOps final : public Ops {
     const bool q_done = lt_sgemm_batched(false, c, t, nope, a.kv_b, c, (nope + v) * c, a.q, h * (nope + r), nope + r,
                                          a.q_lat, h * c, c, h);
     if (!q_done) cuda::mla_absorb_q(a, stream_);
-    int64_t max_ctx = 1;
-    for (int32_t pos : layout.token_pos) max_ctx = std::max<int64_t>(max_ctx, pos + 1);
     const int64_t groups = (h + cuda::kMlaFusedHeads - 1) / cuda::kMlaFusedHeads;
     const int64_t target = 2 * static_cast<int64_t>(props_.multiProcessorCount);
     int64_t splits = 1;
     if (t * groups < target) {
-      splits = std::min<int64_t>({(target + t * groups - 1) / (t * groups), (max_ctx + 63) / 64, 32});
+      splits = std::min<int64_t>((target + t * groups - 1) / (t * groups), cuda::kMlaMaxSplits);
       // The partial states must fit the persistent split scratch.
       const int64_t per_split = t * h * (c + 2) * static_cast<int64_t>(sizeof(float));
       splits = std::max<int64_t>(1, std::min<int64_t>(splits, static_cast<int64_t>(mla_split_bytes_) / per_split));
     }
-    const int64_t chunk = (max_ctx + splits - 1) / splits;
     float* part_o = nullptr;
     float* part_ml = nullptr;
     if (splits > 1) {
       part_o = static_cast<float*>(mla_split_scratch_.raw());
       part_ml = part_o + splits * t * h * c;
     }
-    if (cuda::mla_core_mma_fits(a)) cuda::mla_core_mma(a, splits, chunk, part_o, part_ml, stream_);
-    else cuda::mla_core_fused(a, splits, chunk, part_o, part_ml, stream_);
+    if (cuda::mla_core_mma_fits(a)) cuda::mla_core_mma(a, splits, part_o, part_ml, stream_);
+    else cuda::mla_core_fused(a, splits, part_o, part_ml, stream_);
     //   out[t, h*v + i] = o_lat[t, h, :] . W_UV[h][i, :]: column-major v x T = (C x v)^T (C x T)
     const bool v_done = lt_sgemm_batched(true, v, t, c, a.kv_b + nope * c, c, (nope + v) * c, a.o_lat, h * c, c,
                                          a.out, h * v, v, h);
@@ -1055,35 +1120,65 @@ class CudaOps final : public Ops {
     DILU_CU(cudaStreamSynchronize(stream_));
   }
 
-  // The step's layout (positions, slots, block tables) is the same for every layer of a step:
-  // uploaded once and reused while the host bytes are unchanged, instead of once per op call.
-  enum UploadSlot { kUpSeq, kUpPos, kUpTables, kUpSlots, kUpRopePos, kUpRopeFreq, kUpSlotCount };
+  // A step's host inputs (token ids, the layout, the logits rows) on the device, one buffer of
+  // each kind: uploaded when the bytes change and reused while they do not (every layer of a step
+  // reads the same layout). The buffers are persistent and keep their address while large
+  // enough, so a captured step reads whatever stage_step() put there last; a buffer that grows
+  // moves, and staging_epoch_ (part of every shape key) retires the graphs that read the old one.
+  enum UploadSlot { kUpIds, kUpSeq, kUpPos, kUpTables, kUpSlots, kUpRopePos, kUpRopeFreq, kUpRows, kUpSlotCount };
   struct CachedUpload {
     std::vector<uint8_t> host;
-    Tensor dev;
+    Tensor buffer;  // U8, persistent
+    bool valid = false;
   };
   std::array<CachedUpload, kUpSlotCount> uploads_;
+  uint64_t staging_epoch_ = 0;
   Tensor upload_cached(UploadSlot slot, const void* src, size_t bytes, DType dtype) {
     CachedUpload& c = uploads_[slot];
     const auto* b = static_cast<const uint8_t*>(src);
-    if (c.dev.defined() && c.host.size() == bytes && std::equal(c.host.begin(), c.host.end(), b)) return c.dev;
-    const int64_t n = static_cast<int64_t>(bytes / dtype_size(dtype));
-    c.dev = empty(dtype, {n});
-    c.host.assign(b, b + bytes);
-    copy_from_host(c.host.data(), c.dev);
-    return c.dev;
+    const bool same = c.valid && c.host.size() == bytes && std::equal(c.host.begin(), c.host.end(), b);
+    if (!same) {
+      // Inside a capture the upload would be recorded with this step's bytes: stage_step() must
+      // have staged them (the capture then fails cleanly and the step runs eagerly).
+      DILU_CHECK(!capturing_, "a captured step reads host input (upload slot ", static_cast<int>(slot),
+                 ") that stage_step() did not stage");
+      if (!c.buffer.defined() || c.buffer.nbytes() < bytes) {
+        const size_t cap = std::max<size_t>(4096, std::bit_ceil(bytes));
+        c.buffer = allocate_persistent(DType::U8, {static_cast<int64_t>(cap)});
+        ++staging_epoch_;
+      }
+      c.host.assign(b, b + bytes);
+      c.valid = true;
+      if (bytes > 0)
+        DILU_CU(cudaMemcpyAsync(c.buffer.raw(), c.host.data(), bytes, cudaMemcpyHostToDevice, stream_));
+    }
+    return Tensor(c.buffer.raw(), dtype, {static_cast<int64_t>(bytes / dtype_size(dtype))}, device(),
+                  std::make_shared<Tensor>(c.buffer));
   }
 
-  Tensor upload_i32(std::span<const int32_t> v) {
-    Tensor t = empty(DType::I32, {static_cast<int64_t>(v.size())});
-    copy_from_host(v.data(), t);
-    return t;
+  // The attention layout on the device: each token's sequence and position, and the block tables
+  // padded to one stride, rounded up to 16 blocks so that the stride (which a captured step keeps)
+  // changes seldom as the contexts grow.
+  struct MlaLayout {
+    Tensor seq, pos, tables;
+    int64_t stride = 16;
+  };
+  MlaLayout mla_layout(const AttentionLayout& layout) {
+    MlaLayout m;
+    int64_t longest = 1;
+    for (const auto& b : layout.block_tables) longest = std::max<int64_t>(longest, static_cast<int64_t>(b.size()));
+    m.stride = (longest + 15) / 16 * 16;
+    tables_host_.assign(layout.block_tables.size() * static_cast<size_t>(m.stride), 0);
+    for (size_t s = 0; s < layout.block_tables.size(); ++s)
+      std::copy(layout.block_tables[s].begin(), layout.block_tables[s].end(),
+                tables_host_.begin() + static_cast<ptrdiff_t>(s * static_cast<size_t>(m.stride)));
+    m.seq = upload_cached(kUpSeq, layout.token_seq.data(), layout.token_seq.size() * sizeof(int32_t), DType::I32);
+    m.pos = upload_cached(kUpPos, layout.token_pos.data(), layout.token_pos.size() * sizeof(int32_t), DType::I32);
+    m.tables = upload_cached(kUpTables, tables_host_.data(), tables_host_.size() * sizeof(int32_t), DType::I32);
+    return m;
   }
-  Tensor upload_f32(std::span<const float> v) {
-    Tensor t = empty(DType::F32, {static_cast<int64_t>(v.size())});
-    copy_from_host(v.data(), t);
-    return t;
-  }
+  std::vector<int32_t> tables_host_;
+
 
   // D [n, m] (column-major; row-major [m, n] F32) = op(A = W [n, k] row-major) * B (x [m, k]
   // row-major), through cuBLASLt. FP8: A and B e4m3 with BLK128x128 and VEC128 scales. Returns
@@ -1200,6 +1295,9 @@ class CudaOps final : public Ops {
       sgemm_algos_, sgemm_buckets_;  // per exact shape; per bucket of n (lt_bucket)
   bool fast_ = false;       // cuda.kernels=fast
   bool mla_fused_ = false;  // the fused MLA kernels (fast)
+  bool graphs_ = false;     // cuda.graphs
+  bool capturing_ = false;  // between begin_capture() and end_capture()
+  std::shared_ptr<Arena> graph_arena_;  // captured steps' scratch (enable_graphs)
   Tensor mla_split_scratch_;   // fused MLA: the context splits' partial softmax states
   size_t mla_split_bytes_ = 0;
 };

@@ -1640,8 +1640,14 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+// A token's positions per context split (kernels.h): the context over the splits, rounded up to
+// 64 (two cache tiles). From the token's own context, so that a launch serves any context.
+__device__ __forceinline__ int64_t mla_split_chunk(int64_t ctx, int64_t splits) {
+  return ((ctx + splits - 1) / splits + 63) / 64 * 64;
+}
+
 __global__ void __launch_bounds__(kMlaFusedWarps * 32)
-    mla_core_fused_kernel(MlaArgs a, int64_t splits, int64_t chunk, float* part_o, float* part_ml) {
+    mla_core_fused_kernel(MlaArgs a, int64_t splits, float* part_o, float* part_ml) {
   const int64_t groups = (a.h + kMlaFusedHeads - 1) / kMlaFusedHeads;
   const int64_t t = blockIdx.x / groups, group = blockIdx.x % groups, split = blockIdx.y;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -1659,6 +1665,7 @@ __global__ void __launch_bounds__(kMlaFusedWarps * 32)
     qs[i] = v;
   }
   const int64_t ctx = static_cast<int64_t>(a.token_pos[t]) + 1;
+  const int64_t chunk = mla_split_chunk(ctx, splits);
   const int64_t begin = split * chunk, end = ctx < begin + chunk ? ctx : begin + chunk;
   const int32_t* table = a.tables + static_cast<int64_t>(a.token_seq[t]) * a.table_stride;
   const int64_t ha = head0 + 2 * warp, hb = ha + 1;  // this warp's heads (may be past H)
@@ -1756,7 +1763,6 @@ __global__ void __launch_bounds__(kMlaFusedWarps * 32)
 // o_lat[t, h] = the splits' partial states merged: sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M).
 // One block per (token, head): the first warp turns the (at most 32) splits' statistics into
 // factors e^(m_s - M) once, then every thread merges its float4 columns (scalar when C % 4 != 0).
-constexpr int kMlaMaxSplits = 32;
 __global__ void mla_combine_kernel(MlaArgs a, int64_t splits, const float* part_o, const float* part_ml) {
   const int64_t th = blockIdx.x, rows = a.t * a.h;  // rows: one split's (token, head) count
   __shared__ float factor[kMlaMaxSplits];
@@ -1816,20 +1822,19 @@ static void mla_combine(const MlaArgs& a, int64_t splits, const float* part_o, c
   check_launch("mla_combine");
 }
 
-void mla_core_fused(const MlaArgs& a, int64_t splits, int64_t chunk, float* part_o, float* part_ml, void* stream) {
+void mla_core_fused(const MlaArgs& a, int64_t splits, float* part_o, float* part_ml, void* stream) {
   if (a.t <= 0 || a.h <= 0) return;
   const int64_t width = a.c + a.r;
   if (a.c > kMaxC || width % 2 != 0)
     throw std::runtime_error("mla_core_fused: kv_lora_rank " + std::to_string(a.c) + " + rope dim " +
                              std::to_string(a.r) + " (needs C <= 512 and an even C + R)");
-  if (splits < 1 || chunk < 1 || (splits > 1 && (part_o == nullptr || part_ml == nullptr)))
+  if (splits < 1 || splits > kMlaMaxSplits || (splits > 1 && (part_o == nullptr || part_ml == nullptr)))
     throw std::runtime_error("mla_core_fused: bad split");
   const size_t smem = (static_cast<size_t>(kMlaFusedHeads * width) +
                        static_cast<size_t>(kMlaTile) * static_cast<size_t>(width / 2 + 1)) * sizeof(float);
   static size_t allowed[kMaxDevices] = {};
   allow_dynamic_smem(mla_core_fused_kernel, smem, allowed, "mla_core_fused");
-  mla_core_fused_kernel<<<mla_grid(a, splits), kMlaFusedWarps * 32, smem, as_stream(stream)>>>(a, splits, chunk, part_o,
-                                                                                              part_ml);
+  mla_core_fused_kernel<<<mla_grid(a, splits), kMlaFusedWarps * 32, smem, as_stream(stream)>>>(a, splits, part_o, part_ml);
   check_launch("mla_core_fused");
   mla_combine(a, splits, part_o, part_ml, stream);
 }
@@ -1884,7 +1889,7 @@ __device__ __forceinline__ void split_bf16x2(float x, float y, uint32_t& hi, uin
 }
 
 __global__ void __launch_bounds__(kMlaMmaWarps * 32, 2)
-    mla_core_mma_kernel(MlaArgs a, int64_t splits, int64_t chunk, float* part_o, float* part_ml) {
+    mla_core_mma_kernel(MlaArgs a, int64_t splits, float* part_o, float* part_ml) {
   const int64_t groups = (a.h + kMlaFusedHeads - 1) / kMlaFusedHeads;
   const int64_t t = blockIdx.x / groups, group = blockIdx.x % groups, split = blockIdx.y;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, quad = lane & 3;
@@ -1930,6 +1935,7 @@ __global__ void __launch_bounds__(kMlaMmaWarps * 32, 2)
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};  // heads 2 warp, 2 warp + 1
 
   const int64_t ctx = static_cast<int64_t>(a.token_pos[t]) + 1;
+  const int64_t chunk = mla_split_chunk(ctx, splits);
   const int64_t begin = split * chunk, end = ctx < begin + chunk ? ctx : begin + chunk;
   const int32_t* table = a.tables + static_cast<int64_t>(a.token_seq[t]) * a.table_stride;
   // Tile loader: thread i copies position i / 8 of the tile, 16-byte pieces i % 8 + 8j of its row.
@@ -2099,16 +2105,15 @@ bool mla_core_mma_fits(const MlaArgs& a) {
          mla_core_mma_smem(width) <= static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
 }
 
-void mla_core_mma(const MlaArgs& a, int64_t splits, int64_t chunk, float* part_o, float* part_ml, void* stream) {
+void mla_core_mma(const MlaArgs& a, int64_t splits, float* part_o, float* part_ml, void* stream) {
   if (a.t <= 0 || a.h <= 0) return;
   if (!mla_core_mma_fits(a)) throw std::runtime_error("mla_core_mma: shapes or device outside the kernel's");
-  if (splits < 1 || chunk < 1 || (splits > 1 && (part_o == nullptr || part_ml == nullptr)))
+  if (splits < 1 || splits > kMlaMaxSplits || (splits > 1 && (part_o == nullptr || part_ml == nullptr)))
     throw std::runtime_error("mla_core_mma: bad split");
   const size_t smem = mla_core_mma_smem(a.c + a.r);
   static size_t allowed[kMaxDevices] = {};
   allow_dynamic_smem(mla_core_mma_kernel, smem, allowed, "mla_core_mma");
-  mla_core_mma_kernel<<<mla_grid(a, splits), kMlaMmaWarps * 32, smem, as_stream(stream)>>>(a, splits, chunk, part_o,
-                                                                                          part_ml);
+  mla_core_mma_kernel<<<mla_grid(a, splits), kMlaMmaWarps * 32, smem, as_stream(stream)>>>(a, splits, part_o, part_ml);
   check_launch("mla_core_mma");
   mla_combine(a, splits, part_o, part_ml, stream);
 }

@@ -133,16 +133,19 @@ void mla_core_reference(const MlaArgs& a, void* stream);
 
 // The fused core: a block holds kMlaFusedHeads heads of one token and walks a range of its
 // context in tiles of positions loaded once into shared memory for all of them. With splits > 1
-// the context is cut into `splits` ranges of `chunk` positions whose partial softmax states go to
-// part_o [splits, T, H, C], part_ml [splits, T, H, 2] and are merged into o_lat. C + R must be
-// even, C <= 512. splits == 1 writes o_lat directly.
+// (at most kMlaMaxSplits) each token's context is cut into ranges of ceil(context / splits)
+// positions rounded up to 64 (two cache tiles), worked out on the device from the token's
+// position (so one launch serves any context; the splits past a short context are empty). Their
+// partial softmax states go to part_o [splits, T, H, C], part_ml [splits, T, H, 2] and are merged
+// into o_lat. C + R must be even, C <= 512. splits == 1 writes o_lat directly.
 constexpr int kMlaFusedHeads = 16;
-void mla_core_fused(const MlaArgs& a, int64_t splits, int64_t chunk, float* part_o, float* part_ml, void* stream);
+constexpr int kMlaMaxSplits = 32;
+void mla_core_fused(const MlaArgs& a, int64_t splits, float* part_o, float* part_ml, void* stream);
 // The same core on tensor cores (mma.sync BF16: the queries and the probabilities as hi + lo
 // BF16 splits), 32-position cache tiles, two blocks per SM; same splits, scratch and combine. Needs C % 128 == 0,
 // C <= 512, (C + R) % 16 == 0, C + R <= 640, sm_80+ and 96 KB of shared memory per block: mla_core_mma_fits().
 bool mla_core_mma_fits(const MlaArgs& a);
-void mla_core_mma(const MlaArgs& a, int64_t splits, int64_t chunk, float* part_o, float* part_ml, void* stream);
+void mla_core_mma(const MlaArgs& a, int64_t splits, float* part_o, float* part_ml, void* stream);
 
 // ---- MoE ----
 // Router choice from logits [T, E] (F32, before the sigmoid): noaux_tc with groups, as the CPU.
