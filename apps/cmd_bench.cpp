@@ -24,6 +24,7 @@ struct BenchFlags {
   int64_t input_len = 128, output_len = 128, layers = 0;
   uint64_t seed = 0;
   bool random_weights = false;
+  bool no_warmup = false;
 };
 
 std::vector<int64_t> parse_sizes(const std::string& text) {
@@ -56,6 +57,7 @@ int bench(const BenchFlags& f) {
   o.seed = f.seed;
   o.random_weights = f.random_weights;
   o.layers = f.layers;
+  o.warmup = !f.no_warmup;
   // Under mpirun/srun, or with traces (named by world rank) or tensor/pipeline parallel, MPI
   // starts: a replica of parallel.tp x parallel.pp ranks benchmarks together (NCCL between GPUs),
   // every further replica on its own (dp = ranks / (tp x pp)), and rank 0 gathers the traces.
@@ -85,6 +87,7 @@ int bench(const BenchFlags& f) {
   if (prints)
     std::cout << "dilu " << version_string() << " bench: model " << f.model << ", backend " << cfg.backend
               << ", input " << o.input_len << " tokens, output " << o.output_len << " tokens, greedy"
+              << (o.warmup ? ", each batch size warmed up untimed first" : ", no warm-up")
               << (o.groups ? ", tp " + std::to_string(groups.tp) + " x pp " + std::to_string(groups.pp) + " x dp " +
                                  std::to_string(groups.dp) + " (this table: replica " + std::to_string(groups.dp_rank) +
                                  ")"
@@ -176,6 +179,9 @@ void add_bench_command(CLI::App& root, Action& action) {
   cmd->add_option("--input-len", flags->input_len, "Prompt tokens per request")->capture_default_str();
   cmd->add_option("--output-len", flags->output_len, "Generated tokens per request")->capture_default_str();
   cmd->add_option("--seed", flags->seed, "Seed of the random prompts")->capture_default_str();
+  cmd->add_flag("--no-warmup", flags->no_warmup,
+                "Time each batch size's first run too (by default an untimed run with 3 output tokens goes first, "
+                "so that algorithm searches and CUDA graph captures stay out of the figures)");
   cmd->add_option("--trace-dir", flags->trace_dir,
                   "Write the trace there: DIR/rank-NNNNN.h5 (steps, requests, the sweep's /bench table) and "
                   "DIR/timeline.json; 'dilu report DIR' plots throughput against batch size (docs/traces.md)");

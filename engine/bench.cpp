@@ -253,13 +253,32 @@ std::vector<BenchRow> run_bench(const BenchOptions& o, const RunConfig& cfg, std
 
   std::vector<BenchRow> rows;
   for (int64_t batch : o.batch_sizes) {
+    EngineOptions eo;
+    eo.limits = {batch, std::max<int64_t>(cfg.batch.max_tokens, batch), bs};
+    eo.max_seq_len = seq_len;
+    if (o.warmup) {  // untimed and unrecorded (BenchOptions::warmup)
+      if (!root) {
+        follow_steps(model, *ops, cache, comms, nullptr);
+      } else {
+        Engine warm(model, *ops, cache, eo, nullptr, comms);
+        for (int64_t i = 0; i < batch; ++i) {
+          EngineRequest r;
+          r.handle = i;
+          for (int64_t t = 0; t < o.input_len; ++t) r.prompt.push_back(token(rng));
+          r.sampling.temperature = 0;
+          r.sampling.max_tokens = std::min<int64_t>(o.output_len, 3);
+          r.sampling.ignore_eos = true;
+          warm.submit(std::move(r));
+        }
+        while (!warm.idle()) warm.step();
+        warm.stop_followers();
+        ops->take_routed_expert_count();
+      }
+    }
     if (!root) {  // this replica's root schedules; the others run their share of its steps
       follow_steps(model, *ops, cache, comms, &trace);
       continue;
     }
-    EngineOptions eo;
-    eo.limits = {batch, std::max<int64_t>(cfg.batch.max_tokens, batch), bs};
-    eo.max_seq_len = seq_len;
     Engine engine(model, *ops, cache, eo, nullptr, comms);
     engine.set_trace(&trace);
     const int64_t first_step = trace.steps();

@@ -20,6 +20,10 @@ struct BenchOptions {
   int64_t input_len = 128;
   int64_t output_len = 128;
   uint64_t seed = 0;
+  // Before each batch size's timed run, an untimed one of the same prompts with 3 output tokens:
+  // the one-time work of a shape (cuBLASLt's algorithm searches, the decode step's CUDA graph
+  // capture) stays out of the figures, as in a long offline job that pays it once.
+  bool warmup = true;
   // Write DIR/rank-NNNNN.h5 (with its /bench table) and DIR/timeline.json (docs/traces.md) and
   // log what recording cost; empty: no files.
   std::filesystem::path trace_dir;

@@ -14,6 +14,7 @@
 #include <cfloat>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <stdexcept>
@@ -32,6 +33,23 @@ void check_launch(const char* what) {
 
 constexpr int kMaxDevices = 64;
 
+// Programmatic dependent launch (sm_90+): a kernel launched with launch_pdl() may start while the
+// kernel before it in the stream is still running. It calls pdl_wait() before it reads anything
+// that kernel (or an earlier one) wrote, and before it writes anything; what it reads before, it
+// must be sure no kernel of the step writes (weights). A kernel that calls
+// pdl_launch_dependents() lets such a successor start once all its blocks have made the call,
+// rather than when they finish. Both are no-ops below sm_90 and without the launch attribute.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
 // An attribute of the current device, read once per device; 0 when there is no device.
 int device_attribute(cudaDeviceAttr attr) {
   static std::mutex mu;
@@ -47,6 +65,28 @@ int device_attribute(cudaDeviceAttr attr) {
     it = cache.emplace(key, v).first;
   }
   return it->second;
+}
+
+// A launch that may overlap the previous kernel's end (see pdl_wait), on sm_90+ unless DILU_PDL=0
+// is set (a switch for measuring it); a plain launch elsewhere.
+template <typename... Params, typename... Args>
+void launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, Args... args) {
+  static const bool off = [] {
+    const char* v = std::getenv("DILU_PDL");
+    return v != nullptr && std::string(v) == "0";
+  }();
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = s;
+  cudaLaunchAttribute attr[1] = {};
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attr;
+  config.numAttrs = !off && device_attribute(cudaDevAttrComputeCapabilityMajor) >= 9 ? 1 : 0;
+  const cudaError_t rc = cudaLaunchKernelEx(&config, kernel, args...);
+  if (rc != cudaSuccess) throw std::runtime_error(std::string("kernel launch failed: ") + cudaGetErrorString(rc));
 }
 
 // Above 48 KiB of dynamic shared memory a kernel must opt in, once per device; `allowed` is the
@@ -136,6 +176,7 @@ __device__ __forceinline__ float quantize_128(const float (&v)[4], __nv_fp8_e4m3
 // One warp per (row, 128-channel group).
 __global__ void quantize_fp8_kernel(const float* x, int64_t rows, int64_t out_rows, int64_t cols, __nv_fp8_e4m3* q,
                                     float* scale, int64_t row_stride, int64_t group_stride) {
+  pdl_launch_dependents();  // a GEMV after it may start streaming its weights
   const int64_t groups = cols / 128;
   const int64_t warp = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
@@ -664,6 +705,7 @@ __global__ void moe_silu_mul_kernel(float* gate, const float* up, const int32_t*
 // One warp per (row, 128-channel group) of the rows in use.
 __global__ void moe_silu_mul_fp8_kernel(const float* gate, const float* up, const int32_t* offsets, int64_t local,
                                         int64_t f, __nv_fp8_e4m3* q, float* scale) {
+  pdl_launch_dependents();
   const int64_t groups = f / 128;
   const int64_t warp = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
@@ -1156,6 +1198,7 @@ bool grouped_mma_fits(const GroupedGemm& g) {
 
 __global__ void grouped_mma_reduce_kernel(const float* partial, int64_t splits, int64_t rows, int64_t n,
                                           const int32_t* row_count, float* out, int64_t ldo) {
+  pdl_launch_dependents();
   const int64_t used = row_count ? *row_count : rows;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < used * n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -1425,6 +1468,12 @@ __global__ void __launch_bounds__(kFp8StreamWarps * 32) grouped_fp8_stream_kerne
                                                                                     float* partial) {
   constexpr int kRows = NT * 8, kWBytes = 16 * 128, kStage = (16 + kRows) * 128;
   extern __shared__ __align__(128) uint8_t fp8_ring[];
+  // Launched with launch_pdl: with the rows known up front (one weight matrix, rows in order) the
+  // first stages' weights are requested before waiting for the previous kernel; otherwise the
+  // group's rows come from it, and the wait comes first.
+  const bool prefetch = g.group_offsets == nullptr && g.group_list == nullptr && g.x_rows == nullptr;
+  if (!prefetch) pdl_wait();
+  pdl_launch_dependents();
   int64_t group, row_begin, row_end;
   if (!group_rows(g, blockIdx.y, group, row_begin, row_end)) return;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, quad = lane & 3;
@@ -1459,22 +1508,42 @@ __global__ void __launch_bounds__(kFp8StreamWarps * 32) grouped_fp8_stream_kerne
       xs_lo[nt] = r < rows ? g.xscale + (g.x_rows ? g.x_rows[r0 + r] : r0 + r) * g.lds : nullptr;
       xs_hi[nt] = r + 1 < rows ? g.xscale + (g.x_rows ? g.x_rows[r0 + r + 1] : r0 + r + 1) * g.lds : nullptr;
     }
-    auto issue = [&](int64_t st) {  // stage st into its slot; always one commit group
-      if (st < stages) {
-        const int64_t k0 = k_begin + 128 * st;
-        uint8_t* dst = ring + (st % S) * kStage;
-        fp8_copy_weights(dst, w, n0, g, k0, lane);
+    auto issue_weights = [&](int64_t st) {
+      if (st < stages) fp8_copy_weights(ring + (st % S) * kStage, w, n0, g, k_begin + 128 * st, lane);
+    };
+    auto issue_rows = [&](int64_t st) {
+      if (st >= stages) return;
+      const int64_t k0 = k_begin + 128 * st;
+      uint8_t* dst = ring + (st % S) * kStage + kWBytes;
 #pragma unroll
-        for (int j = 0; j < kRows / 4; ++j) {
-          const int r = row0 + 4 * j;
-          const uint8_t* src = xsrc[j];
-          cp_async16_ca(dst + kWBytes + r * 128 + fp8_piece(r, piece), src ? src + k0 : g.xq, src != nullptr);
-        }
+      for (int j = 0; j < kRows / 4; ++j) {
+        const int r = row0 + 4 * j;
+        const uint8_t* src = xsrc[j];
+        cp_async16_ca(dst + r * 128 + fp8_piece(r, piece), src ? src + k0 : g.xq, src != nullptr);
       }
+    };
+    auto issue = [&](int64_t st) {  // stage st into its slot; always one commit group
+      issue_weights(st);
+      issue_rows(st);
       cp_async_commit();
     };
+    if (prefetch && r0 == row_begin) {
+      // The first S - 1 stages' weights as one (older) commit group, then, once the previous
+      // kernel is done, their activation rows a group each: the loop's wait<S - 1> still finds
+      // stage st complete.
 #pragma unroll
-    for (int st = 0; st < S - 1; ++st) issue(st);
+      for (int st = 0; st < S - 1; ++st) issue_weights(st);
+      cp_async_commit();
+      pdl_wait();
+#pragma unroll
+      for (int st = 0; st < S - 1; ++st) {
+        issue_rows(st);
+        cp_async_commit();
+      }
+    } else {
+#pragma unroll
+      for (int st = 0; st < S - 1; ++st) issue(st);
+    }
     float acc[NT][4], part[NT][4];  // part: the stage's 128-K block, promoted and reset at its end
 #pragma unroll
     for (int i = 0; i < NT; ++i)
@@ -1562,12 +1631,14 @@ void grouped_fp8(const GroupedGemm& g, void* stream, int64_t splits, float* part
     constexpr size_t smem = fp8_stream_smem<2, kFp8StreamStagesFew>();
     static size_t allowed[kMaxDevices] = {};
     allow_dynamic_smem(grouped_fp8_stream_kernel<2, kFp8StreamStagesFew>, smem, allowed, "grouped_fp8");
-    grouped_fp8_stream_kernel<2, kFp8StreamStagesFew><<<stream_grid, kFp8StreamWarps * 32, smem, s>>>(g, k_chunk, part);
+    launch_pdl(grouped_fp8_stream_kernel<2, kFp8StreamStagesFew>, stream_grid, kFp8StreamWarps * 32, smem, s, g, k_chunk,
+               part);
   } else if (some) {
     constexpr size_t smem = fp8_stream_smem<4, kFp8StreamStagesSome>();
     static size_t allowed[kMaxDevices] = {};
     allow_dynamic_smem(grouped_fp8_stream_kernel<4, kFp8StreamStagesSome>, smem, allowed, "grouped_fp8");
-    grouped_fp8_stream_kernel<4, kFp8StreamStagesSome><<<stream_grid, kFp8StreamWarps * 32, smem, s>>>(g, k_chunk, part);
+    launch_pdl(grouped_fp8_stream_kernel<4, kFp8StreamStagesSome>, stream_grid, kFp8StreamWarps * 32, smem, s, g,
+               k_chunk, part);
   } else {
     const dim3 wide(static_cast<unsigned>((g.n + kMmaWarpsWide * 16 - 1) / (kMmaWarpsWide * 16)),
                     static_cast<unsigned>(grid_groups(g)), static_cast<unsigned>(splits));

@@ -139,7 +139,7 @@ TEST(RunConfig, KeyListDescribesEveryKey) {
     // Each default, set back through --set, must give the default config.
     EXPECT_EQ(load_run_config(std::nullopt, {key.key + "=" + key.default_value}), RunConfig{}) << key.key;
   }
-  EXPECT_EQ(keys.size(), 23u);
+  EXPECT_EQ(keys.size(), 24u);
   for (const char* required : {"parallel.tp", "parallel.pp", "parallel.dp", "parallel.ep", "backend",
                                "batch.max_seqs", "batch.max_tokens", "kv.block_size", "kv.memory_fraction",
                                "model.max_seq_len", "sampling.temperature", "output.token_ids"})
