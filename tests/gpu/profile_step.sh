@@ -2,8 +2,9 @@
 # Kernel time per R1-geometry decode step under Nsight Compute (gpu__time_duration only): two
 # profiled `dilu bench` runs that differ only in their output length (2 and 6 tokens), so the
 # difference per kernel name over the 4 extra steps is one decode step's kernels, without the
-# prefill, the bench's calibration or the weights' making. Beside it, the step's wall time from
-# an unprofiled bench: what the GPU spends per step, and how much of the step the host adds.
+# prefill, the bench's calibration or the weights' making. Both run with --no-warmup (the warm-ups'
+# steps would differ). Beside it, the step's wall time from an unprofiled bench: what the GPU
+# spends per step, and how much of the step the host adds.
 # With PREFILL=1 the two runs differ in their batch instead (1 and 3 prompts of 1024 tokens, one
 # output token): the difference over 2 is one 1024-token prompt's prefill kernels.
 # Usage: tests/gpu/profile_step.sh DILU OUT BATCH [LAYERS]   (BATCH only names the files with PREFILL=1)
@@ -12,7 +13,7 @@ dilu=$1; out=$2; batch=$3; layers=${4:-2}
 mkdir -p "$out"
 run() {  # $1 output length, $2 batch, $3 input length
   echo bench --model r1-geometry --random-weights --layers "$layers" --batch-sizes "${2:-$batch}" --input-len "${3:-64}" \
-    --output-len "$1" --set backend=cuda
+    --output-len "$1" --no-warmup --set backend=cuda
 }
 # shellcheck disable=SC2034  # a and b are read through the name reference below
 if [[ ${PREFILL:-0} == 1 ]]; then
