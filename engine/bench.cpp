@@ -251,6 +251,19 @@ std::vector<BenchRow> run_bench(const BenchOptions& o, const RunConfig& cfg, std
   std::mt19937_64 rng(o.seed);
   std::uniform_int_distribution<int32_t> token(0, static_cast<int32_t>(mc.vocab_size - 1));
 
+  // `batch` requests of random prompts, greedy, each generating exactly `output_len` tokens.
+  auto submit_batch = [&](Engine& engine, int64_t batch, int64_t output_len) {
+    for (int64_t i = 0; i < batch; ++i) {
+      EngineRequest r;
+      r.handle = i;
+      for (int64_t t = 0; t < o.input_len; ++t) r.prompt.push_back(token(rng));
+      r.sampling.temperature = 0;
+      r.sampling.max_tokens = output_len;
+      r.sampling.ignore_eos = true;
+      engine.submit(std::move(r));
+    }
+  };
+
   std::vector<BenchRow> rows;
   for (int64_t batch : o.batch_sizes) {
     EngineOptions eo;
@@ -261,15 +274,7 @@ std::vector<BenchRow> run_bench(const BenchOptions& o, const RunConfig& cfg, std
         follow_steps(model, *ops, cache, comms, nullptr);
       } else {
         Engine warm(model, *ops, cache, eo, nullptr, comms);
-        for (int64_t i = 0; i < batch; ++i) {
-          EngineRequest r;
-          r.handle = i;
-          for (int64_t t = 0; t < o.input_len; ++t) r.prompt.push_back(token(rng));
-          r.sampling.temperature = 0;
-          r.sampling.max_tokens = std::min<int64_t>(o.output_len, 3);
-          r.sampling.ignore_eos = true;
-          warm.submit(std::move(r));
-        }
+        submit_batch(warm, batch, std::min<int64_t>(o.output_len, 3));
         while (!warm.idle()) warm.step();
         warm.stop_followers();
         ops->take_routed_expert_count();
@@ -282,15 +287,7 @@ std::vector<BenchRow> run_bench(const BenchOptions& o, const RunConfig& cfg, std
     Engine engine(model, *ops, cache, eo, nullptr, comms);
     engine.set_trace(&trace);
     const int64_t first_step = trace.steps();
-    for (int64_t i = 0; i < batch; ++i) {
-      EngineRequest r;
-      r.handle = i;
-      for (int64_t t = 0; t < o.input_len; ++t) r.prompt.push_back(token(rng));
-      r.sampling.temperature = 0;
-      r.sampling.max_tokens = o.output_len;
-      r.sampling.ignore_eos = true;
-      engine.submit(std::move(r));
-    }
+    submit_batch(engine, batch, o.output_len);
     BenchRow row;
     row.batch = batch;
     row.bandwidth_bytes_s = bandwidth;
