@@ -1273,6 +1273,14 @@ __device__ __forceinline__ void cp_async16_s(uint32_t s, const void* gmem, bool 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
   cp_async16_s(smem_u32(smem), gmem, valid);
 }
+// The same with an L2 prefetch hint: the memory system also fetches the rest of the 256-byte
+// aligned block into L2 (a row streamed 128 bytes a stage has its next stage's bytes on the way).
+__device__ __forceinline__ void cp_async16_pf(void* smem, const void* gmem, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0));
+#endif
+}
 // The same through L1 (.ca): for data that the block's other warps copy too.
 __device__ __forceinline__ void cp_async16_ca(void* smem, const void* gmem, bool valid) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -1337,6 +1345,7 @@ __device__ __forceinline__ void promote(float (&acc)[4], float (&part)[4], float
 __device__ __forceinline__ int fp8_piece(int r, int p) { return 16 * (p ^ ((r & 1) << 2)); }
 
 // This lane's 4 cp.async copies of a warp's 16 weight rows n0.. for the stage at k0 (zeros past g.n).
+template <bool kPf = false>
 __device__ __forceinline__ void fp8_copy_weights(uint8_t* dst, const uint8_t* w, int64_t n0, const GroupedGemm& g,
                                                  int64_t k0, int lane) {
   const int piece = lane & 7, row0 = lane >> 3;
@@ -1344,7 +1353,8 @@ __device__ __forceinline__ void fp8_copy_weights(uint8_t* dst, const uint8_t* w,
   for (int j = 0; j < 4; ++j) {
     const int r = row0 + 4 * j;
     const bool ok = n0 + r < g.n;
-    cp_async16(dst + r * 128 + fp8_piece(r, piece), ok ? w + (n0 + r) * g.k + k0 + 16 * piece : w, ok);
+    if constexpr (kPf) cp_async16_pf(dst + r * 128 + fp8_piece(r, piece), ok ? w + (n0 + r) * g.k + k0 + 16 * piece : w, ok);
+    else cp_async16(dst + r * 128 + fp8_piece(r, piece), ok ? w + (n0 + r) * g.k + k0 + 16 * piece : w, ok);
   }
 }
 
@@ -1463,7 +1473,7 @@ constexpr size_t fp8_stream_smem() {
   return static_cast<size_t>(kFp8StreamWarps) * S * (16 + NT * 8) * 128;
 }
 
-template <int NT, int S>
+template <int NT, int S, bool kPf>
 __global__ void __launch_bounds__(kFp8StreamWarps * 32) grouped_fp8_stream_kernel(GroupedGemm g, int64_t k_chunk,
                                                                                     float* partial) {
   constexpr int kRows = NT * 8, kWBytes = 16 * 128, kStage = (16 + kRows) * 128;
@@ -1509,7 +1519,7 @@ __global__ void __launch_bounds__(kFp8StreamWarps * 32) grouped_fp8_stream_kerne
       xs_hi[nt] = r + 1 < rows ? g.xscale + (g.x_rows ? g.x_rows[r0 + r + 1] : r0 + r + 1) * g.lds : nullptr;
     }
     auto issue_weights = [&](int64_t st) {
-      if (st < stages) fp8_copy_weights(ring + (st % S) * kStage, w, n0, g, k_begin + 128 * st, lane);
+      if (st < stages) fp8_copy_weights<kPf>(ring + (st % S) * kStage, w, n0, g, k_begin + 128 * st, lane);
     };
     auto issue_rows = [&](int64_t st) {
       if (st >= stages) return;
@@ -1585,6 +1595,31 @@ constexpr int kFp8StagedStages = 4;
 // Ring depths: 6 stages at up to 16 rows a pass (3 x 4 warps per SM), 4 at up to 32 (2 x 4).
 constexpr int kFp8StreamStagesFew = 6, kFp8StreamStagesSome = 4;
 
+// The few-rows kernel (at most 4 rows a group on average): one 8-row tile a pass and 9 stages, the
+// weights' copies with L2 prefetch hints (the some-rows kernel too). DILU_FP8_STREAM, a switch for
+// measuring, picks the earlier forms: base (two 8-row tiles, 6 stages, no hints), pf (base with
+// the hints), n1 (this without the hints). H100, 4 layers: 2.27 -> 2.25 ms a step at batch 1,
+// 3.44 -> 3.37 at 4, 6.86 -> 6.68 at 16 (docs/device-runs/2026-11-23-h100-session19.log).
+int fp8_stream_variant() {
+  static const int v = [] {
+    const char* e = std::getenv("DILU_FP8_STREAM");
+    const std::string s = e ? e : "";
+    return s == "base" ? 0 : s == "pf" ? 1 : s == "n1" ? 2 : 3;
+  }();
+  return v;
+}
+constexpr int kFp8StreamStagesN1 = 9;
+size_t fp8_stream_few_smem() {
+  return fp8_stream_variant() >= 2 ? fp8_stream_smem<1, kFp8StreamStagesN1>() : fp8_stream_smem<2, kFp8StreamStagesFew>();
+}
+template <int NT, int S, bool kPf>
+void launch_fp8_stream(dim3 grid, cudaStream_t s, const GroupedGemm& g, int64_t k_chunk, float* part) {
+  constexpr size_t smem = fp8_stream_smem<NT, S>();
+  static size_t allowed[kMaxDevices] = {};
+  allow_dynamic_smem(grouped_fp8_stream_kernel<NT, S, kPf>, smem, allowed, "grouped_fp8");
+  launch_pdl(grouped_fp8_stream_kernel<NT, S, kPf>, grid, kFp8StreamWarps * 32, smem, s, g, k_chunk, part);
+}
+
 // The staged (prefill) kernel: as grouped_mma. The decode kernel: its blocks are 64 columns wide
 // and two fit an SM (shared memory), so the split count is chosen by waves of resident blocks, a
 // wave costing its blocks' 128-K stages plus about 4 stages of pipeline fill (a partly filled last
@@ -1593,8 +1628,7 @@ int64_t grouped_fp8_splits(const GroupedGemm& g, int sms) {
   if (g.rows > 16 * g.groups) return k_splits(g, sms, 512);
   const int64_t active = g.groups < g.rows ? g.groups : g.rows;
   const int64_t per_block = kFp8StreamWarps * 16, blocks = (g.n + per_block - 1) / per_block * active;
-  const size_t smem = g.rows <= 4 * g.groups ? fp8_stream_smem<2, kFp8StreamStagesFew>()
-                                             : fp8_stream_smem<4, kFp8StreamStagesSome>();
+  const size_t smem = g.rows <= 4 * g.groups ? fp8_stream_few_smem() : fp8_stream_smem<4, kFp8StreamStagesSome>();
   const int64_t per_sm = static_cast<int64_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor)) /
                          static_cast<int64_t>(smem + 1024);
   const int64_t slots = static_cast<int64_t>(sms) * (per_sm < 1 ? 1 : per_sm);
@@ -1628,17 +1662,15 @@ void grouped_fp8(const GroupedGemm& g, void* stream, int64_t splits, float* part
   const dim3 stream_grid(static_cast<unsigned>((g.n + kFp8StreamWarps * 16 - 1) / (kFp8StreamWarps * 16)),
                          static_cast<unsigned>(grid_groups(g)), static_cast<unsigned>(splits));
   if (few) {
-    constexpr size_t smem = fp8_stream_smem<2, kFp8StreamStagesFew>();
-    static size_t allowed[kMaxDevices] = {};
-    allow_dynamic_smem(grouped_fp8_stream_kernel<2, kFp8StreamStagesFew>, smem, allowed, "grouped_fp8");
-    launch_pdl(grouped_fp8_stream_kernel<2, kFp8StreamStagesFew>, stream_grid, kFp8StreamWarps * 32, smem, s, g, k_chunk,
-               part);
+    switch (fp8_stream_variant()) {
+      case 1: launch_fp8_stream<2, kFp8StreamStagesFew, true>(stream_grid, s, g, k_chunk, part); break;
+      case 2: launch_fp8_stream<1, kFp8StreamStagesN1, false>(stream_grid, s, g, k_chunk, part); break;
+      case 3: launch_fp8_stream<1, kFp8StreamStagesN1, true>(stream_grid, s, g, k_chunk, part); break;
+      default: launch_fp8_stream<2, kFp8StreamStagesFew, false>(stream_grid, s, g, k_chunk, part);
+    }
   } else if (some) {
-    constexpr size_t smem = fp8_stream_smem<4, kFp8StreamStagesSome>();
-    static size_t allowed[kMaxDevices] = {};
-    allow_dynamic_smem(grouped_fp8_stream_kernel<4, kFp8StreamStagesSome>, smem, allowed, "grouped_fp8");
-    launch_pdl(grouped_fp8_stream_kernel<4, kFp8StreamStagesSome>, stream_grid, kFp8StreamWarps * 32, smem, s, g,
-               k_chunk, part);
+    if (fp8_stream_variant() % 2 == 1) launch_fp8_stream<4, kFp8StreamStagesSome, true>(stream_grid, s, g, k_chunk, part);
+    else launch_fp8_stream<4, kFp8StreamStagesSome, false>(stream_grid, s, g, k_chunk, part);
   } else {
     const dim3 wide(static_cast<unsigned>((g.n + kMmaWarpsWide * 16 - 1) / (kMmaWarpsWide * 16)),
                     static_cast<unsigned>(grid_groups(g)), static_cast<unsigned>(splits));
