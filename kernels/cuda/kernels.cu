@@ -1592,7 +1592,8 @@ bool grouped_fp8_fits(const GroupedGemm& g) {
 
 // The staged (prefill) kernel's ring: 4 stages of 41 KB.
 constexpr int kFp8StagedStages = 4;
-// Ring depths: 6 stages at up to 16 rows a pass (3 x 4 warps per SM), 4 at up to 32 (2 x 4).
+// Ring depths: 6 stages at up to 16 rows a pass (the base form of the few-rows kernel below), 4 at
+// up to 32 (the some-rows kernel); two blocks of 4 warps per SM either way.
 constexpr int kFp8StreamStagesFew = 6, kFp8StreamStagesSome = 4;
 
 // The few-rows kernel (at most 4 rows a group on average): one 8-row tile a pass and 9 stages, the
