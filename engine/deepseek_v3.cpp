@@ -431,22 +431,21 @@ void DeepseekV3::attention(int64_t layer, const Tensor& x, const StepInput& step
   const DType act = ops_.activation_dtype();
   const float eps = static_cast<float>(c.rms_norm_eps);
 
-  // Queries: [T, H, nope + R], rope on the last R columns of each head.
+  // Queries: [T, H, nope + R], rope on the last R columns of each head. Cache entry per token:
+  // [normalized latent (C) | rotated key (R)]. The two down-projections of x share one linear2.
   Tensor q = ops_.empty(act, {t_count, h * qk});
+  Tensor entry = ops_.empty(act, {t_count, c.kv_lora_rank + c.qk_rope_head_dim});
   if (w.q_a_proj) {
     Tensor q_lat = ops_.empty(act, {t_count, *c.q_lora_rank});
-    ops_.linear(x, *w.q_a_proj, q_lat);
+    ops_.linear2(x, *w.q_a_proj, q_lat, w.kv_a_proj_with_mqa, entry);
     ops_.rms_norm(q_lat, w.q_a_layernorm, eps, q_lat);
     ops_.linear(q_lat, w.q_b_proj, q);
   } else {
-    ops_.linear(x, w.q_b_proj, q);
+    ops_.linear2(x, w.q_b_proj, q, w.kv_a_proj_with_mqa, entry);
   }
   Tensor q3 = q.view({t_count, h, qk});
   ops_.rope(q3, c.qk_nope_head_dim, step.layout.token_pos, rope_.inv_freq, rope_.attention_factor);
 
-  // Cache entry per token: [normalized latent (C) | rotated key (R)].
-  Tensor entry = ops_.empty(act, {t_count, c.kv_lora_rank + c.qk_rope_head_dim});
-  ops_.linear(x, w.kv_a_proj_with_mqa, entry);
   ops_.rms_norm(entry, w.kv_a_layernorm, eps, entry);
   Tensor entry3 = entry.view({t_count, 1, c.kv_lora_rank + c.qk_rope_head_dim});
   ops_.rope(entry3, c.kv_lora_rank, step.layout.token_pos, rope_.inv_freq, rope_.attention_factor);
@@ -471,8 +470,7 @@ void DeepseekV3::mlp(const LayerWeights& lw, const Tensor& x, Tensor& out) {
   auto swiglu = [&](const ExpertWeights& e, Tensor& dst) {
     const int64_t f = e.gate.out_features();
     Tensor g = ops_.empty(act, {t_count, f}), u = ops_.empty(act, {t_count, f});
-    ops_.linear(x, e.gate, g);
-    ops_.linear(x, e.up, u);
+    ops_.linear2(x, e.gate, g, e.up, u);
     ops_.silu_mul(g, u, g);
     ops_.linear(g, e.down, dst);
   };

@@ -140,6 +140,12 @@ class Ops {
   virtual void add(Tensor& x, const Tensor& y) = 0;
   // out [T, out] = x [T, in] @ W^T
   virtual void linear(const Tensor& x, const LinearWeight& w, Tensor& out) = 0;
+  // Two products of the same input: out_a = x @ A^T, out_b = x @ B^T, each as linear() computes
+  // it. A backend may run both at once (the CUDA one at decode sizes: x quantized once, one launch).
+  virtual void linear2(const Tensor& x, const LinearWeight& a, Tensor& out_a, const LinearWeight& b, Tensor& out_b) {
+    linear(x, a, out_a);
+    linear(x, b, out_b);
+  }
   // out = silu(gate) * up, all [T, F]
   virtual void silu_mul(const Tensor& gate, const Tensor& up, Tensor& out) = 0;
   // Rotates interleaved pairs (x[2i], x[2i+1]) of columns [offset, offset + 2*inv_freq.size()) of

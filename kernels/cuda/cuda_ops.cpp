@@ -510,34 +510,7 @@ class CudaOps final : public Ops {
       // 64 did not), so the activations are padded with zero rows to a multiple of 8.
       const int64_t kb = in / 128, t8 = (t + 7) / 8 * 8;
       DILU_CHECK(w.scale_inv.dim(1) == (kb + 3) / 4 * 4, "FP8 scales not placed by this backend");
-      if (fast_ && t <= kFp8SmallTokens) {
-        // Few tokens (decode): the same quantized product on FP8 tensor cores, weights read once at
-        // close to bandwidth, where cuBLASLt reads them at about half of it (H100, M = 1).
-        Tensor xq = empty(DType::U8, {t, in});
-        Tensor xs = empty(DType::F32, {t, kb});
-        cuda::quantize_fp8_per_token_128(x.data<float>(), t, t, in, xq.data<uint8_t>(), xs.data<float>(), kb, 1,
-                                         stream_);
-        cuda::GroupedGemm g;
-        g.rows = t;
-        g.weight = w.weight.raw();
-        g.scale = w.scale_inv.data<float>();
-        g.type = cuda::WeightType::FP8;
-        g.n = n_out;
-        g.k = in;
-        g.block_out = 128;
-        g.block_in = 128;
-        g.scale_stride = w.scale_inv.dim(1);
-        g.xq = xq.data<uint8_t>();
-        g.xscale = xs.data<float>();
-        g.ldx = in;
-        g.lds = kb;
-        g.out = out.data<float>();
-        g.ldo = n_out;
-        if (cuda::grouped_fp8_fits(g)) {
-          fp8_gemm(g);
-          return;
-        }
-      }
+      if (fp8_small(x, w, out, nullptr, nullptr)) return;
       Tensor xq = empty(DType::U8, {t8, in});
       Tensor xs = empty(DType::F32, {kb, t8});
       cuda::quantize_fp8_per_token_128(x.data<float>(), t, t8, in, xq.data<uint8_t>(), xs.data<float>(), 1, t8,
@@ -570,6 +543,62 @@ class CudaOps final : public Ops {
     gemm(g, t, kGemvDenseTokens);
   }
 
+  // Few tokens (decode): the block-scaled FP8 product on FP8 tensor cores (grouped_fp8), weights
+  // read once at close to bandwidth, where cuBLASLt reads them at about half of it (H100, M = 1).
+  // x is quantized once for both products when a second weight is given (linear2), and one
+  // launch covers both. False (nothing queued) when the operands are outside that kernel.
+  bool fp8_small(const Tensor& x, const LinearWeight& w, Tensor& out, const LinearWeight* w2, Tensor* out2) {
+    const int64_t t = x.dim(0), in = w.in_features(), kb = in / 128;
+    const auto blocked = [&](const LinearWeight& v) {
+      return v.weight.dtype() == DType::F8E4M3 && v.block_out == 128 && v.block_in == 128 && v.in_features() == in &&
+             v.out_features() % 16 == 0 && v.scale_inv.dim(1) == (kb + 3) / 4 * 4;
+    };
+    if (!fast_ || !fp8_block_ || t > kFp8SmallTokens || in % 128 != 0 || !blocked(w) || (w2 && !blocked(*w2)))
+      return false;
+    cuda::GroupedGemm g;
+    g.rows = t;
+    g.weight = w.weight.raw();
+    g.scale = w.scale_inv.data<float>();
+    g.type = cuda::WeightType::FP8;
+    g.n = w.out_features();
+    g.k = in;
+    g.block_out = 128;
+    g.block_in = 128;
+    g.scale_stride = w.scale_inv.dim(1);
+    g.ldx = in;
+    g.lds = kb;
+    g.out = out.data<float>();
+    g.ldo = g.n;
+    if (w2) {
+      g.weight2 = w2->weight.raw();
+      g.scale2 = w2->scale_inv.data<float>();
+      g.n2 = w2->out_features();
+      g.scale_stride2 = w2->scale_inv.dim(1);
+      g.out2 = out2->data<float>();
+      g.ldo2 = g.n2;
+    }
+    Tensor xq = empty(DType::U8, {t, in});
+    Tensor xs = empty(DType::F32, {t, kb});
+    g.xq = xq.data<uint8_t>();
+    g.xscale = xs.data<float>();
+    if (!cuda::grouped_fp8_fits(g) || (w2 && !cuda::grouped_fp8_pairs(g))) return false;
+    cuda::quantize_fp8_per_token_128(x.data<float>(), t, t, in, xq.data<uint8_t>(), xs.data<float>(), kb, 1, stream_);
+    fp8_gemm(g);
+    return true;
+  }
+
+  void linear2(const Tensor& x, const LinearWeight& a, Tensor& out_a, const LinearWeight& b, Tensor& out_b) override {
+    check_f32(x, "linear input");
+    check_f32(out_a, "linear output");
+    check_f32(out_b, "linear output");
+    const int64_t t = x.dim(0);
+    const bool shapes = x.dim(1) == a.in_features() && x.dim(1) == b.in_features() && out_a.dim(0) == t &&
+                        out_b.dim(0) == t && out_a.dim(1) == a.out_features() && out_b.dim(1) == b.out_features();
+    if (shapes && t > 0 && !a.weight.is_cpu() && !b.weight.is_cpu() && fp8_small(x, a, out_a, &b, &out_b)) return;
+    linear(x, a, out_a);
+    linear(x, b, out_b);
+  }
+
   // The grouped GEMM of a step of `tokens` tokens. With cuda.kernels=fast: tensor cores where the
   // operands fit them (experts at any batch; a single weight once the step has more than
   // `gemv_tokens` tokens: below that a lone matrix gives the MMA kernel too few blocks), else the
@@ -593,7 +622,7 @@ class CudaOps final : public Ops {
   // few rows leave the GPU idle.
   void fp8_gemm(const cuda::GroupedGemm& g) {
     const int64_t splits = cuda::grouped_fp8_splits(g, props_.multiProcessorCount);
-    Tensor partial = splits > 1 ? empty(DType::F32, {splits * g.rows * g.n}) : Tensor();
+    Tensor partial = splits > 1 ? empty(DType::F32, {splits * g.rows * (g.n + g.n2)}) : Tensor();
     cuda::grouped_fp8(g, stream_, splits, splits > 1 ? partial.data<float>() : nullptr);
   }
 
@@ -891,8 +920,9 @@ class CudaOps final : public Ops {
       cuda::quantize_fp8_per_token_128(x.data<float>(), t, t, d, xq.data<uint8_t>(), xsc.data<float>(), d / 128, 1,
                                        stream_);
     }
+    // With `dst2`, projection 1 (up) too, as grouped_fp8's second matrix of the same rows.
     auto run = [&](const float* in, int64_t ldx, const int32_t* in_rows, int proj, int64_t n_out, int64_t k_in,
-                   float* dst, const uint8_t* q = nullptr, const float* qs = nullptr) {
+                   float* dst, const uint8_t* q = nullptr, const float* qs = nullptr, float* dst2 = nullptr) {
       cuda::GroupedGemm gg;
       gg.x = in;
       gg.ldx = ldx;
@@ -913,6 +943,14 @@ class CudaOps final : public Ops {
       gg.ldo = n_out;
       gg.group_list = list;
       gg.group_slots = list ? slots : 0;
+      if (dst2) {
+        gg.weights2 = table.weights[1];
+        gg.scales2 = table.scales[1];
+        gg.n2 = n_out;
+        gg.scale_stride2 = table.scale_stride[1];
+        gg.out2 = dst2;
+        gg.ldo2 = n_out;
+      }
       if (q) {
         gg.xq = q;
         gg.xscale = qs;
@@ -926,8 +964,16 @@ class CudaOps final : public Ops {
     };
     const uint8_t* xq_p = fp8 ? xq.data<uint8_t>() : nullptr;
     const float* xsc_p = fp8 ? xsc.data<float>() : nullptr;
-    run(x.data<float>(), d, rows.data<int32_t>(), 0, f, d, g.data<float>(), xq_p, xsc_p);
-    run(x.data<float>(), d, rows.data<int32_t>(), 1, f, d, u.data<float>(), xq_p, xsc_p);
+    // Decode batches (at most 16 rows an expert on average): gate and up in one launch.
+    cuda::GroupedGemm shape;
+    shape.rows = pairs;
+    shape.groups = local;
+    if (fp8 && cuda::grouped_fp8_pairs(shape)) {
+      run(x.data<float>(), d, rows.data<int32_t>(), 0, f, d, g.data<float>(), xq_p, xsc_p, u.data<float>());
+    } else {
+      run(x.data<float>(), d, rows.data<int32_t>(), 0, f, d, g.data<float>(), xq_p, xsc_p);
+      run(x.data<float>(), d, rows.data<int32_t>(), 1, f, d, u.data<float>(), xq_p, xsc_p);
+    }
     if (fp8) {
       hq = empty(DType::U8, {pairs, f});
       hsc = empty(DType::F32, {pairs, f / 128});

@@ -49,6 +49,15 @@ __device__ __forceinline__ void pdl_launch_dependents() {
   asm volatile("griddepcontrol.launch_dependents;" :::);
 #endif
 }
+// The first statement of the small kernels between a step's GEMVs (norms, quantization, split-K
+// sums, routing; launched with launch_pdl): the kernel lets its successor start at once, then
+// waits for its predecessor. A chain of them (each resident before the next can start) reaches the
+// next GEMV while the previous one is still finishing, so the GEMV's blocks take the SMs the
+// previous one leaves and stream their first weights meanwhile.
+__device__ __forceinline__ void pdl_enter() {
+  pdl_launch_dependents();
+  pdl_wait();
+}
 
 // An attribute of the current device, read once per device; 0 when there is no device.
 int device_attribute(cudaDeviceAttr attr) {
@@ -67,14 +76,22 @@ int device_attribute(cudaDeviceAttr attr) {
   return it->second;
 }
 
+// DILU_PDL, a switch for measuring: 0 launches every kernel plainly, `gemv` only the GEMVs with
+// launch_pdl (the small kernels between them plainly, as before the chain).
+int pdl_mode() {
+  static const int mode = [] {
+    const char* v = std::getenv("DILU_PDL");
+    const std::string s = v ? v : "";
+    return s == "0" ? 0 : s == "gemv" ? 1 : 2;
+  }();
+  return mode;
+}
+
 // A launch that may overlap the previous kernel's end (see pdl_wait), on sm_90+ unless DILU_PDL=0
-// is set (a switch for measuring it); a plain launch elsewhere.
+// is set; a plain launch elsewhere.
 template <typename... Params, typename... Args>
 void launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, Args... args) {
-  static const bool off = [] {
-    const char* v = std::getenv("DILU_PDL");
-    return v != nullptr && std::string(v) == "0";
-  }();
+  const bool off = pdl_mode() == 0;
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;
@@ -87,6 +104,16 @@ void launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, c
   config.numAttrs = !off && device_attribute(cudaDevAttrComputeCapabilityMajor) >= 9 ? 1 : 0;
   const cudaError_t rc = cudaLaunchKernelEx(&config, kernel, args...);
   if (rc != cudaSuccess) throw std::runtime_error(std::string("kernel launch failed: ") + cudaGetErrorString(rc));
+}
+
+// The small kernels' launch (pdl_enter): launch_pdl unless DILU_PDL is 0 or `gemv`.
+template <typename... Params, typename... Args>
+void launch_chained(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, Args... args) {
+  if (pdl_mode() == 2) {
+    launch_pdl(kernel, grid, block, smem, s, args...);
+  } else {
+    kernel<<<grid, block, smem, s>>>(args...);
+  }
 }
 
 // Above 48 KiB of dynamic shared memory a kernel must opt in, once per device; `allowed` is the
@@ -132,6 +159,7 @@ __device__ float block_sum(float v) {
 
 // ---------------------------------------------------------------- conversions
 __global__ void f32_to_bf16_kernel(const float* x, __nv_bfloat16* out, int64_t n) {
+  pdl_enter();
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
     out[i] = __float2bfloat16_rn(x[i]);
@@ -176,7 +204,7 @@ __device__ __forceinline__ float quantize_128(const float (&v)[4], __nv_fp8_e4m3
 // One warp per (row, 128-channel group).
 __global__ void quantize_fp8_kernel(const float* x, int64_t rows, int64_t out_rows, int64_t cols, __nv_fp8_e4m3* q,
                                     float* scale, int64_t row_stride, int64_t group_stride) {
-  pdl_launch_dependents();  // a GEMV after it may start streaming its weights
+  pdl_enter();
   const int64_t groups = cols / 128;
   const int64_t warp = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
@@ -212,6 +240,7 @@ __global__ void embedding_kernel(const void* table, int table_type, int64_t rows
 constexpr int kNormPer = 8;
 __global__ void rms_norm_kernel(float* x, const float* __restrict__ residual, const float* __restrict__ w, int64_t width,
                                 int64_t d, float eps, float* out) {
+  pdl_enter();
   float* xr = x + blockIdx.x * width;
   float* orow = out + blockIdx.x * width;
   float ss = 0.0f;
@@ -258,11 +287,13 @@ __global__ void rms_norm_kernel(float* x, const float* __restrict__ residual, co
 
 __global__ void gather_rows_kernel(const float* __restrict__ x, int64_t width, const int32_t* __restrict__ rows,
                                    float* __restrict__ out) {
+  pdl_enter();
   const float* src = x + static_cast<int64_t>(rows[blockIdx.x]) * width;
   for (int64_t i = threadIdx.x; i < width; i += blockDim.x) out[blockIdx.x * width + i] = src[i];
 }
 
 __global__ void add_kernel(float* x, const float* y, int64_t n) {
+  pdl_enter();
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
     x[i] += y[i];
@@ -271,6 +302,7 @@ __global__ void add_kernel(float* x, const float* y, int64_t n) {
 __device__ __forceinline__ float silu_times(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 
 __global__ void silu_mul_kernel(const float* gate, const float* up, int64_t n, float* out) {
+  pdl_enter();
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
     out[i] = silu_times(gate[i], up[i]);
@@ -280,6 +312,7 @@ __global__ void silu_mul_kernel(const float* gate, const float* up, int64_t n, f
 // memory for all heads, then the rotations of the slice's (head, pair) items.
 __global__ void rope_kernel(float* x, int64_t heads, int64_t width, int64_t offset, const int32_t* pos,
                             const float* inv_freq, int64_t half, float attention_factor) {
+  pdl_enter();
   extern __shared__ float rope_cs[];  // [half] cos, [half] sin, times attention_factor
   const int64_t t = blockIdx.x;
   for (int64_t i = threadIdx.x; i < half; i += blockDim.x) {
@@ -301,6 +334,7 @@ __global__ void rope_kernel(float* x, int64_t heads, int64_t width, int64_t offs
 }
 
 __global__ void cache_write_kernel(__nv_bfloat16* cache, const float* entry, const int64_t* slot, int64_t width) {
+  pdl_enter();
   const int64_t t = blockIdx.x;
   __nv_bfloat16* dst = cache + slot[t] * width;
   for (int64_t i = threadIdx.x; i < width; i += blockDim.x) dst[i] = __float2bfloat16_rn(entry[t * width + i]);
@@ -527,6 +561,7 @@ __device__ __forceinline__ bool better_pick(float v, int i, float bv, int bi) {
 
 __global__ void moe_select_kernel(const float* logits, const float* bias, int64_t e_count, int64_t k, int64_t n_group,
                                   int64_t topk_group, bool norm, float factor, int32_t* ids, float* weights) {
+  pdl_enter();
   extern __shared__ float sm[];
   float* scores = sm;
   float* choice = sm + e_count;
@@ -628,6 +663,7 @@ __global__ void moe_select_kernel(const float* logits, const float* bias, int64_
 }
 
 __global__ void moe_count_kernel(const int32_t* ids, int64_t pairs, int64_t first, int64_t local, int32_t* counters) {
+  pdl_enter();
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < pairs;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t e = ids[i] - first;
@@ -640,6 +676,7 @@ __global__ void moe_count_kernel(const int32_t* ids, int64_t pairs, int64_t firs
 // the non-empty experts' ids in order (a ballot per warp gives each its rank), then -1 to the end.
 __global__ void moe_scan_kernel(int32_t* counters, int64_t local, int32_t* offsets, int32_t* group_list,
                                 int64_t group_slots) {
+  pdl_enter();
   __shared__ int32_t warp_total[32], warp_live[32];
   __shared__ int32_t carry_s, live_s;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
@@ -682,6 +719,7 @@ __global__ void moe_scan_kernel(int32_t* counters, int64_t local, int32_t* offse
 
 __global__ void moe_scatter_kernel(const int32_t* ids, int64_t pairs, int64_t k, int64_t first, int64_t local,
                                    int32_t* cursors, int32_t* rows, int32_t* pair_row) {
+  pdl_enter();
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < pairs;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t e = ids[i] - first;
@@ -696,6 +734,7 @@ __global__ void moe_scatter_kernel(const int32_t* ids, int64_t pairs, int64_t k,
 }
 
 __global__ void moe_silu_mul_kernel(float* gate, const float* up, const int32_t* offsets, int64_t local, int64_t f) {
+  pdl_enter();
   const int64_t n = static_cast<int64_t>(offsets[local]) * f;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
@@ -705,7 +744,7 @@ __global__ void moe_silu_mul_kernel(float* gate, const float* up, const int32_t*
 // One warp per (row, 128-channel group) of the rows in use.
 __global__ void moe_silu_mul_fp8_kernel(const float* gate, const float* up, const int32_t* offsets, int64_t local,
                                         int64_t f, __nv_fp8_e4m3* q, float* scale) {
-  pdl_launch_dependents();
+  pdl_enter();
   const int64_t groups = f / 128;
   const int64_t warp = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
@@ -719,6 +758,7 @@ __global__ void moe_silu_mul_fp8_kernel(const float* gate, const float* up, cons
 
 __global__ void moe_combine_kernel(const float* y, const int32_t* ids, const float* weights, const int32_t* pair_row,
                                    int64_t k, int64_t d, float* out) {
+  pdl_enter();
   // Block (token, column chunk). The token's pairs in ascending expert id (k is small), once.
   constexpr int kMaxK = 64;
   __shared__ int order[kMaxK];
@@ -762,6 +802,7 @@ __global__ void random_fill_kernel(void* out, int dtype, int64_t n, uint64_t key
 }
 
 __global__ void count_routed_kernel(const int32_t* offsets, int64_t local, unsigned long long* counter) {
+  pdl_enter();
   unsigned long long used = 0;
   for (int64_t e = threadIdx.x; e < local; e += blockDim.x) used += offsets[e + 1] > offsets[e] ? 1 : 0;
   atomicAdd(counter, used);
@@ -778,7 +819,7 @@ __global__ void fill_u32_kernel(uint32_t* dst, uint32_t pattern, int64_t n) {
 // ---------------------------------------------------------------- launchers
 void f32_to_bf16(const float* x, uint16_t* out, int64_t n, void* stream) {
   if (n <= 0) return;
-  f32_to_bf16_kernel<<<grid_for(n, 256), 256, 0, as_stream(stream)>>>(x, reinterpret_cast<__nv_bfloat16*>(out), n);
+  launch_chained(f32_to_bf16_kernel, grid_for(n, 256), 256, 0, as_stream(stream), x, reinterpret_cast<__nv_bfloat16*>(out), n);
   check_launch("f32_to_bf16");
 }
 
@@ -800,7 +841,7 @@ void quantize_fp8_per_token_128(const float* x, int64_t rows, int64_t out_rows, 
                                 float* scale, int64_t row_stride, int64_t group_stride, void* stream) {
   const int64_t warps = out_rows * (cols / 128);
   if (warps <= 0) return;
-  quantize_fp8_kernel<<<static_cast<int>((warps * 32 + 255) / 256), 256, 0, as_stream(stream)>>>(
+  launch_chained(quantize_fp8_kernel, static_cast<int>((warps * 32 + 255) / 256), 256, 0, as_stream(stream), 
       x, rows, out_rows, cols, reinterpret_cast<__nv_fp8_e4m3*>(q), scale, row_stride, group_stride);
   check_launch("quantize_fp8");
 }
@@ -817,26 +858,26 @@ void rms_norm(float* x, const float* residual, const float* w, int64_t rows, int
               float* out, void* stream) {
   if (rows <= 0) return;
   // Wide rows take 1024 threads: each thread's loop is a chain of dependent loads.
-  rms_norm_kernel<<<static_cast<unsigned>(rows), d >= 2048 ? 1024 : 256, 0, as_stream(stream)>>>(x, residual, w, width,
+  launch_chained(rms_norm_kernel, static_cast<unsigned>(rows), d >= 2048 ? 1024 : 256, 0, as_stream(stream), x, residual, w, width,
                                                                                               d, eps, out);
   check_launch("rms_norm");
 }
 
 void gather_rows(const float* x, int64_t width, const int32_t* rows, int64_t n, float* out, void* stream) {
   if (n <= 0) return;
-  gather_rows_kernel<<<static_cast<unsigned>(n), 256, 0, as_stream(stream)>>>(x, width, rows, out);
+  launch_chained(gather_rows_kernel, static_cast<unsigned>(n), 256, 0, as_stream(stream), x, width, rows, out);
   check_launch("gather_rows");
 }
 
 void add(float* x, const float* y, int64_t n, void* stream) {
   if (n <= 0) return;
-  add_kernel<<<grid_for(n, 256), 256, 0, as_stream(stream)>>>(x, y, n);
+  launch_chained(add_kernel, grid_for(n, 256), 256, 0, as_stream(stream), x, y, n);
   check_launch("add");
 }
 
 void silu_mul(const float* gate, const float* up, int64_t n, float* out, void* stream) {
   if (n <= 0) return;
-  silu_mul_kernel<<<grid_for(n, 256), 256, 0, as_stream(stream)>>>(gate, up, n, out);
+  launch_chained(silu_mul_kernel, grid_for(n, 256), 256, 0, as_stream(stream), gate, up, n, out);
   check_launch("silu_mul");
 }
 
@@ -846,13 +887,13 @@ void rope(float* x, int64_t t, int64_t heads, int64_t width, int64_t offset, con
   if (heads * half >= (int64_t{1} << 31)) throw std::runtime_error("rope: more than 2^31 rotations a token");
   const dim3 grid(static_cast<unsigned>(t), static_cast<unsigned>(std::min<int64_t>((heads * half + 255) / 256, 16)));
   const size_t smem = static_cast<size_t>(2 * half) * sizeof(float);
-  rope_kernel<<<grid, 256, smem, as_stream(stream)>>>(x, heads, width, offset, pos, inv_freq, half, attention_factor);
+  launch_chained(rope_kernel, grid, 256, smem, as_stream(stream), x, heads, width, offset, pos, inv_freq, half, attention_factor);
   check_launch("rope");
 }
 
 void cache_write(uint16_t* cache, const float* entry, const int64_t* slot, int64_t t, int64_t width, void* stream) {
   if (t <= 0) return;
-  cache_write_kernel<<<static_cast<unsigned>(t), 256, 0, as_stream(stream)>>>(reinterpret_cast<__nv_bfloat16*>(cache),
+  launch_chained(cache_write_kernel, static_cast<unsigned>(t), 256, 0, as_stream(stream), reinterpret_cast<__nv_bfloat16*>(cache),
                                                                               entry, slot, width);
   check_launch("cache_write");
 }
@@ -1196,15 +1237,20 @@ bool grouped_mma_fits(const GroupedGemm& g) {
          (g.type != WeightType::FP8 || (g.block_in % 64 == 0 && g.block_out % 16 == 0));
 }
 
+// The split sums of `partial` [splits][rows][n] added in split order: columns below n_a to out,
+// the rest (a second matrix's, grouped_fp8) to out2.
 __global__ void grouped_mma_reduce_kernel(const float* partial, int64_t splits, int64_t rows, int64_t n,
-                                          const int32_t* row_count, float* out, int64_t ldo) {
-  pdl_launch_dependents();
+                                          const int32_t* row_count, float* out, int64_t ldo, int64_t n_a,
+                                          float* out2, int64_t ldo2) {
+  pdl_enter();
   const int64_t used = row_count ? *row_count : rows;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < used * n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     float v = 0.0f;
     for (int64_t z = 0; z < splits; ++z) v += partial[z * rows * n + i];
-    out[(i / n) * ldo + i % n] = v;
+    const int64_t r = i / n, c = i % n;
+    if (c < n_a) out[r * ldo + c] = v;
+    else out2[r * ldo2 + c - n_a] = v;
   }
 }
 
@@ -1254,8 +1300,8 @@ void grouped_mma(const GroupedGemm& g, void* stream, int64_t splits, float* part
   check_launch("grouped_mma");
   if (part) {
     const int32_t* row_count = g.group_offsets ? g.group_offsets + g.groups : nullptr;
-    grouped_mma_reduce_kernel<<<grid_for(g.rows * g.n, 256), 256, 0, s>>>(part, splits, g.rows, g.n, row_count, g.out,
-                                                                       g.ldo);
+    launch_chained(grouped_mma_reduce_kernel, grid_for(g.rows * g.n, 256), 256, 0, s, part, splits, g.rows, g.n,
+                   row_count, g.out, g.ldo, g.n, static_cast<float*>(nullptr), int64_t{0});
     check_launch("grouped_mma_reduce");
   }
 }
@@ -1346,15 +1392,15 @@ __device__ __forceinline__ int fp8_piece(int r, int p) { return 16 * (p ^ ((r & 
 
 // This lane's 4 cp.async copies of a warp's 16 weight rows n0.. for the stage at k0 (zeros past g.n).
 template <bool kPf = false>
-__device__ __forceinline__ void fp8_copy_weights(uint8_t* dst, const uint8_t* w, int64_t n0, const GroupedGemm& g,
+__device__ __forceinline__ void fp8_copy_weights(uint8_t* dst, const uint8_t* w, int64_t n0, int64_t n, int64_t k,
                                                  int64_t k0, int lane) {
   const int piece = lane & 7, row0 = lane >> 3;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     const int r = row0 + 4 * j;
-    const bool ok = n0 + r < g.n;
-    if constexpr (kPf) cp_async16_pf(dst + r * 128 + fp8_piece(r, piece), ok ? w + (n0 + r) * g.k + k0 + 16 * piece : w, ok);
-    else cp_async16(dst + r * 128 + fp8_piece(r, piece), ok ? w + (n0 + r) * g.k + k0 + 16 * piece : w, ok);
+    const bool ok = n0 + r < n;
+    if constexpr (kPf) cp_async16_pf(dst + r * 128 + fp8_piece(r, piece), ok ? w + (n0 + r) * k + k0 + 16 * piece : w, ok);
+    else cp_async16(dst + r * 128 + fp8_piece(r, piece), ok ? w + (n0 + r) * k + k0 + 16 * piece : w, ok);
   }
 }
 
@@ -1421,7 +1467,7 @@ __global__ void __launch_bounds__(W * 32) grouped_fp8_kernel(GroupedGemm g, int6
       if (st < stages) {
         const int64_t k0 = k_begin + 128 * st;
         uint8_t* slot = fp8_stages + (st % S) * kStage;
-        fp8_copy_weights(slot + warp * 16 * 128, w, n0, g, k0, lane);
+        fp8_copy_weights(slot + warp * 16 * 128, w, n0, g.n, g.k, k0, lane);
         uint8_t* xdst = slot + kWBytes;
         for (int i = threadIdx.x; i < tile_rows * 8; i += blockDim.x) {
           const int r = i >> 3, p = i & 7;
@@ -1473,6 +1519,9 @@ constexpr size_t fp8_stream_smem() {
   return static_cast<size_t>(kFp8StreamWarps) * S * (16 + NT * 8) * 128;
 }
 
+// With a second matrix (g.n2 > 0, linear2 and the experts' gate and up): the blocks past the
+// first matrix's column blocks take the second's columns, its weights, scales and output; split
+// sums go to `partial` as one product of n + n2 columns.
 template <int NT, int S, bool kPf>
 __global__ void __launch_bounds__(kFp8StreamWarps * 32) grouped_fp8_stream_kernel(GroupedGemm g, int64_t k_chunk,
                                                                                     float* partial) {
@@ -1482,22 +1531,29 @@ __global__ void __launch_bounds__(kFp8StreamWarps * 32) grouped_fp8_stream_kerne
   // first stages' weights are requested before waiting for the previous kernel; otherwise the
   // group's rows come from it, and the wait comes first.
   const bool prefetch = g.group_offsets == nullptr && g.group_list == nullptr && g.x_rows == nullptr;
-  if (!prefetch) pdl_wait();
   pdl_launch_dependents();
+  if (!prefetch) pdl_wait();
   int64_t group, row_begin, row_end;
   if (!group_rows(g, blockIdx.y, group, row_begin, row_end)) return;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, quad = lane & 3;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * (kFp8StreamWarps * 16) + warp * 16;
-  if (n0 >= g.n) return;  // no block barrier below: a warp without rows may leave
+  const int64_t blocks_a = (g.n + kFp8StreamWarps * 16 - 1) / (kFp8StreamWarps * 16);
+  const bool second = blockIdx.x >= blocks_a;  // only with g.n2 > 0 (the grid's width)
+  const int64_t n = second ? g.n2 : g.n;
+  const int64_t n0 = (static_cast<int64_t>(blockIdx.x) - (second ? blocks_a : 0)) * (kFp8StreamWarps * 16) + warp * 16;
+  if (n0 >= n) return;  // no block barrier below: a warp without rows may leave
   uint8_t* ring = fp8_ring + static_cast<size_t>(warp) * S * kStage;
   const int64_t na = n0 + gid, nb = na + 8;
-  const bool va = na < g.n, vb = nb < g.n;
-  const uint8_t* w = static_cast<const uint8_t*>(g.weights ? g.weights[group] : g.weight);
-  const float* srow = (g.scales ? g.scales[group] : g.scale) + (n0 / g.block_out) * g.scale_stride;
+  const bool va = na < n, vb = nb < n;
+  const uint8_t* w = static_cast<const uint8_t*>(
+      second ? (g.weights2 ? g.weights2[group] : g.weight2) : (g.weights ? g.weights[group] : g.weight));
+  const float* srow = (second ? (g.scales2 ? g.scales2[group] : g.scale2) : (g.scales ? g.scales[group] : g.scale)) +
+                      (n0 / g.block_out) * (second ? g.scale_stride2 : g.scale_stride);
   const int64_t k_begin = static_cast<int64_t>(blockIdx.z) * k_chunk;
   const int64_t k_end = g.k < k_begin + k_chunk ? g.k : k_begin + k_chunk;
-  float* out = partial ? partial + static_cast<int64_t>(blockIdx.z) * g.rows * g.n : g.out;
-  const int64_t ldo = partial ? g.n : g.ldo;
+  const int64_t n_all = g.n + g.n2;
+  float* out = partial ? partial + static_cast<int64_t>(blockIdx.z) * g.rows * n_all + (second ? g.n : 0)
+                       : (second ? g.out2 : g.out);
+  const int64_t ldo = partial ? n_all : second ? g.ldo2 : g.ldo;
   // This lane's copies per stage: piece (lane & 7) of rows (lane >> 3) + 4j.
   const int piece = lane & 7, row0 = lane >> 3;
   const int64_t stages = (k_end - k_begin) / 128;
@@ -1519,7 +1575,7 @@ __global__ void __launch_bounds__(kFp8StreamWarps * 32) grouped_fp8_stream_kerne
       xs_hi[nt] = r + 1 < rows ? g.xscale + (g.x_rows ? g.x_rows[r0 + r + 1] : r0 + r + 1) * g.lds : nullptr;
     }
     auto issue_weights = [&](int64_t st) {
-      if (st < stages) fp8_copy_weights<kPf>(ring + (st % S) * kStage, w, n0, g, k_begin + 128 * st, lane);
+      if (st < stages) fp8_copy_weights<kPf>(ring + (st % S) * kStage, w, n0, n, g.k, k_begin + 128 * st, lane);
     };
     auto issue_rows = [&](int64_t st) {
       if (st >= stages) return;
@@ -1587,7 +1643,7 @@ bool grouped_fp8_fits(const GroupedGemm& g) {
                  device_attribute(cudaDevAttrComputeCapabilityMinor);
   return cc >= 89 && g.type == WeightType::FP8 && g.xq && g.xscale && g.k % 128 == 0 && g.ldx % 16 == 0 &&
          g.lds >= g.k / 128 && aligned(g.xq) && (g.weights || aligned(g.weight)) && g.block_in == 128 &&
-         g.block_out % 16 == 0 && g.block_out > 0;
+         g.block_out % 16 == 0 && g.block_out > 0 && (g.n2 == 0 || g.weights2 || aligned(g.weight2));
 }
 
 // The staged (prefill) kernel's ring: 4 stages of 41 KB.
@@ -1601,6 +1657,8 @@ constexpr int kFp8StreamStagesFew = 6, kFp8StreamStagesSome = 4;
 // measuring, picks the earlier forms: base (two 8-row tiles, 6 stages, no hints), pf (base with
 // the hints), n1 (this without the hints). H100, 4 layers: 2.27 -> 2.25 ms a step at batch 1,
 // 3.44 -> 3.37 at 4, 6.86 -> 6.68 at 16 (docs/device-runs/2026-11-23-h100-session19.log).
+// Copying each row's weights 256 or 512 contiguous bytes at a time (two or four stages a copy)
+// was slower at every batch (docs/device-runs/2026-11-23-h100-session20.log).
 int fp8_stream_variant() {
   static const int v = [] {
     const char* e = std::getenv("DILU_FP8_STREAM");
@@ -1621,19 +1679,33 @@ void launch_fp8_stream(dim3 grid, cudaStream_t s, const GroupedGemm& g, int64_t 
   launch_pdl(grouped_fp8_stream_kernel<NT, S, kPf>, grid, kFp8StreamWarps * 32, smem, s, g, k_chunk, part);
 }
 
+bool grouped_fp8_pairs(const GroupedGemm& g) { return g.rows <= 16 * g.groups; }
+
+// The column blocks of the decode kernel's grid: the first matrix's, then the second's.
+int64_t fp8_stream_column_blocks(const GroupedGemm& g) {
+  const int64_t per_block = kFp8StreamWarps * 16;
+  return (g.n + per_block - 1) / per_block + (g.n2 + per_block - 1) / per_block;
+}
+
 // The staged (prefill) kernel: as grouped_mma. The decode kernel: its blocks are 64 columns wide
 // and two fit an SM (shared memory), so the split count is chosen by waves of resident blocks, a
 // wave costing its blocks' 128-K stages plus about 4 stages of pipeline fill (a partly filled last
-// wave costs a full one); the smaller count on a tie. Splits of at least 512 of K.
+// wave costs a full one); the smaller count on a tie. Splits of at least 512 of K. DILU_FP8_SPLITS
+// fixes the count (a switch for measuring).
 int64_t grouped_fp8_splits(const GroupedGemm& g, int sms) {
   if (g.rows > 16 * g.groups) return k_splits(g, sms, 512);
   const int64_t active = g.groups < g.rows ? g.groups : g.rows;
-  const int64_t per_block = kFp8StreamWarps * 16, blocks = (g.n + per_block - 1) / per_block * active;
+  const int64_t blocks = fp8_stream_column_blocks(g) * active;
   const size_t smem = g.rows <= 4 * g.groups ? fp8_stream_few_smem() : fp8_stream_smem<4, kFp8StreamStagesSome>();
   const int64_t per_sm = static_cast<int64_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor)) /
                          static_cast<int64_t>(smem + 1024);
   const int64_t slots = static_cast<int64_t>(sms) * (per_sm < 1 ? 1 : per_sm);
   const int64_t stages = g.k / 128, most = g.k / 512 < 1 ? 1 : g.k / 512;
+  static const int64_t forced = [] {
+    const char* e = std::getenv("DILU_FP8_SPLITS");
+    return e ? std::atoll(e) : 0;
+  }();
+  if (forced > 0) return forced < most ? forced : most;
   constexpr int64_t kFill = 4;  // stages' worth of a block's start
   int64_t best = 1, best_cost = 0;
   for (int64_t splits = 1; splits <= most; ++splits) {
@@ -1648,11 +1720,13 @@ int64_t grouped_fp8_splits(const GroupedGemm& g, int sms) {
 }
 
 void grouped_fp8(const GroupedGemm& g, void* stream, int64_t splits, float* partial) {
-  if (g.rows <= 0 || g.n <= 0 || g.groups <= 0) return;
+  if (g.rows <= 0 || (g.n <= 0 && g.n2 <= 0) || g.groups <= 0) return;
   if (!grouped_fp8_fits(g)) throw std::runtime_error("grouped_fp8: operands outside the kernel's shapes");
-  if (g.scale_stride < g.k / 128)
+  if (g.scale_stride < g.k / 128 || (g.n2 > 0 && g.scale_stride2 < g.k / 128))
     throw std::runtime_error("grouped_fp8: FP8 scale rows of " + std::to_string(g.scale_stride) + " floats for K " +
                              std::to_string(g.k));
+  if (g.n2 > 0 && !grouped_fp8_pairs(g))
+    throw std::runtime_error("grouped_fp8: a second matrix needs at most 16 rows a group");
   if (splits < 1 || (splits > 1 && partial == nullptr)) throw std::runtime_error("grouped_fp8: bad split");
   const int64_t stage = 128;
   const int64_t k_chunk = splits == 1 ? g.k : ((g.k + splits - 1) / splits + stage - 1) / stage * stage;
@@ -1660,8 +1734,8 @@ void grouped_fp8(const GroupedGemm& g, void* stream, int64_t splits, float* part
   float* part = splits > 1 ? partial : nullptr;
   const bool few = g.rows <= 4 * g.groups, some = g.rows <= 16 * g.groups;
   cudaStream_t s = as_stream(stream);
-  const dim3 stream_grid(static_cast<unsigned>((g.n + kFp8StreamWarps * 16 - 1) / (kFp8StreamWarps * 16)),
-                         static_cast<unsigned>(grid_groups(g)), static_cast<unsigned>(splits));
+  const dim3 stream_grid(static_cast<unsigned>(fp8_stream_column_blocks(g)), static_cast<unsigned>(grid_groups(g)),
+                         static_cast<unsigned>(splits));
   if (few) {
     switch (fp8_stream_variant()) {
       case 1: launch_fp8_stream<2, kFp8StreamStagesFew, true>(stream_grid, s, g, k_chunk, part); break;
@@ -1683,8 +1757,9 @@ void grouped_fp8(const GroupedGemm& g, void* stream, int64_t splits, float* part
   check_launch("grouped_fp8");
   if (part) {
     const int32_t* row_count = g.group_offsets ? g.group_offsets + g.groups : nullptr;
-    grouped_mma_reduce_kernel<<<grid_for(g.rows * g.n, 256), 256, 0, s>>>(part, splits, g.rows, g.n, row_count, g.out,
-                                                                       g.ldo);
+    const int64_t n_all = g.n + g.n2;
+    launch_chained(grouped_mma_reduce_kernel, grid_for(g.rows * n_all, 256), 256, 0, s, part, splits, g.rows, n_all,
+                   row_count, g.out, g.ldo, g.n, g.out2, g.ldo2);
     check_launch("grouped_fp8_reduce");
   }
 }
@@ -2227,7 +2302,7 @@ void moe_select(const float* logits, const float* bias, int64_t t, int64_t e, in
                 void* stream) {
   if (t <= 0) return;
   if (n_group > 64) throw std::runtime_error("moe_select: more than 64 expert groups");
-  moe_select_kernel<<<static_cast<unsigned>(t), 256, static_cast<size_t>(2 * e) * sizeof(float), as_stream(stream)>>>(
+  launch_chained(moe_select_kernel, static_cast<unsigned>(t), 256, static_cast<size_t>(2 * e) * sizeof(float), as_stream(stream), 
       logits, bias, e, k, n_group, topk_group, norm_topk_prob, routed_scaling_factor, ids, weights);
   check_launch("moe_select");
 }
@@ -2240,13 +2315,13 @@ void moe_group(const int32_t* ids, int64_t t, int64_t k, int64_t first, int64_t 
     throw std::runtime_error("moe_group: cudaMemsetAsync failed");
   const int64_t pairs = t * k;
   if (pairs > 0) {
-    moe_count_kernel<<<grid_for(pairs, 256), 256, 0, s>>>(ids, pairs, first, local, counters);
+    launch_chained(moe_count_kernel, grid_for(pairs, 256), 256, 0, s, ids, pairs, first, local, counters);
     check_launch("moe_count");
   }
-  moe_scan_kernel<<<1, 1024, 0, s>>>(counters, local, offsets, group_list, group_slots);
+  launch_chained(moe_scan_kernel, 1, 1024, 0, s, counters, local, offsets, group_list, group_slots);
   check_launch("moe_scan");
   if (pairs > 0) {
-    moe_scatter_kernel<<<grid_for(pairs, 256), 256, 0, s>>>(ids, pairs, k, first, local, counters, rows, pair_row);
+    launch_chained(moe_scatter_kernel, grid_for(pairs, 256), 256, 0, s, ids, pairs, k, first, local, counters, rows, pair_row);
     check_launch("moe_scatter");
   }
 }
@@ -2254,7 +2329,7 @@ void moe_group(const int32_t* ids, int64_t t, int64_t k, int64_t first, int64_t 
 void moe_silu_mul(float* gate, const float* up, const int32_t* offsets, int64_t local, int64_t max_rows, int64_t f,
                   void* stream) {
   if (max_rows * f <= 0) return;
-  moe_silu_mul_kernel<<<grid_for(max_rows * f, 256), 256, 0, as_stream(stream)>>>(gate, up, offsets, local, f);
+  launch_chained(moe_silu_mul_kernel, grid_for(max_rows * f, 256), 256, 0, as_stream(stream), gate, up, offsets, local, f);
   check_launch("moe_silu_mul");
 }
 
@@ -2263,7 +2338,7 @@ void moe_silu_mul_fp8(const float* gate, const float* up, const int32_t* offsets
   if (max_rows * f <= 0) return;
   if (f % 128 != 0) throw std::runtime_error("moe_silu_mul_fp8: width " + std::to_string(f) + " is not a multiple of 128");
   const int64_t warps = max_rows * (f / 128);
-  moe_silu_mul_fp8_kernel<<<static_cast<int>((warps * 32 + 255) / 256), 256, 0, as_stream(stream)>>>(
+  launch_chained(moe_silu_mul_fp8_kernel, static_cast<int>((warps * 32 + 255) / 256), 256, 0, as_stream(stream), 
       gate, up, offsets, local, f, reinterpret_cast<__nv_fp8_e4m3*>(q), scale);
   check_launch("moe_silu_mul_fp8");
 }
@@ -2272,8 +2347,7 @@ void moe_combine(const float* y, const int32_t* ids, const float* weights, const
                  int64_t k, int64_t d, float* out, void* stream) {
   if (t <= 0) return;
   if (k > 64) throw std::runtime_error("moe_combine: more than 64 experts per token");
-  moe_combine_kernel<<<dim3(static_cast<unsigned>(t), static_cast<unsigned>((d + 255) / 256)), 256, 0,
-                       as_stream(stream)>>>(y, ids, weights, pair_row, k, d, out);
+  launch_chained(moe_combine_kernel, dim3(static_cast<unsigned>(t), static_cast<unsigned>((d + 255) / 256)), 256, 0, as_stream(stream), y, ids, weights, pair_row, k, d, out);
   check_launch("moe_combine");
 }
 
@@ -2285,7 +2359,7 @@ void random_fill(void* out, int dtype, int64_t n, uint64_t key, float center, fl
 
 void count_routed_experts(const int32_t* offsets, int64_t local, unsigned long long* counter, void* stream) {
   if (local <= 0) return;
-  count_routed_kernel<<<1, 256, 0, as_stream(stream)>>>(offsets, local, counter);
+  launch_chained(count_routed_kernel, 1, 256, 0, as_stream(stream), offsets, local, counter);
   check_launch("count_routed_experts");
 }
 

@@ -79,6 +79,16 @@ struct GroupedGemm {
   // non-empty ones, as moe_active_groups writes them). Decode's few rows select few of many experts.
   const int32_t* group_list = nullptr;
   int64_t group_slots = 0;
+  // Optional, grouped_fp8 at most 16 rows a group (grouped_fp8_pairs): a second matrix of the
+  // same inputs ([n2, k], its own scales, per group or one), written to out2; one launch, one
+  // split-sum pass for both. n2 == 0: none.
+  const void* const* weights2 = nullptr;
+  const float* const* scales2 = nullptr;
+  const void* weight2 = nullptr;
+  const float* scale2 = nullptr;
+  int64_t n2 = 0, scale_stride2 = 0;
+  float* out2 = nullptr;
+  int64_t ldo2 = 0;
 };
 void grouped_gemm(const GroupedGemm& g, void* stream);
 // The same product by a kernel for groups of few rows (cuda.kernels=fast, decode batches): every
@@ -102,6 +112,9 @@ void grouped_mma(const GroupedGemm& g, void* stream, int64_t splits = 1, float* 
 // are exactly the CPU block path's. Reads xq/xscale/lds (not x); x_rows, groups, split-K and the
 // output as grouped_mma. Needs K % 128 == 0 and 16-byte aligned rows: grouped_fp8_fits().
 bool grouped_fp8_fits(const GroupedGemm& g);
+// Whether grouped_fp8 takes a second matrix (n2 > 0) for these rows: at most 16 a group.
+bool grouped_fp8_pairs(const GroupedGemm& g);
+// Split count for grouped_fp8; `partial` then holds splits x rows x (n + n2) floats.
 int64_t grouped_fp8_splits(const GroupedGemm& g, int sms);
 void grouped_fp8(const GroupedGemm& g, void* stream, int64_t splits = 1, float* partial = nullptr);
 

@@ -1707,5 +1707,87 @@ TEST(CudaFp8Block, MatchesTheCpuWithTheSameRounding) {
   }
 }
 
+// linear2 (two weights of one input; on the GPU at decode sizes one quantization and one launch
+// whose blocks cover both matrices, split sums included) against the CPU's two linear() calls.
+TEST(CudaFp8Block, Linear2MatchesTwoLinears) {
+  const std::string why = no_cuda_device();
+  if (!why.empty()) GTEST_SKIP() << "no CUDA device: " << why;
+  BackendOptions o;
+  o.fp8_gemm = "block";
+  std::unique_ptr<Ops> cpu = make_ops("cpu", o), gpu = make_ops("cuda", o);
+  struct Case { int64_t t, na, nb, k; };
+  std::mt19937 rng(77);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  // R1's q_a and kv_a (576 rows: a scale block half used), split and unsplit K, a ragged second
+  // matrix, 16 rows, and 20 rows (past the decode kernel: two linears).
+  for (const Case c : {Case{1, 1536, 576, 7168}, Case{3, 256, 144, 512}, Case{16, 512, 512, 384},
+                       Case{2, 144, 2048, 256}, Case{20, 256, 144, 256}}) {
+    SCOPED_TRACE("T " + std::to_string(c.t) + ", N " + std::to_string(c.na) + " + " + std::to_string(c.nb) + ", K " +
+                 std::to_string(c.k));
+    const int64_t sc = (c.k + 127) / 128;
+    auto random_weight = [&](int64_t n, Tensor& w, Tensor& scale) {
+      w = Tensor::host(DType::F8E4M3, {n, c.k});
+      scale = Tensor::host(DType::F32, {(n + 127) / 128, sc});
+      for (int64_t i = 0; i < n * c.k; ++i) {
+        uint8_t b = static_cast<uint8_t>(rng());
+        if ((b & 0x7f) == 0x7f) b = 0x30;  // no NaN codes
+        w.data<uint8_t>()[i] = b;
+      }
+      for (int64_t i = 0; i < scale.numel(); ++i) scale.data<float>()[i] = std::ldexp(1.0f, static_cast<int>(rng() % 7) - 9);
+    };
+    Tensor wa, sa, wb, sb;
+    random_weight(c.na, wa, sa);
+    random_weight(c.nb, wb, sb);
+    std::vector<float> x(static_cast<size_t>(c.t * c.k));
+    for (float& v : x) v = u(rng) * 4.0f;
+    std::vector<float> out[2][2];
+    Ops* both[2] = {cpu.get(), gpu.get()};
+    for (int side = 0; side < 2; ++side) {
+      Ops& ops = *both[side];
+      const LinearWeight la = ops.place_linear(wa, sa, 128, 128), lb = ops.place_linear(wb, sb, 128, 128);
+      Tensor xt = ops.empty(DType::F32, {c.t, c.k}), oa = ops.empty(DType::F32, {c.t, c.na}),
+             ob = ops.empty(DType::F32, {c.t, c.nb});
+      ops.copy_from_host(x.data(), xt);
+      std::vector<float> nan_a(static_cast<size_t>(c.t * c.na), std::numeric_limits<float>::quiet_NaN()),
+          nan_b(static_cast<size_t>(c.t * c.nb), std::numeric_limits<float>::quiet_NaN());
+      ops.copy_from_host(nan_a.data(), oa);
+      ops.copy_from_host(nan_b.data(), ob);
+      if (side == 0) {
+        ops.linear(xt, la, oa);
+        ops.linear(xt, lb, ob);
+      } else {
+        ops.linear2(xt, la, oa, lb, ob);
+      }
+      out[side][0].resize(nan_a.size());
+      out[side][1].resize(nan_b.size());
+      ops.copy_to_host(oa, out[side][0].data());
+      ops.copy_to_host(ob, out[side][1].data());
+    }
+    int64_t bad = 0;
+    for (int m = 0; m < 2; ++m) {
+      const Tensor& w = m == 0 ? wa : wb;
+      const Tensor& scale = m == 0 ? sa : sb;
+      const int64_t n = m == 0 ? c.na : c.nb;
+      for (int64_t t = 0; t < c.t; ++t)
+        for (int64_t j = 0; j < n; ++j) {
+          double mag = 0;
+          for (int64_t i = 0; i < c.k; ++i) {
+            float wv = 0.0f;
+            convert_to_f32(DType::F8E4M3, w.data<uint8_t>() + j * c.k + i, &wv, 1);
+            mag += std::fabs(static_cast<double>(x[static_cast<size_t>(t * c.k + i)]) * wv *
+                             scale.data<float>()[(j / 128) * sc + i / 128]);
+          }
+          const size_t at = static_cast<size_t>(t * n + j);
+          const double err = std::fabs(static_cast<double>(out[1][m][at]) - out[0][m][at]);
+          const double tol = std::ldexp(mag, -9) + static_cast<double>(c.k) * std::ldexp(mag, -24) + 1e-6;
+          if (!(err <= tol) && ++bad <= 3)
+            ADD_FAILURE() << "matrix " << m << " element (" << t << ", " << j << "): gpu " << out[1][m][at] << ", cpu "
+                          << out[0][m][at] << ", tolerance " << tol;
+        }
+    }
+    EXPECT_EQ(bad, 0);
+  }
+}
+
 }  // namespace
 }  // namespace dilu
