@@ -662,6 +662,102 @@ __global__ void moe_select_kernel(const float* logits, const float* bias, int64_
   }
 }
 
+// The same choice by one warp per token (at most 256 experts, at most 32 groups): lane l holds
+// experts l + 32 i in registers; group scores by the lanes of the first n_group, the kept groups
+// by rank (the better score first, the lower index on a tie: the order of the block kernel's
+// picks), then k rounds of a warp argmax. The same picks, weights and sums, in the same order;
+// no block barrier (the block kernel spends most of its time in 2 k of them).
+constexpr int kSelectWarps = 4, kSelectPer = 8;
+__global__ void __launch_bounds__(kSelectWarps * 32)
+    moe_select_warp_kernel(const float* logits, const float* bias, int64_t t_count, int64_t e_count, int64_t k,
+                           int64_t n_group, int64_t topk_group, bool norm, float factor, int32_t* ids, float* weights) {
+  pdl_enter();
+  extern __shared__ float sel_sm[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kSelectWarps + warp;
+  if (t >= t_count) return;
+  float* scores = sel_sm + static_cast<int64_t>(warp) * 2 * e_count;
+  float* choice = scores + e_count;
+  __shared__ float group_score[kSelectWarps][32];
+  float val[kSelectPer];
+#pragma unroll
+  for (int i = 0; i < kSelectPer; ++i) {
+    const int64_t e = lane + 32 * i;
+    val[i] = 0.0f;
+    if (e < e_count) {
+      const float sc = 1.0f / (1.0f + expf(-logits[t * e_count + e]));
+      scores[e] = sc;
+      val[i] = sc + (bias ? bias[e] : 0.0f);
+      choice[e] = val[i];
+    }
+  }
+  __syncwarp();
+  const int64_t per_group = e_count / n_group;
+  if (lane < n_group) {
+    float a = -INFINITY, b = -INFINITY;
+    for (int64_t e = lane * per_group; e < (lane + 1) * per_group; ++e) {
+      const float v = choice[e];
+      if (v > a) {
+        b = a;
+        a = v;
+      } else if (v > b) {
+        b = v;
+      }
+    }
+    group_score[warp][lane] = per_group >= 2 ? a + b : a;
+  }
+  __syncwarp();
+  bool keep_group = false;
+  if (lane < n_group) {
+    const float mine = group_score[warp][lane];
+    int better = 0;
+    for (int g = 0; g < n_group; ++g) {
+      const float o = group_score[warp][g];
+      better += (o > mine || (o == mine && g < lane)) ? 1 : 0;
+    }
+    keep_group = better < topk_group;
+  }
+  const unsigned kept = __ballot_sync(0xffffffffu, keep_group);
+  unsigned taken = 0;  // bit i: expert lane + 32 i chosen
+#pragma unroll
+  for (int i = 0; i < kSelectPer; ++i) {
+    const int64_t e = lane + 32 * i;
+    if (e < e_count && !(kept >> (e / per_group) & 1u)) val[i] = -INFINITY;
+  }
+  float sum = 0.0f;
+  for (int64_t j = 0; j < k; ++j) {
+    float bv = 0.0f;
+    int bi = -1;
+#pragma unroll
+    for (int i = 0; i < kSelectPer; ++i) {
+      const int e = lane + 32 * i;
+      if (e >= e_count || (taken >> i & 1u)) continue;
+      if (better_pick(val[i], e, bv, bi)) {
+        bv = val[i];
+        bi = e;
+      }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+      if (better_pick(ov, oi, bv, bi)) {
+        bv = ov;
+        bi = oi;
+      }
+    }
+    if (bi >= 0 && (bi & 31) == lane) taken |= 1u << (bi >> 5);
+    if (bi >= 0) sum += scores[bi];
+    if (lane == 0) ids[t * k + j] = bi;
+  }
+  __syncwarp();
+  for (int64_t j = lane; j < k; j += 32) {
+    const int bi = ids[t * k + j];
+    float w = bi >= 0 ? scores[bi] : 0.0f;
+    if (norm) w /= (sum + 1e-20f);
+    weights[t * k + j] = w * factor;
+  }
+}
+
 __global__ void moe_count_kernel(const int32_t* ids, int64_t pairs, int64_t first, int64_t local, int32_t* counters) {
   pdl_enter();
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < pairs;
@@ -2302,7 +2398,14 @@ void moe_select(const float* logits, const float* bias, int64_t t, int64_t e, in
                 void* stream) {
   if (t <= 0) return;
   if (n_group > 64) throw std::runtime_error("moe_select: more than 64 expert groups");
-  launch_chained(moe_select_kernel, static_cast<unsigned>(t), 256, static_cast<size_t>(2 * e) * sizeof(float), as_stream(stream), 
+  if (e <= 32 * kSelectPer && n_group <= 32 && n_group > 0 && e % n_group == 0) {
+    launch_chained(moe_select_warp_kernel, static_cast<unsigned>((t + kSelectWarps - 1) / kSelectWarps),
+                   kSelectWarps * 32, static_cast<size_t>(kSelectWarps * 2 * e) * sizeof(float), as_stream(stream),
+                   logits, bias, t, e, k, n_group, topk_group, norm_topk_prob, routed_scaling_factor, ids, weights);
+    check_launch("moe_select");
+    return;
+  }
+  launch_chained(moe_select_kernel, static_cast<unsigned>(t), 256, static_cast<size_t>(2 * e) * sizeof(float), as_stream(stream),
       logits, bias, e, k, n_group, topk_group, norm_topk_prob, routed_scaling_factor, ids, weights);
   check_launch("moe_select");
 }

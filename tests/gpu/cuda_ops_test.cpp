@@ -1363,6 +1363,9 @@ INSTANTIATE_TEST_SUITE_P(
         RouteCase{"ungrouped_no_norm", 24, 144, 12, 3, 1, 1, false, true, 2.5f, DType::BF16},
         RouteCase{"no_bias", 24, 32, 10, 3, 1, 1, true, false, 1.0f, DType::F32},
         RouteCase{"v2lite_like", 16, 2048, 64, 6, 1, 1, true, true, 1.0f, DType::BF16},
+        // Past the one-warp-per-token kernel (256 experts, 32 groups): the block kernel.
+        RouteCase{"wide_512", 12, 64, 512, 8, 8, 4, true, true, 2.5f, DType::F32},
+        RouteCase{"groups_64", 12, 64, 256, 8, 64, 8, true, true, 2.5f, DType::F32},
         RouteCase{"empty_batch", 0, 7168, 256, 8, 8, 4, true, true, 2.5f, DType::BF16}),
     [](const ::testing::TestParamInfo<RouteCase>& param_info) { return param_info.param.name; });
 
