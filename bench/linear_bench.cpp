@@ -6,6 +6,7 @@
 // ceiling of a memory-bound kernel, and the bandwidth of `dilu bench`'s roofline).
 // Usage: dilu_linear_bench [--reps N] [--kernels fast|reference] [--filter SUBSTRING]
 // DILU_FP8_STREAM picks the decode kernel's earlier forms (kernels/cuda/kernels.cu) for comparing.
+// The block linears' case list (tests/gpu/linear_bench_shapes.h) is checked by CudaFp8Block.
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -19,24 +20,13 @@
 
 #include "kernels/error.h"
 #include "kernels/ops.h"
+#include "tests/gpu/linear_bench_shapes.h"
 
 namespace {
 
 using namespace dilu;
 
-constexpr int64_t kHidden = 7168, kMoeInter = 2048, kInter = 18432, kExperts = 256, kTopK = 8;
-
-struct LinearCase {
-  const char* name;
-  int64_t n, k;
-};
-// R1's block linears (one GPU, no tensor parallelism).
-constexpr LinearCase kLinears[] = {
-    {"q_a 1536x7168", 1536, kHidden},         {"kv_a 576x7168", 576, kHidden},
-    {"q_b 24576x1536", 24576, 1536},          {"o_proj 7168x16384", kHidden, 16384},
-    {"dense gate 18432x7168", kInter, kHidden}, {"dense down 7168x18432", kHidden, kInter},
-    {"shared gate 2048x7168", kMoeInter, kHidden}, {"shared down 7168x2048", kHidden, kMoeInter},
-};
+constexpr int64_t kHidden = 7168, kMoeInter = 2048, kExperts = 256, kTopK = 8;
 
 LinearWeight random_fp8(Ops& ops, int64_t n, int64_t k, uint64_t key) {
   const Tensor w = ops.random_fill(DType::F8E4M3, {n, k}, key, 0.0f, 448.0f);
@@ -101,7 +91,7 @@ int main(int argc, char** argv) {
                 ops->device().str().c_str(), kernels.c_str(), variant ? variant : "(default)", bw / 1e9);
     std::printf("%-34s %10s %12s %10s %13s\n", "case", "us", "weight MB", "GB/s", "of copy bw");
     uint64_t key = 0x11e7;
-    for (const LinearCase& c : kLinears) {
+    for (const LinearBenchShape& c : kLinearBenchShapes) {
       if (!wanted(c.name)) continue;
       const LinearWeight w = random_fp8(*ops, c.n, c.k, key += 2);
       for (int64_t rows : {1, 4, 16}) {

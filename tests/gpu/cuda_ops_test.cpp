@@ -43,6 +43,7 @@
 #include "engine/model_config.h"
 #include "kernels/dtype.h"
 #include "kernels/ops.h"
+#include "tests/gpu/linear_bench_shapes.h"
 #include "tests/gpu/mla_bench_shapes.h"
 
 namespace dilu {
@@ -1652,9 +1653,12 @@ TEST(CudaFp8Block, MatchesTheCpuWithTheSameRounding) {
   struct Shape3 { int64_t t, n, k; };
   std::mt19937 rng(2024);
   std::uniform_real_distribution<float> u(-1.0f, 1.0f);
-  for (const Shape3 c : {Shape3{1, 256, 256}, Shape3{3, 256, 256}, Shape3{5, 144, 256}, Shape3{40, 256, 512},
-                         Shape3{2, 256, 128}, Shape3{40, 144, 128}, Shape3{7, 576, 7168}, Shape3{33, 1536, 7168},
-                         Shape3{6, 512, 384}, Shape3{33, 256, 384}, Shape3{64, 512, 256}}) {
+  std::vector<Shape3> cases = {Shape3{1, 256, 256}, Shape3{3, 256, 256}, Shape3{5, 144, 256}, Shape3{40, 256, 512},
+                               Shape3{2, 256, 128}, Shape3{40, 144, 128}, Shape3{7, 576, 7168}, Shape3{33, 1536, 7168},
+                               Shape3{6, 512, 384}, Shape3{33, 256, 384}, Shape3{64, 512, 256}};
+  for (const LinearBenchShape& b : kLinearBenchShapes)  // dilu_linear_bench's cases, at 1 and 4 rows
+    for (int64_t t : {1, 4}) cases.push_back(Shape3{t, b.n, b.k});
+  for (const Shape3 c : cases) {
     SCOPED_TRACE("T " + std::to_string(c.t) + ", N " + std::to_string(c.n) + ", K " + std::to_string(c.k));
     const int64_t sr = (c.n + 127) / 128, sc = (c.k + 127) / 128;
     Tensor w = Tensor::host(DType::F8E4M3, {c.n, c.k}), scale = Tensor::host(DType::F32, {sr, sc});
@@ -1682,16 +1686,19 @@ TEST(CudaFp8Block, MatchesTheCpuWithTheSameRounding) {
       ops.copy_to_host(ot, out[side].data());
     }
     // |x| <= 2^5 groupwise, |w| <= 448 * 2^-3: the magnitude sum per output bounds the error.
+    std::vector<float> wf(static_cast<size_t>(c.n * c.k));
+    convert_to_f32(DType::F8E4M3, w.data<uint8_t>(), wf.data(), wf.size());
     int64_t bad = 0;
     double worst = 0;
     for (int64_t t = 0; t < c.t; ++t)
       for (int64_t j = 0; j < c.n; ++j) {
         double mag = 0;
-        for (int64_t i = 0; i < c.k; ++i) {
-          float wv = 0.0f;
-          convert_to_f32(DType::F8E4M3, w.data<uint8_t>() + j * c.k + i, &wv, 1);
-          mag += std::fabs(static_cast<double>(x[static_cast<size_t>(t * c.k + i)]) * wv *
-                           scale.data<float>()[(j / 128) * sc + i / 128]);
+        const float* wr = wf.data() + j * c.k;
+        const float* xr = x.data() + t * c.k;
+        for (int64_t i0 = 0; i0 < c.k; i0 += 128) {
+          float part = 0.0f;
+          for (int64_t i = i0; i < std::min<int64_t>(i0 + 128, c.k); ++i) part += std::fabs(xr[i] * wr[i]);
+          mag += static_cast<double>(part) * scale.data<float>()[(j / 128) * sc + i0 / 128];
         }
         const size_t at = static_cast<size_t>(t * c.n + j);
         const double err = std::fabs(static_cast<double>(out[1][at]) - out[0][at]);
