@@ -559,6 +559,33 @@ __device__ __forceinline__ bool better_pick(float v, int i, float bv, int bi) {
   return v > bv || (v == bv && i < bi);
 }
 
+// The warp's best (value, index) by better_pick, in every lane.
+__device__ __forceinline__ void warp_best_pick(float& bv, int& bi) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+    if (better_pick(ov, oi, bv, bi)) {
+      bv = ov;
+      bi = oi;
+    }
+  }
+}
+
+// A group's score: the sum of its two best biased scores (the best alone in a group of one).
+__device__ __forceinline__ float group_score_of(const float* choice, int64_t first, int64_t count) {
+  float a = -INFINITY, b = -INFINITY;
+  for (int64_t e = first; e < first + count; ++e) {
+    const float v = choice[e];
+    if (v > a) {
+      b = a;
+      a = v;
+    } else if (v > b) {
+      b = v;
+    }
+  }
+  return count >= 2 ? a + b : a;
+}
+
 __global__ void moe_select_kernel(const float* logits, const float* bias, int64_t e_count, int64_t k, int64_t n_group,
                                   int64_t topk_group, bool norm, float factor, int32_t* ids, float* weights) {
   pdl_enter();
@@ -578,21 +605,7 @@ __global__ void moe_select_kernel(const float* logits, const float* bias, int64_
   }
   __syncthreads();
   const int64_t per_group = e_count / n_group;
-  // Each group's score: the sum of its two best biased scores.
-  if (threadIdx.x < n_group) {
-    const int64_t gi = threadIdx.x;
-    float a = -INFINITY, b = -INFINITY;
-    for (int64_t e = gi * per_group; e < (gi + 1) * per_group; ++e) {
-      const float v = choice[e];
-      if (v > a) {
-        b = a;
-        a = v;
-      } else if (v > b) {
-        b = v;
-      }
-    }
-    group_score[gi] = per_group >= 2 ? a + b : a;
-  }
+  if (threadIdx.x < n_group) group_score[threadIdx.x] = group_score_of(choice, threadIdx.x * per_group, per_group);
   __syncthreads();
   if (threadIdx.x == 0) {  // keep the topk_group best groups
     unsigned long long kept = 0;  // n_group <= 64
@@ -627,14 +640,7 @@ __global__ void moe_select_kernel(const float* logits, const float* bias, int64_
         bi = static_cast<int>(e);
       }
     }
-    for (int o = 16; o > 0; o >>= 1) {
-      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-      if (better_pick(ov, oi, bv, bi)) {
-        bv = ov;
-        bi = oi;
-      }
-    }
+    warp_best_pick(bv, bi);
     if (lane == 0) {
       red_v[warp] = bv;
       red_i[warp] = bi;
@@ -693,19 +699,7 @@ __global__ void __launch_bounds__(kSelectWarps * 32)
   }
   __syncwarp();
   const int64_t per_group = e_count / n_group;
-  if (lane < n_group) {
-    float a = -INFINITY, b = -INFINITY;
-    for (int64_t e = lane * per_group; e < (lane + 1) * per_group; ++e) {
-      const float v = choice[e];
-      if (v > a) {
-        b = a;
-        a = v;
-      } else if (v > b) {
-        b = v;
-      }
-    }
-    group_score[warp][lane] = per_group >= 2 ? a + b : a;
-  }
+  if (lane < n_group) group_score[warp][lane] = group_score_of(choice, lane * per_group, per_group);
   __syncwarp();
   bool keep_group = false;
   if (lane < n_group) {
@@ -737,14 +731,7 @@ __global__ void __launch_bounds__(kSelectWarps * 32)
         bi = e;
       }
     }
-    for (int o = 16; o > 0; o >>= 1) {
-      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-      if (better_pick(ov, oi, bv, bi)) {
-        bv = ov;
-        bi = oi;
-      }
-    }
+    warp_best_pick(bv, bi);
     if (bi >= 0 && (bi & 31) == lane) taken |= 1u << (bi >> 5);
     if (bi >= 0) sum += scores[bi];
     if (lane == 0) ids[t * k + j] = bi;
