@@ -67,6 +67,10 @@ class FieldReader {
 // bounding them keeps every size computed from them (scratch bytes, cache bytes) inside int64_t.
 constexpr int64_t kMaxDim = int64_t{1} << 20;
 constexpr int64_t kMaxTokens = int64_t{1} << 24;  // vocab_size, positions
+// The checkpoint's tensor table (weight_names.cpp) holds a few names per layer and three per routed
+// expert of each MoE layer; these bounds keep it to megabytes (R1: 61 layers, 58 x 256 experts).
+constexpr int64_t kMaxLayers = int64_t{1} << 12;
+constexpr int64_t kMaxExpertTensors = int64_t{1} << 17;  // MoE layers x n_routed_experts
 
 void check_positive(const std::string& origin, const char* key, int64_t v, int64_t max = kMaxDim) {
   DILU_USER_CHECK(v > 0, origin, ": field '", key, "' must be positive, got ", v);
@@ -182,7 +186,7 @@ ModelConfig model_config_from_json(const json& j, const std::string& origin) {
 
   // Validation: every rule names its field.
   for (auto [key, v] : {std::pair{"vocab_size", c.vocab_size}, {"hidden_size", c.hidden_size},
-                        {"intermediate_size", c.intermediate_size}, {"num_hidden_layers", c.num_hidden_layers},
+                        {"intermediate_size", c.intermediate_size},
                         {"num_attention_heads", c.num_attention_heads}, {"kv_lora_rank", c.kv_lora_rank},
                         {"qk_nope_head_dim", c.qk_nope_head_dim}, {"qk_rope_head_dim", c.qk_rope_head_dim},
                         {"v_head_dim", c.v_head_dim}, {"max_position_embeddings", c.max_position_embeddings},
@@ -202,13 +206,17 @@ ModelConfig model_config_from_json(const json& j, const std::string& origin) {
   DILU_USER_CHECK(c.rms_norm_eps > 0, origin, ": field 'rms_norm_eps' must be positive");
   DILU_USER_CHECK(c.rope_theta > 0, origin, ": field 'rope_theta' must be positive");
   DILU_USER_CHECK(c.first_k_dense_replace >= 0, origin, ": field 'first_k_dense_replace' must be >= 0");
-  bool any_moe = false;
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l) any_moe = any_moe || c.is_moe_layer(l);
-  if (any_moe) {
+  check_positive(origin, "num_hidden_layers", c.num_hidden_layers, kMaxLayers);
+  int64_t moe_layers = 0;
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) moe_layers += c.is_moe_layer(l) ? 1 : 0;
+  if (moe_layers > 0) {
+    check_positive(origin, "n_routed_experts", c.n_routed_experts);
+    DILU_USER_CHECK(c.n_routed_experts <= kMaxExpertTensors / moe_layers, origin, ": field 'n_routed_experts' (",
+                    c.n_routed_experts, ") times the ", moe_layers, " MoE layers is ", c.n_routed_experts * moe_layers,
+                    " routed experts; at most ", kMaxExpertTensors, " are supported");
     check_positive(origin, "moe_intermediate_size", c.moe_intermediate_size);
     check_positive(origin, "num_experts_per_tok", c.num_experts_per_tok);
     check_positive(origin, "n_group", c.n_group);
-    check_positive(origin, "n_routed_experts", c.n_routed_experts);
     check_positive(origin, "topk_group", c.topk_group);
     DILU_USER_CHECK(c.n_shared_experts >= 0 && c.n_shared_experts <= kMaxDim, origin,
                     ": field 'n_shared_experts' must be in [0, ", kMaxDim, "], got ", c.n_shared_experts);

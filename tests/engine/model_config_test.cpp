@@ -111,6 +111,10 @@ TEST(ModelConfig, ErrorsNameTheFileAndTheField) {
       {"model_type llama", [](json& j) { j["model_type"] = "llama"; }, "'model_type'"},
       {"hidden_act gelu", [](json& j) { j["hidden_act"] = "gelu"; }, "'hidden_act'"},
       {"norm_topk_prob string", [](json& j) { j["norm_topk_prob"] = "yes"; }, "'norm_topk_prob'"},
+      // A config the fuzzer found: bounded fields whose product made a tensor table of gigabytes.
+      {"too many layers", [](json& j) { j["num_hidden_layers"] = 65536; }, "'num_hidden_layers'"},
+      {"too many experts in all", [](json& j) { j["num_hidden_layers"] = 4096, j["n_routed_experts"] = 4096, j["n_group"] = 1, j["topk_group"] = 1; },
+       "'n_routed_experts'"},
   };
   for (const BadConfig& c : cases) {
     SCOPED_TRACE(c.what);
