@@ -29,36 +29,19 @@ mkdir -p "$reports"
 # exitcode 86: a sanitizer error never looks like one of dilu's own exit codes (0-4, 128+n).
 # Huge pages for the shadow: poisoning a multi-GiB KV cache in 4 KiB pages costs seconds a run.
 # Leak checking stays on; tests/sanitize/lsan.supp names the only suppressed allocations (Open MPI's).
-export ASAN_OPTIONS="detect_leaks=1:no_huge_pages_for_shadow=0:exitcode=86:strict_string_checks=1:detect_stack_use_after_return=1:check_initialization_order=1:log_path=$reports/asan"
+# intercept_tls_get_addr=0: clang 14's runtime (Debian 12) takes a dynamic TLS block that malloc
+# placed 16 bytes past a page boundary for glibc 2.19's header and records the two words before it
+# as the block's range; LeakSanitizer's tracer then crashes scanning that range at exit ("Tracer
+# caught signal 11"; compiler-rt sanitizer_tls_get_addr.cpp). Open MPI's dlopen'ed components have such blocks:
+# the reference run of e2e.fault_disk_full crashed so every time (docs/reliability.md). Without
+# the interception dynamic TLS is not scanned for roots; no leak report came of it.
+export ASAN_OPTIONS="detect_leaks=1:intercept_tls_get_addr=0:no_huge_pages_for_shadow=0:exitcode=86:strict_string_checks=1:detect_stack_use_after_return=1:check_initialization_order=1:log_path=$reports/asan"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:exitcode=86:log_path=$reports/ubsan"
 export LSAN_OPTIONS="suppressions=$root/tests/sanitize/lsan.supp:print_suppressions=0"
 rc=0
 # slurm.* is left out: the jobs/ scripts under a throwaway Slurm run the same `dilu run` as the e2e
 # tests and spend minutes starting Slurm; they run in the normal pass (docs/reliability.md).
 ctest --test-dir "$build" --output-on-failure -j "$(nproc)" --timeout 1200 -LE gpu -E '^slurm\.' "$@" || rc=$?
-# LeakSanitizer's stop-the-world tracer sometimes crashes at a process's exit ("Tracer caught signal
-# 11 ... LeakSanitizer has encountered a fatal error"): a fault of the sanitizer runtime under load
-# (google/sanitizers#1353), not a leak, and the process's exit status changes with it. When every
-# report is exactly that crash, the failed tests run once more, one at a time, with fresh reports;
-# any other report, or a failure again, still fails the stage.
-tracer_crash_only() {
-  local f found=1
-  for f in "$reports"/*; do
-    [ -e "$f" ] || continue
-    grep -qvE "^==[0-9]+==WARNING: (Can't read from symbolizer|Symbolizer)" "$f" || continue
-    grep -qvE "^Tracer caught signal [0-9]+: |^==[0-9]+==LeakSanitizer has encountered a fatal error\.$|^==[0-9]+==HINT: |^==[0-9]+==WARNING: (Can't read from symbolizer|Symbolizer)|^$" "$f" && return 1
-    found=0
-  done
-  return $found
-}
-if [ "$rc" != 0 ] && tracer_crash_only; then
-  echo "test-sanitize: LeakSanitizer's tracer crashed at a process exit (a runtime fault, not a leak); rerunning the failed tests once" >&2
-  for f in "$reports"/*; do echo "  $(basename "$f"): $(head -1 "$f")" >&2; done
-  rm -rf "$reports"
-  mkdir -p "$reports"
-  rc=0
-  ctest --test-dir "$build" --output-on-failure --timeout 1200 --rerun-failed || rc=$?
-fi
 # A process that is killed while LeakSanitizer symbolizes at its exit (a rank torn down by
 # MPI_Abort or mpirun, a run killed by a fault test) leaves a file holding only the warning that
 # the symbolizer went away: noted, not a finding. Any other line is a report and fails the stage.
