@@ -3,7 +3,7 @@
 
 #include <cstring>
 #include <iostream>
-#include <set>
+#include <unordered_set>
 
 #include "engine/kv_cache.h"
 #include "engine/weight_names.h"
@@ -18,8 +18,9 @@ bool is_float(DType t) { return t == DType::F32 || t == DType::BF16 || t == DTyp
 
 std::vector<std::string> check_checkpoint(const ModelConfig& config, const Checkpoint& checkpoint) {
   std::vector<std::string> problems;
-  std::set<std::string> expected;
+  std::unordered_set<std::string> expected;
   for (const WeightSpec& spec : model_weight_specs(config)) {
+    if (problems.size() >= kCheckpointProblemsMax) return problems;
     expected.insert(spec.name);
     if (!checkpoint.contains(spec.name)) {
       problems.push_back("missing tensor '" + spec.name + "' (expected shape " + shape_str(spec.shape) + ")");
@@ -58,6 +59,7 @@ std::vector<std::string> check_checkpoint(const ModelConfig& config, const Check
     }
   }
   for (const std::string& name : checkpoint.names()) {
+    if (problems.size() >= kCheckpointProblemsMax) break;
     if (expected.count(name)) continue;
     if (layer_of(name) >= config.num_hidden_layers) continue;  // MTP layers: skipped on purpose
     problems.push_back("unexpected tensor '" + name + "' (not part of a model with this config.json)");
@@ -122,7 +124,9 @@ DeepseekV3::DeepseekV3(const ModelConfig& config, const Checkpoint& ckpt, Ops& o
   std::vector<std::string> problems = check_checkpoint(config, ckpt);
   if (!problems.empty()) {
     std::string msg = "checkpoint " + ckpt.dir().string() + " does not match its config.json (" +
-                      std::to_string(problems.size()) + " problem(s)):";
+                      std::to_string(problems.size()) +
+                      (problems.size() >= kCheckpointProblemsMax ? " problems; the check stops there" : " problem(s)") +
+                      "):";
     const size_t shown = std::min<size_t>(problems.size(), 50);
     for (size_t i = 0; i < shown; ++i) msg += "\n  " + problems[i];
     if (shown < problems.size()) msg += "\n  ... and " + std::to_string(problems.size() - shown) + " more";

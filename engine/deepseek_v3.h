@@ -136,7 +136,10 @@ class DeepseekV3 {
 };
 
 // Checks names, shapes and dtypes of a checkpoint against the config without loading anything;
-// returns the list of problems (empty when it matches). MTP layers are ignored.
+// returns the list of problems (empty when it matches). MTP layers are ignored. The check stops at
+// kCheckpointProblemsMax problems: a config that disagrees with a checkpoint of R1's size (a wrong
+// expert count) would otherwise list and format hundreds of thousands.
+constexpr size_t kCheckpointProblemsMax = 1000;
 std::vector<std::string> check_checkpoint(const ModelConfig& config, const Checkpoint& checkpoint);
 
 }  // namespace dilu

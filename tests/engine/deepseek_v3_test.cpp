@@ -272,5 +272,15 @@ TEST_F(DeepseekV3Test, CheckCheckpointNamesEveryProblem) {
   test::expect_user_error([&] { DeepseekV3 m(*config_, bad, *ops_); }, {dir.string(), missing, reshaped, unexpected});
 }
 
+TEST_F(DeepseekV3Test, CheckCheckpointStopsAtItsLimit) {
+  ModelConfig many = *config_;
+  many.n_routed_experts = 2048;  // 3 projections of 2032 absent experts a MoE layer, and their scales
+  const std::vector<std::string> problems = check_checkpoint(many, *ckpt_);
+  EXPECT_EQ(problems.size(), kCheckpointProblemsMax);
+  test::expect_user_error([&] { DeepseekV3 m(many, *ckpt_, *ops_); },
+                          {ckpt_->dir().string(), std::to_string(kCheckpointProblemsMax) + " problems; the check stops there",
+                           "... and " + std::to_string(kCheckpointProblemsMax - 50) + " more"});
+}
+
 }  // namespace
 }  // namespace dilu
