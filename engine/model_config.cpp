@@ -71,7 +71,7 @@ constexpr int64_t kMaxTokens = int64_t{1} << 24;  // vocab_size, positions
 // expert of each MoE layer, and start-up builds and checks it: these bounds keep that to megabytes
 // and well under a second (R1: 61 layers, 58 x 256 = 14848 routed experts in all).
 constexpr int64_t kMaxLayers = int64_t{1} << 12;
-constexpr int64_t kMaxExpertTensors = int64_t{1} << 15;  // MoE layers x n_routed_experts
+constexpr int64_t kMaxRoutedExperts = int64_t{1} << 15;  // MoE layers x n_routed_experts
 
 void check_positive(const std::string& origin, const char* key, int64_t v, int64_t max = kMaxDim) {
   DILU_USER_CHECK(v > 0, origin, ": field '", key, "' must be positive, got ", v);
@@ -212,9 +212,9 @@ ModelConfig model_config_from_json(const json& j, const std::string& origin) {
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) moe_layers += c.is_moe_layer(l) ? 1 : 0;
   if (moe_layers > 0) {
     check_positive(origin, "n_routed_experts", c.n_routed_experts);
-    DILU_USER_CHECK(c.n_routed_experts <= kMaxExpertTensors / moe_layers, origin, ": field 'n_routed_experts' (",
+    DILU_USER_CHECK(c.n_routed_experts <= kMaxRoutedExperts / moe_layers, origin, ": field 'n_routed_experts' (",
                     c.n_routed_experts, ") times the ", moe_layers, " MoE layers is ", c.n_routed_experts * moe_layers,
-                    " routed experts; at most ", kMaxExpertTensors, " are supported");
+                    " routed experts; at most ", kMaxRoutedExperts, " are supported");
     check_positive(origin, "moe_intermediate_size", c.moe_intermediate_size);
     check_positive(origin, "num_experts_per_tok", c.num_experts_per_tok);
     check_positive(origin, "n_group", c.n_group);
