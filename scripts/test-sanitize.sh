@@ -32,9 +32,10 @@ mkdir -p "$reports"
 # intercept_tls_get_addr=0: clang 14's runtime (Debian 12) takes a dynamic TLS block that malloc
 # placed 16 bytes past a page boundary for glibc 2.19's header and records the two words before it
 # as the block's range; LeakSanitizer's tracer then crashes scanning that range at exit ("Tracer
-# caught signal 11"; compiler-rt sanitizer_tls_get_addr.cpp). Open MPI's dlopen'ed components have such blocks:
-# the reference run of e2e.fault_disk_full crashed so every time (docs/reliability.md). Without
-# the interception dynamic TLS is not scanned for roots; no leak report came of it.
+# caught signal 11"; compiler-rt's sanitizer_tls_get_addr.cpp). Open MPI's dlopen'ed components
+# have such blocks: the reference run of e2e.fault_disk_full crashed so every time
+# (docs/reliability.md). Without the interception dynamic TLS is not scanned for roots; no leak
+# report came of it.
 export ASAN_OPTIONS="detect_leaks=1:intercept_tls_get_addr=0:no_huge_pages_for_shadow=0:exitcode=86:strict_string_checks=1:detect_stack_use_after_return=1:check_initialization_order=1:log_path=$reports/asan"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:exitcode=86:log_path=$reports/ubsan"
 export LSAN_OPTIONS="suppressions=$root/tests/sanitize/lsan.supp:print_suppressions=0"
