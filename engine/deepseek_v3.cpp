@@ -439,21 +439,32 @@ void DeepseekV3::attention(int64_t layer, const Tensor& x, const StepInput& step
   // [normalized latent (C) | rotated key (R)]. The two down-projections of x share one linear2.
   Tensor q = ops_.empty(act, {t_count, h * qk});
   Tensor entry = ops_.empty(act, {t_count, c.kv_lora_rank + c.qk_rope_head_dim});
+  Tensor q_lat;
   if (w.q_a_proj) {
-    Tensor q_lat = ops_.empty(act, {t_count, *c.q_lora_rank});
+    q_lat = ops_.empty(act, {t_count, *c.q_lora_rank});
     ops_.linear2(x, *w.q_a_proj, q_lat, w.kv_a_proj_with_mqa, entry);
-    ops_.rms_norm(q_lat, w.q_a_layernorm, eps, q_lat);
-    ops_.linear(q_lat, w.q_b_proj, q);
   } else {
     ops_.linear2(x, w.q_b_proj, q, w.kv_a_proj_with_mqa, entry);
   }
-  Tensor q3 = q.view({t_count, h, qk});
-  ops_.rope(q3, c.qk_nope_head_dim, step.layout.token_pos, rope_.inv_freq, rope_.attention_factor);
-
+  // The cache entry's chain of small kernels on the side, alongside the queries' q_b stream.
+  // One token only: measured on an H100 (docs/perf/r1-geometry-h100-side.md), a step of one token
+  // gained 3% with both side sections (this and the shared expert's), steps of 2 and 4 tokens
+  // lost 2-3%, and 8-256 moved within noise.
+  const bool side = t_count == 1;
+  if (side) ops_.begin_side();
   ops_.rms_norm(entry, w.kv_a_layernorm, eps, entry);
   Tensor entry3 = entry.view({t_count, 1, c.kv_lora_rank + c.qk_rope_head_dim});
   ops_.rope(entry3, c.kv_lora_rank, step.layout.token_pos, rope_.inv_freq, rope_.attention_factor);
   ops_.cache_write(cache.layer(layer), entry, step.layout);
+  if (side) ops_.end_side();
+
+  if (w.q_a_proj) {
+    ops_.rms_norm(q_lat, w.q_a_layernorm, eps, q_lat);
+    ops_.linear(q_lat, w.q_b_proj, q);
+  }
+  Tensor q3 = q.view({t_count, h, qk});
+  ops_.rope(q3, c.qk_nope_head_dim, step.layout.token_pos, rope_.inv_freq, rope_.attention_factor);
+  if (side) ops_.join_side();
 
   MlaParams p;
   p.num_heads = h;
@@ -491,11 +502,20 @@ void DeepseekV3::mlp(const LayerWeights& lw, const Tensor& x, Tensor& out) {
   rp.routed_scaling_factor = static_cast<float>(c.routed_scaling_factor);
   Tensor ids = ops_.empty(DType::I32, {t_count, rp.top_k});
   Tensor weights = ops_.empty(DType::F32, {t_count, rp.top_k});
+  // The shared expert on the side: its weight stream overlaps the routing's chain of small
+  // kernels (router, selection, grouping), which leaves the GPU's bandwidth mostly idle.
+  Tensor shared;
+  const bool side = t_count == 1;  // as in attention()
+  if (lw.shared_expert) {
+    shared = ops_.empty(act, {t_count, c.hidden_size});
+    if (side) ops_.begin_side();
+    swiglu(*lw.shared_expert, shared);
+    if (side) ops_.end_side();
+  }
   ops_.moe_route(x, lw.router, lw.router_bias, rp, ids, weights);
   ops_.moe_experts(x, lw.experts, ids, weights, out, first_expert_);
   if (lw.shared_expert) {
-    Tensor shared = ops_.empty(act, {t_count, c.hidden_size});
-    swiglu(*lw.shared_expert, shared);
+    if (side) ops_.join_side();
     ops_.add(out, shared);
   }
 }

@@ -177,6 +177,15 @@ class Ops {
   // Greedy choice per row of logits [N, V]: index of the first maximum.
   virtual std::vector<int32_t> argmax(const Tensor& logits) = 0;
   // ---- step graphs (CUDA graphs; other backends have none) ----
+  // Work that may run alongside other work (a second CUDA stream): the ops called between
+  // begin_side() and end_side() follow everything called before begin_side(), may overlap the
+  // ops called after end_side(), and precede every op called after join_side(). Each begin_side()
+  // is followed by one end_side() and then one join_side() before the next. Backends without
+  // streams run the ops in order (the default: nothing to do).
+  virtual void begin_side() {}
+  virtual void end_side() {}
+  virtual void join_side() {}
+
   // A decode step's work recorded once and replayed: the same kernels on the same scratch with
   // no per-launch host work. What a captured step reads from the host (token ids, the attention
   // layout, the logits rows) is staged first, into buffers whose addresses stay fixed.

@@ -83,9 +83,28 @@ class Arena {
                              " in use, " + mib(bytes) + " more requested; lower batch.max_tokens");
   }
 
+  // While held (Ops::begin_side() to join_side()), released blocks stay reserved: a kernel still
+  // queued on one stream may use a block that a later allocation would hand to the other.
+  void hold() {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++holds_;
+  }
+  void unhold() {
+    std::vector<const void*> pending;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (holds_ > 0 && --holds_ == 0) pending.swap(pending_);
+    }
+    for (const void* p : pending) release(p);
+  }
+
   void release(const void* p) {
     const size_t at = static_cast<size_t>(static_cast<const uint8_t*>(p) - static_cast<uint8_t*>(base_));
     std::lock_guard<std::mutex> lock(mu_);
+    if (holds_ > 0) {
+      pending_.push_back(p);
+      return;
+    }
     auto u = used_.find(at);
     if (u == used_.end()) return;
     size_t begin = at, len = u->second;
@@ -117,6 +136,8 @@ class Arena {
   std::map<size_t, size_t> free_;  // offset -> bytes
   std::map<size_t, size_t> used_;
   size_t in_use_ = 0, peak_ = 0;
+  int holds_ = 0;
+  std::vector<const void*> pending_;
 };
 
 int table_type(DType t) {
@@ -155,8 +176,16 @@ class CudaOps final : public Ops {
     DILU_CU(cudaGetDevice(&device_));
     DILU_CU(cudaGetDeviceProperties(&props_, device_));
     DILU_CU(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    main_stream_ = stream_;
+    DILU_CU(cudaStreamCreateWithFlags(&side_stream_, cudaStreamNonBlocking));
+    DILU_CU(cudaEventCreateWithFlags(&fork_event_, cudaEventDisableTiming));
+    DILU_CU(cudaEventCreateWithFlags(&join_event_, cudaEventDisableTiming));
+    DILU_CU(cudaEventCreateWithFlags(&upload_event_, cudaEventDisableTiming));
     DILU_LT(cublasLtCreate(&lt_));
     DILU_CU(cudaMalloc(&lt_workspace_, kLtWorkspace));
+    DILU_CU(cudaMalloc(&lt_workspace_side_, kLtWorkspace));
+    const char* side_env = std::getenv("DILU_SIDE_STREAM");
+    side_enabled_ = !(side_env && std::string(side_env) == "0");
     DILU_CU(cudaHostAlloc(&staging_, staging_bytes_, cudaHostAllocDefault));
     arena_ = std::make_shared<Arena>(o.arena_bytes > 0 ? static_cast<size_t>(o.arena_bytes) : kDefaultArena);
     routed_counter_ = allocate_persistent(DType::U8, {8});
@@ -186,12 +215,65 @@ class CudaOps final : public Ops {
   }
 
   ~CudaOps() override {
+    reset_side();
+    cudaStreamSynchronize(side_stream_);
     cudaStreamSynchronize(stream_);
     arena_.reset();
     cudaFreeHost(staging_);
     cudaFree(lt_workspace_);
+    cudaFree(lt_workspace_side_);
     cublasLtDestroy(lt_);
+    for (cudaEvent_t e : {fork_event_, join_event_, upload_event_}) cudaEventDestroy(e);
+    cudaStreamDestroy(side_stream_);
     cudaStreamDestroy(stream_);
+  }
+
+  // The side stream (Ops::begin_side): its ops launch on side_stream_ with their own cuBLASLt
+  // workspace; the arenas keep released scratch until join_side(). DILU_SIDE_STREAM=0 runs them
+  // in order on the one stream (for measuring).
+  void begin_side() override {
+    DILU_CHECK(side_state_ == 0, "begin_side() before the last side work was joined");
+    side_state_ = 1;
+    if (!side_enabled_) return;
+    for (Arena* a : {arena_.get(), graph_arena_.get()})
+      if (a) a->hold();
+    DILU_CU(cudaEventRecord(fork_event_, main_stream_));
+    DILU_CU(cudaStreamWaitEvent(side_stream_, fork_event_, 0));
+    stream_ = side_stream_;
+    std::swap(lt_workspace_, lt_workspace_side_);
+  }
+  void end_side() override {
+    DILU_CHECK(side_state_ == 1, "end_side() without begin_side()");
+    side_state_ = 2;
+    if (!side_enabled_) return;
+    DILU_CU(cudaEventRecord(join_event_, side_stream_));
+    stream_ = main_stream_;
+    std::swap(lt_workspace_, lt_workspace_side_);
+    if (side_uploaded_) {  // the main stream's readers of what the side work uploaded
+      DILU_CU(cudaStreamWaitEvent(main_stream_, upload_event_, 0));
+      side_uploaded_ = false;
+    }
+  }
+  void join_side() override {
+    DILU_CHECK(side_state_ == 2, "join_side() without end_side()");
+    side_state_ = 0;
+    if (!side_enabled_) return;
+    DILU_CU(cudaStreamWaitEvent(main_stream_, join_event_, 0));
+    for (Arena* a : {arena_.get(), graph_arena_.get()})
+      if (a) a->unhold();
+  }
+  // After an exception inside side work (a failed capture): back to the main stream.
+  void reset_side() {
+    if (side_state_ == 0) return;
+    if (side_enabled_) {
+      if (side_state_ == 1) std::swap(lt_workspace_, lt_workspace_side_);
+      stream_ = main_stream_;
+      if (!capturing_) cudaStreamSynchronize(side_stream_);
+      for (Arena* a : {arena_.get(), graph_arena_.get()})
+        if (a) a->unhold();
+    }
+    side_state_ = 0;
+    side_uploaded_ = false;
   }
 
   Device device() const override { return Device{DeviceKind::CUDA, device_}; }
@@ -402,6 +484,7 @@ class CudaOps final : public Ops {
 
   std::shared_ptr<void> end_capture() override {
     DILU_CHECK(capturing_, "end_capture() outside a capture");
+    DILU_CHECK(side_state_ == 0, "end_capture() with side work not joined");
     capturing_ = false;
     cudaGraph_t graph = nullptr;
     cudaError_t rc = cudaStreamEndCapture(stream_, &graph);
@@ -417,6 +500,7 @@ class CudaOps final : public Ops {
 
   void abort_capture() override {
     if (!capturing_) return;
+    reset_side();
     capturing_ = false;
     cudaGraph_t graph = nullptr;
     cudaStreamEndCapture(stream_, &graph);
@@ -1197,6 +1281,10 @@ class CudaOps final : public Ops {
       c.valid = true;
       if (bytes > 0)
         DILU_CU(cudaMemcpyAsync(c.buffer.raw(), c.host.data(), bytes, cudaMemcpyHostToDevice, stream_));
+      if (bytes > 0 && stream_ == side_stream_) {  // later readers on the main stream wait for it
+        DILU_CU(cudaEventRecord(upload_event_, side_stream_));
+        side_uploaded_ = true;
+      }
     }
     return Tensor(c.buffer.raw(), dtype, {static_cast<int64_t>(bytes / dtype_size(dtype))}, device(),
                   std::make_shared<Tensor>(c.buffer));
@@ -1324,9 +1412,14 @@ class CudaOps final : public Ops {
 
   int device_ = 0;
   cudaDeviceProp props_{};
-  cudaStream_t stream_ = nullptr;
+  cudaStream_t stream_ = nullptr;  // where ops launch: main_stream_, or side_stream_ in side work
+  cudaStream_t main_stream_ = nullptr, side_stream_ = nullptr;
+  cudaEvent_t fork_event_ = nullptr, join_event_ = nullptr, upload_event_ = nullptr;
+  int side_state_ = 0;  // 0 none, 1 inside begin_side/end_side, 2 waiting for join_side
+  bool side_enabled_ = true, side_uploaded_ = false;
   cublasLtHandle_t lt_ = nullptr;
   void* lt_workspace_ = nullptr;
+  void* lt_workspace_side_ = nullptr;
   void* staging_ = nullptr;
   size_t staging_bytes_ = size_t{16} << 20;
   std::shared_ptr<Arena> arena_;

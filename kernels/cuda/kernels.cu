@@ -698,7 +698,8 @@ __global__ void __launch_bounds__(kSelectWarps * 32)
     }
   }
   __syncwarp();
-  const int64_t per_group = e_count / n_group;
+  // 32-bit: at most 256 experts here, and a 64-bit division is a long subroutine on the GPU.
+  const int per_group = static_cast<int>(e_count) / static_cast<int>(n_group);
   if (lane < n_group) group_score[warp][lane] = group_score_of(choice, lane * per_group, per_group);
   __syncwarp();
   bool keep_group = false;
@@ -715,7 +716,7 @@ __global__ void __launch_bounds__(kSelectWarps * 32)
   unsigned taken = 0;  // bit i: expert lane + 32 i chosen
 #pragma unroll
   for (int i = 0; i < kSelectPer; ++i) {
-    const int64_t e = lane + 32 * i;
+    const int e = lane + 32 * i;
     if (e < e_count && !(kept >> (e / per_group) & 1u)) val[i] = -INFINITY;
   }
   float sum = 0.0f;

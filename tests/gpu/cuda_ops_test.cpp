@@ -812,6 +812,52 @@ TEST_F(CudaOps, AddIsExact) {
   }
 }
 
+// Side work (Ops::begin_side .. join_side, a second stream on the GPU): the same results, bit for
+// bit, as the same ops in order, with the side and the main ops each allocating and releasing
+// scratch (the arena must not hand a block in use on one stream to the other) and each running
+// linears (decode-size GEMVs and, at 40 rows, cuBLASLt with its own workspace); repeated, since
+// a begin_side must follow the last join_side.
+TEST_F(CudaOps, SideWorkMatchesTheSameOpsInOrder) {
+  const int64_t d = 1024, f = 512;
+  const HostLinear w1 = random_linear(rng_, DType::F8E4M3, f, d, 128, 128);
+  const HostLinear w2 = random_linear(rng_, DType::F8E4M3, d, f, 128, 128);
+  const HostLinear w3 = random_linear(rng_, DType::F8E4M3, f, d, 128, 128);
+  for (int64_t t : {int64_t{1}, int64_t{40}}) {
+    const std::vector<float> xv = uniform(rng_, static_cast<size_t>(t * d), -1.0f, 1.0f);
+    for (Gpu& g : gpus_) {
+      SCOPED_TRACE("T " + std::to_string(t) + ", fp8_gemm=" + g.mode + ", kernels=" + g.kernels);
+      Ops& ops = *g.ops;
+      const LinearWeight l1 = place(ops, w1), l2 = place(ops, w2), l3 = place(ops, w3);
+      Tensor x = upload(ops, {t, d}, xv);
+      auto run = [&](bool side) {
+        Tensor a = ops.empty(DType::F32, {t, d}), m = ops.empty(DType::F32, {t, f});
+        for (int rep = 0; rep < 3; ++rep) {
+          if (side) ops.begin_side();
+          {
+            Tensor h = ops.empty(DType::F32, {t, f});
+            ops.linear(x, l1, h);
+            ops.silu_mul(h, h, h);
+            ops.linear(h, l2, a);
+          }
+          if (side) ops.end_side();
+          {
+            Tensor h = ops.empty(DType::F32, {t, f}), u = ops.empty(DType::F32, {t, f});
+            ops.linear2(x, l3, h, l1, u);
+            ops.add(h, u);
+            ops.copy(h, m);
+          }
+          if (side) ops.join_side();
+          ops.add(a, x);
+        }
+        return std::make_pair(download<float>(ops, a), download<float>(ops, m));
+      };
+      const auto plain = run(false), side = run(true);
+      expect_same_bits(side.first, plain.first, "side work's output");
+      expect_same_bits(side.second, plain.second, "main work's output");
+    }
+  }
+}
+
 TEST_F(CudaOps, SiluMulWithinFewUlpInAndOutOfPlace) {
   for (const Shape& shape : {Shape{1, 2048}, Shape{3, 2048}, Shape{4, 18432}, Shape{3, 129}, Shape{1, 1},
                              Shape{0, 2048}}) {
