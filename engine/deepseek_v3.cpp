@@ -428,6 +428,14 @@ Tensor DeepseekV3::head(const Tensor& x, const StepInput& step) {
   return logits;
 }
 
+// Whether a step's independent chains run as side work (Ops::begin_side): for one token only.
+// Measured on an H100 (docs/perf/r1-geometry-h100-side.md): a step of one token gained 3% with
+// both side sections (the cache entry's and the shared expert's), steps of 2 and 4 tokens lost
+// 2-3%, and 8-256 tokens moved within noise.
+namespace {
+bool side_work(int64_t tokens) { return tokens == 1; }
+}  // namespace
+
 void DeepseekV3::attention(int64_t layer, const Tensor& x, const StepInput& step, KvCache& cache, Tensor& out) {
   const ModelConfig& c = config_;
   const AttentionWeights& w = layers_[static_cast<size_t>(layer)].attn;
@@ -447,10 +455,7 @@ void DeepseekV3::attention(int64_t layer, const Tensor& x, const StepInput& step
     ops_.linear2(x, w.q_b_proj, q, w.kv_a_proj_with_mqa, entry);
   }
   // The cache entry's chain of small kernels on the side, alongside the queries' q_b stream.
-  // One token only: measured on an H100 (docs/perf/r1-geometry-h100-side.md), a step of one token
-  // gained 3% with both side sections (this and the shared expert's), steps of 2 and 4 tokens
-  // lost 2-3%, and 8-256 moved within noise.
-  const bool side = t_count == 1;
+  const bool side = side_work(t_count);
   if (side) ops_.begin_side();
   ops_.rms_norm(entry, w.kv_a_layernorm, eps, entry);
   Tensor entry3 = entry.view({t_count, 1, c.kv_lora_rank + c.qk_rope_head_dim});
@@ -505,7 +510,7 @@ void DeepseekV3::mlp(const LayerWeights& lw, const Tensor& x, Tensor& out) {
   // The shared expert on the side: its weight stream overlaps the routing's chain of small
   // kernels (router, selection, grouping), which leaves the GPU's bandwidth mostly idle.
   Tensor shared;
-  const bool side = t_count == 1;  // as in attention()
+  const bool side = side_work(t_count);
   if (lw.shared_expert) {
     shared = ops_.empty(act, {t_count, c.hidden_size});
     if (side) ops_.begin_side();

@@ -176,7 +176,6 @@ class Ops {
   virtual void concat_columns(const Tensor& parts, Tensor& out) = 0;
   // Greedy choice per row of logits [N, V]: index of the first maximum.
   virtual std::vector<int32_t> argmax(const Tensor& logits) = 0;
-  // ---- step graphs (CUDA graphs; other backends have none) ----
   // Work that may run alongside other work (a second CUDA stream): the ops called between
   // begin_side() and end_side() follow everything called before begin_side(), may overlap the
   // ops called after end_side(), and precede every op called after join_side(). Each begin_side()
@@ -186,6 +185,7 @@ class Ops {
   virtual void end_side() {}
   virtual void join_side() {}
 
+  // ---- step graphs (CUDA graphs; other backends have none) ----
   // A decode step's work recorded once and replayed: the same kernels on the same scratch with
   // no per-launch host work. What a captured step reads from the host (token ids, the attention
   // layout, the logits rows) is staged first, into buffers whose addresses stay fixed.
