@@ -265,6 +265,9 @@ struct BackendOptions {
   int64_t arena_bytes = 0;        // GPU activation arena; 0: a default (256 MiB)
   std::string kernels = "fast";  // fast | reference: the CUDA backend's kernel set (cuda.kernels)
   bool graphs = true;             // decode steps as CUDA graphs (cuda.graphs)
+  // The fast MLA core: auto (wgmma where it fills the GPU, else mma) | mma | wgmma (where it
+  // runs at all). For tests and benches, not a run key; DILU_MLA_CORE overrides it.
+  std::string mla_core = "auto";
 };
 
 // "cpu" always; "cuda" when built with it. Throws UserError for an unknown or unavailable name.

@@ -194,6 +194,10 @@ class CudaOps final : public Ops {
     fast_ = o.kernels == "fast";
     graphs_ = o.graphs;
     mla_fused_ = fast_;
+    const char* core_env = std::getenv("DILU_MLA_CORE");
+    mla_core_ = core_env && *core_env ? core_env : o.mla_core;
+    DILU_USER_CHECK(mla_core_ == "auto" || mla_core_ == "mma" || mla_core_ == "wgmma",
+                    "the MLA core must be auto, mma or wgmma, got '", mla_core_, "'");
     if (mla_fused_) {
       mla_split_bytes_ = size_t{16} << 20;
       mla_split_scratch_ = allocate_persistent(DType::U8, {static_cast<int64_t>(mla_split_bytes_)});
@@ -799,8 +803,14 @@ class CudaOps final : public Ops {
     const bool q_done = lt_sgemm_batched(false, c, t, nope, a.kv_b, c, (nope + v) * c, a.q, h * (nope + r), nope + r,
                                          a.q_lat, h * c, c, h);
     if (!q_done) cuda::mla_absorb_q(a, stream_);
-    const int64_t groups = (h + cuda::kMlaFusedHeads - 1) / cuda::kMlaFusedHeads;
-    const int64_t target = 2 * static_cast<int64_t>(props_.multiProcessorCount);
+    // The wgmma core (64 heads a block, one block an SM) where its blocks fill the GPU without
+    // splitting the context, or where asked for; the mma core (16 heads a block, two an SM) else.
+    const int64_t sms = props_.multiProcessorCount;
+    const bool wgmma = mla_core_ != "mma" && cuda::mla_core_wgmma_fits(a) &&
+                       (mla_core_ == "wgmma" || t * (h / cuda::kMlaWgmmaHeads) >= sms);
+    const int64_t group_heads = wgmma ? cuda::kMlaWgmmaHeads : cuda::kMlaFusedHeads;
+    const int64_t groups = (h + group_heads - 1) / group_heads;
+    const int64_t target = (wgmma ? 1 : 2) * sms;
     int64_t splits = 1;
     if (t * groups < target) {
       splits = std::min<int64_t>((target + t * groups - 1) / (t * groups), cuda::kMlaMaxSplits);
@@ -814,7 +824,8 @@ class CudaOps final : public Ops {
       part_o = static_cast<float*>(mla_split_scratch_.raw());
       part_ml = part_o + splits * t * h * c;
     }
-    if (cuda::mla_core_mma_fits(a)) cuda::mla_core_mma(a, splits, part_o, part_ml, stream_);
+    if (wgmma) cuda::mla_core_wgmma(a, splits, part_o, part_ml, stream_);
+    else if (cuda::mla_core_mma_fits(a)) cuda::mla_core_mma(a, splits, part_o, part_ml, stream_);
     else cuda::mla_core_fused(a, splits, part_o, part_ml, stream_);
     //   out[t, h*v + i] = o_lat[t, h, :] . W_UV[h][i, :]: column-major v x T = (C x v)^T (C x T)
     const bool v_done = lt_sgemm_batched(true, v, t, c, a.kv_b + nope * c, c, (nope + v) * c, a.o_lat, h * c, c,
@@ -1434,6 +1445,7 @@ class CudaOps final : public Ops {
       sgemm_algos_, sgemm_buckets_;  // per exact shape; per bucket of n (lt_bucket)
   bool fast_ = false;       // cuda.kernels=fast
   bool mla_fused_ = false;  // the fused MLA kernels (fast)
+  std::string mla_core_ = "auto";  // BackendOptions::mla_core
   bool graphs_ = false;     // cuda.graphs
   bool capturing_ = false;  // between begin_capture() and end_capture()
   std::shared_ptr<Arena> graph_arena_;  // captured steps' scratch (enable_graphs)

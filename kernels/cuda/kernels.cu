@@ -2381,6 +2381,331 @@ void mla_core_mma(const MlaArgs& a, int64_t splits, float* part_o, float* part_m
   mla_combine(a, splits, part_o, part_ml, stream);
 }
 
+// ---------------------------------------------------------------- MLA, core on Hopper wgmma
+// cuda.kernels=fast at large batch on sm_90a (R1's C = 512, R = 64, heads a multiple of 64).
+// Block (token t, 64 heads, split s), two warpgroups, one block per SM (225 KB of shared memory, 16-byte aligned as wgmma asks).
+// Every operand sits in shared memory in the no-swizzle core-matrix layout (8 rows x 16 bytes,
+// 128 contiguous bytes), which serves a cached row both as a K-major row of the scores' B and as
+// an N-major row of the output's B:
+//   queries: hi + lo BF16 (16 significant bits, as the mma.sync core), 64 heads x 576, loaded
+//     once; element (head, k) at (head / 8) * 9216 + (k / 8) * 128 + (head % 8) * 16 + (k % 8) * 2;
+//   cache tiles: 32 positions x 576, double-buffered through cp.async, same layout;
+//   probabilities: hi + lo BF16, 64 heads x 32 positions.
+// Per tile, warpgroup g computes the scores of positions 16g..16g+15 for all 64 heads (72 wgmma
+// m64n16k16, queries hi and lo), the two exchange their row maxima through shared memory, each
+// writes its probabilities, and then each accumulates its 256 latent columns of the output for
+// all 64 heads (m64n128k16, two halves, probabilities hi and lo) in 128 registers a thread.
+constexpr int kWgHeads = kMlaWgmmaHeads, kWgTile = 32, kWgThreads = 256, kWgC = 512, kWgR = 64, kWgWidth = kWgC + kWgR;
+constexpr int kWgChunks = kWgWidth / 8;                                      // 16-byte pieces of a row
+constexpr uint32_t kWgGroupBytes = kWgChunks * 128;                          // 8 rows of core matrices
+constexpr uint32_t kWgQBytes = kWgHeads / 8 * kWgGroupBytes;                 // 73728
+constexpr uint32_t kWgTileBytes = kWgTile / 8 * kWgGroupBytes;               // 36864
+constexpr uint32_t kWgPBytes = kWgHeads * kWgTile * 2;                       // 4096
+constexpr size_t kWgSmem = 2 * kWgQBytes + 2 * kWgTileBytes + 2 * kWgPBytes + 4 * kWgHeads * sizeof(float);
+
+// A shared-memory matrix descriptor without swizzling: start address, leading-dimension byte
+// offset (K-major: to the next 8 K columns; N-major: to the next 8 K rows), stride-dimension byte
+// offset (K-major: to the next 8 M/N rows; N-major: to the next 8 N columns).
+__device__ __forceinline__ uint64_t wgmma_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  return static_cast<uint64_t>((addr & 0x3FFFFu) >> 4) | (static_cast<uint64_t>(lbo >> 4) << 16) |
+         (static_cast<uint64_t>(sbo >> 4) << 32);
+}
+__device__ __forceinline__ void wgmma_fence() {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_commit() {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_wait_all() {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#endif
+}
+// Generic-proxy writes to shared memory (stores, cp.async) made visible to wgmma's reads.
+__device__ __forceinline__ void fence_proxy_async_smem() {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+// After a wait: the accumulators' values come from here on (the compiler must not read them earlier).
+template <int N>
+__device__ __forceinline__ void wgmma_settle(float (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// D (64 x 16, F32, += unless !accumulate) = A (64 x 16) . B (16 x 16), both K-major in shared
+// memory: the scores of the wgmma MLA core.
+__device__ __forceinline__ void wgmma_m64n16k16_tn(float (&d)[8], uint64_t da, uint64_t db, int accumulate) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7}, %8, %9, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+      : "l"(da), "l"(db), "r"(accumulate));
+#endif
+}
+// D (64 x 128, F32, += unless !accumulate) = A (64 x 16, K-major) . B (16 x 128, N-major), both from
+// shared memory: the P . V product of the wgmma MLA core.
+__device__ __forceinline__ void wgmma_m64n128k16_nt(float (&d)[64], uint64_t da, uint64_t db, int accumulate) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, p, 1, 1, 0, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(da), "l"(db), "r"(accumulate));
+#endif
+}
+
+__global__ void __launch_bounds__(kWgThreads, 1)
+    mla_core_wgmma_kernel(MlaArgs a, int64_t splits, float* part_o, float* part_ml) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  const int groups = static_cast<int>(a.h / kWgHeads);
+  const int t = static_cast<int>(blockIdx.x) / groups, group = static_cast<int>(blockIdx.x) % groups;
+  const int split = static_cast<int>(blockIdx.y);
+  const int tid = static_cast<int>(threadIdx.x), wg = tid >> 7, wq = (tid >> 5) & 3, lane = tid & 31;
+  const int gid = lane >> 2, quad = lane & 3;
+  constexpr uint32_t kWgPGroupBytes = kWgTile / 8 * 128;  // 8 heads of probabilities
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* q_hi_p = smem_raw;
+  unsigned char* q_lo_p = q_hi_p + kWgQBytes;
+  unsigned char* tiles_p = q_lo_p + kWgQBytes;
+  unsigned char* p_hi_p = tiles_p + 2 * kWgTileBytes;
+  unsigned char* p_lo_p = p_hi_p + kWgPBytes;
+  float* smax = reinterpret_cast<float*>(p_lo_p + kWgPBytes);  // [2][64]: each warpgroup's row maxima
+  float* ssum = smax + 2 * kWgHeads;                            // [2][64]: and its row sums at the end
+  const int64_t head0 = static_cast<int64_t>(group) * kWgHeads;
+
+  {  // The queries as hi + lo BF16 in core-matrix layout: 8 columns of a head a thread and step.
+    const float* qlat = a.q_lat + (static_cast<int64_t>(t) * a.h + head0) * kWgC;
+    const int qstride = static_cast<int>(a.nope + a.r);
+    const float* qrope = a.q + (static_cast<int64_t>(t) * a.h + head0) * qstride + a.nope;
+    for (int i = tid; i < kWgHeads * kWgChunks; i += kWgThreads) {
+      const int hd = i / kWgChunks, kc = i % kWgChunks;
+      const float* src = kc < kWgC / 8 ? qlat + hd * kWgC + 8 * kc : qrope + hd * qstride + 8 * (kc - kWgC / 8);
+      const float4 x0 = *reinterpret_cast<const float4*>(src), x1 = *reinterpret_cast<const float4*>(src + 4);
+      uint4 hi, lo;
+      split_bf16x2(x0.x, x0.y, hi.x, lo.x);
+      split_bf16x2(x0.z, x0.w, hi.y, lo.y);
+      split_bf16x2(x1.x, x1.y, hi.z, lo.z);
+      split_bf16x2(x1.z, x1.w, hi.w, lo.w);
+      const uint32_t off = static_cast<uint32_t>(hd >> 3) * kWgGroupBytes + static_cast<uint32_t>(kc) * 128 +
+                           static_cast<uint32_t>(hd & 7) * 16;
+      *reinterpret_cast<uint4*>(q_hi_p + off) = hi;
+      *reinterpret_cast<uint4*>(q_lo_p + off) = lo;
+    }
+  }
+
+  const int ctx = a.token_pos[t] + 1;  // positions fit 32 bits (token_pos is int32)
+  const int chunk = static_cast<int>(mla_split_chunk(ctx, splits));
+  const int begin = split * chunk, end = ctx < begin + chunk ? ctx : begin + chunk;
+  const int32_t* table = a.tables + static_cast<int64_t>(a.token_seq[t]) * a.table_stride;
+  const int bs = static_cast<int>(a.block_size);
+  const uint32_t tiles_s = smem_u32(tiles_p);
+  // Tile loader: thread i copies row (i % 8) of each 8-position group, pieces i / 8 + 32j.
+  const int lrow = tid & 7, lpiece = tid >> 3;
+  auto load_tile = [&](int buf, int j0) {
+#pragma unroll
+    for (int g = 0; g < kWgTile / 8; ++g) {
+      const int j = j0 + 8 * g + lrow;
+      const bool valid = j < end;
+      const uint16_t* src = a.cache;
+      if (valid) src += (static_cast<int64_t>(table[j / bs]) * bs + j % bs) * kWgWidth;
+      const uint32_t dst = tiles_s + static_cast<uint32_t>(buf) * kWgTileBytes + static_cast<uint32_t>(g) * kWgGroupBytes +
+                           static_cast<uint32_t>(lrow) * 16;
+#pragma unroll
+      for (int k = 0; k < 3; ++k) {
+        const int piece = lpiece + 32 * k;
+        if (piece < kWgChunks) cp_async16_s(dst + static_cast<uint32_t>(piece) * 128, src + 8 * piece, valid);
+      }
+    }
+  };
+
+  float o[2][64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) o[0][i] = o[1][i] = 0.0f;
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};  // rows r0 and r0 + 8, own positions' sums
+  const int r0 = 16 * wq + gid;
+  const uint64_t dq_hi = wgmma_desc(smem_u32(q_hi_p), 128, kWgGroupBytes);
+  const uint64_t dq_lo = wgmma_desc(smem_u32(q_lo_p), 128, kWgGroupBytes);
+  const uint64_t dp_hi = wgmma_desc(smem_u32(p_hi_p), 128, kWgPGroupBytes);
+  const uint64_t dp_lo = wgmma_desc(smem_u32(p_lo_p), 128, kWgPGroupBytes);
+  // This thread's probabilities in the core-matrix layout: rows r0, r0 + 8, positions 16 wg + 2 quad (+ 8).
+  const uint32_t p_off = static_cast<uint32_t>(r0 >> 3) * kWgPGroupBytes + static_cast<uint32_t>(2 * wg) * 128 +
+                         static_cast<uint32_t>(r0 & 7) * 16 + static_cast<uint32_t>(quad) * 4;
+
+  if (begin < end) load_tile(0, begin);
+  cp_async_commit();
+  int buf = 0;
+  for (int j0 = begin; j0 < end; j0 += kWgTile, buf ^= 1) {
+    cp_async_wait<0>();
+    fence_proxy_async_smem();
+    __syncthreads();  // this tile visible to all; both warpgroups done with the last tile
+    if (j0 + kWgTile < end) load_tile(buf ^ 1, j0 + kWgTile);
+    cp_async_commit();
+    const uint32_t tile = tiles_s + static_cast<uint32_t>(buf) * kWgTileBytes;
+
+    float s[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    {  // scores of this warpgroup's 16 positions: 36 K steps, queries hi and lo
+      const uint64_t db = wgmma_desc(tile + static_cast<uint32_t>(2 * wg) * kWgGroupBytes, 128, kWgGroupBytes);
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < kWgWidth / 16; ++ks) {
+        wgmma_m64n16k16_tn(s, dq_hi + 16 * ks, db + 16 * ks, ks > 0 ? 1 : 0);
+        wgmma_m64n16k16_tn(s, dq_lo + 16 * ks, db + 16 * ks, 1);
+      }
+      wgmma_commit();
+      wgmma_wait_all();
+      wgmma_settle(s);
+    }
+    // s[4j + 0, 1]: row r0, positions 16 wg + 8j + 2 quad (+1); s[4j + 2, 3]: row r0 + 8.
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const int pos = j0 + 16 * wg + 8 * (e >> 2) + 2 * quad + (e & 1);
+      s[e] = pos < end ? s[e] * a.scale : -INFINITY;
+      mx[(e >> 1) & 1] = fmaxf(mx[(e >> 1) & 1], s[e]);
+    }
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffffu, mx[rr], 1));
+      mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffffu, mx[rr], 2));
+    }
+    if (quad == 0) {
+      smax[wg * kWgHeads + r0] = mx[0];
+      smax[wg * kWgHeads + r0 + 8] = mx[1];
+    }
+    __syncthreads();  // both warpgroups' maxima
+    float corr[2];
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      const int row = r0 + 8 * rr;
+      const float m_new = fmaxf(m_run[rr], fmaxf(smax[row], smax[kWgHeads + row]));  // finite: position j0 is valid
+      corr[rr] = expf(m_run[rr] - m_new);
+      m_run[rr] = m_new;
+    }
+    float p[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) p[e] = expf(s[e] - m_run[(e >> 1) & 1]);
+    l_run[0] = l_run[0] * corr[0] + (p[0] + p[1] + p[4] + p[5]);
+    l_run[1] = l_run[1] * corr[1] + (p[2] + p[3] + p[6] + p[7]);
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        uint32_t hi, lo;
+        split_bf16x2(p[4 * j + 2 * rr], p[4 * j + 2 * rr + 1], hi, lo);
+        const uint32_t off = p_off + static_cast<uint32_t>(j) * 128 + static_cast<uint32_t>(rr) * kWgPGroupBytes;
+        *reinterpret_cast<uint32_t*>(p_hi_p + off) = hi;
+        *reinterpret_cast<uint32_t*>(p_lo_p + off) = lo;
+      }
+    }
+    fence_proxy_async_smem();
+    if (__any_sync(0xffffffffu, corr[0] != 1.0f || corr[1] != 1.0f)) {  // once the maxima settle, mostly not
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf)
+#pragma unroll
+        for (int i = 0; i < 64; i += 4) {
+          o[hf][i] *= corr[0];
+          o[hf][i + 1] *= corr[0];
+          o[hf][i + 2] *= corr[1];
+          o[hf][i + 3] *= corr[1];
+        }
+    }
+    __syncthreads();  // all probabilities written
+    {  // o += P (64 x 32) . V (32 x this warpgroup's 256 columns), probabilities hi and lo
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < kWgTile / 16; ++ks) {
+        const uint64_t dv = wgmma_desc(tile + static_cast<uint32_t>(2 * ks) * kWgGroupBytes + static_cast<uint32_t>(wg) * 32 * 128,
+                                       kWgGroupBytes, 128);
+        wgmma_m64n128k16_nt(o[0], dp_hi + 16 * ks, dv, 1);
+        wgmma_m64n128k16_nt(o[1], dp_hi + 16 * ks, dv + 128, 1);  // + 16 column groups of 128 bytes
+        wgmma_m64n128k16_nt(o[0], dp_lo + 16 * ks, dv, 1);
+        wgmma_m64n128k16_nt(o[1], dp_lo + 16 * ks, dv + 128, 1);
+      }
+      wgmma_commit();
+      wgmma_wait_all();
+      wgmma_settle(o[0]);
+      wgmma_settle(o[1]);
+    }
+  }
+  cp_async_wait<0>();
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    l_run[rr] += __shfl_xor_sync(0xffffffffu, l_run[rr], 1);
+    l_run[rr] += __shfl_xor_sync(0xffffffffu, l_run[rr], 2);
+  }
+  if (quad == 0) {
+    ssum[wg * kWgHeads + r0] = l_run[0];
+    ssum[wg * kWgHeads + r0 + 8] = l_run[1];
+  }
+  __syncthreads();  // both warpgroups' sums (also when this split is empty)
+  const int64_t at0 = static_cast<int64_t>(split) * a.t * a.h + static_cast<int64_t>(t) * a.h;
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int row = r0 + 8 * rr;
+    const float l = ssum[row] + ssum[kWgHeads + row];
+    const int64_t head = head0 + row;
+    const float inv = splits == 1 ? (l > 0.0f ? 1.0f / l : 0.0f) : 1.0f;
+    float* dst = (splits == 1 ? a.o_lat + (static_cast<int64_t>(t) * a.h + head) * kWgC : part_o + (at0 + head) * kWgC) +
+                 wg * 256 + 2 * quad;
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf)
+#pragma unroll
+      for (int j = 0; j < 16; ++j)
+        *reinterpret_cast<float2*>(dst + hf * 128 + 8 * j) =
+            make_float2(o[hf][4 * j + 2 * rr] * inv, o[hf][4 * j + 2 * rr + 1] * inv);
+    if (splits > 1 && wg == 0 && quad == 0) {
+      part_ml[2 * (at0 + head)] = m_run[rr];
+      part_ml[2 * (at0 + head) + 1] = l;
+    }
+  }
+#endif
+}
+
+// The wgmma core runs only from an sm_90a image on a device of compute capability 9.0.
+static bool wgmma_image_here() {
+  static std::mutex mu;
+  static std::map<int, bool> known;
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = known.find(dev);
+  if (it == known.end()) {
+    cudaFuncAttributes attr{};
+    const bool ok = device_attribute(cudaDevAttrComputeCapabilityMajor) == 9 &&
+                    device_attribute(cudaDevAttrComputeCapabilityMinor) == 0 &&
+                    cudaFuncGetAttributes(&attr, mla_core_wgmma_kernel) == cudaSuccess && attr.binaryVersion == 90;
+    it = known.emplace(dev, ok).first;
+  }
+  return it->second;
+}
+
+bool mla_core_wgmma_fits(const MlaArgs& a) {
+  return a.c == kWgC && a.r == kWgR && a.h % kWgHeads == 0 && a.nope % 4 == 0 &&
+         reinterpret_cast<uintptr_t>(a.q) % 16 == 0 && reinterpret_cast<uintptr_t>(a.q_lat) % 16 == 0 &&
+         wgmma_image_here() &&
+         kWgSmem <= static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
+}
+
+void mla_core_wgmma(const MlaArgs& a, int64_t splits, float* part_o, float* part_ml, void* stream) {
+  if (a.t <= 0 || a.h <= 0) return;
+  if (!mla_core_wgmma_fits(a)) throw std::runtime_error("mla_core_wgmma: shapes or device outside the kernel's");
+  if (splits < 1 || splits > kMlaMaxSplits || (splits > 1 && (part_o == nullptr || part_ml == nullptr)))
+    throw std::runtime_error("mla_core_wgmma: bad split");
+  static size_t allowed[kMaxDevices] = {};
+  allow_dynamic_smem(mla_core_wgmma_kernel, kWgSmem, allowed, "mla_core_wgmma");
+  const dim3 grid(static_cast<unsigned>(a.t * (a.h / kWgHeads)), static_cast<unsigned>(splits));
+  mla_core_wgmma_kernel<<<grid, kWgThreads, kWgSmem, as_stream(stream)>>>(a, splits, part_o, part_ml);
+  check_launch("mla_core_wgmma");
+  mla_combine(a, splits, part_o, part_ml, stream);
+}
+
 void moe_select(const float* logits, const float* bias, int64_t t, int64_t e, int64_t k, int64_t n_group,
                 int64_t topk_group, bool norm_topk_prob, float routed_scaling_factor, int32_t* ids, float* weights,
                 void* stream) {

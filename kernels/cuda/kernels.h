@@ -159,6 +159,11 @@ void mla_core_fused(const MlaArgs& a, int64_t splits, float* part_o, float* part
 // C <= 512, (C + R) % 16 == 0, C + R <= 640, sm_80+ and 96 KB of shared memory per block: mla_core_mma_fits().
 bool mla_core_mma_fits(const MlaArgs& a);
 void mla_core_mma(const MlaArgs& a, int64_t splits, float* part_o, float* part_ml, void* stream);
+// The same on Hopper wgmma: 64 heads a block, R1's C = 512 and R = 64, heads a multiple of 64,
+// an sm_90a image on a device of compute capability 9.0 (mla_core_wgmma_fits()).
+constexpr int kMlaWgmmaHeads = 64;
+bool mla_core_wgmma_fits(const MlaArgs& a);
+void mla_core_wgmma(const MlaArgs& a, int64_t splits, float* part_o, float* part_ml, void* stream);
 
 // ---- MoE ----
 // Router choice from logits [T, E] (F32, before the sigmoid): noaux_tc with groups, as the CPU.
