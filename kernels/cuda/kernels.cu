@@ -2480,26 +2480,6 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   float* ssum = smax + 2 * kWgHeads;                            // [2][64]: and its row sums at the end
   const int64_t head0 = static_cast<int64_t>(group) * kWgHeads;
 
-  {  // The queries as hi + lo BF16 in core-matrix layout: 8 columns of a head a thread and step.
-    const float* qlat = a.q_lat + (static_cast<int64_t>(t) * a.h + head0) * kWgC;
-    const int qstride = static_cast<int>(a.nope + a.r);
-    const float* qrope = a.q + (static_cast<int64_t>(t) * a.h + head0) * qstride + a.nope;
-    for (int i = tid; i < kWgHeads * kWgChunks; i += kWgThreads) {
-      const int hd = i / kWgChunks, kc = i % kWgChunks;
-      const float* src = kc < kWgC / 8 ? qlat + hd * kWgC + 8 * kc : qrope + hd * qstride + 8 * (kc - kWgC / 8);
-      const float4 x0 = *reinterpret_cast<const float4*>(src), x1 = *reinterpret_cast<const float4*>(src + 4);
-      uint4 hi, lo;
-      split_bf16x2(x0.x, x0.y, hi.x, lo.x);
-      split_bf16x2(x0.z, x0.w, hi.y, lo.y);
-      split_bf16x2(x1.x, x1.y, hi.z, lo.z);
-      split_bf16x2(x1.z, x1.w, hi.w, lo.w);
-      const uint32_t off = static_cast<uint32_t>(hd >> 3) * kWgGroupBytes + static_cast<uint32_t>(kc) * 128 +
-                           static_cast<uint32_t>(hd & 7) * 16;
-      *reinterpret_cast<uint4*>(q_hi_p + off) = hi;
-      *reinterpret_cast<uint4*>(q_lo_p + off) = lo;
-    }
-  }
-
   const int ctx = a.token_pos[t] + 1;  // positions fit 32 bits (token_pos is int32)
   const int chunk = static_cast<int>(mla_split_chunk(ctx, splits));
   const int begin = split * chunk, end = ctx < begin + chunk ? ctx : begin + chunk;
@@ -2538,29 +2518,68 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   const uint32_t p_off = static_cast<uint32_t>(r0 >> 3) * kWgPGroupBytes + static_cast<uint32_t>(2 * wg) * 128 +
                          static_cast<uint32_t>(r0 & 7) * 16 + static_cast<uint32_t>(quad) * 4;
 
-  if (begin < end) load_tile(0, begin);
+  if (begin < end) load_tile(0, begin);  // on its way while the queries are converted
   cp_async_commit();
+  {  // The queries as hi + lo BF16 in core-matrix layout: 8 columns of a head a thread and step,
+     // 9 steps' loads in flight at once (18 steps a thread).
+    const float* qlat = a.q_lat + (static_cast<int64_t>(t) * a.h + head0) * kWgC;
+    const int qstride = static_cast<int>(a.nope + a.r);
+    const float* qrope = a.q + (static_cast<int64_t>(t) * a.h + head0) * qstride + a.nope;
+    constexpr int kSteps = kWgHeads * kWgChunks / kWgThreads, kBatch = 9;
+    static_assert(kSteps % kBatch == 0, "whole batches of query loads");
+#pragma unroll 1
+    for (int b = 0; b < kSteps; b += kBatch) {
+      float4 x[kBatch][2];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int i = tid + (b + u) * kWgThreads, hd = i / kWgChunks, kc = i % kWgChunks;
+        const float* src = kc < kWgC / 8 ? qlat + hd * kWgC + 8 * kc : qrope + hd * qstride + 8 * (kc - kWgC / 8);
+        x[u][0] = *reinterpret_cast<const float4*>(src);
+        x[u][1] = *reinterpret_cast<const float4*>(src + 4);
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int i = tid + (b + u) * kWgThreads, hd = i / kWgChunks, kc = i % kWgChunks;
+        uint4 hi, lo;
+        split_bf16x2(x[u][0].x, x[u][0].y, hi.x, lo.x);
+        split_bf16x2(x[u][0].z, x[u][0].w, hi.y, lo.y);
+        split_bf16x2(x[u][1].x, x[u][1].y, hi.z, lo.z);
+        split_bf16x2(x[u][1].z, x[u][1].w, hi.w, lo.w);
+        const uint32_t off = static_cast<uint32_t>(hd >> 3) * kWgGroupBytes + static_cast<uint32_t>(kc) * 128 +
+                             static_cast<uint32_t>(hd & 7) * 16;
+        *reinterpret_cast<uint4*>(q_hi_p + off) = hi;
+        *reinterpret_cast<uint4*>(q_lo_p + off) = lo;
+      }
+    }
+  }
   int buf = 0;
   for (int j0 = begin; j0 < end; j0 += kWgTile, buf ^= 1) {
     cp_async_wait<0>();
     fence_proxy_async_smem();
-    __syncthreads();  // this tile visible to all; both warpgroups done with the last tile
-    if (j0 + kWgTile < end) load_tile(buf ^ 1, j0 + kWgTile);
-    cp_async_commit();
+    __syncthreads();  // this tile visible to all
     const uint32_t tile = tiles_s + static_cast<uint32_t>(buf) * kWgTileBytes;
 
-    float s[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-    {  // scores of this warpgroup's 16 positions: 36 K steps, queries hi and lo
+    float s[8];
+    {  // scores of this warpgroup's 16 positions: 36 K steps, queries hi and lo, in four
+       // independent accumulator chains (a chain's wgmmas wait for each other)
+      float sc[4][8] = {};
       const uint64_t db = wgmma_desc(tile + static_cast<uint32_t>(2 * wg) * kWgGroupBytes, 128, kWgGroupBytes);
       wgmma_fence();
 #pragma unroll
-      for (int ks = 0; ks < kWgWidth / 16; ++ks) {
-        wgmma_m64n16k16_tn(s, dq_hi + 16 * ks, db + 16 * ks, ks > 0 ? 1 : 0);
-        wgmma_m64n16k16_tn(s, dq_lo + 16 * ks, db + 16 * ks, 1);
+      for (int ks = 0; ks < kWgWidth / 16; ks += 2) {
+        wgmma_m64n16k16_tn(sc[0], dq_hi + 16 * ks, db + 16 * ks, ks > 0 ? 1 : 0);
+        wgmma_m64n16k16_tn(sc[1], dq_lo + 16 * ks, db + 16 * ks, ks > 0 ? 1 : 0);
+        wgmma_m64n16k16_tn(sc[2], dq_hi + 16 * (ks + 1), db + 16 * (ks + 1), ks > 0 ? 1 : 0);
+        wgmma_m64n16k16_tn(sc[3], dq_lo + 16 * (ks + 1), db + 16 * (ks + 1), ks > 0 ? 1 : 0);
       }
       wgmma_commit();
-      wgmma_wait_all();
-      wgmma_settle(s);
+      wgmma_wait_all();  // also this warpgroup's output product of the last tile
+#pragma unroll
+      for (int c4 = 0; c4 < 4; ++c4) wgmma_settle(sc[c4]);
+      wgmma_settle(o[0]);
+      wgmma_settle(o[1]);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) s[e] = (sc[0][e] + sc[2][e]) + (sc[1][e] + sc[3][e]);
     }
     // s[4j + 0, 1]: row r0, positions 16 wg + 8j + 2 quad (+1); s[4j + 2, 3]: row r0 + 8.
     float mx[2] = {-INFINITY, -INFINITY};
@@ -2579,7 +2598,9 @@ __global__ void __launch_bounds__(kWgThreads, 1)
       smax[wg * kWgHeads + r0] = mx[0];
       smax[wg * kWgHeads + r0 + 8] = mx[1];
     }
-    __syncthreads();  // both warpgroups' maxima
+    __syncthreads();  // both warpgroups' maxima; both done with the last tile's buffer and probabilities
+    if (j0 + kWgTile < end) load_tile(buf ^ 1, j0 + kWgTile);
+    cp_async_commit();
     float corr[2];
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
@@ -2617,7 +2638,8 @@ __global__ void __launch_bounds__(kWgThreads, 1)
         }
     }
     __syncthreads();  // all probabilities written
-    {  // o += P (64 x 32) . V (32 x this warpgroup's 256 columns), probabilities hi and lo
+    {  // o += P (64 x 32) . V (32 x this warpgroup's 256 columns), probabilities hi and lo; it
+       // runs on while the next tile's scores are issued (the scores' wait covers it)
       wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < kWgTile / 16; ++ks) {
@@ -2629,11 +2651,11 @@ __global__ void __launch_bounds__(kWgThreads, 1)
         wgmma_m64n128k16_nt(o[1], dp_lo + 16 * ks, dv + 128, 1);
       }
       wgmma_commit();
-      wgmma_wait_all();
-      wgmma_settle(o[0]);
-      wgmma_settle(o[1]);
     }
   }
+  wgmma_wait_all();
+  wgmma_settle(o[0]);
+  wgmma_settle(o[1]);
   cp_async_wait<0>();
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
