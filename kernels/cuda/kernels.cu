@@ -2449,6 +2449,16 @@ __device__ __forceinline__ void wgmma_m64n16k16_tn(float (&d)[8], uint64_t da, u
       : "l"(da), "l"(db), "r"(accumulate));
 #endif
 }
+// The same, 64 x 32.
+__device__ __forceinline__ void wgmma_m64n32k16_tn(float (&d)[16], uint64_t da, uint64_t db, int accumulate) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, %16, %17, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "l"(da), "l"(db), "r"(accumulate));
+#endif
+}
 // D (64 x 128, F32, += unless !accumulate) = A (64 x 16, K-major) . B (16 x 128, N-major), both from
 // shared memory: the P . V product of the wgmma MLA core.
 __device__ __forceinline__ void wgmma_m64n128k16_nt(float (&d)[64], uint64_t da, uint64_t db, int accumulate) {
@@ -2560,26 +2570,55 @@ __global__ void __launch_bounds__(kWgThreads, 1)
     const uint32_t tile = tiles_s + static_cast<uint32_t>(buf) * kWgTileBytes;
 
     float s[8];
-    {  // scores of this warpgroup's 16 positions: 36 K steps, queries hi and lo, in four
-       // independent accumulator chains (a chain's wgmmas wait for each other)
-      float sc[4][8] = {};
-      const uint64_t db = wgmma_desc(tile + static_cast<uint32_t>(2 * wg) * kWgGroupBytes, 128, kWgGroupBytes);
+    {  // Scores: warpgroup g multiplies K steps 18g..18g+17 of the queries (hi and lo, two
+       // accumulator chains) with all 32 positions of the tile, so each reads half the queries.
+      float sc[2][16] = {};
+      const uint64_t db = wgmma_desc(tile, 128, kWgGroupBytes);
+      constexpr int kHalf = kWgWidth / 32;  // K steps a warpgroup
+      const int ks0 = kHalf * wg;
       wgmma_fence();
 #pragma unroll
-      for (int ks = 0; ks < kWgWidth / 16; ks += 2) {
-        wgmma_m64n16k16_tn(sc[0], dq_hi + 16 * ks, db + 16 * ks, ks > 0 ? 1 : 0);
-        wgmma_m64n16k16_tn(sc[1], dq_lo + 16 * ks, db + 16 * ks, ks > 0 ? 1 : 0);
-        wgmma_m64n16k16_tn(sc[2], dq_hi + 16 * (ks + 1), db + 16 * (ks + 1), ks > 0 ? 1 : 0);
-        wgmma_m64n16k16_tn(sc[3], dq_lo + 16 * (ks + 1), db + 16 * (ks + 1), ks > 0 ? 1 : 0);
+      for (int i = 0; i < kHalf; ++i) {
+        const int ks = ks0 + i;
+        wgmma_m64n32k16_tn(sc[0], dq_hi + 16 * ks, db + 16 * ks, i > 0 ? 1 : 0);
+        wgmma_m64n32k16_tn(sc[1], dq_lo + 16 * ks, db + 16 * ks, i > 0 ? 1 : 0);
       }
       wgmma_commit();
       wgmma_wait_all();  // also this warpgroup's output product of the last tile
-#pragma unroll
-      for (int c4 = 0; c4 < 4; ++c4) wgmma_settle(sc[c4]);
+      wgmma_settle(sc[0]);
+      wgmma_settle(sc[1]);
       wgmma_settle(o[0]);
       wgmma_settle(o[1]);
+      // sc[.][4j + 0, 1]: row r0, positions 8j + 2 quad (+1); [4j + 2, 3]: row r0 + 8. This
+      // warpgroup keeps positions 16 wg.. (j = 2 wg, 2 wg + 1) and hands the other 16 to its
+      // partner through the probabilities' buffers (free: both finished the last output product).
+      float keep[8], send[8];  // (selects: an index that depends on wg would put sc in local memory)
 #pragma unroll
-      for (int e = 0; e < 8; ++e) s[e] = (sc[0][e] + sc[2][e]) + (sc[1][e] + sc[3][e]);
+      for (int e = 0; e < 8; ++e) {
+        const float lo8 = sc[0][e] + sc[1][e], hi8 = sc[0][e + 8] + sc[1][e + 8];
+        keep[e] = wg == 0 ? lo8 : hi8;
+        send[e] = wg == 0 ? hi8 : lo8;
+      }
+      __syncthreads();
+      if (j0 + kWgTile < end) load_tile(buf ^ 1, j0 + kWgTile);  // the last tile's buffer is free too
+      cp_async_commit();
+      float* xch = reinterpret_cast<float*>(p_hi_p);  // [2 (receiver)][64 rows][16 positions]
+#pragma unroll
+      for (int jj = 0; jj < 2; ++jj) {
+        float* d = xch + (1 - wg) * kWgHeads * 16 + r0 * 16 + 8 * jj + 2 * quad;
+        *reinterpret_cast<float2*>(d) = make_float2(send[4 * jj], send[4 * jj + 1]);
+        *reinterpret_cast<float2*>(d + 8 * 16) = make_float2(send[4 * jj + 2], send[4 * jj + 3]);
+      }
+      __syncthreads();
+#pragma unroll
+      for (int jj = 0; jj < 2; ++jj) {
+        const float* d = xch + wg * kWgHeads * 16 + r0 * 16 + 8 * jj + 2 * quad;
+        const float2 x0 = *reinterpret_cast<const float2*>(d), x1 = *reinterpret_cast<const float2*>(d + 8 * 16);
+        s[4 * jj] = keep[4 * jj] + x0.x;
+        s[4 * jj + 1] = keep[4 * jj + 1] + x0.y;
+        s[4 * jj + 2] = keep[4 * jj + 2] + x1.x;
+        s[4 * jj + 3] = keep[4 * jj + 3] + x1.y;
+      }
     }
     // s[4j + 0, 1]: row r0, positions 16 wg + 8j + 2 quad (+1); s[4j + 2, 3]: row r0 + 8.
     float mx[2] = {-INFINITY, -INFINITY};
@@ -2598,9 +2637,7 @@ __global__ void __launch_bounds__(kWgThreads, 1)
       smax[wg * kWgHeads + r0] = mx[0];
       smax[wg * kWgHeads + r0 + 8] = mx[1];
     }
-    __syncthreads();  // both warpgroups' maxima; both done with the last tile's buffer and probabilities
-    if (j0 + kWgTile < end) load_tile(buf ^ 1, j0 + kWgTile);
-    cp_async_commit();
+    __syncthreads();  // both warpgroups' maxima (the partials are read: the buffers take probabilities next)
     float corr[2];
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
