@@ -803,11 +803,13 @@ class CudaOps final : public Ops {
     const bool q_done = lt_sgemm_batched(false, c, t, nope, a.kv_b, c, (nope + v) * c, a.q, h * (nope + r), nope + r,
                                          a.q_lat, h * c, c, h);
     if (!q_done) cuda::mla_absorb_q(a, stream_);
-    // The wgmma core (64 heads a block, one block an SM) where its blocks fill the GPU without
-    // splitting the context, or where asked for; the mma core (16 heads a block, two an SM) else.
+    // The wgmma core (64 heads a block, one block an SM) where its blocks fill at least half the
+    // SMs before the context is split, or where asked for; the mma core (16 heads a block, two an
+    // SM) else. On an H100 (dilu_mla_bench, context 1024) the wgmma core is slower at 32 tokens
+    // (64 blocks: 197 against 160 us a call) and faster from 64 (212 against 270 us).
     const int64_t sms = props_.multiProcessorCount;
     const bool wgmma = mla_core_ != "mma" && cuda::mla_core_wgmma_fits(a) &&
-                       (mla_core_ == "wgmma" || t * (h / cuda::kMlaWgmmaHeads) >= sms);
+                       (mla_core_ == "wgmma" || 2 * t * (h / cuda::kMlaWgmmaHeads) >= sms);
     const int64_t group_heads = wgmma ? cuda::kMlaWgmmaHeads : cuda::kMlaFusedHeads;
     const int64_t groups = (h + group_heads - 1) / group_heads;
     const int64_t target = (wgmma ? 1 : 2) * sms;

@@ -2391,10 +2391,16 @@ void mla_core_mma(const MlaArgs& a, int64_t splits, float* part_o, float* part_m
 //     once; element (head, k) at (head / 8) * 9216 + (k / 8) * 128 + (head % 8) * 16 + (k % 8) * 2;
 //   cache tiles: 32 positions x 576, double-buffered through cp.async, same layout;
 //   probabilities: hi + lo BF16, 64 heads x 32 positions.
-// Per tile, warpgroup g computes the scores of positions 16g..16g+15 for all 64 heads (72 wgmma
-// m64n16k16, queries hi and lo), the two exchange their row maxima through shared memory, each
-// writes its probabilities, and then each accumulates its 256 latent columns of the output for
-// all 64 heads (m64n128k16, two halves, probabilities hi and lo) in 128 registers a thread.
+// Per tile (four barriers):
+//   scores: warpgroup g multiplies K steps 18g..18g+17 of the queries (hi and lo) with all 32
+//     positions (36 wgmma m64n32k16), so each reads half the queries from shared memory (the
+//     queries' reads dominate: with 16 positions a warpgroup over all of K, the batch-256 call
+//     took 813 us, against 761); the two swap the partial scores of each other's 16 positions
+//     through the probabilities' buffers;
+//   softmax: each finishes its 16 positions, and the two exchange their row maxima;
+//   output: each accumulates its 256 latent columns for all 64 heads (m64n128k16, two halves,
+//     probabilities hi and lo) in 128 registers a thread, and waits for them before the next tile.
+// The next tile's copies are issued after the first barrier, when both buffers' readers are done.
 constexpr int kWgHeads = kMlaWgmmaHeads, kWgTile = 32, kWgThreads = 256, kWgC = 512, kWgR = 64, kWgWidth = kWgC + kWgR;
 constexpr int kWgChunks = kWgWidth / 8;                                      // 16-byte pieces of a row
 constexpr uint32_t kWgGroupBytes = kWgChunks * 128;                          // 8 rows of core matrices
@@ -2531,7 +2537,8 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   if (begin < end) load_tile(0, begin);  // on its way while the queries are converted
   cp_async_commit();
   {  // The queries as hi + lo BF16 in core-matrix layout: 8 columns of a head a thread and step,
-     // 9 steps' loads in flight at once (18 steps a thread).
+     // 9 steps' loads in flight at once (18 steps a thread). Piece i (16 bytes) is head
+     // i / 576 * 8 + i % 8, columns 8 ((i / 8) % 72).., at byte 16 i: the stores of a warp are contiguous.
     const float* qlat = a.q_lat + (static_cast<int64_t>(t) * a.h + head0) * kWgC;
     const int qstride = static_cast<int>(a.nope + a.r);
     const float* qrope = a.q + (static_cast<int64_t>(t) * a.h + head0) * qstride + a.nope;
@@ -2542,21 +2549,19 @@ __global__ void __launch_bounds__(kWgThreads, 1)
       float4 x[kBatch][2];
 #pragma unroll
       for (int u = 0; u < kBatch; ++u) {
-        const int i = tid + (b + u) * kWgThreads, hd = i / kWgChunks, kc = i % kWgChunks;
+        const int i = tid + (b + u) * kWgThreads, hd = i / (8 * kWgChunks) * 8 + (i & 7), kc = (i >> 3) % kWgChunks;
         const float* src = kc < kWgC / 8 ? qlat + hd * kWgC + 8 * kc : qrope + hd * qstride + 8 * (kc - kWgC / 8);
         x[u][0] = *reinterpret_cast<const float4*>(src);
         x[u][1] = *reinterpret_cast<const float4*>(src + 4);
       }
 #pragma unroll
       for (int u = 0; u < kBatch; ++u) {
-        const int i = tid + (b + u) * kWgThreads, hd = i / kWgChunks, kc = i % kWgChunks;
+        const uint32_t off = static_cast<uint32_t>(tid + (b + u) * kWgThreads) * 16;  // the layout is piece i at 16 i
         uint4 hi, lo;
         split_bf16x2(x[u][0].x, x[u][0].y, hi.x, lo.x);
         split_bf16x2(x[u][0].z, x[u][0].w, hi.y, lo.y);
         split_bf16x2(x[u][1].x, x[u][1].y, hi.z, lo.z);
         split_bf16x2(x[u][1].z, x[u][1].w, hi.w, lo.w);
-        const uint32_t off = static_cast<uint32_t>(hd >> 3) * kWgGroupBytes + static_cast<uint32_t>(kc) * 128 +
-                             static_cast<uint32_t>(hd & 7) * 16;
         *reinterpret_cast<uint4*>(q_hi_p + off) = hi;
         *reinterpret_cast<uint4*>(q_lo_p + off) = lo;
       }
@@ -2566,7 +2571,9 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   for (int j0 = begin; j0 < end; j0 += kWgTile, buf ^= 1) {
     cp_async_wait<0>();
     fence_proxy_async_smem();
-    __syncthreads();  // this tile visible to all
+    __syncthreads();  // this tile visible to all; both warpgroups done with the last tile
+    if (j0 + kWgTile < end) load_tile(buf ^ 1, j0 + kWgTile);
+    cp_async_commit();
     const uint32_t tile = tiles_s + static_cast<uint32_t>(buf) * kWgTileBytes;
 
     float s[8];
@@ -2584,14 +2591,13 @@ __global__ void __launch_bounds__(kWgThreads, 1)
         wgmma_m64n32k16_tn(sc[1], dq_lo + 16 * ks, db + 16 * ks, i > 0 ? 1 : 0);
       }
       wgmma_commit();
-      wgmma_wait_all();  // also this warpgroup's output product of the last tile
+      wgmma_wait_all();
       wgmma_settle(sc[0]);
       wgmma_settle(sc[1]);
-      wgmma_settle(o[0]);
-      wgmma_settle(o[1]);
       // sc[.][4j + 0, 1]: row r0, positions 8j + 2 quad (+1); [4j + 2, 3]: row r0 + 8. This
       // warpgroup keeps positions 16 wg.. (j = 2 wg, 2 wg + 1) and hands the other 16 to its
-      // partner through the probabilities' buffers (free: both finished the last output product).
+      // partner through the probabilities' buffers (free: both finished the last output product
+      // before the tile's first barrier).
       float keep[8], send[8];  // (selects: an index that depends on wg would put sc in local memory)
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
@@ -2599,9 +2605,6 @@ __global__ void __launch_bounds__(kWgThreads, 1)
         keep[e] = wg == 0 ? lo8 : hi8;
         send[e] = wg == 0 ? hi8 : lo8;
       }
-      __syncthreads();
-      if (j0 + kWgTile < end) load_tile(buf ^ 1, j0 + kWgTile);  // the last tile's buffer is free too
-      cp_async_commit();
       float* xch = reinterpret_cast<float*>(p_hi_p);  // [2 (receiver)][64 rows][16 positions]
 #pragma unroll
       for (int jj = 0; jj < 2; ++jj) {
@@ -2675,8 +2678,7 @@ __global__ void __launch_bounds__(kWgThreads, 1)
         }
     }
     __syncthreads();  // all probabilities written
-    {  // o += P (64 x 32) . V (32 x this warpgroup's 256 columns), probabilities hi and lo; it
-       // runs on while the next tile's scores are issued (the scores' wait covers it)
+    {  // o += P (64 x 32) . V (32 x this warpgroup's 256 columns), probabilities hi and lo
       wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < kWgTile / 16; ++ks) {
@@ -2688,11 +2690,11 @@ __global__ void __launch_bounds__(kWgThreads, 1)
         wgmma_m64n128k16_nt(o[1], dp_lo + 16 * ks, dv + 128, 1);
       }
       wgmma_commit();
+      wgmma_wait_all();
+      wgmma_settle(o[0]);
+      wgmma_settle(o[1]);
     }
   }
-  wgmma_wait_all();
-  wgmma_settle(o[0]);
-  wgmma_settle(o[1]);
   cp_async_wait<0>();
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {

@@ -16,6 +16,7 @@ struct MlaBenchShape {
 inline constexpr MlaBenchShape kMlaBenchShapes[] = {
     {"decode_b1_ctx1024", 128, 1, 1024},   {"decode_b1_ctx4096", 128, 1, 4096},
     {"decode_b32_ctx1024", 128, 32, 1024}, {"decode_b32_ctx4096", 128, 32, 4096},
+    {"decode_b64_ctx1024", 128, 64, 1024}, {"decode_b128_ctx1024", 128, 128, 1024},
     {"decode_b256_ctx1024", 128, 256, 1024},
 };
 
