@@ -196,8 +196,9 @@ class CudaOps final : public Ops {
     mla_fused_ = fast_;
     const char* core_env = std::getenv("DILU_MLA_CORE");
     mla_core_ = core_env && *core_env ? core_env : o.mla_core;
-    DILU_USER_CHECK(mla_core_ == "auto" || mla_core_ == "mma" || mla_core_ == "wgmma",
-                    "the MLA core must be auto, mma or wgmma, got '", mla_core_, "'");
+    DILU_USER_CHECK(mla_core_ == "auto" || mla_core_ == "mma" || mla_core_ == "wgmma", "the MLA core (",
+                    core_env && *core_env ? "DILU_MLA_CORE" : "BackendOptions::mla_core",
+                    ") must be auto, mma or wgmma, got '", mla_core_, "'; unset DILU_MLA_CORE for the automatic choice");
     if (mla_fused_) {
       mla_split_bytes_ = size_t{16} << 20;
       mla_split_scratch_ = allocate_persistent(DType::U8, {static_cast<int64_t>(mla_split_bytes_)});

@@ -2383,7 +2383,8 @@ void mla_core_mma(const MlaArgs& a, int64_t splits, float* part_o, float* part_m
 
 // ---------------------------------------------------------------- MLA, core on Hopper wgmma
 // cuda.kernels=fast at large batch on sm_90a (R1's C = 512, R = 64, heads a multiple of 64).
-// Block (token t, 64 heads, split s), two warpgroups, one block per SM (225 KB of shared memory, 16-byte aligned as wgmma asks).
+// Block (token t, 64 heads, split s), two warpgroups, one block per SM (225 KB of shared memory,
+// 16-byte aligned as wgmma asks).
 // Every operand sits in shared memory in the no-swizzle core-matrix layout (8 rows x 16 bytes,
 // 128 contiguous bytes), which serves a cached row both as a K-major row of the scores' B and as
 // an N-major row of the output's B:
