@@ -2445,18 +2445,8 @@ __device__ __forceinline__ void wgmma_settle(float (&d)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-// D (64 x 16, F32, += unless !accumulate) = A (64 x 16) . B (16 x 16), both K-major in shared
+// D (64 x 32, F32, += unless !accumulate) = A (64 x 16) . B (16 x 32), both K-major in shared
 // memory: the scores of the wgmma MLA core.
-__device__ __forceinline__ void wgmma_m64n16k16_tn(float (&d)[8], uint64_t da, uint64_t db, int accumulate) {
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7}, %8, %9, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
-      : "l"(da), "l"(db), "r"(accumulate));
-#endif
-}
-// The same, 64 x 32.
 __device__ __forceinline__ void wgmma_m64n32k16_tn(float (&d)[16], uint64_t da, uint64_t db, int accumulate) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   asm volatile(
