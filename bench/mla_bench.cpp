@@ -1,11 +1,11 @@
 // MLA attention on the GPU, reference kernels against cuda.kernels=fast, on DeepSeek-R1's shapes
-// (128 heads on one GPU, latent 512 + rope 64, BF16 paged cache, F32 kv_b): for each decode
+// (128 heads on one GPU, latent 512 + rope 64, BF16 paged cache, FP8 kv_b): for each decode
 // batch and context, microseconds per call, the bytes a call must read (each token's cache once
 // and kv_b once), the rate that makes, and its ratio to the device copy bandwidth measured in the
 // same run (the ceiling of a memory-bound kernel). The case list (kMlaBenchShapes, also in
 // tests/gpu/mla_bench_shapes.h) is the one tests/gpu/cuda_ops_test.cpp checks for correctness at
 // small batch.
-// Usage: dilu_mla_bench [--reps N]
+// Usage: dilu_mla_bench [--reps N] [--case NAME]
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -48,7 +48,10 @@ double time_mla(Ops& ops, const MlaBenchShape& s, int reps) {
     layout.token_slot.push_back(i * blocks_per_seq * bs + s.context - 1);
   }
   Tensor cache = ops.random_fill(ops.cache_dtype(), {s.batch * blocks_per_seq, bs, width}, 11, 0.0f, 1.0f);
-  Tensor kv_b = ops.random_fill(DType::F32, {h * (nope + v), c}, 12, 0.0f, 0.05f);
+  // kv_b as R1 stores it: FP8 with 128 x 128 block scales, placed as the model places it.
+  const Tensor wq = ops.random_fill(DType::F8E4M3, {h * (nope + v), c}, 12, 0.0f, 448.0f);
+  const Tensor sq = ops.random_fill(DType::F32, {h * (nope + v) / 128, c / 128}, 14, 0.05f / 448.0f, 0.0f);
+  const MlaWeight kv_b = ops.place_mla_kv_b(ops.place_linear(wq, sq, 128, 128), p);
   Tensor q = ops.random_fill(DType::F32, {s.batch, h, nope + r}, 13, 0.0f, 1.0f);
   Tensor out = ops.empty(DType::F32, {s.batch, h * v});
   ops.mla_attention(q, kv_b, cache, layout, p, out);  // warm-up (algorithm choice, shared memory opt-in)
@@ -63,41 +66,60 @@ double time_mla(Ops& ops, const MlaBenchShape& s, int reps) {
 
 int main(int argc, char** argv) {
   int reps = 20;
+  std::string only;  // one case of kMlaBenchShapes, or all
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--reps") == 0 && i + 1 < argc) {
       reps = std::atoi(argv[++i]);
+    } else if (std::strcmp(argv[i], "--case") == 0 && i + 1 < argc) {
+      only = argv[++i];
     } else {
-      std::cerr << "usage: dilu_mla_bench [--reps N]\n";
+      std::cerr << "usage: dilu_mla_bench [--reps N] [--case NAME]\n";
       return 2;
     }
   }
   try {
-    BackendOptions ref_o, fused_o, wg_o;
+    // The reference kernels, then the fast ones with each MLA core and each form of absorptions.
+    BackendOptions ref_o;
     ref_o.kernels = "reference";
-    fused_o.kernels = "fast";
-    fused_o.mla_core = "mma";
-    wg_o.kernels = "fast";
-    wg_o.mla_core = "wgmma";
     std::unique_ptr<Ops> ref = make_ops("cuda", ref_o);
-    std::unique_ptr<Ops> fused = make_ops("cuda", fused_o);
-    std::unique_ptr<Ops> wg = make_ops("cuda", wg_o);
-    const double bw = fused->measure_copy_bandwidth(size_t{1} << 30);
-    std::printf("dilu_mla_bench on %s: copy bandwidth %.0f GB/s; R1 MLA (C 512 + R 64, BF16 cache, F32 kv_b)\n",
-                fused->device().str().c_str(), bw / 1e9);
-    std::printf("(fused: the mma core; wgmma: the wgmma core where it runs, else the mma core again; the rate\n"
-                " and its share of copy bandwidth are the faster one's)\n");
-    std::printf("%-28s %12s %12s %12s %10s %12s %14s\n", "case", "reference us", "fused us", "wgmma us", "speed-up",
-                "fused GB/s", "of copy bw");
+    struct Variant {
+      const char* core;
+      const char* absorb;
+      std::unique_ptr<Ops> ops;
+    };
+    std::vector<Variant> fast;
+    for (const char* absorb : {"f32", "bf16x3"})
+      for (const char* core : {"mma", "wgmma"}) {
+        BackendOptions o;
+        o.kernels = "fast";
+        o.mla_core = core;
+        o.mla_absorb = absorb;
+        fast.push_back({core, absorb, make_ops("cuda", o)});
+      }
+    const double bw = ref->measure_copy_bandwidth(size_t{1} << 30);
+    std::printf("dilu_mla_bench on %s: copy bandwidth %.0f GB/s; R1 MLA (C 512 + R 64, BF16 cache, FP8 kv_b)\n",
+                ref->device().str().c_str(), bw / 1e9);
+    std::printf("(us per call, absorptions included. Fast columns: core/absorptions; wgmma runs where its shapes\n"
+                " fit, else the mma core again. The rate and its share of copy bandwidth are the fastest's, on\n"
+                " the bytes a call must read: each token's context in the cache, kv_b once as F32, q and out)\n");
+    std::printf("%-22s %10s", "case", "reference");
+    for (const Variant& f : fast) std::printf(" %13s", (std::string(f.core) + "/" + f.absorb).c_str());
+    std::printf(" %9s %9s %11s\n", "speed-up", "GB/s", "of copy bw");
     for (const MlaBenchShape& s : kMlaBenchShapes) {
-      const double r_us = time_mla(*ref, s, reps), m_us = time_mla(*fused, s, reps), w_us = time_mla(*wg, s, reps);
-      const double f_us = std::min(m_us, w_us);
-      // What a call must read: each token's context in the cache, kv_b once, q and out.
+      if (!only.empty() && only != s.name) continue;
+      const double r_us = time_mla(*ref, s, reps);
+      std::printf("%-22s %10.1f", s.name, r_us);
+      double best = 1e300;
+      for (const Variant& f : fast) {
+        const double us = time_mla(*f.ops, s, reps);
+        best = std::min(best, us);
+        std::printf(" %13.1f", us);
+      }
       const double bytes = static_cast<double>(s.batch) * static_cast<double>(s.context) * 576.0 * 2.0 +
                            static_cast<double>(s.heads) * 256.0 * 512.0 * 4.0 +
                            static_cast<double>(s.batch * s.heads) * (192.0 + 128.0) * 4.0;
-      const double gbs = bytes / (f_us * 1e-6) / 1e9;
-      std::printf("%-28s %12.1f %12.1f %12.1f %9.2fx %12.0f %13.1f%%\n", s.name, r_us, m_us, w_us, r_us / f_us, gbs,
-                  100.0 * gbs * 1e9 / bw);
+      const double gbs = bytes / (best * 1e-6) / 1e9;
+      std::printf(" %8.2fx %9.0f %10.1f%%\n", r_us / best, gbs, 100.0 * gbs * 1e9 / bw);
     }
   } catch (const std::exception& e) {
     std::cerr << "dilu_mla_bench: " << e.what() << "\n";

@@ -236,7 +236,7 @@ DeepseekV3::DeepseekV3(const ModelConfig& config, const Checkpoint& ckpt, Ops& o
     }
     lw.attn.kv_a_proj_with_mqa = lin(a + "kv_a_proj_with_mqa.weight");
     lw.attn.kv_a_layernorm = vec(a + "kv_a_layernorm.weight");
-    lw.attn.kv_b = ops.dequantize(lin_rows(a + "kv_b_proj.weight", local_heads_ * kv_b_rows));
+    lw.attn.kv_b = ops.place_mla_kv_b(lin_rows(a + "kv_b_proj.weight", local_heads_ * kv_b_rows), mla_params());
     lw.attn.o_proj = lin_cols(a + "o_proj.weight", local_heads_ * config.v_head_dim);
     lw.is_moe = config.is_moe_layer(l);
     if (lw.is_moe) {
@@ -284,6 +284,17 @@ DeepseekV3::DeepseekV3(const ModelConfig& config, const Checkpoint& ckpt, Ops& o
                      (lw.shared_expert ? bytes_of(*lw.shared_expert) : 0);
     for (const ExpertWeights& e : lw.experts) weight_bytes_ += bytes_of(e);
   }
+}
+
+MlaParams DeepseekV3::mla_params() const {
+  MlaParams p;
+  p.num_heads = local_heads_;
+  p.qk_nope_head_dim = config_.qk_nope_head_dim;
+  p.qk_rope_head_dim = config_.qk_rope_head_dim;
+  p.kv_lora_rank = config_.kv_lora_rank;
+  p.v_head_dim = config_.v_head_dim;
+  p.softmax_scale = static_cast<float>(config_.softmax_scale());
+  return p;
 }
 
 int64_t DeepseekV3::step_scratch_bytes(const ModelConfig& c, int64_t max_tokens, int64_t max_logit_rows, int tp) {
@@ -471,13 +482,7 @@ void DeepseekV3::attention(int64_t layer, const Tensor& x, const StepInput& step
   ops_.rope(q3, c.qk_nope_head_dim, step.layout.token_pos, rope_.inv_freq, rope_.attention_factor);
   if (side) ops_.join_side();
 
-  MlaParams p;
-  p.num_heads = h;
-  p.qk_nope_head_dim = c.qk_nope_head_dim;
-  p.qk_rope_head_dim = c.qk_rope_head_dim;
-  p.kv_lora_rank = c.kv_lora_rank;
-  p.v_head_dim = c.v_head_dim;
-  p.softmax_scale = static_cast<float>(c.softmax_scale());
+  const MlaParams p = mla_params();
   Tensor attn = ops_.empty(act, {t_count, h * c.v_head_dim});
   ops_.mla_attention(q3, w.kv_b, cache.layer(layer), step.layout, p, attn);
   ops_.linear(attn, w.o_proj, out);

@@ -28,7 +28,7 @@ struct AttentionWeights {
   LinearWeight q_b_proj;                 // [H*(nope+R), q_lora_rank], or q_proj [H*(nope+R), D]
   LinearWeight kv_a_proj_with_mqa;       // [C + R, D]
   Tensor kv_a_layernorm;                 // [C]
-  Tensor kv_b;                           // [H*(nope+v), C] dequantized: W_UK and W_UV per head
+  MlaWeight kv_b;                        // [H*(nope+v), C]: W_UK and W_UV per head (Ops::place_mla_kv_b)
   LinearWeight o_proj;                   // [D, H*v]
 };
 
@@ -102,6 +102,7 @@ class DeepseekV3 {
 
  private:
   void attention(int64_t layer, const Tensor& x, const StepInput& step, KvCache& cache, Tensor& out);
+  MlaParams mla_params() const;  // this rank's heads
   void mlp(const LayerWeights& lw, const Tensor& x, Tensor& out);
 
   void all_reduce(Tensor& t);

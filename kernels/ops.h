@@ -27,6 +27,23 @@ struct LinearWeight {
   int64_t in_features() const { return weight.dim(1); }
 };
 
+// MLA's kv_b_proj [H*(nope+v), C] (W_UK [nope, C] then W_UV [v, C] per head) in the forms a backend
+// computes with. `w` is W exactly dequantized to FP32; every backend has it. `split` and
+// `split_scale` are the CUDA backend's own, for the absorptions on tensor cores, and are empty
+// elsewhere: W's stored values (FP8 or BF16, exact in BF16) without their block scales, per head
+// W_UK transposed then W_UV (kernels/cuda/kernels.h: mla_kv_b_split), and the scales per head and
+// column [H, 2, C] (W_UK's, W_UV's), so that W = stored value * scale.
+struct MlaWeight {
+  Tensor w;
+  Tensor split;
+  Tensor split_scale;
+  MlaWeight() = default;
+  MlaWeight(Tensor f32) : w(std::move(f32)) {}  // NOLINT(google-explicit-constructor): the FP32 form alone
+  size_t nbytes() const {
+    return w.nbytes() + (split.defined() ? split.nbytes() + split_scale.nbytes() : 0);
+  }
+};
+
 struct ExpertWeights {  // one SwiGLU MLP: down(silu(gate(x)) * up(x))
   LinearWeight gate;  // [F, D]
   LinearWeight up;    // [F, D]
@@ -117,6 +134,12 @@ class Ops {
   virtual Tensor place_embedding(const Tensor& host) = 0;
   // W exactly dequantized to FP32 on the device, [out, in].
   virtual Tensor dequantize(const LinearWeight& w) = 0;
+  // MLA's kv_b_proj placed by place_linear(), in the forms mla_attention() takes (MlaWeight),
+  // for the heads and dimensions of p.
+  virtual MlaWeight place_mla_kv_b(const LinearWeight& w, const MlaParams& p) {
+    (void)p;
+    return MlaWeight(dequantize(w));
+  }
   virtual void copy_to_host(const Tensor& src, void* dst) = 0;
   virtual void copy_from_host(const void* src, Tensor& dst) = 0;
   // dst = src, both on this device, same dtype and size.
@@ -156,9 +179,9 @@ class Ops {
   // cache: [num_blocks, block_size, C + R]; entry: [T, C + R].
   virtual void cache_write(Tensor& cache, const Tensor& entry, const AttentionLayout& layout) = 0;
   // Multi-head latent attention in the absorbed form over the paged cache.
-  // q [T, H, nope + R] (rope applied), w_kv_b = dequantized kv_b_proj [H*(nope+v), C],
+  // q [T, H, nope + R] (rope applied), kv_b from place_mla_kv_b() (or its FP32 form alone),
   // cache [num_blocks, block_size, C + R], out [T, H*v].
-  virtual void mla_attention(const Tensor& q, const Tensor& w_kv_b, const Tensor& cache,
+  virtual void mla_attention(const Tensor& q, const MlaWeight& kv_b, const Tensor& cache,
                              const AttentionLayout& layout, const MlaParams& p, Tensor& out) = 0;
   // Router: sigmoid scores of x [T, D] against gate [E, D] (FP32), biased group/expert choice,
   // unbiased weights. ids [T, K] I32, weights [T, K] F32.
@@ -268,6 +291,11 @@ struct BackendOptions {
   // The fast MLA core: auto (wgmma where it fills the GPU, else mma) | mma | wgmma (where it
   // runs at all). For tests and benches, not a run key; DILU_MLA_CORE overrides it.
   std::string mla_core = "auto";
+  // The fast MLA absorptions: auto (bf16x3 from kMlaSplitMinTokens tokens where kv_b has its
+  // split form, else f32) | f32 (FP32 cuBLASLt GEMMs) | bf16x3 (the activations as three BF16
+  // parts against kv_b's stored values on tensor cores, wherever the split form exists). For
+  // tests and benches; DILU_MLA_ABSORB overrides it.
+  std::string mla_absorb = "auto";
 };
 
 // "cpu" always; "cuda" when built with it. Throws UserError for an unknown or unavailable name.

@@ -261,8 +261,9 @@ class CpuOps final : public Ops {
     }
   }
 
-  void mla_attention(const Tensor& q, const Tensor& w_kv_b, const Tensor& cache, const AttentionLayout& layout,
+  void mla_attention(const Tensor& q, const MlaWeight& kv_b, const Tensor& cache, const AttentionLayout& layout,
                      const MlaParams& p, Tensor& out) override {
+    const Tensor& w_kv_b = kv_b.w;
     check_f32(q, "mla query");
     check_f32(w_kv_b, "mla kv_b weight");
     check_f32(cache, "kv cache");

@@ -199,6 +199,12 @@ class CudaOps final : public Ops {
     DILU_USER_CHECK(mla_core_ == "auto" || mla_core_ == "mma" || mla_core_ == "wgmma", "the MLA core (",
                     core_env && *core_env ? "DILU_MLA_CORE" : "BackendOptions::mla_core",
                     ") must be auto, mma or wgmma, got '", mla_core_, "'; unset DILU_MLA_CORE for the automatic choice");
+    const char* absorb_env = std::getenv("DILU_MLA_ABSORB");
+    mla_absorb_ = absorb_env && *absorb_env ? absorb_env : o.mla_absorb;
+    DILU_USER_CHECK(mla_absorb_ == "auto" || mla_absorb_ == "f32" || mla_absorb_ == "bf16x3", "the MLA absorptions (",
+                    absorb_env && *absorb_env ? "DILU_MLA_ABSORB" : "BackendOptions::mla_absorb",
+                    ") must be auto, f32 or bf16x3, got '", mla_absorb_,
+                    "'; unset DILU_MLA_ABSORB for the automatic choice");
     if (mla_fused_) {
       mla_split_bytes_ = size_t{16} << 20;
       mla_split_scratch_ = allocate_persistent(DType::U8, {static_cast<int64_t>(mla_split_bytes_)});
@@ -396,6 +402,36 @@ class CudaOps final : public Ops {
                             w.in_features(), w.block_out, w.block_in, out.data<float>(), stream_);
     synchronize();
     return out;
+  }
+
+  // kv_b in FP32 (the reference kernels, the F32 absorptions) and, with the fast kernels, its
+  // split form for the absorptions on tensor cores (cuda::mla_kv_b_split): the stored FP8 or BF16
+  // values, exact in BF16, where each head's W_UK rows and W_UV rows fall in one row block of the
+  // scales and the shapes suit the split kernels (R1's do).
+  MlaWeight place_mla_kv_b(const LinearWeight& w, const MlaParams& p) override {
+    MlaWeight m(dequantize(w));
+    const int64_t h = p.num_heads, nope = p.qk_nope_head_dim, v = p.v_head_dim, c = p.kv_lora_rank;
+    const bool fp8 = w.weight.dtype() == DType::F8E4M3;
+    if (!mla_fused_ || mla_absorb_ == "f32" || !(fp8 || w.weight.dtype() == DType::BF16)) return m;
+    if (w.out_features() != h * (nope + v) || w.in_features() != c || h <= 0) return m;
+    cuda::MlaArgs shape;
+    shape.c = c;
+    shape.v = v;
+    shape.nope = nope;
+    shape.r = p.qk_rope_head_dim;
+    if (!cuda::mla_split_fits(shape)) return m;
+    if (fp8)
+      for (int64_t head = 0; head < h; ++head) {
+        const int64_t r0 = head * (nope + v), bo = w.block_out;
+        if (r0 / bo != (r0 + nope - 1) / bo || (r0 + nope) / bo != (r0 + nope + v - 1) / bo) return m;
+      }
+    m.split = allocate_persistent(DType::BF16, {h, (nope + v) * c});
+    m.split_scale = allocate_persistent(DType::F32, {h, 2, c});
+    cuda::mla_kv_b_split(w.weight.raw(), weight_type(w.weight.dtype()), fp8 ? w.scale_inv.data<float>() : nullptr,
+                         fp8 ? w.scale_inv.dim(1) : 0, h, nope, v, c, w.block_out, w.block_in,
+                         static_cast<uint16_t*>(m.split.raw()), m.split_scale.data<float>(), stream_);
+    synchronize();
+    return m;
   }
 
   void copy_to_host(const Tensor& src, void* dst) override {
@@ -749,8 +785,9 @@ class CudaOps final : public Ops {
                       stream_);
   }
 
-  void mla_attention(const Tensor& q, const Tensor& w_kv_b, const Tensor& cache, const AttentionLayout& layout,
+  void mla_attention(const Tensor& q, const MlaWeight& kv_b, const Tensor& cache, const AttentionLayout& layout,
                      const MlaParams& p, Tensor& out) override {
+    const Tensor& w_kv_b = kv_b.w;
     check_f32(q, "mla query");
     check_f32(w_kv_b, "mla kv_b weight");
     check_f32(out, "mla output");
@@ -774,6 +811,11 @@ class CudaOps final : public Ops {
     }
     const MlaLayout dev = mla_layout(layout);
     Tensor q_lat = empty(DType::F32, {t, h, c}), o_lat = empty(DType::F32, {t, h, c});
+    const bool split_wanted =
+        mla_fused_ && kv_b.split.defined() && (mla_absorb_ == "bf16x3" || t >= cuda::kMlaSplitMinTokens);
+    if (split_wanted)
+      DILU_CHECK(kv_b.split.numel() == w_kv_b.numel() && kv_b.split_scale.numel() == h * 2 * c,
+                 "mla kv_b split form ", shape_str(kv_b.split.shape()), " for ", shape_str(w_kv_b.shape()));
     cuda::MlaArgs a;
     a.q = q.data<float>();
     a.kv_b = w_kv_b.data<float>();
@@ -801,9 +843,16 @@ class CudaOps final : public Ops {
     // not once per token), the core with all heads of a block sharing each tile of the cache,
     // the context split over blocks when the batch alone cannot fill the GPU.
     //   q_lat[t, h, :] = q[t, h, :nope] @ W_UK[h]: column-major C x T = (C x nope) (nope x T)
-    const bool q_done = lt_sgemm_batched(false, c, t, nope, a.kv_b, c, (nope + v) * c, a.q, h * (nope + r), nope + r,
-                                         a.q_lat, h * c, c, h);
-    if (!q_done) cuda::mla_absorb_q(a, stream_);
+    //   split (cuda::mla_kv_b_split): q_lat without W_UK's scales, which the core applies.
+    const bool split = split_wanted && cuda::mla_split_fits(a);
+    const uint16_t* w_split = split ? static_cast<const uint16_t*>(kv_b.split.raw()) : nullptr;
+    if (split) {
+      cuda::mla_absorb_q_split(a, w_split, stream_);
+      a.q_scale = kv_b.split_scale.data<float>();
+    } else if (!lt_sgemm_batched(false, c, t, nope, a.kv_b, c, (nope + v) * c, a.q, h * (nope + r), nope + r, a.q_lat,
+                                 h * c, c, h)) {
+      cuda::mla_absorb_q(a, stream_);
+    }
     // The wgmma core (64 heads a block, one block an SM) where its blocks fill at least half the
     // SMs before the context is split, or where asked for; the mma core (16 heads a block, two an
     // SM) else. On an H100 (dilu_mla_bench, context 1024) the wgmma core is slower at 32 tokens
@@ -831,9 +880,13 @@ class CudaOps final : public Ops {
     else if (cuda::mla_core_mma_fits(a)) cuda::mla_core_mma(a, splits, part_o, part_ml, stream_);
     else cuda::mla_core_fused(a, splits, part_o, part_ml, stream_);
     //   out[t, h*v + i] = o_lat[t, h, :] . W_UV[h][i, :]: column-major v x T = (C x v)^T (C x T)
-    const bool v_done = lt_sgemm_batched(true, v, t, c, a.kv_b + nope * c, c, (nope + v) * c, a.o_lat, h * c, c,
-                                         a.out, h * v, v, h);
-    if (!v_done) cuda::mla_absorb_v(a, stream_);
+    //   split: (o_lat * W_UV's scales) against W_UV's stored values.
+    if (split) {
+      cuda::mla_absorb_v_split(a, w_split, kv_b.split_scale.data<float>(), stream_);
+    } else if (!lt_sgemm_batched(true, v, t, c, a.kv_b + nope * c, c, (nope + v) * c, a.o_lat, h * c, c, a.out, h * v,
+                                 v, h)) {
+      cuda::mla_absorb_v(a, stream_);
+    }
   }
 
   // The token count whose algorithm serves n: n itself up to 16 (decode's small batches keep their
@@ -1449,6 +1502,7 @@ class CudaOps final : public Ops {
   bool fast_ = false;       // cuda.kernels=fast
   bool mla_fused_ = false;  // the fused MLA kernels (fast)
   std::string mla_core_ = "auto";  // BackendOptions::mla_core
+  std::string mla_absorb_ = "auto";  // BackendOptions::mla_absorb
   bool graphs_ = false;     // cuda.graphs
   bool capturing_ = false;  // between begin_capture() and end_capture()
   std::shared_ptr<Arena> graph_arena_;  // captured steps' scratch (enable_graphs)

@@ -482,7 +482,8 @@ __global__ void __launch_bounds__(kMlaWarps * 32) mla_attention_kernel(MlaArgs a
   __shared__ float qs[kMaxC + kMaxR];
   __shared__ float wm[kMlaWarps], wl[kMlaWarps];
   __shared__ float wacc[kMlaWarps][kMaxC];
-  for (int64_t i = threadIdx.x; i < a.c; i += blockDim.x) qs[i] = a.q_lat[(t * a.h + head) * a.c + i];
+  for (int64_t i = threadIdx.x; i < a.c; i += blockDim.x)
+    qs[i] = a.q_lat[(t * a.h + head) * a.c + i] * (a.q_scale ? a.q_scale[head * 2 * a.c + i] : 1.0f);
   for (int64_t i = threadIdx.x; i < a.r; i += blockDim.x) qs[a.c + i] = a.q[(t * a.h + head) * (a.nope + a.r) + a.nope + i];
   __syncthreads();
   const int64_t ctx = static_cast<int64_t>(a.token_pos[t]) + 1;
@@ -1924,7 +1925,8 @@ __global__ void __launch_bounds__(kMlaFusedWarps * 32)
     const int64_t hl = i / width, k = i % width, head = head0 + hl;
     float v = 0.0f;
     if (head < a.h)
-      v = k < a.c ? a.q_lat[(t * a.h + head) * a.c + k] : a.q[(t * a.h + head) * (a.nope + a.r) + a.nope + (k - a.c)];
+      v = k < a.c ? a.q_lat[(t * a.h + head) * a.c + k] * (a.q_scale ? a.q_scale[head * 2 * a.c + k] : 1.0f)
+                  : a.q[(t * a.h + head) * (a.nope + a.r) + a.nope + (k - a.c)];
     qs[i] = v;
   }
   const int64_t ctx = static_cast<int64_t>(a.token_pos[t]) + 1;
@@ -2151,6 +2153,172 @@ __device__ __forceinline__ void split_bf16x2(float x, float y, uint32_t& hi, uin
   lo = pack_bf16x2(x - hf.x, y - hf.y);
 }
 
+// ---- MLA absorptions on tensor cores: kv_b's split form, the activations in three BF16 parts ----
+
+// One thread per element of the split form (per head: W_UK transposed [C, nope], then W_UV
+// [v, C]), and per (head, column) the two scales.
+__global__ void mla_kv_b_split_kernel(const void* w, WeightType type, const float* scale_inv, int64_t sc, int64_t h,
+                                      int64_t nope, int64_t v, int64_t c, int64_t bo, int64_t bi,
+                                      __nv_bfloat16* split, float* split_scale) {
+  const int64_t per_head = (nope + v) * c, n = h * per_head;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t head = i / per_head, j = i % per_head;
+    const int64_t row = j < c * nope ? j % nope : nope + (j - c * nope) / c;
+    const int64_t col = j < c * nope ? j / nope : (j - c * nope) % c;
+    split[i] = __float2bfloat16_rn(load_weight(w, type, (head * (nope + v) + row) * c + col));  // exact
+  }
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < h * 2 * c;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t head = i / (2 * c), part = (i / c) % 2, col = i % c;
+    const int64_t row = head * (nope + v) + part * nope;
+    split_scale[i] = type == WeightType::FP8 ? scale_inv[(row / bo) * sc + col / bi] : 1.0f;
+  }
+}
+
+// x = hi + mid + lo: each part the BF16 rounding of what the ones before leave (F32's 24 bits).
+__device__ __forceinline__ void split_bf16x3(float x, __nv_bfloat16& hi, __nv_bfloat16& mid, __nv_bfloat16& lo) {
+  hi = __float2bfloat16_rn(x);
+  const float r = x - __bfloat162float(hi);
+  mid = __float2bfloat16_rn(r);
+  lo = __float2bfloat16_rn(r - __bfloat162float(mid));
+}
+
+// One batch entry (head) b of a split GEMM: C[m, n] = sum_k (A[m, k] s[k]) B[n, k] for F32 A
+// (rows at a + b a_batch + m lda), an optional per-k scale s (+ b s_batch), BF16 B stored K-major
+// (w + b w_batch + n K), F32 C (c + b c_batch + m ldc). N and K multiples of 8 (mla_split_fits).
+struct SplitGemm {
+  const float* a = nullptr;
+  int64_t lda = 0, a_batch = 0;
+  const float* s = nullptr;
+  int64_t s_batch = 0;
+  const __nv_bfloat16* w = nullptr;
+  int64_t w_batch = 0;
+  float* c = nullptr;
+  int64_t ldc = 0, c_batch = 0;
+  int64_t m = 0, n = 0, k = 0;
+};
+// BK 64 against 32: the split absorptions of a batch of 256 took 138 against 147 us (Nsight Compute).
+constexpr int kSgBM = 64, kSgBN = 128, kSgBK = 64;
+
+// A block computes a 64 x 128 tile of C, K in steps of BK: A's tile is loaded to registers a step
+// ahead, split into its three BF16 parts and stored; B's tile comes through a double-buffered
+// cp.async ring. Warp w owns rows 32 (w / 4).. and columns 32 (w % 4)..: per 16-wide K step, 2 x 4
+// m16n8k16 tiles, each multiplied by the three parts of A (lo first) into one F32 accumulator.
+// Staged rows are BK + 8 BF16s apart (ldmatrix's eight rows on distinct banks).
+template <int BK>
+__global__ void __launch_bounds__(256) split_gemm_kernel(SplitGemm g) {
+  constexpr int kPitch = BK + 8, kAPer = BK / 4;  // A: columns a thread
+  extern __shared__ __align__(16) unsigned char sg_smem[];
+  auto as = reinterpret_cast<__nv_bfloat16(*)[kSgBM][kPitch]>(sg_smem);                                  // [3]
+  auto bs = reinterpret_cast<__nv_bfloat16(*)[kSgBN][kPitch]>(sg_smem + 3 * kSgBM * kPitch * 2);  // [2]
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gid = lane >> 2, quad = lane & 3;
+  const int64_t b = blockIdx.z, m0 = static_cast<int64_t>(blockIdx.y) * kSgBM, n0 = static_cast<int64_t>(blockIdx.x) * kSgBN;
+  const float* a = g.a + b * g.a_batch;
+  const float* s = g.s ? g.s + b * g.s_batch : nullptr;
+  const __nv_bfloat16* w = g.w + b * g.w_batch + n0 * g.k;
+  // A: this thread's BK / 4 columns of row tid / 4; B: pieces of 16 bytes, rows tid / (BK / 8) + ...
+  const int a_row = tid >> 2, a_col = (tid & 3) * kAPer;
+  const bool a_ok = m0 + a_row < g.m;
+  const float* a_src = a + (m0 + a_row) * g.lda + a_col;
+  float4 x[kAPer / 4];
+  auto load_a = [&](int64_t k0) {  // zeros past M and K
+#pragma unroll
+    for (int i = 0; i < kAPer / 4; ++i) {
+      const bool in_k = k0 + a_col + 4 * i < g.k;
+      x[i] = a_ok && in_k ? *reinterpret_cast<const float4*>(a_src + k0 + 4 * i) : make_float4(0.f, 0.f, 0.f, 0.f);
+      if (s && in_k) {
+        const float4 f = *reinterpret_cast<const float4*>(s + k0 + a_col + 4 * i);
+        x[i].x *= f.x, x[i].y *= f.y, x[i].z *= f.z, x[i].w *= f.w;
+      }
+    }
+  };
+  auto store_a = [&] {
+#pragma unroll
+    for (int i = 0; i < kAPer / 8; ++i) {
+      __align__(16) __nv_bfloat16 p[3][8];
+      const float v[8] = {x[2 * i].x,     x[2 * i].y,     x[2 * i].z,     x[2 * i].w,
+                          x[2 * i + 1].x, x[2 * i + 1].y, x[2 * i + 1].z, x[2 * i + 1].w};
+#pragma unroll
+      for (int j = 0; j < 8; ++j) split_bf16x3(v[j], p[0][j], p[1][j], p[2][j]);
+#pragma unroll
+      for (int q = 0; q < 3; ++q)
+        *reinterpret_cast<uint4*>(&as[q][a_row][a_col + 8 * i]) = *reinterpret_cast<const uint4*>(p[q]);
+    }
+  };
+  auto load_b = [&](int buf, int64_t k0) {  // zeros past N and K
+    constexpr int kPieces = BK / 8, kRowsPer = 256 / kPieces;
+#pragma unroll
+    for (int i = 0; i < kSgBN / kRowsPer; ++i) {
+      const int row = tid / kPieces + kRowsPer * i, col = (tid % kPieces) * 8;
+      const bool ok = n0 + row < g.n && k0 + col < g.k;
+      cp_async16(&bs[buf][row][col], ok ? w + row * g.k + k0 + col : w, ok);
+    }
+    cp_async_commit();
+  };
+
+  float acc[2][4][4] = {};
+  const int wm = 32 * (warp >> 2), wn = 32 * (warp & 3);
+  const int64_t steps = (g.k + BK - 1) / BK;
+  load_a(0);
+  load_b(0, 0);
+  for (int64_t st = 0; st < steps; ++st) {
+    store_a();
+    if (st + 1 < steps) {
+      load_b(static_cast<int>((st + 1) & 1), (st + 1) * BK);
+      load_a((st + 1) * BK);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const int buf = static_cast<int>(st & 1);
+#pragma unroll
+    for (int ks = 0; ks < BK; ks += 16) {
+      uint32_t bf[4][2];
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        ldmatrix_x4<false>(&bs[buf][wn + 16 * j + (lane & 7) + ((lane >> 4) << 3)][ks + ((lane >> 3) & 1) * 8],
+                           bf[2 * j][0], bf[2 * j][1], bf[2 * j + 1][0], bf[2 * j + 1][1]);
+#pragma unroll
+      for (int q = 2; q >= 0; --q)
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          uint32_t af[4];
+          ldmatrix_x4<false>(&as[q][wm + 16 * i + (lane & 15)][ks + (lane >> 4) * 8], af[0], af[1], af[2], af[3]);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) mma_bf16_16816(acc[i][j], af[0], af[1], af[2], af[3], bf[j][0], bf[j][1]);
+        }
+    }
+    __syncthreads();
+  }
+  float* c = g.c + b * g.c_batch;
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t row = m0 + wm + 16 * i + gid + 8 * h;
+      if (row >= g.m) continue;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int64_t col = n0 + wn + 8 * j + 2 * quad;
+        if (col < g.n) *reinterpret_cast<float2*>(c + row * g.ldc + col) = make_float2(acc[i][j][2 * h], acc[i][j][2 * h + 1]);
+      }
+    }
+}
+
+// 63 KB of shared memory a block, opted into once. (100 registers: two blocks an SM; three, at
+// 80 registers, measured the same.)
+void launch_split_gemm(const SplitGemm& g, int64_t batch, cudaStream_t stream) {
+  constexpr size_t smem = static_cast<size_t>(3 * kSgBM + 2 * kSgBN) * (kSgBK + 8) * 2;
+  static size_t allowed[kMaxDevices] = {};
+  allow_dynamic_smem(split_gemm_kernel<kSgBK>, smem, allowed, "split_gemm");
+  const dim3 grid(static_cast<unsigned>((g.n + kSgBN - 1) / kSgBN), static_cast<unsigned>((g.m + kSgBM - 1) / kSgBM),
+                  static_cast<unsigned>(batch));
+  split_gemm_kernel<kSgBK><<<grid, 256, smem, stream>>>(g);
+}
+
+
 __global__ void __launch_bounds__(kMlaMmaWarps * 32, 2)
     mla_core_mma_kernel(MlaArgs a, int64_t splits, float* part_o, float* part_ml) {
   const int64_t groups = (a.h + kMlaFusedHeads - 1) / kMlaFusedHeads;
@@ -2177,10 +2345,16 @@ __global__ void __launch_bounds__(kMlaMmaWarps * 32, 2)
     const float* qrope = a.q + (t * a.h + head0) * (a.nope + a.r) + a.nope;
     const int qstride = static_cast<int>(a.nope + a.r);
     // Columns col, col + 1 (col even; C even, so both on one side of C).
+    const float* qscale = a.q_scale ? a.q_scale + head0 * 2 * c : nullptr;  // [heads, 2, C]
     auto q2 = [&](int hl, int col) {
       if (hl >= heads) return make_float2(0.0f, 0.0f);
-      return col < c ? *reinterpret_cast<const float2*>(qlat + hl * c + col)
-                     : *reinterpret_cast<const float2*>(qrope + hl * qstride + col - c);
+      if (col >= c) return *reinterpret_cast<const float2*>(qrope + hl * qstride + col - c);
+      float2 x = *reinterpret_cast<const float2*>(qlat + hl * c + col);
+      if (qscale) {
+        const float2 f = *reinterpret_cast<const float2*>(qscale + hl * 2 * c + col);
+        x.x *= f.x, x.y *= f.y;
+      }
+      return x;
     };
 #pragma unroll
     for (int s = 0; s < kMlaQSteps; ++s) {
@@ -2534,6 +2708,7 @@ __global__ void __launch_bounds__(kWgThreads, 1)
     const float* qlat = a.q_lat + (static_cast<int64_t>(t) * a.h + head0) * kWgC;
     const int qstride = static_cast<int>(a.nope + a.r);
     const float* qrope = a.q + (static_cast<int64_t>(t) * a.h + head0) * qstride + a.nope;
+    const float* qscale = a.q_scale ? a.q_scale + static_cast<int64_t>(head0) * 2 * kWgC : nullptr;  // [64, 2, C]
     constexpr int kSteps = kWgHeads * kWgChunks / kWgThreads, kBatch = 9;
     static_assert(kSteps % kBatch == 0, "whole batches of query loads");
 #pragma unroll 1
@@ -2545,6 +2720,12 @@ __global__ void __launch_bounds__(kWgThreads, 1)
         const float* src = kc < kWgC / 8 ? qlat + hd * kWgC + 8 * kc : qrope + hd * qstride + 8 * (kc - kWgC / 8);
         x[u][0] = *reinterpret_cast<const float4*>(src);
         x[u][1] = *reinterpret_cast<const float4*>(src + 4);
+        if (qscale && kc < kWgC / 8) {
+          const float4 f0 = *reinterpret_cast<const float4*>(qscale + hd * 2 * kWgC + 8 * kc);
+          const float4 f1 = *reinterpret_cast<const float4*>(qscale + hd * 2 * kWgC + 8 * kc + 4);
+          x[u][0].x *= f0.x, x[u][0].y *= f0.y, x[u][0].z *= f0.z, x[u][0].w *= f0.w;
+          x[u][1].x *= f1.x, x[u][1].y *= f1.y, x[u][1].z *= f1.z, x[u][1].w *= f1.w;
+        }
       }
 #pragma unroll
       for (int u = 0; u < kBatch; ++u) {
@@ -2834,6 +3015,60 @@ void fill_u32(void* dst, uint32_t pattern, int64_t n, void* stream) {
   if (n <= 0) return;
   fill_u32_kernel<<<grid_for(n, 256), 256, 0, as_stream(stream)>>>(static_cast<uint32_t*>(dst), pattern, n);
   check_launch("fill_u32");
+}
+
+void mla_kv_b_split(const void* w, WeightType type, const float* scale_inv, int64_t scale_stride, int64_t h,
+                    int64_t nope, int64_t v, int64_t c, int64_t block_out, int64_t block_in, uint16_t* split,
+                    float* split_scale, void* stream) {
+  if (h <= 0) return;
+  mla_kv_b_split_kernel<<<grid_for(h * (nope + v) * c, 256), 256, 0, as_stream(stream)>>>(
+      w, type, scale_inv, scale_stride, h, nope, v, c, block_out, block_in, reinterpret_cast<__nv_bfloat16*>(split),
+      split_scale);
+  check_launch("mla_kv_b_split");
+}
+
+bool mla_split_fits(const MlaArgs& a) {
+  auto al16 = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  return a.c % 8 == 0 && a.v % 8 == 0 && a.nope % 8 == 0 && (a.nope + a.r) % 4 == 0 && al16(a.q) && al16(a.q_lat) &&
+         al16(a.o_lat) && al16(a.out);
+}
+
+void mla_absorb_q_split(const MlaArgs& a, const uint16_t* split, void* stream) {
+  if (a.t <= 0 || a.h <= 0) return;
+  SplitGemm g;
+  g.a = a.q;
+  g.lda = a.h * (a.nope + a.r);
+  g.a_batch = a.nope + a.r;
+  g.w = reinterpret_cast<const __nv_bfloat16*>(split);
+  g.w_batch = (a.nope + a.v) * a.c;
+  g.c = a.q_lat;
+  g.ldc = a.h * a.c;
+  g.c_batch = a.c;
+  g.m = a.t;
+  g.n = a.c;
+  g.k = a.nope;
+  launch_split_gemm(g, a.h, as_stream(stream));
+  check_launch("mla_absorb_q_split");
+}
+
+void mla_absorb_v_split(const MlaArgs& a, const uint16_t* split, const float* split_scale, void* stream) {
+  if (a.t <= 0 || a.h <= 0) return;
+  SplitGemm g;
+  g.a = a.o_lat;
+  g.lda = a.h * a.c;
+  g.a_batch = a.c;
+  g.s = split_scale + a.c;
+  g.s_batch = 2 * a.c;
+  g.w = reinterpret_cast<const __nv_bfloat16*>(split) + a.c * a.nope;
+  g.w_batch = (a.nope + a.v) * a.c;
+  g.c = a.out;
+  g.ldc = a.h * a.v;
+  g.c_batch = a.v;
+  g.m = a.t;
+  g.n = a.v;
+  g.k = a.c;
+  launch_split_gemm(g, a.h, as_stream(stream));
+  check_launch("mla_absorb_v_split");
 }
 
 }  // namespace dilu::cuda

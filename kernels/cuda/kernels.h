@@ -131,6 +131,10 @@ struct MlaArgs {
   int64_t t = 0, h = 0, nope = 0, r = 0, c = 0, v = 0;
   float scale = 1.0f;
   float* q_lat = nullptr;  // scratch [T, H, C]
+  // With kv_b's split form (mla_kv_b_split): its scales [H, 2, C]. The split absorb-q leaves
+  // W_UK's scales ([h, 0, :]) out of q_lat and the fast cores apply them as they load it. Null
+  // when q_lat is complete (the F32 absorptions).
+  const float* q_scale = nullptr;
   float* o_lat = nullptr;  // scratch [T, H, C]
   float* out = nullptr;    // [T, H * v]
 };
@@ -141,6 +145,22 @@ void mla_attention(const MlaArgs& a, void* stream);
 // path): q_lat = q_nope @ W_UK[h]; out = o_lat @ W_UV[h]^T. mla_attention runs them around its core.
 void mla_absorb_q(const MlaArgs& a, void* stream);
 void mla_absorb_v(const MlaArgs& a, void* stream);
+
+// The absorptions on BF16 tensor cores with F32 accuracy ("split"): kv_b's stored values (FP8
+// or BF16, each exact in BF16) are multiplied without their block scales, against the F32
+// activations cut into three BF16 parts as they are loaded (x = hi + mid + lo, 24 bits):
+//   q_lat = q_nope @ W_UK without W_UK's scales, which the fast cores apply (MlaArgs::q_scale);
+//   out = (o_lat * W_UV's scales) @ W_UV^T.
+// The split form of kv_b, per head: W_UK transposed ([C, nope]), then W_UV ([v, C]), in BF16;
+// split_scale [H, 2, C] holds the scale of W_UK's and of W_UV's column j in head h (1 for BF16).
+// Each head's W_UK rows, and its W_UV rows, must lie in one row block of the scales.
+void mla_kv_b_split(const void* w, WeightType type, const float* scale_inv, int64_t scale_stride, int64_t h,
+                    int64_t nope, int64_t v, int64_t c, int64_t block_out, int64_t block_in, uint16_t* split,
+                    float* split_scale, void* stream);
+// The shapes the split absorptions take: C, v and nope multiples of 8, nope + R of 4, aligned operands.
+bool mla_split_fits(const MlaArgs& a);
+void mla_absorb_q_split(const MlaArgs& a, const uint16_t* split, void* stream);
+void mla_absorb_v_split(const MlaArgs& a, const uint16_t* split, const float* split_scale, void* stream);
 // The core alone: o_lat from q_lat, the rope part of q and the cache, one block per (token, head).
 void mla_core_reference(const MlaArgs& a, void* stream);
 
@@ -162,6 +182,10 @@ void mla_core_mma(const MlaArgs& a, int64_t splits, float* part_o, float* part_m
 // The same on Hopper wgmma: 64 heads a block, R1's C = 512 and R = 64, heads a multiple of 64,
 // an sm_90a image on a device of compute capability 9.0 (mla_core_wgmma_fits()).
 constexpr int kMlaWgmmaHeads = 64;
+// The fewest tokens for which the fast path runs the absorptions split (mla_kv_b_split) rather
+// than as FP32 GEMMs (BackendOptions::mla_absorb = auto). On an H100 (dilu_mla_bench, context
+// 1024, mma core) the split call takes 157.5 against 162.0 us at 32 tokens, 71.6 against 58.7 at 1.
+constexpr int64_t kMlaSplitMinTokens = 32;
 bool mla_core_wgmma_fits(const MlaArgs& a);
 void mla_core_wgmma(const MlaArgs& a, int64_t splits, float* part_o, float* part_ml, void* stream);
 

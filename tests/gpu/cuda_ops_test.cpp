@@ -180,7 +180,7 @@ class EmulatedCudaOps final : public Ops {
             f32_to_bf16(entry.data<float>()[static_cast<int64_t>(t) * width + i]);
   }
 
-  void mla_attention(const Tensor& q, const Tensor& w_kv_b, const Tensor& cache, const AttentionLayout& layout,
+  void mla_attention(const Tensor& q, const MlaWeight& w_kv_b, const Tensor& cache, const AttentionLayout& layout,
                      const MlaParams& p, Tensor& out) override {
     Tensor f = Tensor::host(DType::F32, cache.shape());
     convert_to_f32(DType::BF16, cache.raw(), f.data<float>(), static_cast<size_t>(cache.numel()));
@@ -1076,18 +1076,23 @@ const float kR1SoftmaxScale =
     static_cast<float>(std::pow(192.0, -0.5) * std::pow(0.1 * std::log(40.0) + 1.0, 2.0));
 
 // Every case also with the wgmma core forced (BackendOptions::mla_core; R1's shapes with a
-// multiple of 64 heads on an sm_90a build and device, else the mma core again), since the
-// automatic choice takes it only where a batch fills the GPU.
+// multiple of 64 heads on an sm_90a build and device, else the mma core again), and with the
+// split BF16 absorptions forced (BackendOptions::mla_absorb; wherever kv_b has a split form) under
+// each core, since the automatic choices take them only where a batch fills the GPU.
 class CudaMla : public CudaOps, public ::testing::WithParamInterface<MlaCase> {
  protected:
   void SetUp() override {
     CudaOps::SetUp();
     if (IsSkipped() || standin()) return;
-    BackendOptions o;
-    o.fp8_gemm = "soft";
-    o.kernels = "fast";
-    o.mla_core = "wgmma";
-    gpus_.push_back({"soft", make_ops("cuda", o), "fast, mla_core=wgmma"});
+    for (const auto& [core, absorb] : {std::pair<const char*, const char*>{"wgmma", "f32"}, {"wgmma", "bf16x3"},
+                                       {"mma", "bf16x3"}}) {
+      BackendOptions o;
+      o.fp8_gemm = "soft";
+      o.kernels = "fast";
+      o.mla_core = core;
+      o.mla_absorb = absorb;
+      gpus_.push_back({"soft", make_ops("cuda", o), std::string("fast, mla_core=") + core + ", mla_absorb=" + absorb});
+    }
   }
 };
 
@@ -1161,9 +1166,19 @@ TEST_P(CudaMla, MatchesWithinBf16CacheRounding) {
   for (Gpu& g : gpus_) {
     SCOPED_TRACE("fp8_gemm=" + g.mode + ", kernels=" + g.kernels);
     Ops& ops = *g.ops;
-    Tensor w_gpu = ops.dequantize(place(ops, kv_b));
+    const MlaWeight w_gpu = ops.place_mla_kv_b(place(ops, kv_b), p);
     // The bounds below assume both backends use the same W: dequantize is exact on both.
-    expect_same_bits(download<float>(ops, w_gpu), w, "dequantized kv_b");
+    expect_same_bits(download<float>(ops, w_gpu.w), w, "dequantized kv_b");
+    // The split form (the fast kernels', unless mla_absorb=f32) exists where C, v and nope are
+    // multiples of 8 and each head's W_UK rows and W_UV rows lie in one row block of the scales:
+    // in every case but small (v = 6) and odd_widths_prefill (a head's rows across two blocks).
+    bool one_block = c % 8 == 0 && v % 8 == 0 && nope % 8 == 0;
+    for (int64_t head = 0; head < h && mc.kv_b_dtype == DType::F8E4M3; ++head) {
+      const int64_t r0 = head * (nope + v), bo = mc.kv_b_block_out;
+      one_block = one_block && r0 / bo == (r0 + nope - 1) / bo && (r0 + nope) / bo == (r0 + nope + v - 1) / bo;
+    }
+    const bool splits = g.kernels.starts_with("fast") && g.kernels.find("mla_absorb=f32") == std::string::npos;
+    EXPECT_EQ(w_gpu.split.defined(), splits && one_block) << "kv_b's split form";
     Tensor cache = ops.allocate_persistent(ops.cache_dtype(), cache_shape);
     poison(ops, cache);
     Tensor e = upload(ops, {n_entries, width}, ev);
@@ -1293,6 +1308,11 @@ std::vector<MlaCase> mla_cases() {
   for (int32_t pos = 0; pos < 40; pos += 3) ragged_q.push_back({1, pos});
   cases.push_back({"R1_20_heads_prefill", 20, 128, 64, 512, 128, 64, {90, 40}, ragged_q, kR1SoftmaxScale,
                    DType::F8E4M3, 128, 128});
+  // The golden models' widths (nope 32, R 16, C 48, v 32): the split absorptions' tails in N, K
+  // and M (71 rows: 64 + 7), past kMlaSplitMinTokens.
+  std::vector<std::pair<int32_t, int32_t>> tails_q = last_tokens({70, 9});
+  for (int32_t pos = 0; pos < 69; ++pos) tails_q.push_back({0, pos});
+  cases.push_back({"golden_widths_prefill", 4, 32, 16, 48, 32, 16, {70, 9}, tails_q, 0.3f, DType::F8E4M3, 128, 128});
   // A prefill of 72 rows plus a decode row over 128 heads (eight head groups, 73 tokens).
   std::vector<std::pair<int32_t, int32_t>> wide_q = last_tokens({72, 300});
   for (int32_t pos = 0; pos < 71; ++pos) wide_q.push_back({0, pos});

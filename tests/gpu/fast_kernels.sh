@@ -3,7 +3,9 @@
 # dilu_mla_bench built with -DCMAKE_CUDA_ARCHITECTURES=90a): the whole gpu suite (every op and
 # golden test runs with cuda.kernels=reference and =fast), memcheck of the fast op tests, the
 # golden continuations with fast, the MLA kernel bench, and `dilu bench` on R1 geometry.
-# Usage: tests/gpu/fast_kernels.sh BIN_DIR OUT [STAGES]   (STAGES: tests,memcheck,golden,mla,bench)
+# golden-split: the golden continuations again with the split MLA absorptions forced
+# (DILU_MLA_ABSORB=bf16x3; the automatic choice takes them from 32 tokens).
+# Usage: tests/gpu/fast_kernels.sh BIN_DIR OUT [STAGES]   (STAGES: tests,memcheck,golden,golden-split,mla,bench)
 set -uo pipefail
 bin=$(cd "$1" && pwd); out=$2; stages=${3:-tests,memcheck,golden,mla,bench}
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -27,6 +29,15 @@ if has golden; then
          --set backend=cuda --set cuda.fp8_gemm=soft --set cuda.kernels=fast --overwrite > "$out/golden-fast-$n.log" 2>&1
     then echo "golden fast $n: ok"; else echo "golden fast $n: FAILED"; tail -5 "$out/golden-fast-$n.log"; status=1; fi
   done 2>&1 | tee "$out/golden-fast.log"
+fi
+if has golden-split; then
+  for c in "$repo"/tests/golden/data/*/; do
+    n=$(basename "$c")
+    if DILU_MLA_ABSORB=bf16x3 NEAR_TIE=0.25 bash "$repo/tests/golden/run_golden_case.sh" "$bin/dilu" "$c" \
+         "/tmp/golden-split-$n" --set backend=cuda --set cuda.fp8_gemm=soft --set cuda.kernels=fast --overwrite \
+         > "$out/golden-split-$n.log" 2>&1
+    then echo "golden fast, split absorptions $n: ok"; else echo "golden fast, split absorptions $n: FAILED"; tail -5 "$out/golden-split-$n.log"; status=1; fi
+  done 2>&1 | tee "$out/golden-split.log"
 fi
 if has mla; then
   timeout 120 "$bin/dilu_mla_bench" 2>&1 | tee "$out/mla-bench.log" || status=1
