@@ -1766,6 +1766,16 @@ void launch_fp8_stream(dim3 grid, cudaStream_t s, const GroupedGemm& g, int64_t 
 
 bool grouped_fp8_pairs(const GroupedGemm& g) { return g.rows <= 16 * g.groups; }
 
+// Groups of more than 4 and at most kFp8StreamMidRows rows on average (decode at 256 tokens over
+// R1's 256 experts: 8) take the few-rows kernel's base form with the L2 hints, 16-row tiles and
+// 6 stages, rather than the some-rows kernel's 32-row tiles and 4 stages: 5 stages of weights in
+// flight a warp instead of 3, and a second pass over an expert's weights only past 16 rows. H100,
+// 4 layers, batch 256: 17.71 and 17.90 -> 17.11 and 17.04 ms a step (docs/device-runs/
+// 2026-11-24-h100-session24.log). From 8 to 16 rows on average the some-rows kernel stays,
+// unmeasured against this one.
+constexpr int64_t kFp8StreamMidRows = 8;
+bool fp8_stream_mid(const GroupedGemm& g) { return g.rows > 4 * g.groups && g.rows <= kFp8StreamMidRows * g.groups; }
+
 // The column blocks of the decode kernel's grid: the first matrix's, then the second's.
 int64_t fp8_stream_column_blocks(const GroupedGemm& g) {
   const int64_t per_block = kFp8StreamWarps * 16;
@@ -1781,7 +1791,9 @@ int64_t grouped_fp8_splits(const GroupedGemm& g, int sms) {
   if (g.rows > 16 * g.groups) return k_splits(g, sms, 512);
   const int64_t active = g.groups < g.rows ? g.groups : g.rows;
   const int64_t blocks = fp8_stream_column_blocks(g) * active;
-  const size_t smem = g.rows <= 4 * g.groups ? fp8_stream_few_smem() : fp8_stream_smem<4, kFp8StreamStagesSome>();
+  const size_t smem = g.rows <= 4 * g.groups     ? fp8_stream_few_smem()
+                      : fp8_stream_mid(g)        ? fp8_stream_smem<2, kFp8StreamStagesFew>()
+                                                 : fp8_stream_smem<4, kFp8StreamStagesSome>();
   const int64_t per_sm = static_cast<int64_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor)) /
                          static_cast<int64_t>(smem + 1024);
   const int64_t slots = static_cast<int64_t>(sms) * (per_sm < 1 ? 1 : per_sm);
@@ -1828,6 +1840,8 @@ void grouped_fp8(const GroupedGemm& g, void* stream, int64_t splits, float* part
       case 3: launch_fp8_stream<1, kFp8StreamStagesN1, true>(stream_grid, s, g, k_chunk, part); break;
       default: launch_fp8_stream<2, kFp8StreamStagesFew, false>(stream_grid, s, g, k_chunk, part);
     }
+  } else if (fp8_stream_mid(g)) {
+    launch_fp8_stream<2, kFp8StreamStagesFew, true>(stream_grid, s, g, k_chunk, part);
   } else if (some) {
     if (fp8_stream_variant() % 2 == 1) launch_fp8_stream<4, kFp8StreamStagesSome, true>(stream_grid, s, g, k_chunk, part);
     else launch_fp8_stream<4, kFp8StreamStagesSome, false>(stream_grid, s, g, k_chunk, part);

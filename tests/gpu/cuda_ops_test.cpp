@@ -1589,6 +1589,11 @@ INSTANTIATE_TEST_SUITE_P(
         // grouped_fp8's streamed kernel: several passes over its weights).
         MoeCase{"FP8_hot_expert_few_rows", DType::F8E4M3, 48, 256, 128, 64, 64, 0, 4, 128, 128, true},
         MoeCase{"FP8_hot_expert_some_rows", DType::F8E4M3, 100, 256, 128, 64, 64, 0, 8, 128, 128, true},
+        // Between 4 and 8 rows a group on average (the streamed kernel's 16-row tiles with 6
+        // stages, as decode at 256 tokens over 256 experts), with a hot expert (64 rows: four
+        // passes) and with an output width ending inside an MMA tile.
+        MoeCase{"FP8_hot_expert_mid_rows", DType::F8E4M3, 64, 256, 128, 64, 64, 0, 6, 128, 128, true},
+        MoeCase{"FP8_256x136_mid_rows", DType::F8E4M3, 12, 256, 136, 8, 8, 0, 4, 128, 128},
         MoeCase{"empty_batch", DType::F8E4M3, 0, 144, 32, 8, 8, 0, 3, 128, 128}),
     [](const ::testing::TestParamInfo<MoeCase>& param_info) { return param_info.param.name; });
 
