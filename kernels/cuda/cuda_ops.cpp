@@ -413,13 +413,9 @@ class CudaOps final : public Ops {
     const int64_t h = p.num_heads, nope = p.qk_nope_head_dim, v = p.v_head_dim, c = p.kv_lora_rank;
     const bool fp8 = w.weight.dtype() == DType::F8E4M3;
     if (!mla_fused_ || mla_absorb_ == "f32" || !(fp8 || w.weight.dtype() == DType::BF16)) return m;
-    if (w.out_features() != h * (nope + v) || w.in_features() != c || h <= 0) return m;
-    cuda::MlaArgs shape;
-    shape.c = c;
-    shape.v = v;
-    shape.nope = nope;
-    shape.r = p.qk_rope_head_dim;
-    if (!cuda::mla_split_fits(shape)) return m;
+    if (w.out_features() != h * (nope + v) || w.in_features() != c || h <= 0 ||
+        !cuda::mla_split_shapes(c, v, nope, p.qk_rope_head_dim))
+      return m;
     if (fp8)
       for (int64_t head = 0; head < h; ++head) {
         const int64_t r0 = head * (nope + v), bo = w.block_out;

@@ -3041,10 +3041,14 @@ void mla_kv_b_split(const void* w, WeightType type, const float* scale_inv, int6
   check_launch("mla_kv_b_split");
 }
 
+bool mla_split_shapes(int64_t c, int64_t v, int64_t nope, int64_t r) {
+  return device_attribute(cudaDevAttrComputeCapabilityMajor) >= 8 && c % 8 == 0 && v % 8 == 0 && nope % 8 == 0 &&
+         (nope + r) % 4 == 0;
+}
+
 bool mla_split_fits(const MlaArgs& a) {
   auto al16 = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  return a.c % 8 == 0 && a.v % 8 == 0 && a.nope % 8 == 0 && (a.nope + a.r) % 4 == 0 && al16(a.q) && al16(a.q_lat) &&
-         al16(a.o_lat) && al16(a.out);
+  return mla_split_shapes(a.c, a.v, a.nope, a.r) && al16(a.q) && al16(a.q_lat) && al16(a.o_lat) && al16(a.out);
 }
 
 void mla_absorb_q_split(const MlaArgs& a, const uint16_t* split, void* stream) {

@@ -157,7 +157,9 @@ void mla_absorb_v(const MlaArgs& a, void* stream);
 void mla_kv_b_split(const void* w, WeightType type, const float* scale_inv, int64_t scale_stride, int64_t h,
                     int64_t nope, int64_t v, int64_t c, int64_t block_out, int64_t block_in, uint16_t* split,
                     float* split_scale, void* stream);
-// The shapes the split absorptions take: C, v and nope multiples of 8, nope + R of 4, aligned operands.
+// Whether the split absorptions take these widths on this device: sm_80+ (mma.sync), C, v and
+// nope multiples of 8, nope + R of 4. mla_split_fits: and the call's operands are 16-byte aligned.
+bool mla_split_shapes(int64_t c, int64_t v, int64_t nope, int64_t r);
 bool mla_split_fits(const MlaArgs& a);
 void mla_absorb_q_split(const MlaArgs& a, const uint16_t* split, void* stream);
 void mla_absorb_v_split(const MlaArgs& a, const uint16_t* split, const float* split_scale, void* stream);
