@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <iostream>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -76,6 +77,13 @@ int main(int argc, char** argv) {
       std::cerr << "usage: dilu_mla_bench [--reps N] [--case NAME]\n";
       return 2;
     }
+  }
+  if (!only.empty() && std::none_of(std::begin(kMlaBenchShapes), std::end(kMlaBenchShapes),
+                                    [&](const MlaBenchShape& s) { return only == s.name; })) {
+    std::cerr << "dilu_mla_bench: no case named '" << only << "'; the cases are";
+    for (const MlaBenchShape& s : kMlaBenchShapes) std::cerr << " " << s.name;
+    std::cerr << "\n";
+    return 2;
   }
   try {
     // The reference kernels, then the fast ones with each MLA core and each form of absorptions.
