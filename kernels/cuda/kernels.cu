@@ -1771,8 +1771,8 @@ bool grouped_fp8_pairs(const GroupedGemm& g) { return g.rows <= 16 * g.groups; }
 // 6 stages, rather than the some-rows kernel's 32-row tiles and 4 stages: 5 stages of weights in
 // flight a warp instead of 3, and a second pass over an expert's weights only past 16 rows. H100,
 // 4 layers, batch 256: 17.71 and 17.90 -> 17.11 and 17.04 ms a step (docs/device-runs/
-// 2026-11-24-h100-session24.log). From 8 to 16 rows on average the some-rows kernel stays,
-// unmeasured against this one.
+// 2026-11-24-h100-session24.log, section 10). At 12 and 16 rows on average (batches 384 and 512)
+// the two measured the same (section 14): the some-rows kernel keeps that range.
 constexpr int64_t kFp8StreamMidRows = 8;
 bool fp8_stream_mid(const GroupedGemm& g) { return g.rows > 4 * g.groups && g.rows <= kFp8StreamMidRows * g.groups; }
 
