@@ -2215,14 +2215,13 @@ struct SplitGemm {
 // BK 64 against 32: the split absorptions of a batch of 256 took 138 against 147 us (Nsight Compute).
 constexpr int kSgBM = 64, kSgBN = 128, kSgBK = 64;
 
-// A block computes a 64 x 128 tile of C, K in steps of BK: A's tile is loaded to registers a step
+// A block computes a 64 x 128 tile of C, K in steps of BK = kSgBK: A's tile is loaded to registers a step
 // ahead, split into its three BF16 parts and stored; B's tile comes through a double-buffered
 // cp.async ring. Warp w owns rows 32 (w / 4).. and columns 32 (w % 4)..: per 16-wide K step, 2 x 4
 // m16n8k16 tiles, each multiplied by the three parts of A (lo first) into one F32 accumulator.
 // Staged rows are BK + 8 BF16s apart (ldmatrix's eight rows on distinct banks).
-template <int BK>
 __global__ void __launch_bounds__(256) split_gemm_kernel(SplitGemm g) {
-  constexpr int kPitch = BK + 8, kAPer = BK / 4;  // A: columns a thread
+  constexpr int BK = kSgBK, kPitch = BK + 8, kAPer = BK / 4;  // A: columns a thread
   extern __shared__ __align__(16) unsigned char sg_smem[];
   auto as = reinterpret_cast<__nv_bfloat16(*)[kSgBM][kPitch]>(sg_smem);                                  // [3]
   auto bs = reinterpret_cast<__nv_bfloat16(*)[kSgBN][kPitch]>(sg_smem + 3 * kSgBM * kPitch * 2);  // [2]
@@ -2326,10 +2325,10 @@ __global__ void __launch_bounds__(256) split_gemm_kernel(SplitGemm g) {
 void launch_split_gemm(const SplitGemm& g, int64_t batch, cudaStream_t stream) {
   constexpr size_t smem = static_cast<size_t>(3 * kSgBM + 2 * kSgBN) * (kSgBK + 8) * 2;
   static size_t allowed[kMaxDevices] = {};
-  allow_dynamic_smem(split_gemm_kernel<kSgBK>, smem, allowed, "split_gemm");
+  allow_dynamic_smem(split_gemm_kernel, smem, allowed, "split_gemm");
   const dim3 grid(static_cast<unsigned>((g.n + kSgBN - 1) / kSgBN), static_cast<unsigned>((g.m + kSgBM - 1) / kSgBM),
                   static_cast<unsigned>(batch));
-  split_gemm_kernel<kSgBK><<<grid, 256, smem, stream>>>(g);
+  split_gemm_kernel<<<grid, 256, smem, stream>>>(g);
 }
 
 
