@@ -1816,6 +1816,19 @@ int64_t grouped_fp8_splits(const GroupedGemm& g, int sms) {
   return best;
 }
 
+// The prefill form on Hopper wgmma (defined with the MLA wgmma core, below).
+static bool grouped_fp8_wgmma_fits(const GroupedGemm& g);
+static void grouped_fp8_wgmma(const GroupedGemm& g, cudaStream_t s, int64_t splits, int64_t k_chunk, float* part);
+// DILU_FP8_WIDE=mma keeps groups of many rows on the mma.sync staged kernel where the wgmma one
+// runs (a switch for measuring and testing).
+static bool fp8_wide_mma_forced() {
+  static const bool forced = [] {
+    const char* e = std::getenv("DILU_FP8_WIDE");
+    return e != nullptr && std::string(e) == "mma";
+  }();
+  return forced;
+}
+
 void grouped_fp8(const GroupedGemm& g, void* stream, int64_t splits, float* partial) {
   if (g.rows <= 0 || (g.n <= 0 && g.n2 <= 0) || g.groups <= 0) return;
   if (!grouped_fp8_fits(g)) throw std::runtime_error("grouped_fp8: operands outside the kernel's shapes");
@@ -1845,6 +1858,8 @@ void grouped_fp8(const GroupedGemm& g, void* stream, int64_t splits, float* part
   } else if (some) {
     if (fp8_stream_variant() % 2 == 1) launch_fp8_stream<4, kFp8StreamStagesSome, true>(stream_grid, s, g, k_chunk, part);
     else launch_fp8_stream<4, kFp8StreamStagesSome, false>(stream_grid, s, g, k_chunk, part);
+  } else if (!fp8_wide_mma_forced() && grouped_fp8_wgmma_fits(g)) {
+    grouped_fp8_wgmma(g, s, splits, k_chunk, part);
   } else {
     const dim3 wide(static_cast<unsigned>((g.n + kMmaWarpsWide * 16 - 1) / (kMmaWarpsWide * 16)),
                     static_cast<unsigned>(grid_groups(g)), static_cast<unsigned>(splits));
@@ -2949,6 +2964,243 @@ void mla_core_wgmma(const MlaArgs& a, int64_t splits, float* part_o, float* part
   mla_core_wgmma_kernel<<<grid, kWgThreads, kWgSmem, as_stream(stream)>>>(a, splits, part_o, part_ml);
   check_launch("mla_core_wgmma");
   mla_combine(a, splits, part_o, part_ml, stream);
+}
+
+// ---------------------------------------------------------------- block-scaled FP8 GEMM on Hopper wgmma
+// grouped_fp8 for groups of many rows (prefill's experts) on sm_90a: the staged kernel's
+// arithmetic (each 128-wide K block summed on its own in FP32, then added times weight scale x
+// activation scale) with the products on wgmma instead of mma.sync.
+// Block: 128 weight rows (output columns) x BN rows of the group a pass; three warpgroups.
+//   Warpgroups 0 and 1 multiply: warpgroup w takes weight rows 64w..64w+63 as wgmma's M (A) and
+//   the pass's rows as its N (B), both K-major from shared memory. Per stage (128 of K): four
+//   m64nBNk32 products into a register set, waited for, then promoted (times the stage's scales)
+//   into the FP32 sums; at the end of a pass, its rows go out.
+//   Warpgroup 2 copies: the (pass, stage) pairs in one sequence through a ring of S slots by
+//   cp.async, each slot with a "full" barrier (the copies landed) and an "empty" one (both
+//   multiplying warpgroups done with it), so the two multiply and promote out of step with each
+//   other and with the copies.
+// Shared-memory layout of a slot (no swizzle, 8 x 16-byte core matrices): weight row r, K byte k
+// at (r / 8) * 1024 + (k / 16) * 128 + (r % 8) * 16 + k % 16; then the BN activation rows the
+// same way; then their BN scales. The barriers after the S slots.
+constexpr int kF8wThreads = 384, kF8wCols = 128;
+template <int BN>
+__host__ __device__ constexpr int fp8_wgmma_stages() { return BN >= 128 ? 6 : 8; }
+template <int BN>
+__host__ __device__ constexpr size_t fp8_wgmma_stage_bytes() { return static_cast<size_t>(kF8wCols * 128 + BN * 128 + BN * 4); }
+template <int BN>
+constexpr size_t fp8_wgmma_smem() { return fp8_wgmma_stages<BN>() * fp8_wgmma_stage_bytes<BN>() + 2 * 8 * fp8_wgmma_stages<BN>(); }
+
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_init(uint32_t bar, unsigned count) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+#endif
+}
+// Arrives at the barrier when this thread's cp.async copies issued so far have landed.
+__device__ __forceinline__ void mbar_arrive_cp_async(uint32_t bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "{\n.reg .pred done;\nwait_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait_%=;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+#endif
+}
+
+// D (64 x N, F32, += unless !accumulate) = A (64 x 32) . B (32 x N), e4m3, both K-major in
+// shared memory.
+template <int N>
+__device__ __forceinline__ void wgmma_fp8(float (&d)[N / 2], uint64_t da, uint64_t db, int accumulate);
+template <>
+__device__ __forceinline__ void wgmma_fp8<64>(float (&d)[32], uint64_t da, uint64_t db, int accumulate) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(da), "l"(db), "r"(accumulate));
+#endif
+}
+template <>
+__device__ __forceinline__ void wgmma_fp8<128>(float (&d)[64], uint64_t da, uint64_t db, int accumulate) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(da), "l"(db), "r"(accumulate));
+#endif
+}
+
+template <int BN>
+__global__ void __launch_bounds__(kF8wThreads, 1)
+    grouped_fp8_wgmma_kernel(GroupedGemm g, int64_t k_chunk, float* partial) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int S = fp8_wgmma_stages<BN>(), kAcc = BN / 2;
+  constexpr uint32_t kWBytes = kF8wCols * 128, kXBytes = BN * 128;
+  constexpr uint32_t kStage = static_cast<uint32_t>(fp8_wgmma_stage_bytes<BN>());
+  extern __shared__ __align__(128) uint8_t f8w_smem[];
+  int64_t group, row_begin, row_end;
+  if (!group_rows(g, blockIdx.y, group, row_begin, row_end)) return;
+  const int tid = threadIdx.x, wg = tid >> 7;
+  const int64_t n_block = static_cast<int64_t>(blockIdx.x) * kF8wCols;
+  const int64_t k_begin = static_cast<int64_t>(blockIdx.z) * k_chunk;
+  const int64_t k_end = g.k < k_begin + k_chunk ? g.k : k_begin + k_chunk;
+  const int64_t stages = (k_end - k_begin) / 128;  // K % 128 == 0 (grouped_fp8_fits)
+  const int64_t total = (row_end - row_begin + BN - 1) / BN * stages;
+  const uint32_t base = smem_u32(f8w_smem);
+  const uint32_t full = base + S * kStage, empty = full + 8 * S;  // barrier of slot s at + 8 s
+  if (tid == 0) {
+    for (int i = 0; i < S; ++i) {
+      mbar_init(full + 8 * i, 128);   // the copying warpgroup's threads
+      mbar_init(empty + 8 * i, 256);  // the multiplying warpgroups' threads
+    }
+  }
+  __syncthreads();
+
+  if (wg == 2) {  // ---- copies
+    const uint8_t* w = static_cast<const uint8_t*>(g.weights ? g.weights[group] : g.weight);
+    // Piece i (16 bytes) of a slot's matrix is row (i % 8) + 8 (i / 64), K bytes 16 ((i / 8) % 8):
+    // a warp's 32 pieces fill 512 contiguous bytes. This thread's pieces: rows prow + 16 j.
+    const int p = tid - 256, prow = (p & 7) + 8 * (p >> 6), pcol = (p >> 3) & 7;
+    const uint32_t poff = static_cast<uint32_t>((prow >> 3) * 1024 + pcol * 128 + (prow & 7) * 16);
+    int64_t src[BN / 16], src_scale = 0;
+    int64_t pass = -1;
+    for (int64_t it = 0; it < total; ++it) {
+      const int64_t this_pass = it / stages, st = it - this_pass * stages;
+      const int64_t r0 = row_begin + this_pass * BN;
+      if (this_pass != pass) {  // the pass's rows of the gathered input (-1 past the group)
+        pass = this_pass;
+#pragma unroll
+        for (int j = 0; j < BN / 16; ++j) {
+          const int64_t r = r0 + prow + 16 * j;
+          src[j] = r < row_end ? (g.x_rows ? g.x_rows[r] : r) : -1;
+        }
+        const int64_t r = r0 + p;
+        src_scale = p < BN && r < row_end ? (g.x_rows ? g.x_rows[r] : r) : -1;
+      }
+      const int slot = static_cast<int>(it % S);
+      if (it >= S) mbar_wait(empty + 8 * slot, static_cast<uint32_t>((it / S - 1) & 1));
+      const int64_t k0 = k_begin + 128 * st;
+      const uint32_t sw = base + slot * kStage, sx = sw + kWBytes;
+#pragma unroll
+      for (int j = 0; j < kF8wCols / 16; ++j) {
+        const int64_t n = n_block + prow + 16 * j;
+        const bool ok = n < g.n;
+        cp_async16_s(sw + poff + j * 2048, ok ? w + n * g.k + k0 + 16 * pcol : w, ok);
+      }
+#pragma unroll
+      for (int j = 0; j < BN / 16; ++j)
+        cp_async16_s(sx + poff + j * 2048, g.xq + (src[j] < 0 ? 0 : src[j] * g.ldx + k0 + 16 * pcol), src[j] >= 0);
+      if (p < BN)
+        cp_async4_ca(f8w_smem + slot * kStage + kWBytes + kXBytes + 4 * p,
+                     g.xscale + (src_scale < 0 ? 0 : src_scale * g.lds + k0 / 128), src_scale >= 0);
+      mbar_arrive_cp_async(full + 8 * slot);
+    }
+    cp_async_wait<0>();
+    return;
+  }
+
+  // ---- products: warpgroup wg's 64 weight rows
+  const int warp = (tid >> 5) & 3, lane = tid & 31, gid = lane >> 2, quad = lane & 3;
+  const int64_t n_wg = n_block + wg * 64;
+  const float* scale = g.scales ? g.scales[group] : g.scale;
+  float* out = partial ? partial + static_cast<int64_t>(blockIdx.z) * g.rows * g.n : g.out;
+  const int64_t ldo = partial ? g.n : g.ldo;
+  // The warpgroup's 64 rows lie in one scale block row (block_out % 64 == 0).
+  const float* srow = n_wg < g.n ? scale + (n_wg / g.block_out) * g.scale_stride + k_begin / 128 : nullptr;
+  const int64_t na = n_wg + 16 * warp + gid, nb = na + 8;
+  const bool va = na < g.n, vb = nb < g.n;
+  float acc[kAcc], tmp[kAcc];
+#pragma unroll
+  for (int i = 0; i < kAcc; ++i) acc[i] = tmp[i] = 0.0f;
+  for (int64_t it = 0; it < total; ++it) {
+    const int64_t pass = it / stages, st = it - pass * stages;
+    const int slot = static_cast<int>(it % S);
+    const float ws = srow ? __ldg(srow + st) : 0.0f;
+    mbar_wait(full + 8 * slot, static_cast<uint32_t>((it / S) & 1));
+    fence_proxy_async_smem();  // the copies' writes, seen here, made visible to wgmma
+    const uint32_t sa = base + slot * kStage + static_cast<uint32_t>(wg) * 64 * 128, sb = base + slot * kStage + kWBytes;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+      wgmma_fp8<BN>(tmp, wgmma_desc(sa + 256 * kk, 128, 1024), wgmma_desc(sb + 256 * kk, 128, 1024), kk > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_settle(tmp);
+    // Accumulator i: weight row 16 warp + gid (+ 8 for i % 4 >= 2), pass row 8 (i / 4) + 2 quad + i % 2.
+    const float* xs = reinterpret_cast<const float*>(f8w_smem + slot * kStage + kWBytes + kXBytes);
+    float2 sc[BN / 8];
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) sc[j] = *reinterpret_cast<const float2*>(xs + 8 * j + 2 * quad);
+    mbar_arrive(empty + 8 * slot);
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+      const float s0 = ws * sc[j].x, s1 = ws * sc[j].y;
+      acc[4 * j + 0] += tmp[4 * j + 0] * s0;
+      acc[4 * j + 1] += tmp[4 * j + 1] * s1;
+      acc[4 * j + 2] += tmp[4 * j + 2] * s0;
+      acc[4 * j + 3] += tmp[4 * j + 3] * s1;
+    }
+    if (st == stages - 1) {  // the pass's rows out
+      const int64_t r0 = row_begin + pass * BN;
+      const int rows = static_cast<int>(row_end - r0 < BN ? row_end - r0 : BN);
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j) {
+        const int r = 8 * j + 2 * quad;
+        float* o = out + (r0 + r) * ldo;
+        if (r < rows) {
+          if (va) o[na] = acc[4 * j + 0];
+          if (vb) o[nb] = acc[4 * j + 2];
+        }
+        if (r + 1 < rows) {
+          if (va) o[ldo + na] = acc[4 * j + 1];
+          if (vb) o[ldo + nb] = acc[4 * j + 3];
+        }
+        acc[4 * j + 0] = acc[4 * j + 1] = acc[4 * j + 2] = acc[4 * j + 3] = 0.0f;
+      }
+    }
+  }
+#endif
+}
+
+// The wgmma kernel's shapes: an sm_90a image on a 9.0 device, and each warpgroup's 64 weight rows
+// in one scale block row.
+static bool grouped_fp8_wgmma_fits(const GroupedGemm& g) {
+  return g.block_out % 64 == 0 && g.block_in == 128 && wgmma_image_here() &&
+         fp8_wgmma_smem<128>() <= static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
+}
+
+template <int BN>
+void launch_fp8_wgmma(const GroupedGemm& g, cudaStream_t s, int64_t splits, int64_t k_chunk, float* part) {
+  constexpr size_t smem = fp8_wgmma_smem<BN>();
+  static size_t allowed[kMaxDevices] = {};
+  allow_dynamic_smem(grouped_fp8_wgmma_kernel<BN>, smem, allowed, "grouped_fp8");
+  const dim3 grid(static_cast<unsigned>((g.n + kF8wCols - 1) / kF8wCols), static_cast<unsigned>(grid_groups(g)),
+                  static_cast<unsigned>(splits));
+  grouped_fp8_wgmma_kernel<BN><<<grid, kF8wThreads, smem, s>>>(g, k_chunk, part);
+}
+
+// Groups of more than 64 rows on average take 128-row passes; fewer, 64-row ones.
+static void grouped_fp8_wgmma(const GroupedGemm& g, cudaStream_t s, int64_t splits, int64_t k_chunk, float* part) {
+  if (g.rows > 64 * g.groups) launch_fp8_wgmma<128>(g, s, splits, k_chunk, part);
+  else launch_fp8_wgmma<64>(g, s, splits, k_chunk, part);
 }
 
 void moe_select(const float* logits, const float* bias, int64_t t, int64_t e, int64_t k, int64_t n_group,

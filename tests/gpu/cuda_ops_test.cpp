@@ -1594,6 +1594,12 @@ INSTANTIATE_TEST_SUITE_P(
         // passes) and with an output width ending inside an MMA tile.
         MoeCase{"FP8_hot_expert_mid_rows", DType::F8E4M3, 64, 256, 128, 64, 64, 0, 6, 128, 128, true},
         MoeCase{"FP8_256x136_mid_rows", DType::F8E4M3, 12, 256, 136, 8, 8, 0, 4, 128, 128},
+        // Prefill's groups (more than 16 rows a group): on sm_90a the wgmma kernel, 128-row passes
+        // past 64 rows a group on average (a hot expert: three passes; an output width of three
+        // column blocks), 64-row passes below.
+        MoeCase{"FP8_1024x256_prefill_rows", DType::F8E4M3, 256, 1024, 256, 8, 8, 0, 4, 128, 128},
+        MoeCase{"FP8_hot_expert_prefill_rows", DType::F8E4M3, 300, 512, 384, 16, 16, 0, 6, 128, 128, true},
+        MoeCase{"FP8_768x256_some_prefill_rows", DType::F8E4M3, 64, 768, 256, 16, 16, 0, 8, 128, 128},
         MoeCase{"empty_batch", DType::F8E4M3, 0, 144, 32, 8, 8, 0, 3, 128, 128}),
     [](const ::testing::TestParamInfo<MoeCase>& param_info) { return param_info.param.name; });
 
