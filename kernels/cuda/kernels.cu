@@ -3056,23 +3056,53 @@ __global__ void __launch_bounds__(kF8wThreads, 1)
   constexpr uint32_t kWBytes = kF8wCols * 128, kXBytes = BN * 128;
   constexpr uint32_t kStage = static_cast<uint32_t>(fp8_wgmma_stage_bytes<BN>());
   extern __shared__ __align__(128) uint8_t f8w_smem[];
-  int64_t group, row_begin, row_end;
-  if (!group_rows(g, blockIdx.y, group, row_begin, row_end)) return;
+  __shared__ int64_t tile[3];  // this block's group, first row and the group's end (group -1: none)
   const int tid = threadIdx.x, wg = tid >> 7;
   const int64_t n_block = static_cast<int64_t>(blockIdx.x) * kF8wCols;
   const int64_t k_begin = static_cast<int64_t>(blockIdx.z) * k_chunk;
   const int64_t k_end = g.k < k_begin + k_chunk ? g.k : k_begin + k_chunk;
   const int64_t stages = (k_end - k_begin) / 128;  // K % 128 == 0 (grouped_fp8_fits)
-  const int64_t total = (row_end - row_begin + BN - 1) / BN * stages;
   const uint32_t base = smem_u32(f8w_smem);
   const uint32_t full = base + S * kStage, empty = full + 8 * S;  // barrier of slot s at + 8 s
-  if (tid == 0) {
-    for (int i = 0; i < S; ++i) {
-      mbar_init(full + 8 * i, 128);   // the copying warpgroup's threads
-      mbar_init(empty + 8 * i, 256);  // the multiplying warpgroups' threads
+  if (tid < 32) {
+    // Tile blockIdx.y of the groups' BN-row tiles in group order (the grid's y covers an upper
+    // bound of their count), so the tiles that read a group's weights run side by side.
+    if (tid == 0) tile[0] = -1;
+    __syncwarp();
+    const int64_t y = blockIdx.y;
+    int64_t before = 0;
+    for (int64_t first = 0; first < g.groups && before <= y; first += 32) {
+      const int64_t gi = first + tid;
+      int64_t b = 0, e = 0;
+      if (gi < g.groups) {
+        b = g.group_offsets ? g.group_offsets[gi] : 0;
+        e = g.group_offsets ? g.group_offsets[gi + 1] : g.rows;
+      }
+      const int64_t count = (e - b + BN - 1) / BN;
+      int64_t incl = count;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int64_t v = __shfl_up_sync(0xffffffffu, incl, o);
+        if (tid >= o) incl += v;
+      }
+      const int64_t at = before + incl - count;
+      if (y >= at && y < at + count) {
+        tile[0] = gi;
+        tile[1] = b + (y - at) * BN;
+        tile[2] = e;
+      }
+      before += __shfl_sync(0xffffffffu, incl, 31);
+    }
+    if (tid == 0) {
+      for (int i = 0; i < S; ++i) {
+        mbar_init(full + 8 * i, 128);   // the copying warpgroup's threads
+        mbar_init(empty + 8 * i, 256);  // the multiplying warpgroups' threads
+      }
     }
   }
   __syncthreads();
+  if (tile[0] < 0) return;
+  const int64_t group = tile[0], row_begin = tile[1], row_end = tile[2] < row_begin + BN ? tile[2] : row_begin + BN;
 
   if (wg == 2) {  // ---- copies
     const uint8_t* w = static_cast<const uint8_t*>(g.weights ? g.weights[group] : g.weight);
@@ -3080,23 +3110,17 @@ __global__ void __launch_bounds__(kF8wThreads, 1)
     // a warp's 32 pieces fill 512 contiguous bytes. This thread's pieces: rows prow + 16 j.
     const int p = tid - 256, prow = (p & 7) + 8 * (p >> 6), pcol = (p >> 3) & 7;
     const uint32_t poff = static_cast<uint32_t>((prow >> 3) * 1024 + pcol * 128 + (prow & 7) * 16);
-    int64_t src[BN / 16], src_scale = 0;
-    int64_t pass = -1;
-    for (int64_t it = 0; it < total; ++it) {
-      const int64_t this_pass = it / stages, st = it - this_pass * stages;
-      const int64_t r0 = row_begin + this_pass * BN;
-      if (this_pass != pass) {  // the pass's rows of the gathered input (-1 past the group)
-        pass = this_pass;
+    int64_t src[BN / 16];  // the tile's rows of the (gathered) input; -1 past the group
 #pragma unroll
-        for (int j = 0; j < BN / 16; ++j) {
-          const int64_t r = r0 + prow + 16 * j;
-          src[j] = r < row_end ? (g.x_rows ? g.x_rows[r] : r) : -1;
-        }
-        const int64_t r = r0 + p;
-        src_scale = p < BN && r < row_end ? (g.x_rows ? g.x_rows[r] : r) : -1;
-      }
-      const int slot = static_cast<int>(it % S);
-      if (it >= S) mbar_wait(empty + 8 * slot, static_cast<uint32_t>((it / S - 1) & 1));
+    for (int j = 0; j < BN / 16; ++j) {
+      const int64_t r = row_begin + prow + 16 * j;
+      src[j] = r < row_end ? (g.x_rows ? g.x_rows[r] : r) : -1;
+    }
+    const int64_t rs = row_begin + p;
+    const int64_t src_scale = p < BN && rs < row_end ? (g.x_rows ? g.x_rows[rs] : rs) : -1;
+    for (int64_t st = 0; st < stages; ++st) {
+      const int slot = static_cast<int>(st % S);
+      if (st >= S) mbar_wait(empty + 8 * slot, static_cast<uint32_t>((st / S - 1) & 1));
       const int64_t k0 = k_begin + 128 * st;
       const uint32_t sw = base + slot * kStage, sx = sw + kWBytes;
 #pragma unroll
@@ -3121,20 +3145,15 @@ __global__ void __launch_bounds__(kF8wThreads, 1)
   const int warp = (tid >> 5) & 3, lane = tid & 31, gid = lane >> 2, quad = lane & 3;
   const int64_t n_wg = n_block + wg * 64;
   const float* scale = g.scales ? g.scales[group] : g.scale;
-  float* out = partial ? partial + static_cast<int64_t>(blockIdx.z) * g.rows * g.n : g.out;
-  const int64_t ldo = partial ? g.n : g.ldo;
   // The warpgroup's 64 rows lie in one scale block row (block_out % 64 == 0).
   const float* srow = n_wg < g.n ? scale + (n_wg / g.block_out) * g.scale_stride + k_begin / 128 : nullptr;
-  const int64_t na = n_wg + 16 * warp + gid, nb = na + 8;
-  const bool va = na < g.n, vb = nb < g.n;
   float acc[kAcc], tmp[kAcc];
 #pragma unroll
   for (int i = 0; i < kAcc; ++i) acc[i] = tmp[i] = 0.0f;
-  for (int64_t it = 0; it < total; ++it) {
-    const int64_t pass = it / stages, st = it - pass * stages;
-    const int slot = static_cast<int>(it % S);
+  for (int64_t st = 0; st < stages; ++st) {
+    const int slot = static_cast<int>(st % S);
     const float ws = srow ? __ldg(srow + st) : 0.0f;
-    mbar_wait(full + 8 * slot, static_cast<uint32_t>((it / S) & 1));
+    mbar_wait(full + 8 * slot, static_cast<uint32_t>((st / S) & 1));
     fence_proxy_async_smem();  // the copies' writes, seen here, made visible to wgmma
     const uint32_t sa = base + slot * kStage + static_cast<uint32_t>(wg) * 64 * 128, sb = base + slot * kStage + kWBytes;
     wgmma_fence();
@@ -3144,7 +3163,7 @@ __global__ void __launch_bounds__(kF8wThreads, 1)
     wgmma_commit();
     wgmma_wait<0>();
     wgmma_settle(tmp);
-    // Accumulator i: weight row 16 warp + gid (+ 8 for i % 4 >= 2), pass row 8 (i / 4) + 2 quad + i % 2.
+    // Accumulator i: weight row 16 warp + gid (+ 8 for i % 4 >= 2), tile row 8 (i / 4) + 2 quad + i % 2.
     const float* xs = reinterpret_cast<const float*>(f8w_smem + slot * kStage + kWBytes + kXBytes);
     float2 sc[BN / 8];
 #pragma unroll
@@ -3158,32 +3177,32 @@ __global__ void __launch_bounds__(kF8wThreads, 1)
       acc[4 * j + 2] += tmp[4 * j + 2] * s0;
       acc[4 * j + 3] += tmp[4 * j + 3] * s1;
     }
-    if (st == stages - 1) {  // the pass's rows out
-      const int64_t r0 = row_begin + pass * BN;
-      const int rows = static_cast<int>(row_end - r0 < BN ? row_end - r0 : BN);
+  }
+  float* out = partial ? partial + static_cast<int64_t>(blockIdx.z) * g.rows * g.n : g.out;
+  const int64_t ldo = partial ? g.n : g.ldo;
+  const int rows = static_cast<int>(row_end - row_begin);
+  const int64_t na = n_wg + 16 * warp + gid, nb = na + 8;
+  const bool va = na < g.n, vb = nb < g.n;
 #pragma unroll
-      for (int j = 0; j < BN / 8; ++j) {
-        const int r = 8 * j + 2 * quad;
-        float* o = out + (r0 + r) * ldo;
-        if (r < rows) {
-          if (va) o[na] = acc[4 * j + 0];
-          if (vb) o[nb] = acc[4 * j + 2];
-        }
-        if (r + 1 < rows) {
-          if (va) o[ldo + na] = acc[4 * j + 1];
-          if (vb) o[ldo + nb] = acc[4 * j + 3];
-        }
-        acc[4 * j + 0] = acc[4 * j + 1] = acc[4 * j + 2] = acc[4 * j + 3] = 0.0f;
-      }
+  for (int j = 0; j < BN / 8; ++j) {
+    const int r = 8 * j + 2 * quad;
+    float* o = out + (row_begin + r) * ldo;
+    if (r < rows) {
+      if (va) o[na] = acc[4 * j + 0];
+      if (vb) o[nb] = acc[4 * j + 2];
+    }
+    if (r + 1 < rows) {
+      if (va) o[ldo + na] = acc[4 * j + 1];
+      if (vb) o[ldo + nb] = acc[4 * j + 3];
     }
   }
 #endif
 }
 
-// The wgmma kernel's shapes: an sm_90a image on a 9.0 device, and each warpgroup's 64 weight rows
-// in one scale block row.
+// The wgmma kernel's shapes: an sm_90a image on a 9.0 device, each warpgroup's 64 weight rows in
+// one scale block row, and every group in the grid (no group list).
 static bool grouped_fp8_wgmma_fits(const GroupedGemm& g) {
-  return g.block_out % 64 == 0 && g.block_in == 128 && wgmma_image_here() &&
+  return g.group_list == nullptr && g.block_out % 64 == 0 && g.block_in == 128 && wgmma_image_here() &&
          fp8_wgmma_smem<128>() <= static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
 }
 
@@ -3192,8 +3211,9 @@ void launch_fp8_wgmma(const GroupedGemm& g, cudaStream_t s, int64_t splits, int6
   constexpr size_t smem = fp8_wgmma_smem<BN>();
   static size_t allowed[kMaxDevices] = {};
   allow_dynamic_smem(grouped_fp8_wgmma_kernel<BN>, smem, allowed, "grouped_fp8");
-  const dim3 grid(static_cast<unsigned>((g.n + kF8wCols - 1) / kF8wCols), static_cast<unsigned>(grid_groups(g)),
-                  static_cast<unsigned>(splits));
+  // y: an upper bound of the groups' BN-row tiles (the kernel finds its own).
+  const dim3 grid(static_cast<unsigned>((g.n + kF8wCols - 1) / kF8wCols),
+                  static_cast<unsigned>((g.rows + BN - 1) / BN + g.groups), static_cast<unsigned>(splits));
   grouped_fp8_wgmma_kernel<BN><<<grid, kF8wThreads, smem, s>>>(g, k_chunk, part);
 }
 
