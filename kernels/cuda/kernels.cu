@@ -3178,31 +3178,41 @@ __global__ void __launch_bounds__(kF8wThreads, 1)
       acc[4 * j + 3] += tmp[4 * j + 3] * s1;
     }
   }
-  float* out = partial ? partial + static_cast<int64_t>(blockIdx.z) * g.rows * g.n : g.out;
-  const int64_t ldo = partial ? g.n : g.ldo;
-  const int rows = static_cast<int>(row_end - row_begin);
-  const int64_t na = n_wg + 16 * warp + gid, nb = na + 8;
-  const bool va = na < g.n, vb = nb < g.n;
+  // Out through shared memory, whole rows at a time: once both warpgroups are done with the ring
+  // (named barrier 1: the 256 multiplying threads), warpgroup wg puts its 64 x BN tile at floats
+  // [wg BN 68, (wg + 1) BN 68), row r (of the tile) at r x 68 (the pad keeps a warp's writes in
+  // distinct banks), then writes each row's 64 floats to out as 16-byte pieces.
+  asm volatile("bar.sync 1, 256;\n" ::: "memory");
+  constexpr int kPad = 68;
+  static_assert(2 * BN * kPad * sizeof(float) <= S * kStage, "the output tiles fit in the ring");
+  float* tile_out = reinterpret_cast<float*>(f8w_smem) + wg * BN * kPad;
+  const int cn = 16 * warp + gid;
 #pragma unroll
   for (int j = 0; j < BN / 8; ++j) {
     const int r = 8 * j + 2 * quad;
-    float* o = out + (row_begin + r) * ldo;
-    if (r < rows) {
-      if (va) o[na] = acc[4 * j + 0];
-      if (vb) o[nb] = acc[4 * j + 2];
-    }
-    if (r + 1 < rows) {
-      if (va) o[ldo + na] = acc[4 * j + 1];
-      if (vb) o[ldo + nb] = acc[4 * j + 3];
-    }
+    tile_out[r * kPad + cn] = acc[4 * j + 0];
+    tile_out[(r + 1) * kPad + cn] = acc[4 * j + 1];
+    tile_out[r * kPad + cn + 8] = acc[4 * j + 2];
+    tile_out[(r + 1) * kPad + cn + 8] = acc[4 * j + 3];
+  }
+  asm volatile("bar.sync %0, 128;\n" ::"r"(2 + wg) : "memory");
+  if (n_wg < g.n) {  // g.n % 64 == 0 (grouped_fp8_wgmma_fits): the warpgroup's columns are all in
+    float* out = partial ? partial + static_cast<int64_t>(blockIdx.z) * g.rows * g.n : g.out;
+    const int64_t ldo = partial ? g.n : g.ldo;
+    const int rows = static_cast<int>(row_end - row_begin), t = tid & 127, c4 = t & 15;
+    for (int r = t >> 4; r < rows; r += 8)
+      *reinterpret_cast<float4*>(out + (row_begin + r) * ldo + n_wg + 4 * c4) =
+          *reinterpret_cast<const float4*>(tile_out + r * kPad + 4 * c4);
   }
 #endif
 }
 
 // The wgmma kernel's shapes: an sm_90a image on a 9.0 device, each warpgroup's 64 weight rows in
-// one scale block row, and every group in the grid (no group list).
+// one scale block row and all inside N, 16-byte aligned output rows, and every group in the grid
+// (no group list).
 static bool grouped_fp8_wgmma_fits(const GroupedGemm& g) {
-  return g.group_list == nullptr && g.block_out % 64 == 0 && g.block_in == 128 && wgmma_image_here() &&
+  return g.group_list == nullptr && g.n % 64 == 0 && g.ldo % 4 == 0 && reinterpret_cast<uintptr_t>(g.out) % 16 == 0 &&
+         g.block_out % 64 == 0 && g.block_in == 128 && wgmma_image_here() &&
          fp8_wgmma_smem<128>() <= static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
 }
 
