@@ -2979,16 +2979,25 @@ void mla_core_wgmma(const MlaArgs& a, int64_t splits, float* part_o, float* part
 //   cp.async, each slot with a "full" barrier (the copies landed) and an "empty" one (both
 //   multiplying warpgroups done with it), so the two multiply and promote out of step with each
 //   other and with the copies.
-// Shared-memory layout of a slot (no swizzle, 8 x 16-byte core matrices): weight row r, K byte k
-// at (r / 8) * 1024 + (k / 16) * 128 + (r % 8) * 16 + k % 16; then the BN activation rows the
-// same way; then their BN scales. The barriers after the S slots.
+// Shared memory (from a 1024-byte aligned base): S slots, each the 128 weight rows then the BN
+// activation rows of a stage, 128 bytes a row, in wgmma's 128-byte swizzle (16-byte piece c of
+// row r at r * 128 + 16 (c ^ (r % 8))): the eight lanes that copy a row read its 128 bytes as one
+// request and write them to distinct banks. Then the slots' BN activation scales, then the barriers.
 constexpr int kF8wThreads = 384, kF8wCols = 128;
 template <int BN>
 __host__ __device__ constexpr int fp8_wgmma_stages() { return BN >= 128 ? 6 : 8; }
 template <int BN>
-__host__ __device__ constexpr size_t fp8_wgmma_stage_bytes() { return static_cast<size_t>(kF8wCols * 128 + BN * 128 + BN * 4); }
+__host__ __device__ constexpr size_t fp8_wgmma_stage_bytes() { return static_cast<size_t>(kF8wCols * 128 + BN * 128); }
 template <int BN>
-constexpr size_t fp8_wgmma_smem() { return fp8_wgmma_stages<BN>() * fp8_wgmma_stage_bytes<BN>() + 2 * 8 * fp8_wgmma_stages<BN>(); }
+constexpr size_t fp8_wgmma_smem() {
+  return 1024 + fp8_wgmma_stages<BN>() * (fp8_wgmma_stage_bytes<BN>() + BN * 4 + 2 * 8);
+}
+// A shared-memory matrix descriptor for K-major rows of 128 bytes in the 128-byte swizzle (8-row
+// atoms 1024 bytes apart, 1024-byte aligned).
+__device__ __forceinline__ uint64_t wgmma_desc_sw128(uint32_t addr) {
+  return static_cast<uint64_t>((addr & 0x3FFFFu) >> 4) | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) |
+         (uint64_t{1} << 62);
+}
 
 template <int N>
 __device__ __forceinline__ void wgmma_wait() {
@@ -3053,17 +3062,19 @@ __global__ void __launch_bounds__(kF8wThreads, 1)
     grouped_fp8_wgmma_kernel(GroupedGemm g, int64_t k_chunk, float* partial) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int S = fp8_wgmma_stages<BN>(), kAcc = BN / 2;
-  constexpr uint32_t kWBytes = kF8wCols * 128, kXBytes = BN * 128;
+  constexpr uint32_t kWBytes = kF8wCols * 128;
   constexpr uint32_t kStage = static_cast<uint32_t>(fp8_wgmma_stage_bytes<BN>());
-  extern __shared__ __align__(128) uint8_t f8w_smem[];
+  extern __shared__ __align__(128) uint8_t f8w_dyn[];
   __shared__ int64_t tile[3];  // this block's group, first row and the group's end (group -1: none)
   const int tid = threadIdx.x, wg = tid >> 7;
   const int64_t n_block = static_cast<int64_t>(blockIdx.x) * kF8wCols;
   const int64_t k_begin = static_cast<int64_t>(blockIdx.z) * k_chunk;
   const int64_t k_end = g.k < k_begin + k_chunk ? g.k : k_begin + k_chunk;
   const int64_t stages = (k_end - k_begin) / 128;  // K % 128 == 0 (grouped_fp8_fits)
+  uint8_t* const f8w_smem = f8w_dyn + ((1024 - (smem_u32(f8w_dyn) & 1023)) & 1023);
   const uint32_t base = smem_u32(f8w_smem);
-  const uint32_t full = base + S * kStage, empty = full + 8 * S;  // barrier of slot s at + 8 s
+  float* const scales_smem = reinterpret_cast<float*>(f8w_smem + S * kStage);  // slot s at + BN s
+  const uint32_t full = base + S * kStage + S * BN * 4, empty = full + 8 * S;  // barrier of slot s at + 8 s
   if (tid < 32) {
     // Tile blockIdx.y of the groups' BN-row tiles in group order (the grid's y covers an upper
     // bound of their count), so the tiles that read a group's weights run side by side.
@@ -3106,10 +3117,10 @@ __global__ void __launch_bounds__(kF8wThreads, 1)
 
   if (wg == 2) {  // ---- copies
     const uint8_t* w = static_cast<const uint8_t*>(g.weights ? g.weights[group] : g.weight);
-    // Piece i (16 bytes) of a slot's matrix is row (i % 8) + 8 (i / 64), K bytes 16 ((i / 8) % 8):
-    // a warp's 32 pieces fill 512 contiguous bytes. This thread's pieces: rows prow + 16 j.
-    const int p = tid - 256, prow = (p & 7) + 8 * (p >> 6), pcol = (p >> 3) & 7;
-    const uint32_t poff = static_cast<uint32_t>((prow >> 3) * 1024 + pcol * 128 + (prow & 7) * 16);
+    // Piece i (16 bytes) of a slot's matrix is row i / 8, K bytes 16 (i % 8): a warp copies four
+    // whole rows. This thread's pieces: rows prow + 16 j.
+    const int p = tid - 256, prow = p >> 3, pcol = p & 7;
+    const uint32_t poff = static_cast<uint32_t>(prow * 128 + 16 * (pcol ^ (prow & 7)));
     int64_t src[BN / 16];  // the tile's rows of the (gathered) input; -1 past the group
 #pragma unroll
     for (int j = 0; j < BN / 16; ++j) {
@@ -3133,7 +3144,7 @@ __global__ void __launch_bounds__(kF8wThreads, 1)
       for (int j = 0; j < BN / 16; ++j)
         cp_async16_s(sx + poff + j * 2048, g.xq + (src[j] < 0 ? 0 : src[j] * g.ldx + k0 + 16 * pcol), src[j] >= 0);
       if (p < BN)
-        cp_async4_ca(f8w_smem + slot * kStage + kWBytes + kXBytes + 4 * p,
+        cp_async4_ca(scales_smem + slot * BN + p,
                      g.xscale + (src_scale < 0 ? 0 : src_scale * g.lds + k0 / 128), src_scale >= 0);
       mbar_arrive_cp_async(full + 8 * slot);
     }
@@ -3159,12 +3170,12 @@ __global__ void __launch_bounds__(kF8wThreads, 1)
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk)
-      wgmma_fp8<BN>(tmp, wgmma_desc(sa + 256 * kk, 128, 1024), wgmma_desc(sb + 256 * kk, 128, 1024), kk > 0);
+      wgmma_fp8<BN>(tmp, wgmma_desc_sw128(sa + 32 * kk), wgmma_desc_sw128(sb + 32 * kk), kk > 0);
     wgmma_commit();
     wgmma_wait<0>();
     wgmma_settle(tmp);
     // Accumulator i: weight row 16 warp + gid (+ 8 for i % 4 >= 2), tile row 8 (i / 4) + 2 quad + i % 2.
-    const float* xs = reinterpret_cast<const float*>(f8w_smem + slot * kStage + kWBytes + kXBytes);
+    const float* xs = scales_smem + slot * BN;
     float2 sc[BN / 8];
 #pragma unroll
     for (int j = 0; j < BN / 8; ++j) sc[j] = *reinterpret_cast<const float2*>(xs + 8 * j + 2 * quad);
