@@ -3005,6 +3005,20 @@ __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 #endif
 }
+// Warpgroup register budgets (sm_90a): the copying warpgroup gives registers back, the
+// multiplying ones take them.
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+#endif
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+#endif
+}
 __device__ __forceinline__ void mbar_init(uint32_t bar, unsigned count) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
@@ -3116,36 +3130,36 @@ __global__ void __launch_bounds__(kF8wThreads, 1)
   const int64_t group = tile[0], row_begin = tile[1], row_end = tile[2] < row_begin + BN ? tile[2] : row_begin + BN;
 
   if (wg == 2) {  // ---- copies
-    const uint8_t* w = static_cast<const uint8_t*>(g.weights ? g.weights[group] : g.weight);
+    setmaxnreg_dec<40>();
     // Piece i (16 bytes) of a slot's matrix is row i / 8, K bytes 16 (i % 8): a warp copies four
-    // whole rows. This thread's pieces: rows prow + 16 j.
+    // whole rows. This thread's pieces: rows prow + 16 j. Offsets in 32 bits
+    // (grouped_fp8_wgmma_fits), few registers: this warpgroup runs on 40 a thread.
     const int p = tid - 256, prow = p >> 3, pcol = p & 7;
     const uint32_t poff = static_cast<uint32_t>(prow * 128 + 16 * (pcol ^ (prow & 7)));
-    int64_t src[BN / 16];  // the tile's rows of the (gathered) input; -1 past the group
+    const int w_rows = static_cast<int>(g.n - n_block < kF8wCols ? g.n - n_block : kF8wCols) - prow;
+    const uint8_t* wrow = static_cast<const uint8_t*>(g.weights ? g.weights[group] : g.weight) +
+                          (n_block + prow) * g.k + 16 * pcol + k_begin;
+    const int64_t w_step = 16 * g.k;
+    int xoff[BN / 16];  // the tile's rows of the (gathered) input, + 16 pcol; -1 past the group
 #pragma unroll
     for (int j = 0; j < BN / 16; ++j) {
       const int64_t r = row_begin + prow + 16 * j;
-      src[j] = r < row_end ? (g.x_rows ? g.x_rows[r] : r) : -1;
+      xoff[j] = r < row_end ? static_cast<int>((g.x_rows ? g.x_rows[r] : r) * g.ldx + 16 * pcol) : -1;
     }
     const int64_t rs = row_begin + p;
-    const int64_t src_scale = p < BN && rs < row_end ? (g.x_rows ? g.x_rows[rs] : rs) : -1;
-    for (int64_t st = 0; st < stages; ++st) {
-      const int slot = static_cast<int>(st % S);
+    const int soff = p < BN && rs < row_end ? static_cast<int>((g.x_rows ? g.x_rows[rs] : rs) * g.lds + k_begin / 128) : -1;
+    const uint8_t* xq = g.xq + k_begin;
+    for (int st = 0; st < static_cast<int>(stages); ++st) {
+      const int slot = st % S;
       if (st >= S) mbar_wait(empty + 8 * slot, static_cast<uint32_t>((st / S - 1) & 1));
-      const int64_t k0 = k_begin + 128 * st;
+      const int k0 = 128 * st;
       const uint32_t sw = base + slot * kStage, sx = sw + kWBytes;
 #pragma unroll
-      for (int j = 0; j < kF8wCols / 16; ++j) {
-        const int64_t n = n_block + prow + 16 * j;
-        const bool ok = n < g.n;
-        cp_async16_s(sw + poff + j * 2048, ok ? w + n * g.k + k0 + 16 * pcol : w, ok);
-      }
+      for (int j = 0; j < kF8wCols / 16; ++j)
+        cp_async16_s(sw + poff + j * 2048, 16 * j < w_rows ? wrow + j * w_step + k0 : wrow, 16 * j < w_rows);
 #pragma unroll
-      for (int j = 0; j < BN / 16; ++j)
-        cp_async16_s(sx + poff + j * 2048, g.xq + (src[j] < 0 ? 0 : src[j] * g.ldx + k0 + 16 * pcol), src[j] >= 0);
-      if (p < BN)
-        cp_async4_ca(scales_smem + slot * BN + p,
-                     g.xscale + (src_scale < 0 ? 0 : src_scale * g.lds + k0 / 128), src_scale >= 0);
+      for (int j = 0; j < BN / 16; ++j) cp_async16_s(sx + poff + j * 2048, xq + (xoff[j] < 0 ? 0 : xoff[j] + k0), xoff[j] >= 0);
+      if (p < BN) cp_async4_ca(scales_smem + slot * BN + p, g.xscale + (soff < 0 ? 0 : soff + st), soff >= 0);
       mbar_arrive_cp_async(full + 8 * slot);
     }
     cp_async_wait<0>();
@@ -3153,17 +3167,18 @@ __global__ void __launch_bounds__(kF8wThreads, 1)
   }
 
   // ---- products: warpgroup wg's 64 weight rows
+  setmaxnreg_inc<232>();
   const int warp = (tid >> 5) & 3, lane = tid & 31, gid = lane >> 2, quad = lane & 3;
   const int64_t n_wg = n_block + wg * 64;
   const float* scale = g.scales ? g.scales[group] : g.scale;
   // The warpgroup's 64 rows lie in one scale block row (block_out % 64 == 0).
   const float* srow = n_wg < g.n ? scale + (n_wg / g.block_out) * g.scale_stride + k_begin / 128 : nullptr;
-  float acc[kAcc], tmp[kAcc];
+  // Two register sets for the products: stage st + 1's run while stage st's are promoted.
+  float acc[kAcc], tmp0[kAcc], tmp1[kAcc];
 #pragma unroll
-  for (int i = 0; i < kAcc; ++i) acc[i] = tmp[i] = 0.0f;
-  for (int64_t st = 0; st < stages; ++st) {
+  for (int i = 0; i < kAcc; ++i) acc[i] = tmp0[i] = tmp1[i] = 0.0f;
+  auto multiply = [&](int64_t st, float(&tmp)[kAcc]) {  // stage st's products into tmp, committed
     const int slot = static_cast<int>(st % S);
-    const float ws = srow ? __ldg(srow + st) : 0.0f;
     mbar_wait(full + 8 * slot, static_cast<uint32_t>((st / S) & 1));
     fence_proxy_async_smem();  // the copies' writes, seen here, made visible to wgmma
     const uint32_t sa = base + slot * kStage + static_cast<uint32_t>(wg) * 64 * 128, sb = base + slot * kStage + kWBytes;
@@ -3172,8 +3187,11 @@ __global__ void __launch_bounds__(kF8wThreads, 1)
     for (int kk = 0; kk < 4; ++kk)
       wgmma_fp8<BN>(tmp, wgmma_desc_sw128(sa + 32 * kk), wgmma_desc_sw128(sb + 32 * kk), kk > 0);
     wgmma_commit();
-    wgmma_wait<0>();
+  };
+  auto promote = [&](int64_t st, float(&tmp)[kAcc]) {  // stage st's products (waited for) into acc
     wgmma_settle(tmp);
+    const int slot = static_cast<int>(st % S);
+    const float ws = srow ? __ldg(srow + st) : 0.0f;
     // Accumulator i: weight row 16 warp + gid (+ 8 for i % 4 >= 2), tile row 8 (i / 4) + 2 quad + i % 2.
     const float* xs = scales_smem + slot * BN;
     float2 sc[BN / 8];
@@ -3188,6 +3206,26 @@ __global__ void __launch_bounds__(kF8wThreads, 1)
       acc[4 * j + 2] += tmp[4 * j + 2] * s0;
       acc[4 * j + 3] += tmp[4 * j + 3] * s1;
     }
+  };
+  multiply(0, tmp0);
+  int64_t st = 0;
+  for (; st + 2 < stages; st += 2) {  // stage st's products in flight in tmp0
+    multiply(st + 1, tmp1);
+    wgmma_wait<1>();
+    promote(st, tmp0);
+    multiply(st + 2, tmp0);
+    wgmma_wait<1>();
+    promote(st + 1, tmp1);
+  }
+  if (st + 1 < stages) {
+    multiply(st + 1, tmp1);
+    wgmma_wait<1>();
+    promote(st, tmp0);
+    wgmma_wait<0>();
+    promote(st + 1, tmp1);
+  } else {
+    wgmma_wait<0>();
+    promote(st, tmp0);
   }
   // Out through shared memory, whole rows at a time: once both warpgroups are done with the ring
   // (named barrier 1: the 256 multiplying threads), warpgroup wg puts its 64 x BN tile at floats
@@ -3219,10 +3257,11 @@ __global__ void __launch_bounds__(kF8wThreads, 1)
 }
 
 // The wgmma kernel's shapes: an sm_90a image on a 9.0 device, each warpgroup's 64 weight rows in
-// one scale block row and all inside N, 16-byte aligned output rows, and every group in the grid
-// (no group list).
+// one scale block row and all inside N, 16-byte aligned output rows, every group in the grid (no
+// group list), and input offsets in 32 bits (the input rows, gathered or not, index rows < g.rows).
 static bool grouped_fp8_wgmma_fits(const GroupedGemm& g) {
-  return g.group_list == nullptr && g.n % 64 == 0 && g.ldo % 4 == 0 && reinterpret_cast<uintptr_t>(g.out) % 16 == 0 &&
+  constexpr int64_t kInt = int64_t{1} << 31;  // the copies' 32-bit offsets
+  return g.group_list == nullptr && g.rows * g.ldx < kInt && g.rows * g.lds < kInt && g.n % 64 == 0 && g.ldo % 4 == 0 && reinterpret_cast<uintptr_t>(g.out) % 16 == 0 &&
          g.block_out % 64 == 0 && g.block_in == 128 && wgmma_image_here() &&
          fp8_wgmma_smem<128>() <= static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
 }
