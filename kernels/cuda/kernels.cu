@@ -841,39 +841,65 @@ __global__ void moe_silu_mul_fp8_kernel(const float* gate, const float* up, cons
   if (lane == 0) scale[warp] = s;
 }
 
+// Block (token, column chunk): out[t] = sum over the token's pairs, in ascending expert id (each
+// id once; negative ids skipped), of weight x y[pair row] (rows < 0: other ranks' experts). The
+// order comes from ranks computed in parallel by the first k threads. kVec: four columns a thread
+// (d % 4 == 0), so a block covers 4 x blockDim columns.
+template <bool kVec>
 __global__ void moe_combine_kernel(const float* y, const int32_t* ids, const float* weights, const int32_t* pair_row,
                                    int64_t k, int64_t d, float* out) {
   pdl_enter();
-  // Block (token, column chunk). The token's pairs in ascending expert id (k is small), once.
   constexpr int kMaxK = 64;
+  __shared__ int32_t s_id[kMaxK];
+  __shared__ bool s_first[kMaxK];
   __shared__ int order[kMaxK];
   __shared__ int count;
   const int64_t t = blockIdx.x;
-  if (threadIdx.x == 0) {
-    int n = 0;
-    int32_t last = -1;
-    for (int64_t step = 0; step < k && n < kMaxK; ++step) {
-      int64_t pick = -1;
-      for (int64_t j = 0; j < k; ++j) {
-        const int32_t e = ids[t * k + j];
-        if (e > last && (pick < 0 || e < ids[t * k + pick])) pick = j;
-      }
-      if (pick < 0) break;
-      last = ids[t * k + pick];
-      order[n++] = static_cast<int>(pick);
-    }
-    count = n;
+  const int j = static_cast<int>(threadIdx.x);
+  if (j < k) s_id[j] = ids[t * k + j];
+  if (j == 0) count = 0;
+  __syncthreads();
+  if (j < k) {
+    bool first = s_id[j] >= 0;
+    for (int i = 0; i < j; ++i) first = first && s_id[i] != s_id[j];
+    s_first[j] = first;
   }
   __syncthreads();
-  const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  if (c >= d) return;
-  float acc = 0.0f;
-  for (int i = 0; i < count; ++i) {
-    const int64_t pick = order[i];
-    const int32_t r = pair_row[t * k + pick];
-    if (r >= 0) acc += y[static_cast<int64_t>(r) * d + c] * weights[t * k + pick];
+  if (j < k && s_first[j]) {
+    int rank = 0;
+    for (int i = 0; i < k; ++i) rank += s_first[i] && s_id[i] < s_id[j];
+    order[rank] = j;
+    atomicAdd(&count, 1);
   }
-  out[t * d + c] = acc;
+  __syncthreads();
+  const int n = count;
+  if constexpr (kVec) {
+    const int64_t c = 4 * (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x);
+    if (c >= d) return;
+    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (int i = 0; i < n; ++i) {
+      const int64_t pick = order[i];
+      const int32_t r = pair_row[t * k + pick];
+      if (r < 0) continue;
+      const float w = weights[t * k + pick];
+      const float4 v = *reinterpret_cast<const float4*>(y + static_cast<int64_t>(r) * d + c);
+      acc.x += v.x * w;
+      acc.y += v.y * w;
+      acc.z += v.z * w;
+      acc.w += v.w * w;
+    }
+    *reinterpret_cast<float4*>(out + t * d + c) = acc;
+  } else {
+    const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+    if (c >= d) return;
+    float acc = 0.0f;
+    for (int i = 0; i < n; ++i) {
+      const int64_t pick = order[i];
+      const int32_t r = pair_row[t * k + pick];
+      if (r >= 0) acc += y[static_cast<int64_t>(r) * d + c] * weights[t * k + pick];
+    }
+    out[t * d + c] = acc;
+  }
 }
 
 __global__ void random_fill_kernel(void* out, int dtype, int64_t n, uint64_t key, float center, float half_width) {
@@ -3340,7 +3366,11 @@ void moe_combine(const float* y, const int32_t* ids, const float* weights, const
                  int64_t k, int64_t d, float* out, void* stream) {
   if (t <= 0) return;
   if (k > 64) throw std::runtime_error("moe_combine: more than 64 experts per token");
-  launch_chained(moe_combine_kernel, dim3(static_cast<unsigned>(t), static_cast<unsigned>((d + 255) / 256)), 256, 0, as_stream(stream), y, ids, weights, pair_row, k, d, out);
+  const bool vec = d % 4 == 0 && reinterpret_cast<uintptr_t>(y) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
+  const int64_t per_block = vec ? 4 * 256 : 256;
+  const dim3 grid(static_cast<unsigned>(t), static_cast<unsigned>((d + per_block - 1) / per_block));
+  if (vec) launch_chained(moe_combine_kernel<true>, grid, 256, 0, as_stream(stream), y, ids, weights, pair_row, k, d, out);
+  else launch_chained(moe_combine_kernel<false>, grid, 256, 0, as_stream(stream), y, ids, weights, pair_row, k, d, out);
   check_launch("moe_combine");
 }
 
