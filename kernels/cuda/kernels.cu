@@ -2363,7 +2363,23 @@ __global__ void __launch_bounds__(256) split_gemm_kernel(SplitGemm g) {
 
 // 63 KB of shared memory a block, opted into once. (100 registers: two blocks an SM; three, at
 // 80 registers, measured the same.)
+static bool split_gemm_wgmma_here();
+static void launch_split_gemm_wgmma(const SplitGemm& g, int64_t batch, cudaStream_t stream);
+// DILU_SPLIT_GEMM=mma keeps the split absorptions on this kernel where the wgmma one runs (a switch
+// for measuring and testing).
+static bool split_gemm_mma_forced() {
+  static const bool forced = [] {
+    const char* e = std::getenv("DILU_SPLIT_GEMM");
+    return e != nullptr && std::string(e) == "mma";
+  }();
+  return forced;
+}
+
 void launch_split_gemm(const SplitGemm& g, int64_t batch, cudaStream_t stream) {
+  if (!split_gemm_mma_forced() && split_gemm_wgmma_here()) {
+    launch_split_gemm_wgmma(g, batch, stream);
+    return;
+  }
   constexpr size_t smem = static_cast<size_t>(3 * kSgBM + 2 * kSgBN) * (kSgBK + 8) * 2;
   static size_t allowed[kMaxDevices] = {};
   allow_dynamic_smem(split_gemm_kernel, smem, allowed, "split_gemm");
@@ -3307,6 +3323,140 @@ void launch_fp8_wgmma(const GroupedGemm& g, cudaStream_t s, int64_t splits, int6
 static void grouped_fp8_wgmma(const GroupedGemm& g, cudaStream_t s, int64_t splits, int64_t k_chunk, float* part) {
   if (g.rows > 64 * g.groups) launch_fp8_wgmma<128>(g, s, splits, k_chunk, part);
   else launch_fp8_wgmma<64>(g, s, splits, k_chunk, part);
+}
+
+// D (64 x 128, F32, += unless !accumulate) = A (64 x 16) . B (16 x 128), BF16, both K-major in
+// shared memory: the split absorptions on wgmma.
+__device__ __forceinline__ void wgmma_m64n128k16_tn(float (&d)[64], uint64_t da, uint64_t db, int accumulate) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(da), "l"(db), "r"(accumulate));
+#endif
+}
+
+// ---------------------------------------------------------------- split absorptions on Hopper wgmma
+// split_gemm's product (C = (A s) B^T; A F32 cut into hi + mid + lo BF16, B BF16, F32 sums) on
+// wgmma (sm_90a). A block computes a 128 x 128 tile of C with two warpgroups (warpgroup w: rows
+// 64w..64w+63), K in steps of 64: A's tile comes through registers a step ahead (cut into its
+// three parts there and stored), B's through a double-buffered cp.async ring. Per 16-wide K step
+// each warpgroup runs three m64n128k16 products (lo, mid, hi) into one F32 accumulator. Shared-
+// memory tiles in the no-swizzle core-matrix layout: element (row, k) at
+// (row / 8) 1024 + (k / 8) 128 + (row % 8) 16 + (k % 8) 2.
+constexpr int kSwBM = 128, kSwBN = 128, kSwBK = 64;
+constexpr uint32_t kSwTile = 128 * kSwBK * 2;  // one 128 x 64 BF16 tile
+constexpr size_t kSwSmem = 5 * kSwTile;        // A's three parts, then B's two buffers
+
+__device__ __forceinline__ uint32_t sw_off(int row, int k) {
+  return static_cast<uint32_t>((row >> 3) * 1024 + (k >> 3) * 128 + (row & 7) * 16 + (k & 7) * 2);
+}
+
+__global__ void __launch_bounds__(256, 2) split_gemm_wgmma_kernel(SplitGemm g) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ __align__(128) unsigned char sw_smem[];
+  const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31, gid = lane >> 2, quad = lane & 3;
+  const int64_t b = blockIdx.z, m0 = static_cast<int64_t>(blockIdx.y) * kSwBM, n0 = static_cast<int64_t>(blockIdx.x) * kSwBN;
+  const float* a = g.a + b * g.a_batch;
+  const float* s = g.s ? g.s + b * g.s_batch : nullptr;
+  const __nv_bfloat16* w = g.w + b * g.w_batch + n0 * g.k;
+  // A: this thread's 32 columns of row tid / 2.
+  const int a_row = tid >> 1, a_col = (tid & 1) * 32;
+  const bool a_ok = m0 + a_row < g.m;
+  const float* a_src = a + (m0 + a_row) * g.lda + a_col;
+  float4 x[8];
+  auto load_a = [&](int64_t k0) {  // zeros past M and K
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const bool in_k = k0 + a_col + 4 * i < g.k;
+      x[i] = a_ok && in_k ? *reinterpret_cast<const float4*>(a_src + k0 + 4 * i) : make_float4(0.f, 0.f, 0.f, 0.f);
+      if (s && in_k) {
+        const float4 f = *reinterpret_cast<const float4*>(s + k0 + a_col + 4 * i);
+        x[i].x *= f.x, x[i].y *= f.y, x[i].z *= f.z, x[i].w *= f.w;
+      }
+    }
+  };
+  auto store_a = [&] {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      __align__(16) __nv_bfloat16 p[3][8];
+      const float v[8] = {x[2 * i].x,     x[2 * i].y,     x[2 * i].z,     x[2 * i].w,
+                          x[2 * i + 1].x, x[2 * i + 1].y, x[2 * i + 1].z, x[2 * i + 1].w};
+#pragma unroll
+      for (int j = 0; j < 8; ++j) split_bf16x3(v[j], p[0][j], p[1][j], p[2][j]);
+#pragma unroll
+      for (int q = 0; q < 3; ++q)
+        *reinterpret_cast<uint4*>(sw_smem + q * kSwTile + sw_off(a_row, a_col + 8 * i)) =
+            *reinterpret_cast<const uint4*>(p[q]);
+    }
+  };
+  // B: piece i (16 bytes) is row (i % 8) + 8 (i / 64), K 8 ((i / 8) % 8)..: a warp's copies fill
+  // 512 contiguous bytes.
+  auto load_b = [&](int buf, int64_t k0) {  // zeros past N and K
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int i = tid + 256 * j, row = (i & 7) + 8 * (i >> 6), col = ((i >> 3) & 7) * 8;
+      const bool ok = n0 + row < g.n && k0 + col < g.k;
+      cp_async16(sw_smem + (3 + buf) * kSwTile + sw_off(row, col), ok ? w + row * g.k + k0 + col : w, ok);
+    }
+    cp_async_commit();
+  };
+
+  float acc[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+  const uint32_t base = smem_u32(sw_smem);
+  const int64_t steps = (g.k + kSwBK - 1) / kSwBK;
+  load_a(0);
+  load_b(0, 0);
+  for (int64_t st = 0; st < steps; ++st) {
+    store_a();
+    if (st + 1 < steps) {
+      load_b(static_cast<int>((st + 1) & 1), (st + 1) * kSwBK);
+      load_a((st + 1) * kSwBK);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    fence_proxy_async_smem();
+    __syncthreads();
+    const uint64_t db = wgmma_desc(base + (3 + static_cast<uint32_t>(st & 1)) * kSwTile, 128, 1024);
+    const uint32_t a_base = base + static_cast<uint32_t>(wg) * 8 * 1024;
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kSwBK / 16; ++ks)
+#pragma unroll
+      for (int q = 2; q >= 0; --q)
+        wgmma_m64n128k16_tn(acc, wgmma_desc(a_base + q * kSwTile, 128, 1024) + 16 * ks, db + 16 * ks, 1);
+    wgmma_commit();
+    wgmma_wait_all();
+    wgmma_settle(acc);
+    __syncthreads();  // every warpgroup done with A's parts and this B buffer
+  }
+  float* c = g.c + b * g.c_batch;
+  // Accumulator i: row 16 warp + gid (+ 8 for i % 4 >= 2), column 8 (i / 4) + 2 quad + i % 2.
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t row = m0 + 64 * wg + 16 * warp + gid + 8 * h;
+    if (row >= g.m) continue;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const int64_t col = n0 + 8 * j + 2 * quad;
+      if (col < g.n) *reinterpret_cast<float2*>(c + row * g.ldc + col) = make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+    }
+  }
+#endif
+}
+
+static bool split_gemm_wgmma_here() { return wgmma_image_here(); }
+
+static void launch_split_gemm_wgmma(const SplitGemm& g, int64_t batch, cudaStream_t stream) {
+  static size_t allowed[kMaxDevices] = {};
+  allow_dynamic_smem(split_gemm_wgmma_kernel, kSwSmem, allowed, "split_gemm");
+  const dim3 grid(static_cast<unsigned>((g.n + kSwBN - 1) / kSwBN), static_cast<unsigned>((g.m + kSwBM - 1) / kSwBM),
+                  static_cast<unsigned>(batch));
+  split_gemm_wgmma_kernel<<<grid, 256, kSwSmem, stream>>>(g);
 }
 
 void moe_select(const float* logits, const float* bias, int64_t t, int64_t e, int64_t k, int64_t n_group,
