@@ -3158,10 +3158,10 @@ __global__ void __launch_bounds__(kF8wThreads, 1)
   };
 
   if (wg == 2) {  // ---- copies
-    setmaxnreg_dec<40>();
+    setmaxnreg_dec<48>();
     // Piece i (16 bytes) of a slot's matrix is row i / 8, K bytes 16 (i % 8): a warp copies four
     // whole rows. This thread's pieces: rows prow + 16 j. Offsets in 32 bits
-    // (grouped_fp8_wgmma_fits), few registers: this warpgroup runs on 40 a thread (the block holds 168 x 384: 40 x 128 + 232 x 256).
+    // (grouped_fp8_wgmma_fits), few registers: this warpgroup runs on 48 a thread.
     const int p = tid - 256, prow = p >> 3, pcol = p & 7;
     const uint32_t poff = static_cast<uint32_t>(prow * 128 + 16 * (pcol ^ (prow & 7)));
     const int64_t w_step = 16 * g.k;
