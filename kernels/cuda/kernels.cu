@@ -3009,7 +3009,7 @@ void mla_core_wgmma(const MlaArgs& a, int64_t splits, float* part_o, float* part
 // activation rows of a stage, 128 bytes a row, in wgmma's 128-byte swizzle (16-byte piece c of
 // row r at r * 128 + 16 (c ^ (r % 8))): the eight lanes that copy a row read its 128 bytes as one
 // request and write them to distinct banks. Then the slots' BN activation scales, then the barriers.
-constexpr int kF8wThreads = 384, kF8wCols = 128, kF8wMaxGroups = 1024;
+constexpr int kF8wThreads = 384, kF8wCols = 128;
 template <int BN>
 __host__ __device__ constexpr int fp8_wgmma_stages() { return BN >= 128 ? 6 : 8; }
 template <int BN>
@@ -3105,30 +3105,43 @@ __global__ void __launch_bounds__(kF8wThreads, 1)
   constexpr uint32_t kWBytes = kF8wCols * 128;
   constexpr uint32_t kStage = static_cast<uint32_t>(fp8_wgmma_stage_bytes<BN>());
   extern __shared__ __align__(128) uint8_t f8w_dyn[];
-  __shared__ int tile_start[kF8wMaxGroups + 1];  // group g's first tile (tiles in group order)
+  __shared__ int64_t tile[3];  // this block's group, first row and the group's end (group -1: none)
   const int tid = threadIdx.x, wg = tid >> 7;
+  const int64_t n_block = static_cast<int64_t>(blockIdx.x) * kF8wCols;
   const int64_t k_begin = static_cast<int64_t>(blockIdx.z) * k_chunk;
   const int64_t k_end = g.k < k_begin + k_chunk ? g.k : k_begin + k_chunk;
-  const int stages = static_cast<int>((k_end - k_begin) / 128);  // K % 128 == 0 (grouped_fp8_fits)
+  const int64_t stages = (k_end - k_begin) / 128;  // K % 128 == 0 (grouped_fp8_fits)
   uint8_t* const f8w_smem = f8w_dyn + ((1024 - (smem_u32(f8w_dyn) & 1023)) & 1023);
   const uint32_t base = smem_u32(f8w_smem);
   float* const scales_smem = reinterpret_cast<float*>(f8w_smem + S * kStage);  // slot s at + BN s
   const uint32_t full = base + S * kStage + S * BN * 4, empty = full + 8 * S;  // barrier of slot s at + 8 s
-  const int groups = static_cast<int>(g.groups);
-  auto group_begin = [&](int gi) -> int64_t { return g.group_offsets ? g.group_offsets[gi] : (gi == 0 ? 0 : g.rows); };
-  if (tid < 32) {  // the groups' BN-row tiles: a running sum of their counts, 32 groups at a time
-    int before = 0;
-    if (tid == 0) tile_start[0] = 0;
-    for (int first = 0; first < groups; first += 32) {
-      const int gi = first + tid;
-      const int count = gi < groups ? static_cast<int>((group_begin(gi + 1) - group_begin(gi) + BN - 1) / BN) : 0;
-      int incl = count;
+  if (tid < 32) {
+    // Tile blockIdx.y of the groups' BN-row tiles in group order (the grid's y covers an upper
+    // bound of their count), so the tiles that read a group's weights run side by side.
+    if (tid == 0) tile[0] = -1;
+    __syncwarp();
+    const int64_t y = blockIdx.y;
+    int64_t before = 0;
+    for (int64_t first = 0; first < g.groups && before <= y; first += 32) {
+      const int64_t gi = first + tid;
+      int64_t b = 0, e = 0;
+      if (gi < g.groups) {
+        b = g.group_offsets ? g.group_offsets[gi] : 0;
+        e = g.group_offsets ? g.group_offsets[gi + 1] : g.rows;
+      }
+      const int64_t count = (e - b + BN - 1) / BN;
+      int64_t incl = count;
 #pragma unroll
       for (int o = 1; o < 32; o <<= 1) {
-        const int v = __shfl_up_sync(0xffffffffu, incl, o);
+        const int64_t v = __shfl_up_sync(0xffffffffu, incl, o);
         if (tid >= o) incl += v;
       }
-      if (gi < groups) tile_start[gi + 1] = before + incl;
+      const int64_t at = before + incl - count;
+      if (y >= at && y < at + count) {
+        tile[0] = gi;
+        tile[1] = b + (y - at) * BN;
+        tile[2] = e;
+      }
       before += __shfl_sync(0xffffffffu, incl, 31);
     }
     if (tid == 0) {
@@ -3139,157 +3152,132 @@ __global__ void __launch_bounds__(kF8wThreads, 1)
     }
   }
   __syncthreads();
-  // Work item L (this block: blockIdx.x, + gridDim.x, ...): column block L % cols of tile L / cols,
-  // so the column blocks of a tile, then the tiles of a group, run side by side.
-  const int cols = static_cast<int>((g.n + kF8wCols - 1) / kF8wCols), items = cols * tile_start[groups];
-  auto decode = [&](int item, int& group, int64_t& row_begin, int64_t& row_end, int64_t& n_block) {
-    const int y = item / cols;
-    int lo = 0, hi = groups;  // tile_start[lo] <= y < tile_start[hi]
-    while (hi - lo > 1) {
-      const int mid = (lo + hi) >> 1;
-      if (tile_start[mid] <= y) lo = mid;
-      else hi = mid;
-    }
-    group = lo;
-    row_begin = group_begin(lo) + static_cast<int64_t>(y - tile_start[lo]) * BN;
-    const int64_t end = group_begin(lo + 1);
-    row_end = end < row_begin + BN ? end : row_begin + BN;
-    n_block = static_cast<int64_t>(item - y * cols) * kF8wCols;
-  };
+  if (tile[0] < 0) return;
+  const int64_t group = tile[0], row_begin = tile[1], row_end = tile[2] < row_begin + BN ? tile[2] : row_begin + BN;
 
   if (wg == 2) {  // ---- copies
-    setmaxnreg_dec<48>();
+    setmaxnreg_dec<40>();
     // Piece i (16 bytes) of a slot's matrix is row i / 8, K bytes 16 (i % 8): a warp copies four
     // whole rows. This thread's pieces: rows prow + 16 j. Offsets in 32 bits
-    // (grouped_fp8_wgmma_fits), few registers: this warpgroup runs on 48 a thread.
+    // (grouped_fp8_wgmma_fits), few registers: this warpgroup runs on 40 a thread.
     const int p = tid - 256, prow = p >> 3, pcol = p & 7;
     const uint32_t poff = static_cast<uint32_t>(prow * 128 + 16 * (pcol ^ (prow & 7)));
+    const int w_rows = static_cast<int>(g.n - n_block < kF8wCols ? g.n - n_block : kF8wCols) - prow;
+    const uint8_t* wrow = static_cast<const uint8_t*>(g.weights ? g.weights[group] : g.weight) +
+                          (n_block + prow) * g.k + 16 * pcol + k_begin;
     const int64_t w_step = 16 * g.k;
+    int xoff[BN / 16];  // the tile's rows of the (gathered) input, + 16 pcol; -1 past the group
+#pragma unroll
+    for (int j = 0; j < BN / 16; ++j) {
+      const int64_t r = row_begin + prow + 16 * j;
+      xoff[j] = r < row_end ? static_cast<int>((g.x_rows ? g.x_rows[r] : r) * g.ldx + 16 * pcol) : -1;
+    }
+    const int64_t rs = row_begin + p;
+    const int soff = p < BN && rs < row_end ? static_cast<int>((g.x_rows ? g.x_rows[rs] : rs) * g.lds + k_begin / 128) : -1;
     const uint8_t* xq = g.xq + k_begin;
-    int q = 0;  // the ring's sequence: stages issued so far
-    for (int item = blockIdx.x; item < items; item += gridDim.x) {
-      int group;
-      int64_t row_begin, row_end, n_block;
-      decode(item, group, row_begin, row_end, n_block);
-      const int w_rows = static_cast<int>(g.n - n_block < kF8wCols ? g.n - n_block : kF8wCols) - prow;
-      const uint8_t* wrow = static_cast<const uint8_t*>(g.weights ? g.weights[group] : g.weight) +
-                            (n_block + prow) * g.k + 16 * pcol + k_begin;
-      int xoff[BN / 16];  // the tile's rows of the (gathered) input, + 16 pcol; -1 past the group
+    for (int st = 0; st < static_cast<int>(stages); ++st) {
+      const int slot = st % S;
+      if (st >= S) mbar_wait(empty + 8 * slot, static_cast<uint32_t>((st / S - 1) & 1));
+      const int k0 = 128 * st;
+      const uint32_t sw = base + slot * kStage, sx = sw + kWBytes;
 #pragma unroll
-      for (int j = 0; j < BN / 16; ++j) {
-        const int64_t r = row_begin + prow + 16 * j;
-        xoff[j] = r < row_end ? static_cast<int>((g.x_rows ? g.x_rows[r] : r) * g.ldx + 16 * pcol) : -1;
-      }
-      const int64_t rs = row_begin + p;
-      const int soff =
-          p < BN && rs < row_end ? static_cast<int>((g.x_rows ? g.x_rows[rs] : rs) * g.lds + k_begin / 128) : -1;
-      for (int st = 0; st < stages; ++st, ++q) {
-        const int slot = q % S;
-        if (q >= S) mbar_wait(empty + 8 * slot, static_cast<uint32_t>((q / S - 1) & 1));
-        const int k0 = 128 * st;
-        const uint32_t sw = base + slot * kStage, sx = sw + kWBytes;
+      for (int j = 0; j < kF8wCols / 16; ++j)
+        cp_async16_s(sw + poff + j * 2048, 16 * j < w_rows ? wrow + j * w_step + k0 : wrow, 16 * j < w_rows);
 #pragma unroll
-        for (int j = 0; j < kF8wCols / 16; ++j)
-          cp_async16_s(sw + poff + j * 2048, 16 * j < w_rows ? wrow + j * w_step + k0 : wrow, 16 * j < w_rows);
-#pragma unroll
-        for (int j = 0; j < BN / 16; ++j)
-          cp_async16_s(sx + poff + j * 2048, xq + (xoff[j] < 0 ? 0 : xoff[j] + k0), xoff[j] >= 0);
-        if (p < BN) cp_async4_ca(scales_smem + slot * BN + p, g.xscale + (soff < 0 ? 0 : soff + st), soff >= 0);
-        mbar_arrive_cp_async(full + 8 * slot);
-      }
+      for (int j = 0; j < BN / 16; ++j) cp_async16_s(sx + poff + j * 2048, xq + (xoff[j] < 0 ? 0 : xoff[j] + k0), xoff[j] >= 0);
+      if (p < BN) cp_async4_ca(scales_smem + slot * BN + p, g.xscale + (soff < 0 ? 0 : soff + st), soff >= 0);
+      mbar_arrive_cp_async(full + 8 * slot);
     }
     cp_async_wait<0>();
     return;
   }
 
-  // ---- products: warpgroup wg's 64 weight rows of each item
+  // ---- products: warpgroup wg's 64 weight rows
   setmaxnreg_inc<232>();
   const int warp = (tid >> 5) & 3, lane = tid & 31, gid = lane >> 2, quad = lane & 3;
-  float* out = partial ? partial + static_cast<int64_t>(blockIdx.z) * g.rows * g.n : g.out;
-  const int64_t ldo = partial ? g.n : g.ldo;
+  const int64_t n_wg = n_block + wg * 64;
+  const float* scale = g.scales ? g.scales[group] : g.scale;
+  // The warpgroup's 64 rows lie in one scale block row (block_out % 64 == 0).
+  const float* srow = n_wg < g.n ? scale + (n_wg / g.block_out) * g.scale_stride + k_begin / 128 : nullptr;
   // Two register sets for the products: stage st + 1's run while stage st's are promoted.
   float acc[kAcc], tmp0[kAcc], tmp1[kAcc];
 #pragma unroll
-  for (int i = 0; i < kAcc; ++i) tmp0[i] = tmp1[i] = 0.0f;
-  int q = 0;  // the ring's sequence: stages consumed before this item
-  for (int item = blockIdx.x; item < items; item += gridDim.x, q += stages) {
-    int group;
-    int64_t row_begin, row_end, n_block;
-    decode(item, group, row_begin, row_end, n_block);
-    const int64_t n_wg = n_block + wg * 64;
-    const float* scale = g.scales ? g.scales[group] : g.scale;
-    // The warpgroup's 64 rows lie in one scale block row (block_out % 64 == 0).
-    const float* srow = n_wg < g.n ? scale + (n_wg / g.block_out) * g.scale_stride + k_begin / 128 : nullptr;
+  for (int i = 0; i < kAcc; ++i) acc[i] = tmp0[i] = tmp1[i] = 0.0f;
+  auto multiply = [&](int64_t st, float(&tmp)[kAcc]) {  // stage st's products into tmp, committed
+    const int slot = static_cast<int>(st % S);
+    mbar_wait(full + 8 * slot, static_cast<uint32_t>((st / S) & 1));
+    fence_proxy_async_smem();  // the copies' writes, seen here, made visible to wgmma
+    const uint32_t sa = base + slot * kStage + static_cast<uint32_t>(wg) * 64 * 128, sb = base + slot * kStage + kWBytes;
+    wgmma_fence();
 #pragma unroll
-    for (int i = 0; i < kAcc; ++i) acc[i] = 0.0f;
-    auto multiply = [&](int st, float(&tmp)[kAcc]) {  // stage st's products into tmp, committed
-      const int slot = (q + st) % S;
-      mbar_wait(full + 8 * slot, static_cast<uint32_t>(((q + st) / S) & 1));
-      fence_proxy_async_smem();  // the copies' writes, seen here, made visible to wgmma
-      const uint32_t sa = base + slot * kStage + static_cast<uint32_t>(wg) * 64 * 128, sb = base + slot * kStage + kWBytes;
-      wgmma_fence();
+    for (int kk = 0; kk < 4; ++kk)
+      wgmma_fp8<BN>(tmp, wgmma_desc_sw128(sa + 32 * kk), wgmma_desc_sw128(sb + 32 * kk), kk > 0);
+    wgmma_commit();
+  };
+  auto promote = [&](int64_t st, float(&tmp)[kAcc]) {  // stage st's products (waited for) into acc
+    wgmma_settle(tmp);
+    const int slot = static_cast<int>(st % S);
+    const float ws = srow ? __ldg(srow + st) : 0.0f;
+    // Accumulator i: weight row 16 warp + gid (+ 8 for i % 4 >= 2), tile row 8 (i / 4) + 2 quad + i % 2.
+    const float* xs = scales_smem + slot * BN;
+    float2 sc[BN / 8];
 #pragma unroll
-      for (int kk = 0; kk < 4; ++kk)
-        wgmma_fp8<BN>(tmp, wgmma_desc_sw128(sa + 32 * kk), wgmma_desc_sw128(sb + 32 * kk), kk > 0);
-      wgmma_commit();
-    };
-    auto promote = [&](int st, float(&tmp)[kAcc]) {  // stage st's products (waited for) into acc
-      wgmma_settle(tmp);
-      const int slot = (q + st) % S;
-      const float ws = srow ? __ldg(srow + st) : 0.0f;
-      // Accumulator i: weight row 16 warp + gid (+ 8 for i % 4 >= 2), tile row 8 (i / 4) + 2 quad + i % 2.
-      const float* xs = scales_smem + slot * BN;
-      float2 sc[BN / 8];
-#pragma unroll
-      for (int j = 0; j < BN / 8; ++j) sc[j] = *reinterpret_cast<const float2*>(xs + 8 * j + 2 * quad);
-      mbar_arrive(empty + 8 * slot);
-#pragma unroll
-      for (int j = 0; j < BN / 8; ++j) {
-        const float s0 = ws * sc[j].x, s1 = ws * sc[j].y;
-        acc[4 * j + 0] += tmp[4 * j + 0] * s0;
-        acc[4 * j + 1] += tmp[4 * j + 1] * s1;
-        acc[4 * j + 2] += tmp[4 * j + 2] * s0;
-        acc[4 * j + 3] += tmp[4 * j + 3] * s1;
-      }
-    };
-    multiply(0, tmp0);
-    int st = 0;
-    for (; st + 2 < stages; st += 2) {  // stage st's products in flight in tmp0
-      multiply(st + 1, tmp1);
-      wgmma_wait<1>();
-      promote(st, tmp0);
-      multiply(st + 2, tmp0);
-      wgmma_wait<1>();
-      promote(st + 1, tmp1);
-    }
-    if (st + 1 < stages) {
-      multiply(st + 1, tmp1);
-      wgmma_wait<1>();
-      promote(st, tmp0);
-      wgmma_wait<0>();
-      promote(st + 1, tmp1);
-    } else {
-      wgmma_wait<0>();
-      promote(st, tmp0);
-    }
-    // Out from registers (the ring already holds the next item's stages): per store, eight
-    // consecutive columns of four rows.
-    const int rows = static_cast<int>(row_end - row_begin);
-    const int64_t na = n_wg + 16 * warp + gid, nb = na + 8;
-    const bool va = na < g.n, vb = nb < g.n;
+    for (int j = 0; j < BN / 8; ++j) sc[j] = *reinterpret_cast<const float2*>(xs + 8 * j + 2 * quad);
+    mbar_arrive(empty + 8 * slot);
 #pragma unroll
     for (int j = 0; j < BN / 8; ++j) {
-      const int r = 8 * j + 2 * quad;
-      float* o = out + (row_begin + r) * ldo;
-      if (r < rows) {
-        if (va) o[na] = acc[4 * j + 0];
-        if (vb) o[nb] = acc[4 * j + 2];
-      }
-      if (r + 1 < rows) {
-        if (va) o[ldo + na] = acc[4 * j + 1];
-        if (vb) o[ldo + nb] = acc[4 * j + 3];
-      }
+      const float s0 = ws * sc[j].x, s1 = ws * sc[j].y;
+      acc[4 * j + 0] += tmp[4 * j + 0] * s0;
+      acc[4 * j + 1] += tmp[4 * j + 1] * s1;
+      acc[4 * j + 2] += tmp[4 * j + 2] * s0;
+      acc[4 * j + 3] += tmp[4 * j + 3] * s1;
     }
+  };
+  multiply(0, tmp0);
+  int64_t st = 0;
+  for (; st + 2 < stages; st += 2) {  // stage st's products in flight in tmp0
+    multiply(st + 1, tmp1);
+    wgmma_wait<1>();
+    promote(st, tmp0);
+    multiply(st + 2, tmp0);
+    wgmma_wait<1>();
+    promote(st + 1, tmp1);
+  }
+  if (st + 1 < stages) {
+    multiply(st + 1, tmp1);
+    wgmma_wait<1>();
+    promote(st, tmp0);
+    wgmma_wait<0>();
+    promote(st + 1, tmp1);
+  } else {
+    wgmma_wait<0>();
+    promote(st, tmp0);
+  }
+  // Out through shared memory, whole rows at a time: once both warpgroups are done with the ring
+  // (named barrier 1: the 256 multiplying threads), warpgroup wg puts its 64 x BN tile at floats
+  // [wg BN 68, (wg + 1) BN 68), row r (of the tile) at r x 68 (the pad keeps a warp's writes in
+  // distinct banks), then writes each row's 64 floats to out as 16-byte pieces.
+  asm volatile("bar.sync 1, 256;\n" ::: "memory");
+  constexpr int kPad = 68;
+  static_assert(2 * BN * kPad * sizeof(float) <= S * kStage, "the output tiles fit in the ring");
+  float* tile_out = reinterpret_cast<float*>(f8w_smem) + wg * BN * kPad;
+  const int cn = 16 * warp + gid;
+#pragma unroll
+  for (int j = 0; j < BN / 8; ++j) {
+    const int r = 8 * j + 2 * quad;
+    tile_out[r * kPad + cn] = acc[4 * j + 0];
+    tile_out[(r + 1) * kPad + cn] = acc[4 * j + 1];
+    tile_out[r * kPad + cn + 8] = acc[4 * j + 2];
+    tile_out[(r + 1) * kPad + cn + 8] = acc[4 * j + 3];
+  }
+  asm volatile("bar.sync %0, 128;\n" ::"r"(2 + wg) : "memory");
+  if (n_wg < g.n) {  // g.n % 64 == 0 (grouped_fp8_wgmma_fits): the warpgroup's columns are all in
+    float* out = partial ? partial + static_cast<int64_t>(blockIdx.z) * g.rows * g.n : g.out;
+    const int64_t ldo = partial ? g.n : g.ldo;
+    const int rows = static_cast<int>(row_end - row_begin), t = tid & 127, c4 = t & 15;
+    for (int r = t >> 4; r < rows; r += 8)
+      *reinterpret_cast<float4*>(out + (row_begin + r) * ldo + n_wg + 4 * c4) =
+          *reinterpret_cast<const float4*>(tile_out + r * kPad + 4 * c4);
   }
 #endif
 }
@@ -3299,10 +3287,9 @@ __global__ void __launch_bounds__(kF8wThreads, 1)
 // group list), and input offsets in 32 bits (the input rows, gathered or not, index rows < g.rows).
 static bool grouped_fp8_wgmma_fits(const GroupedGemm& g) {
   constexpr int64_t kInt = int64_t{1} << 31;  // the copies' 32-bit offsets
-  return g.group_list == nullptr && g.groups <= kF8wMaxGroups && g.rows * g.ldx < kInt && g.rows * g.lds < kInt && g.n % 64 == 0 && g.ldo % 4 == 0 && reinterpret_cast<uintptr_t>(g.out) % 16 == 0 &&
+  return g.group_list == nullptr && g.rows * g.ldx < kInt && g.rows * g.lds < kInt && g.n % 64 == 0 && g.ldo % 4 == 0 && reinterpret_cast<uintptr_t>(g.out) % 16 == 0 &&
          g.block_out % 64 == 0 && g.block_in == 128 && wgmma_image_here() &&
-         fp8_wgmma_smem<128>() + (kF8wMaxGroups + 1) * sizeof(int) <=
-             static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
+         fp8_wgmma_smem<128>() <= static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
 }
 
 template <int BN>
@@ -3310,11 +3297,9 @@ void launch_fp8_wgmma(const GroupedGemm& g, cudaStream_t s, int64_t splits, int6
   constexpr size_t smem = fp8_wgmma_smem<BN>();
   static size_t allowed[kMaxDevices] = {};
   allow_dynamic_smem(grouped_fp8_wgmma_kernel<BN>, smem, allowed, "grouped_fp8");
-  // Persistent: one block an SM, or as many as an upper bound of the work items (column blocks x
-  // the groups' BN-row tiles; the kernel counts them).
-  const int64_t items = (g.n + kF8wCols - 1) / kF8wCols * ((g.rows + BN - 1) / BN + g.groups);
-  const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
-  const dim3 grid(static_cast<unsigned>(items < sms ? items : sms), 1, static_cast<unsigned>(splits));
+  // y: an upper bound of the groups' BN-row tiles (the kernel finds its own).
+  const dim3 grid(static_cast<unsigned>((g.n + kF8wCols - 1) / kF8wCols),
+                  static_cast<unsigned>((g.rows + BN - 1) / BN + g.groups), static_cast<unsigned>(splits));
   grouped_fp8_wgmma_kernel<BN><<<grid, kF8wThreads, smem, s>>>(g, k_chunk, part);
 }
 
