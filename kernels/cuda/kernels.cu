@@ -2996,15 +2996,18 @@ void mla_core_wgmma(const MlaArgs& a, int64_t splits, float* part_o, float* part
 // grouped_fp8 for groups of many rows (prefill's experts) on sm_90a: the staged kernel's
 // arithmetic (each 128-wide K block summed on its own in FP32, then added times weight scale x
 // activation scale) with the products on wgmma instead of mma.sync.
-// Block: 128 weight rows (output columns) x BN rows of the group a pass; three warpgroups.
+// Block: one tile, 128 weight rows (output columns) x BN rows of one group; three warpgroups.
+// Tiles run in group order (blockIdx.y over an upper bound of their count), so the tiles that
+// read a group's weights run side by side and those come from DRAM about once.
 //   Warpgroups 0 and 1 multiply: warpgroup w takes weight rows 64w..64w+63 as wgmma's M (A) and
-//   the pass's rows as its N (B), both K-major from shared memory. Per stage (128 of K): four
-//   m64nBNk32 products into a register set, waited for, then promoted (times the stage's scales)
-//   into the FP32 sums; at the end of a pass, its rows go out.
-//   Warpgroup 2 copies: the (pass, stage) pairs in one sequence through a ring of S slots by
-//   cp.async, each slot with a "full" barrier (the copies landed) and an "empty" one (both
-//   multiplying warpgroups done with it), so the two multiply and promote out of step with each
-//   other and with the copies.
+//   the tile's rows as its N (B), both K-major from shared memory. Per stage (128 of K): four
+//   m64nBNk32 products into one of two register sets, promoted (times the stage's scales) into
+//   the FP32 sums while the next stage's run in the other set.
+//   Warpgroup 2 copies the stages through a ring of S slots by cp.async, each slot with a "full"
+//   barrier (the copies landed) and an "empty" one (both multiplying warpgroups done with it),
+//   so the two multiply and promote out of step with each other and with the copies.
+// Measured in docs/perf/r1-geometry-h100-prefill-wgmma.md; a persistent form (blocks walking
+// the tiles, the ring running across them) was slower in dilu bench and was dropped.
 // Shared memory (from a 1024-byte aligned base): S slots, each the 128 weight rows then the BN
 // activation rows of a stage, 128 bytes a row, in wgmma's 128-byte swizzle (16-byte piece c of
 // row r at r * 128 + 16 (c ^ (r % 8))): the eight lanes that copy a row read its 128 bytes as one
