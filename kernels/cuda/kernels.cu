@@ -3013,6 +3013,11 @@ void mla_core_wgmma(const MlaArgs& a, int64_t splits, float* part_o, float* part
 // row r at r * 128 + 16 (c ^ (r % 8))): the eight lanes that copy a row read its 128 bytes as one
 // request and write them to distinct banks. Then the slots' BN activation scales, then the barriers.
 constexpr int kF8wThreads = 384, kF8wCols = 128;
+// setmaxnreg budgets: the block holds what ptxas gives 384 threads (168 a thread); if the two
+// multiplying warpgroups ask for more than the copying one gives back, setmaxnreg.inc never returns.
+constexpr int kF8wCopyRegs = 40, kF8wMathRegs = 232;
+static_assert(128 * kF8wCopyRegs + 256 * kF8wMathRegs <= kF8wThreads * (65536 / kF8wThreads / 8 * 8),
+              "warpgroup register budgets within the block's registers");
 template <int BN>
 __host__ __device__ constexpr int fp8_wgmma_stages() { return BN >= 128 ? 6 : 8; }
 template <int BN>
@@ -3159,10 +3164,10 @@ __global__ void __launch_bounds__(kF8wThreads, 1)
   const int64_t group = tile[0], row_begin = tile[1], row_end = tile[2] < row_begin + BN ? tile[2] : row_begin + BN;
 
   if (wg == 2) {  // ---- copies
-    setmaxnreg_dec<40>();
+    setmaxnreg_dec<kF8wCopyRegs>();
     // Piece i (16 bytes) of a slot's matrix is row i / 8, K bytes 16 (i % 8): a warp copies four
     // whole rows. This thread's pieces: rows prow + 16 j. Offsets in 32 bits
-    // (grouped_fp8_wgmma_fits), few registers: this warpgroup runs on 40 a thread.
+    // (grouped_fp8_wgmma_fits), few registers: this warpgroup runs on kF8wCopyRegs a thread.
     const int p = tid - 256, prow = p >> 3, pcol = p & 7;
     const uint32_t poff = static_cast<uint32_t>(prow * 128 + 16 * (pcol ^ (prow & 7)));
     const int w_rows = static_cast<int>(g.n - n_block < kF8wCols ? g.n - n_block : kF8wCols) - prow;
@@ -3196,7 +3201,7 @@ __global__ void __launch_bounds__(kF8wThreads, 1)
   }
 
   // ---- products: warpgroup wg's 64 weight rows
-  setmaxnreg_inc<232>();
+  setmaxnreg_inc<kF8wMathRegs>();
   const int warp = (tid >> 5) & 3, lane = tid & 31, gid = lane >> 2, quad = lane & 3;
   const int64_t n_wg = n_block + wg * 64;
   const float* scale = g.scales ? g.scales[group] : g.scale;
@@ -3290,8 +3295,8 @@ __global__ void __launch_bounds__(kF8wThreads, 1)
 // group list), and input offsets in 32 bits (the input rows, gathered or not, index rows < g.rows).
 static bool grouped_fp8_wgmma_fits(const GroupedGemm& g) {
   constexpr int64_t kInt = int64_t{1} << 31;  // the copies' 32-bit offsets
-  return g.group_list == nullptr && g.rows * g.ldx < kInt && g.rows * g.lds < kInt && g.n % 64 == 0 && g.ldo % 4 == 0 && reinterpret_cast<uintptr_t>(g.out) % 16 == 0 &&
-         g.block_out % 64 == 0 && g.block_in == 128 && wgmma_image_here() &&
+  return g.group_list == nullptr && g.rows * g.ldx < kInt && g.rows * g.lds < kInt && g.n % 64 == 0 &&
+         g.ldo % 4 == 0 && reinterpret_cast<uintptr_t>(g.out) % 16 == 0 && g.block_out % 64 == 0 && g.block_in == 128 && wgmma_image_here() &&
          fp8_wgmma_smem<128>() <= static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
 }
 
