@@ -3181,7 +3181,8 @@ __global__ void __launch_bounds__(kF8wThreads, 1)
       xoff[j] = r < row_end ? static_cast<int>((g.x_rows ? g.x_rows[r] : r) * g.ldx + 16 * pcol) : -1;
     }
     const int64_t rs = row_begin + p;
-    const int soff = p < BN && rs < row_end ? static_cast<int>((g.x_rows ? g.x_rows[rs] : rs) * g.lds + k_begin / 128) : -1;
+    const int soff =
+        p < BN && rs < row_end ? static_cast<int>((g.x_rows ? g.x_rows[rs] : rs) * g.lds + k_begin / 128) : -1;
     const uint8_t* xq = g.xq + k_begin;
     for (int st = 0; st < static_cast<int>(stages); ++st) {
       const int slot = st % S;
@@ -3192,7 +3193,8 @@ __global__ void __launch_bounds__(kF8wThreads, 1)
       for (int j = 0; j < kF8wCols / 16; ++j)
         cp_async16_s(sw + poff + j * 2048, 16 * j < w_rows ? wrow + j * w_step + k0 : wrow, 16 * j < w_rows);
 #pragma unroll
-      for (int j = 0; j < BN / 16; ++j) cp_async16_s(sx + poff + j * 2048, xq + (xoff[j] < 0 ? 0 : xoff[j] + k0), xoff[j] >= 0);
+      for (int j = 0; j < BN / 16; ++j)
+        cp_async16_s(sx + poff + j * 2048, xq + (xoff[j] < 0 ? 0 : xoff[j] + k0), xoff[j] >= 0);
       if (p < BN) cp_async4_ca(scales_smem + slot * BN + p, g.xscale + (soff < 0 ? 0 : soff + st), soff >= 0);
       mbar_arrive_cp_async(full + 8 * slot);
     }
@@ -3215,7 +3217,8 @@ __global__ void __launch_bounds__(kF8wThreads, 1)
     const int slot = static_cast<int>(st % S);
     mbar_wait(full + 8 * slot, static_cast<uint32_t>((st / S) & 1));
     fence_proxy_async_smem();  // the copies' writes, seen here, made visible to wgmma
-    const uint32_t sa = base + slot * kStage + static_cast<uint32_t>(wg) * 64 * 128, sb = base + slot * kStage + kWBytes;
+    const uint32_t sa = base + slot * kStage + static_cast<uint32_t>(wg) * 64 * 128;
+    const uint32_t sb = base + slot * kStage + kWBytes;
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk)
@@ -3377,8 +3380,8 @@ void moe_combine(const float* y, const int32_t* ids, const float* weights, const
   const bool vec = d % 4 == 0 && reinterpret_cast<uintptr_t>(y) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
   const int64_t per_block = vec ? 4 * 256 : 256;
   const dim3 grid(static_cast<unsigned>(t), static_cast<unsigned>((d + per_block - 1) / per_block));
-  if (vec) launch_chained(moe_combine_kernel<true>, grid, 256, 0, as_stream(stream), y, ids, weights, pair_row, k, d, out);
-  else launch_chained(moe_combine_kernel<false>, grid, 256, 0, as_stream(stream), y, ids, weights, pair_row, k, d, out);
+  const auto kernel = vec ? moe_combine_kernel<true> : moe_combine_kernel<false>;
+  launch_chained(kernel, grid, 256, 0, as_stream(stream), y, ids, weights, pair_row, k, d, out);
   check_launch("moe_combine");
 }
 
