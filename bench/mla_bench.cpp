@@ -5,7 +5,8 @@
 // same run (the ceiling of a memory-bound kernel). The case list (kMlaBenchShapes, also in
 // tests/gpu/mla_bench_shapes.h) is the one tests/gpu/cuda_ops_test.cpp checks for correctness at
 // small batch.
-// Usage: dilu_mla_bench [--reps N] [--case NAME]
+// Usage: dilu_mla_bench [--reps N] [--case NAME|prefill]
+// The prefill table compares the absorbed and the expanded form of a prefill step.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -13,6 +14,7 @@
 #include <cstring>
 #include <iostream>
 #include <iterator>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -63,6 +65,72 @@ double time_mla(Ops& ops, const MlaBenchShape& s, int reps) {
   return 1e6 * std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / reps;
 }
 
+// A prefill step: `batch` prompts of `len` tokens, every position queried (the cache holds the
+// prompts' entries). Microseconds per call.
+double time_mla_prefill(Ops& ops, int64_t batch, int64_t len, int reps) {
+  const int64_t h = 128, nope = 128, r = 64, c = 512, v = 128, bs = 64, width = c + r;
+  MlaParams p;
+  p.num_heads = h;
+  p.qk_nope_head_dim = nope;
+  p.qk_rope_head_dim = r;
+  p.kv_lora_rank = c;
+  p.v_head_dim = v;
+  p.softmax_scale = 0.1f;
+  AttentionLayout layout;
+  layout.block_size = bs;
+  const int64_t blocks_per_seq = (len + bs - 1) / bs;
+  for (int64_t i = 0; i < batch; ++i) {
+    std::vector<int32_t> table;
+    for (int64_t b = 0; b < blocks_per_seq; ++b) table.push_back(static_cast<int32_t>(i * blocks_per_seq + b));
+    layout.block_tables.push_back(table);
+    for (int64_t j = 0; j < len; ++j) {
+      layout.token_seq.push_back(static_cast<int32_t>(i));
+      layout.token_pos.push_back(static_cast<int32_t>(j));
+      layout.token_slot.push_back(i * blocks_per_seq * bs + j);
+    }
+  }
+  const int64_t t = batch * len;
+  Tensor cache = ops.random_fill(ops.cache_dtype(), {batch * blocks_per_seq, bs, width}, 11, 0.0f, 1.0f);
+  const Tensor wq = ops.random_fill(DType::F8E4M3, {h * (nope + v), c}, 12, 0.0f, 448.0f);
+  const Tensor sq = ops.random_fill(DType::F32, {h * (nope + v) / 128, c / 128}, 14, 0.05f / 448.0f, 0.0f);
+  const MlaWeight kv_b = ops.place_mla_kv_b(ops.place_linear(wq, sq, 128, 128), p);
+  Tensor q = ops.random_fill(DType::F32, {t, h, nope + r}, 13, 0.0f, 1.0f);
+  Tensor out = ops.empty(DType::F32, {t, h * v});
+  ops.mla_attention(q, kv_b, cache, layout, p, out);
+  ops.synchronize();
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < reps; ++i) ops.mla_attention(q, kv_b, cache, layout, p, out);
+  ops.synchronize();
+  return 1e6 * std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / reps;
+}
+
+// The prefill table: the absorbed form (the automatic core and absorptions) against the expanded
+// form, for one and eight 1024-token prompts. The rate is the absorbed form's multiply-adds
+// (dilu bench's count: 128 heads x (2 C + R) per query and position, and the absorptions), the
+// one the prefill row of dilu bench credits.
+void prefill_table(int reps) {
+  std::printf("\nprefill (128 heads, every position of each prompt queried; us per call)\n");
+  std::printf("%-22s %12s %12s %9s %18s\n", "case", "absorbed", "expanded", "speed-up", "TFLOP/s (absorbed count)");
+  for (const int64_t batch : {int64_t{1}, int64_t{8}}) {
+    const int64_t len = 1024;
+    double us[2] = {0, 0};
+    int i = 0;
+    for (const char* form : {"absorbed", "expanded"}) {
+      BackendOptions o;
+      o.kernels = "fast";
+      o.mla_prefill = form;
+      o.arena_bytes = int64_t{12} << 30;
+      std::unique_ptr<Ops> ops = make_ops("cuda", o);
+      us[i++] = time_mla_prefill(*ops, batch, len, reps);
+    }
+    const double pairs = static_cast<double>(batch) * static_cast<double>(len) * static_cast<double>(len + 1) / 2.0;
+    const double flops = 2.0 * (pairs * 128.0 * 1088.0 + static_cast<double>(batch * len) * 128.0 * 2.0 * 128.0 * 512.0);
+    const std::string name = "prefill_b" + std::to_string(batch) + "_len" + std::to_string(len);
+    std::printf("%-22s %12.1f %12.1f %8.2fx %9.1f -> %6.1f\n", name.c_str(), us[0], us[1], us[0] / us[1],
+                flops / (us[0] * 1e-6) / 1e12, flops / (us[1] * 1e-6) / 1e12);
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -78,10 +146,11 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  if (!only.empty() && std::none_of(std::begin(kMlaBenchShapes), std::end(kMlaBenchShapes),
+  if (!only.empty() && only != "prefill" && std::none_of(std::begin(kMlaBenchShapes), std::end(kMlaBenchShapes),
                                     [&](const MlaBenchShape& s) { return only == s.name; })) {
     std::cerr << "dilu_mla_bench: no case named '" << only << "'; the cases are";
     for (const MlaBenchShape& s : kMlaBenchShapes) std::cerr << " " << s.name;
+    std::cerr << " prefill";
     std::cerr << "\n";
     return 2;
   }
@@ -129,6 +198,7 @@ int main(int argc, char** argv) {
       const double gbs = bytes / (best * 1e-6) / 1e9;
       std::printf(" %8.2fx %9.0f %10.1f%%\n", r_us / best, gbs, 100.0 * gbs * 1e9 / bw);
     }
+    if (only.empty() || only == "prefill") prefill_table(std::max(1, reps / 4));
   } catch (const std::exception& e) {
     std::cerr << "dilu_mla_bench: " << e.what() << "\n";
     return 1;

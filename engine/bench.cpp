@@ -36,7 +36,9 @@ struct ModelCosts {
   double kv_bytes_per_token = 0;  // one cached token over all layers (BF16 latent + rope key)
   double params_per_token = 0;  // multiply-adds per token through the linears (K routed experts)
   double head_params = 0;       // lm_head, once per logits row
-  double attn_per_ctx = 0;      // multiply-adds per (token, attended position), absorbed MLA
+  // Multiply-adds per (token, attended position): MLA's expanded form, nope + R for the score and
+  // v for the output per head, the least of its two forms (the absorbed one takes 2 C + R).
+  double attn_per_ctx = 0;
 };
 
 ModelCosts model_costs(const ModelConfig& c) {
@@ -68,8 +70,7 @@ ModelCosts model_costs(const ModelConfig& c) {
                           static_cast<double>(c.num_experts_per_tok * moe_layers);
   }
   m.kv_bytes_per_token = 2.0 * static_cast<double>((c.kv_lora_rank + c.qk_rope_head_dim) * c.num_hidden_layers);
-  m.attn_per_ctx = static_cast<double>(c.num_attention_heads * (2 * c.kv_lora_rank + c.qk_rope_head_dim) *
-                                       c.num_hidden_layers);
+  m.attn_per_ctx = static_cast<double>(c.num_attention_heads * (c.qk_head_dim() + c.v_head_dim) * c.num_hidden_layers);
   return m;
 }
 

@@ -37,10 +37,12 @@ struct MlaWeight {
   Tensor w;
   Tensor split;
   Tensor split_scale;
+  Tensor expand;  // the CUDA backend's expanded form for prefill (cuda::mla_kv_b_expand), or undefined
   MlaWeight() = default;
   MlaWeight(Tensor f32) : w(std::move(f32)) {}  // NOLINT(google-explicit-constructor): the FP32 form alone
   size_t nbytes() const {
-    return w.nbytes() + (split.defined() ? split.nbytes() + split_scale.nbytes() : 0);
+    return w.nbytes() + (split.defined() ? split.nbytes() + split_scale.nbytes() : 0) +
+           (expand.defined() ? expand.nbytes() : 0);
   }
 };
 
@@ -296,6 +298,11 @@ struct BackendOptions {
   // parts against kv_b's stored values on tensor cores, wherever the split form exists). For
   // tests and benches; DILU_MLA_ABSORB overrides it.
   std::string mla_absorb = "auto";
+  // MLA in prefill: auto (the expanded form where a step's queries are most of their contexts
+  // and its scratch fits, kMlaExpandedMinTokens tokens up) | absorbed (always the absorbed form)
+  // | expanded (wherever the expanded form runs: widths built, scratch, no capture). For tests
+  // and benches; DILU_MLA_PREFILL overrides it.
+  std::string mla_prefill = "auto";
 };
 
 // "cpu" always; "cuda" when built with it. Throws UserError for an unknown or unavailable name.

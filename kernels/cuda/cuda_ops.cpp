@@ -205,6 +205,12 @@ class CudaOps final : public Ops {
                     absorb_env && *absorb_env ? "DILU_MLA_ABSORB" : "BackendOptions::mla_absorb",
                     ") must be auto, f32 or bf16x3, got '", mla_absorb_,
                     "'; unset DILU_MLA_ABSORB for the automatic choice");
+    const char* prefill_env = std::getenv("DILU_MLA_PREFILL");
+    mla_prefill_ = prefill_env && *prefill_env ? prefill_env : o.mla_prefill;
+    DILU_USER_CHECK(mla_prefill_ == "auto" || mla_prefill_ == "absorbed" || mla_prefill_ == "expanded",
+                    "MLA's prefill form (", prefill_env && *prefill_env ? "DILU_MLA_PREFILL" : "BackendOptions::mla_prefill",
+                    ") must be auto, absorbed or expanded, got '", mla_prefill_,
+                    "'; unset DILU_MLA_PREFILL for the automatic choice");
     if (mla_fused_) {
       mla_split_bytes_ = size_t{16} << 20;
       mla_split_scratch_ = allocate_persistent(DType::U8, {static_cast<int64_t>(mla_split_bytes_)});
@@ -412,6 +418,12 @@ class CudaOps final : public Ops {
     MlaWeight m(dequantize(w));
     const int64_t h = p.num_heads, nope = p.qk_nope_head_dim, v = p.v_head_dim, c = p.kv_lora_rank;
     const bool fp8 = w.weight.dtype() == DType::F8E4M3;
+    if (mla_fused_ && mla_prefill_ != "absorbed" && h > 0 && m.w.dim(0) == h * (nope + v) && m.w.dim(1) == c &&
+        cuda::mla_expanded_shapes(nope, p.qk_rope_head_dim, v, c)) {
+      m.expand = allocate_persistent(DType::BF16, {h * (nope + v), 2 * c});
+      cuda::mla_kv_b_expand(m.w.data<float>(), h * (nope + v), c, static_cast<uint16_t*>(m.expand.raw()), stream_);
+      synchronize();
+    }
     if (!mla_fused_ || mla_absorb_ == "f32" || !(fp8 || w.weight.dtype() == DType::BF16)) return m;
     if (w.out_features() != h * (nope + v) || w.in_features() != c || h <= 0 ||
         !cuda::mla_split_shapes(c, v, nope, p.qk_rope_head_dim))
@@ -806,6 +818,7 @@ class CudaOps final : public Ops {
       for (int32_t b : blocks) DILU_CHECK(b >= 0 && b < cache.dim(0), "cache block ", b, " outside ", cache.dim(0));
     }
     const MlaLayout dev = mla_layout(layout);
+    if (mla_fused_ && mla_expanded(q, kv_b, cache, layout, p, dev.pos, out)) return;
     Tensor q_lat = empty(DType::F32, {t, h, c}), o_lat = empty(DType::F32, {t, h, c});
     const bool split_wanted =
         mla_fused_ && kv_b.split.defined() && (mla_absorb_ == "bf16x3" || t >= cuda::kMlaSplitMinTokens);
@@ -883,6 +896,87 @@ class CudaOps final : public Ops {
                                  v, h)) {
       cuda::mla_absorb_v(a, stream_);
     }
+  }
+
+  // MLA in the expanded form (cuda::mla_attention_expanded) where it is chosen and runs: the
+  // tokens grouped by sequence and sorted by position into tiles, each sequence's context (up to
+  // its last query's position) gathered from the cache, and per group of heads one BF16 GEMM for
+  // the keys and values, then attention. Its scratch is held to what the absorbed form's latent
+  // queries and outputs would take (2 T H C floats, which step_scratch_bytes counts), with at
+  // least 64 MiB when forced. Returns false, having written nothing, where the absorbed form runs.
+  bool mla_expanded(const Tensor& q, const MlaWeight& kv_b, const Tensor& cache, const AttentionLayout& layout,
+                    const MlaParams& p, const Tensor& dev_pos, Tensor& out) {
+    if (mla_prefill_ == "absorbed" || !kv_b.expand.defined() || capturing_) return false;
+    const int64_t t = q.dim(0), h = p.num_heads, nope = p.qk_nope_head_dim, r = p.qk_rope_head_dim,
+                  c = p.kv_lora_rank, v = p.v_head_dim, bs = layout.block_size;
+    if (mla_prefill_ == "auto" && t < cuda::kMlaExpandedMinTokens) return false;
+    // Tokens by sequence, in position order; a sequence's context is up to its last query.
+    std::map<int32_t, std::vector<std::pair<int32_t, int32_t>>> by_seq;  // seq -> (position, token)
+    for (int64_t i = 0; i < t; ++i)
+      by_seq[layout.token_seq[static_cast<size_t>(i)]].push_back(
+          {layout.token_pos[static_cast<size_t>(i)], static_cast<int32_t>(i)});
+    int64_t positions = 0;
+    for (auto& [seq, toks] : by_seq) {
+      std::sort(toks.begin(), toks.end());
+      positions += toks.back().first + 1;
+    }
+    if (mla_prefill_ == "auto" && positions > cuda::kMlaExpandedMaxContext * t) return false;
+    // Scratch: lat2 and rope per position, then hg heads' keys and values per position.
+    const int64_t budget = std::max<int64_t>(2 * t * h * c * 4, mla_prefill_ == "expanded" ? int64_t{64} << 20 : 0);
+    const int64_t fixed = positions * (2 * c + r) * 2, per_head = positions * (nope + v) * 4;
+    if (fixed + per_head > budget) return false;
+    int64_t hg = std::min<int64_t>(h, (budget - fixed) / per_head);
+    while (h % hg != 0) --hg;  // equal groups: one cuBLASLt shape
+
+    std::vector<int32_t> slots, rows, tiles;
+    slots.reserve(static_cast<size_t>(positions));
+    rows.reserve(static_cast<size_t>(t));
+    for (const auto& [seq, toks] : by_seq) {
+      const auto& table = layout.block_tables[static_cast<size_t>(seq)];
+      const int64_t kv0 = static_cast<int64_t>(slots.size()), ctx = toks.back().first + 1;
+      for (int64_t j = 0; j < ctx; ++j)
+        slots.push_back(static_cast<int32_t>(table[static_cast<size_t>(j / bs)] * bs + j % bs));
+      for (size_t i = 0; i < toks.size(); i += cuda::kMlaExpandedRows) {
+        const size_t n = std::min<size_t>(cuda::kMlaExpandedRows, toks.size() - i);
+        tiles.insert(tiles.end(), {static_cast<int32_t>(rows.size()), static_cast<int32_t>(n),
+                                   static_cast<int32_t>(kv0), toks[i + n - 1].first + 1});
+        for (size_t k = i; k < i + n; ++k) rows.push_back(toks[k].second);
+      }
+    }
+    const Tensor d_slots = upload_cached(kUpMlaSlots, slots.data(), slots.size() * sizeof(int32_t), DType::I32);
+    const Tensor d_rows = upload_cached(kUpMlaRows, rows.data(), rows.size() * sizeof(int32_t), DType::I32);
+    const Tensor d_tiles = upload_cached(kUpMlaTiles, tiles.data(), tiles.size() * sizeof(int32_t), DType::I32);
+    Tensor lat2 = empty(DType::BF16, {positions, 2 * c}), rope = empty(DType::BF16, {positions, r});
+    Tensor kv = empty(DType::F32, {positions, hg * (nope + v)});
+    cuda::mla_gather_latent(static_cast<const uint16_t*>(cache.raw()), c, r, d_slots.data<int32_t>(), positions,
+                            static_cast<uint16_t*>(lat2.raw()), static_cast<uint16_t*>(rope.raw()), stream_);
+    cuda::MlaExpandedArgs a;
+    a.q = q.data<float>();
+    a.kv = kv.data<float>();
+    a.rope = static_cast<const uint16_t*>(rope.raw());
+    a.tiles = d_tiles.data<int32_t>();
+    a.rows = d_rows.data<int32_t>();
+    a.token_pos = dev_pos.data<int32_t>();
+    a.n_tiles = static_cast<int64_t>(tiles.size() / 4);
+    a.h = h;
+    a.hg = hg;
+    a.nope = nope;
+    a.r = r;
+    a.v = v;
+    a.scale = p.softmax_scale;
+    a.out = out.data<float>();
+    const auto* w2 = static_cast<const uint16_t*>(kv_b.expand.raw());
+    for (int64_t h0 = 0; h0 < h; h0 += hg) {
+      // kv [P, hg (nope + v)] = [lat | lat] [P, 2C] x expand[h0 ..]^T: hi and lo summed in one K.
+      if (!lt_matmul(CUDA_R_16BF, w2 + h0 * (nope + v) * 2 * c, nullptr, lat2.raw(), nullptr, kv.raw(),
+                     hg * (nope + v), positions, 2 * c)) {
+        DILU_CHECK(h0 == 0, "cuBLASLt took the first group of heads' expansion but not a later one");
+        return false;
+      }
+      a.h0 = h0;
+      cuda::mla_attention_expanded(a, stream_);
+    }
+    return true;
   }
 
   // The token count whose algorithm serves n: n itself up to 16 (decode's small batches keep their
@@ -1318,7 +1412,20 @@ class CudaOps final : public Ops {
   // reads the same layout). The buffers are persistent and keep their address while large
   // enough, so a captured step reads whatever stage_step() put there last; a buffer that grows
   // moves, and staging_epoch_ (part of every shape key) retires the graphs that read the old one.
-  enum UploadSlot { kUpIds, kUpSeq, kUpPos, kUpTables, kUpSlots, kUpRopePos, kUpRopeFreq, kUpRows, kUpSlotCount };
+  enum UploadSlot {
+    kUpIds,
+    kUpSeq,
+    kUpPos,
+    kUpTables,
+    kUpSlots,
+    kUpRopePos,
+    kUpRopeFreq,
+    kUpRows,
+    kUpMlaSlots,
+    kUpMlaRows,
+    kUpMlaTiles,
+    kUpSlotCount
+  };
   struct CachedUpload {
     std::vector<uint8_t> host;
     Tensor buffer;  // U8, persistent
@@ -1499,6 +1606,7 @@ class CudaOps final : public Ops {
   bool mla_fused_ = false;  // the fused MLA kernels (fast)
   std::string mla_core_ = "auto";  // BackendOptions::mla_core
   std::string mla_absorb_ = "auto";  // BackendOptions::mla_absorb
+  std::string mla_prefill_ = "auto";  // BackendOptions::mla_prefill
   bool graphs_ = false;     // cuda.graphs
   bool capturing_ = false;  // between begin_capture() and end_capture()
   std::shared_ptr<Arena> graph_arena_;  // captured steps' scratch (enable_graphs)

@@ -3461,4 +3461,321 @@ void mla_absorb_v_split(const MlaArgs& a, const uint16_t* split, const float* sp
   check_launch("mla_absorb_v_split");
 }
 
+
+// ---- MLA prefill in the expanded form ---------------------------------------------------------
+// Keys and values per context position (k = [W_UK lat | rope key], v = W_UV lat), then attention
+// with nope + R = 192 wide scores and 128 wide outputs (R1): 320 multiply-adds per head and
+// position pair, against the absorbed form's 2 C + R = 1088. See mla_attention_expanded.
+
+// expand[r] = [hi(w[r, :]) | lo(w[r, :])], hi = bf16(w), lo = bf16(w - hi).
+__global__ void mla_kv_b_expand_kernel(const float* w, int64_t rows, int64_t c, __nv_bfloat16* expand) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < rows * c;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = i / c, col = i % c;
+    const float x = w[i];
+    const __nv_bfloat16 hi = __float2bfloat16_rn(x);
+    expand[row * 2 * c + col] = hi;
+    expand[row * 2 * c + c + col] = __float2bfloat16_rn(x - __bfloat162float(hi));
+  }
+}
+
+// lat2[p] = [lat | lat] and rope[p] of the cache entry at slots[p], 16 bytes a thread.
+__global__ void mla_gather_latent_kernel(const uint4* cache, int64_t c, int64_t r, const int32_t* slots, int64_t p,
+                                         uint4* lat2, uint4* rope) {
+  const int64_t w = (c + r) / 8, cw = c / 8, rw = r / 8;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < p * w;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = i / w, col = i % w;
+    const uint4 x = cache[static_cast<int64_t>(slots[row]) * w + col];
+    if (col < cw) {
+      lat2[row * 2 * cw + col] = x;
+      lat2[row * 2 * cw + cw + col] = x;
+    } else {
+      rope[row * rw + col - cw] = x;
+    }
+  }
+}
+
+// One block: up to kMxRows query rows of one sequence (a tile: MlaExpandedArgs::tiles) and one
+// head; a warp per 16 rows. Keys and values come kMxKeys positions a tile: loaded as F32 into
+// registers a tile ahead, cut into BF16 hi + lo and stored to the other of two shared-memory
+// buffers while this one is multiplied (one barrier a tile). mma.sync m16n8k16
+// with F32 sums, each product as hi * hi + hi * lo + lo * hi (the rope keys, BF16 in the cache,
+// have no lo part), so scores and outputs keep F32's accuracy to about 2^-16 as the absorbed
+// cores' do. Online softmax in registers, FlashAttention-2 style.
+constexpr int kMxRows = static_cast<int>(kMlaExpandedRows), kMxKeys = 32;
+constexpr int kMxThreads = 2 * kMxRows;  // a warp per 16 rows
+
+template <int kNope, int kR, int kV>
+struct MxLayout {
+  static constexpr int kQk = kNope + kR, kQkP = kQk + 8, kNopeP = kNope + 8, kVP = kV + 8;
+  static constexpr int kQh = 0, kQl = kQh + kMxRows * kQkP, kKh = kQl + kMxRows * kQkP, kKl = kKh + kMxKeys * kQkP,
+                       kVh = kKl + kMxKeys * kNopeP, kVl = kVh + kMxKeys * kVP, kBuf = kVl + kMxKeys * kVP - kKh,
+                       kEnd = kKh + 2 * kBuf;  // two buffers of keys and values
+  static constexpr size_t kBytes = static_cast<size_t>(kEnd) * 2;
+  static constexpr int kKvF4 = kMxKeys * (kNope + kV) / 4 / kMxThreads;  // float4 loads a thread and tile
+  static constexpr int kRopeU4 = (kMxKeys * kR / 8 + kMxThreads - 1) / kMxThreads;
+  static_assert(kMxKeys * (kNope + kV) / 4 % kMxThreads == 0, "whole float4 loads a thread");
+  static_assert(kNope % 16 == 0 && kR % 16 == 0 && kV % 16 == 0, "whole MMA steps");
+};
+
+template <int kNope, int kR, int kV>
+__global__ void __launch_bounds__(kMxThreads, 1) mla_expanded_kernel(MlaExpandedArgs a) {
+  using L = MxLayout<kNope, kR, kV>;
+  constexpr int kQk = L::kQk;
+  extern __shared__ __align__(16) __nv_bfloat16 mx_smem[];
+  __nv_bfloat16* qh = mx_smem + L::kQh;
+  __nv_bfloat16* ql = mx_smem + L::kQl;
+  __nv_bfloat16* const kh = mx_smem + L::kKh;  // buffer 0; buffer 1 is L::kBuf elements on
+  __nv_bfloat16* const kl = mx_smem + L::kKl;
+  __nv_bfloat16* const vh = mx_smem + L::kVh;
+  __nv_bfloat16* const vl = mx_smem + L::kVl;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
+  const int4 tile = reinterpret_cast<const int4*>(a.tiles)[blockIdx.x];
+  const int row0 = tile.x, rows = tile.y, kv_len = tile.w;
+  const int64_t kv0 = tile.z;
+  const int64_t head = a.h0 + blockIdx.y, hg_col = static_cast<int64_t>(blockIdx.y) * (kNope + kV);
+  const int64_t kv_ld = a.hg * (kNope + kV);
+
+  // The queries, hi and lo; rows past the tile are zeros.
+  for (int i = tid; i < kMxRows * kQk / 4; i += kMxThreads) {
+    const int row = i / (kQk / 4), col = 4 * (i % (kQk / 4));
+    float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (row < rows) {
+      const int64_t tok = a.rows[row0 + row];
+      x = *reinterpret_cast<const float4*>(a.q + (tok * a.h + head) * kQk + col);
+    }
+    uint32_t h0, l0, h1, l1;
+    split_bf16x2(x.x, x.y, h0, l0);
+    split_bf16x2(x.z, x.w, h1, l1);
+    *reinterpret_cast<uint2*>(qh + row * L::kQkP + col) = make_uint2(h0, h1);
+    *reinterpret_cast<uint2*>(ql + row * L::kQkP + col) = make_uint2(l0, l1);
+  }
+  // Each thread's two rows (g and g + 8 of its warp's 16) and their positions; rows past the
+  // tile take the last row's position (their outputs are not stored).
+  int pos[2];
+  for (int i = 0; i < 2; ++i) {
+    const int row = min(warp * 16 + g + 8 * i, rows - 1);
+    pos[i] = a.token_pos[a.rows[row0 + row]];
+  }
+  const int warp_last = a.token_pos[a.rows[row0 + min(warp * 16 + 15, rows - 1)]];
+  int warp_max = warp_last;
+  for (int i = 0; i < 16; ++i) warp_max = max(warp_max, a.token_pos[a.rows[row0 + min(warp * 16 + i, rows - 1)]]);
+
+  float4 kv_reg[L::kKvF4];
+  uint4 rope_reg[L::kRopeU4];
+  auto load_tile = [&](int key0) {
+#pragma unroll
+    for (int j = 0; j < L::kKvF4; ++j) {
+      const int i = tid + j * kMxThreads, key = i / ((kNope + kV) / 4), col = 4 * (i % ((kNope + kV) / 4));
+      kv_reg[j] = key0 + key < kv_len
+                      ? *reinterpret_cast<const float4*>(a.kv + (kv0 + key0 + key) * kv_ld + hg_col + col)
+                      : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+#pragma unroll
+    for (int j = 0; j < L::kRopeU4; ++j) {
+      const int i = tid + j * kMxThreads, key = i / (kR / 8), col = 8 * (i % (kR / 8));
+      rope_reg[j] = key < kMxKeys && key0 + key < kv_len
+                        ? *reinterpret_cast<const uint4*>(a.rope + (kv0 + key0 + key) * kR + col)
+                        : make_uint4(0, 0, 0, 0);
+    }
+  };
+  auto store_tile = [&](int buf) {
+    const int b = buf * L::kBuf;
+#pragma unroll
+    for (int j = 0; j < L::kKvF4; ++j) {
+      const int i = tid + j * kMxThreads, key = i / ((kNope + kV) / 4), col = 4 * (i % ((kNope + kV) / 4));
+      uint32_t h0, l0, h1, l1;
+      split_bf16x2(kv_reg[j].x, kv_reg[j].y, h0, l0);
+      split_bf16x2(kv_reg[j].z, kv_reg[j].w, h1, l1);
+      if (col < kNope) {
+        *reinterpret_cast<uint2*>(kh + b + key * L::kQkP + col) = make_uint2(h0, h1);
+        *reinterpret_cast<uint2*>(kl + b + key * L::kNopeP + col) = make_uint2(l0, l1);
+      } else {
+        *reinterpret_cast<uint2*>(vh + b + key * L::kVP + col - kNope) = make_uint2(h0, h1);
+        *reinterpret_cast<uint2*>(vl + b + key * L::kVP + col - kNope) = make_uint2(l0, l1);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < L::kRopeU4; ++j) {
+      const int i = tid + j * kMxThreads, key = i / (kR / 8), col = 8 * (i % (kR / 8));
+      if (key < kMxKeys) *reinterpret_cast<uint4*>(kh + b + key * L::kQkP + kNope + col) = rope_reg[j];
+    }
+  };
+
+  constexpr int kOT = kV / 8;  // output n-tiles
+  float o[kOT][4];
+#pragma unroll
+  for (int n = 0; n < kOT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+  const float scale_log2 = a.scale * 1.4426950408889634f;
+
+  // ldmatrix lane addresses (shared-space bytes): A (queries) rows lane % 16 of the warp, 8
+  // columns further for lanes 16..31; B (keys) rows of 8 keys (+8 for lanes 16..31), 8 columns
+  // further for lanes 8..15 and 24..31; V (transposed) keys lane % 16, 8 columns further for
+  // lanes 16..31.
+  const uint32_t a_off = static_cast<uint32_t>(((warp * 16 + lane % 16) * L::kQkP + (lane / 16) * 8) * 2);
+  const int b_key = (lane & 7) + ((lane >> 4) << 3), b_col = ((lane >> 3) & 1) * 8;
+  const uint32_t qh_s = smem_u32(qh) + a_off, ql_s = smem_u32(ql) + a_off;
+  const uint32_t kh_s = smem_u32(kh) + static_cast<uint32_t>((b_key * L::kQkP + b_col) * 2);
+  const uint32_t kl_s = smem_u32(kl) + static_cast<uint32_t>((b_key * L::kNopeP + b_col) * 2);
+  const uint32_t v_off = static_cast<uint32_t>(((lane & 15) * L::kVP + (lane >> 4) * 8) * 2);
+  const uint32_t vh_s = smem_u32(vh) + v_off, vl_s = smem_u32(vl) + v_off;
+
+  const int n_tiles = (kv_len + kMxKeys - 1) / kMxKeys;
+  load_tile(0);
+  store_tile(0);
+  __syncthreads();  // the queries and the first tile
+  for (int it = 0; it < n_tiles; ++it) {
+    const int key0 = it * kMxKeys;
+    const uint32_t boff = static_cast<uint32_t>((it & 1) * L::kBuf * 2);
+    if (it + 1 < n_tiles) load_tile(key0 + kMxKeys);
+    if (key0 <= warp_max) {  // else every key of this tile is past the warp's rows
+      // Scores: 16 rows x 32 keys.
+      float s[4][4];
+#pragma unroll
+      for (int n = 0; n < 4; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll 2
+      for (int ks = 0; ks < kQk / 16; ++ks) {
+        uint32_t ah[4], al[4];
+        ldmatrix_x4<false>(qh_s + ks * 32, ah[0], ah[1], ah[2], ah[3]);
+        ldmatrix_x4<false>(ql_s + ks * 32, al[0], al[1], al[2], al[3]);
+#pragma unroll
+        for (int np = 0; np < 2; ++np) {
+          uint32_t bh[4];
+          ldmatrix_x4<false>(kh_s + boff + static_cast<uint32_t>((np * 16 * L::kQkP + ks * 16) * 2), bh[0], bh[1],
+                             bh[2], bh[3]);
+          mma_bf16_16816(s[2 * np], ah[0], ah[1], ah[2], ah[3], bh[0], bh[1]);
+          mma_bf16_16816(s[2 * np + 1], ah[0], ah[1], ah[2], ah[3], bh[2], bh[3]);
+          mma_bf16_16816(s[2 * np], al[0], al[1], al[2], al[3], bh[0], bh[1]);
+          mma_bf16_16816(s[2 * np + 1], al[0], al[1], al[2], al[3], bh[2], bh[3]);
+          if (ks < kNope / 16) {
+            uint32_t bl[4];
+            ldmatrix_x4<false>(kl_s + boff + static_cast<uint32_t>((np * 16 * L::kNopeP + ks * 16) * 2), bl[0], bl[1],
+                               bl[2], bl[3]);
+            mma_bf16_16816(s[2 * np], ah[0], ah[1], ah[2], ah[3], bl[0], bl[1]);
+            mma_bf16_16816(s[2 * np + 1], ah[0], ah[1], ah[2], ah[3], bl[2], bl[3]);
+          }
+        }
+      }
+      // Mask (keys past a row's position), scale, online softmax.
+      float tmax[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int n = 0; n < 4; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = key0 + n * 8 + 2 * t4 + (e & 1), i = e >> 1;
+          const float x = key <= pos[i] ? s[n][e] * scale_log2 : -INFINITY;
+          s[n][e] = x;
+          tmax[i] = fmaxf(tmax[i], x);
+        }
+      float alpha[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        tmax[i] = fmaxf(tmax[i], __shfl_xor_sync(0xffffffffu, tmax[i], 1));
+        tmax[i] = fmaxf(tmax[i], __shfl_xor_sync(0xffffffffu, tmax[i], 2));
+        const float m_new = fmaxf(m_run[i], tmax[i]);  // finite: key 0 is in every row's first tile
+        alpha[i] = exp2f(m_run[i] - m_new);
+        m_run[i] = m_new;
+        l_run[i] *= alpha[i];
+      }
+#pragma unroll
+      for (int n = 0; n < 4; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float pe = exp2f(s[n][e] - m_run[e >> 1]);
+          s[n][e] = pe;
+          l_run[e >> 1] += pe;
+        }
+#pragma unroll
+      for (int n = 0; n < kOT; ++n) {
+        o[n][0] *= alpha[0];
+        o[n][1] *= alpha[0];
+        o[n][2] *= alpha[1];
+        o[n][3] *= alpha[1];
+      }
+      // Outputs: probabilities (A, from the score registers) times values, 16 keys a step.
+#pragma unroll
+      for (int kk = 0; kk < kMxKeys / 16; ++kk) {
+        uint32_t ph[4], pl[4];
+        split_bf16x2(s[2 * kk][0], s[2 * kk][1], ph[0], pl[0]);
+        split_bf16x2(s[2 * kk][2], s[2 * kk][3], ph[1], pl[1]);
+        split_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1], ph[2], pl[2]);
+        split_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3], ph[3], pl[3]);
+#pragma unroll
+        for (int np = 0; np < kOT / 2; ++np) {
+          const uint32_t off = static_cast<uint32_t>((kk * 16 * L::kVP + np * 16) * 2);
+          uint32_t bh[4], bl[4];
+          ldmatrix_x4<true>(vh_s + boff + off, bh[0], bh[1], bh[2], bh[3]);
+          ldmatrix_x4<true>(vl_s + boff + off, bl[0], bl[1], bl[2], bl[3]);
+          mma_bf16_16816(o[2 * np], ph[0], ph[1], ph[2], ph[3], bh[0], bh[1]);
+          mma_bf16_16816(o[2 * np + 1], ph[0], ph[1], ph[2], ph[3], bh[2], bh[3]);
+          mma_bf16_16816(o[2 * np], ph[0], ph[1], ph[2], ph[3], bl[0], bl[1]);
+          mma_bf16_16816(o[2 * np + 1], ph[0], ph[1], ph[2], ph[3], bl[2], bl[3]);
+          mma_bf16_16816(o[2 * np], pl[0], pl[1], pl[2], pl[3], bh[0], bh[1]);
+          mma_bf16_16816(o[2 * np + 1], pl[0], pl[1], pl[2], pl[3], bh[2], bh[3]);
+        }
+      }
+    }
+    // The next tile into the other buffer, whose last readers (tile it - 1) passed the barrier
+    // before this tile.
+    if (it + 1 < n_tiles) store_tile((it + 1) & 1);
+    __syncthreads();
+  }
+  // Row sums over the quad, then the outputs of the tile's rows.
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 1);
+    l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 2);
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int row = warp * 16 + g + 8 * i;
+    if (row >= rows) continue;
+    const float inv = 1.0f / l_run[i];
+    float* out = a.out + static_cast<int64_t>(a.rows[row0 + row]) * a.h * kV + head * kV + 2 * t4;
+#pragma unroll
+    for (int n = 0; n < kOT; ++n)
+      *reinterpret_cast<float2*>(out + n * 8) = make_float2(o[n][2 * i] * inv, o[n][2 * i + 1] * inv);
+  }
+}
+
+void mla_kv_b_expand(const float* w, int64_t rows, int64_t c, uint16_t* expand, void* stream) {
+  if (rows <= 0 || c <= 0) return;
+  mla_kv_b_expand_kernel<<<grid_for(rows * c, 256), 256, 0, as_stream(stream)>>>(
+      w, rows, c, reinterpret_cast<__nv_bfloat16*>(expand));
+  check_launch("mla_kv_b_expand");
+}
+
+void mla_gather_latent(const uint16_t* cache, int64_t c, int64_t r, const int32_t* slots, int64_t p, uint16_t* lat2,
+                       uint16_t* rope, void* stream) {
+  if (p <= 0) return;
+  mla_gather_latent_kernel<<<grid_for(p * (c + r) / 8, 256), 256, 0, as_stream(stream)>>>(
+      reinterpret_cast<const uint4*>(cache), c, r, slots, p, reinterpret_cast<uint4*>(lat2),
+      reinterpret_cast<uint4*>(rope));
+  check_launch("mla_gather_latent");
+}
+
+bool mla_expanded_shapes(int64_t nope, int64_t r, int64_t v, int64_t c) {
+  return device_attribute(cudaDevAttrComputeCapabilityMajor) >= 8 && c % 8 == 0 &&
+         ((nope == 128 && r == 64 && v == 128) || (nope == 32 && r == 16 && v == 32));
+}
+
+template <int kNope, int kR, int kV>
+void launch_mla_expanded(const MlaExpandedArgs& a, cudaStream_t s) {
+  static size_t allowed[kMaxDevices] = {};
+  const size_t smem = MxLayout<kNope, kR, kV>::kBytes;
+  allow_dynamic_smem(mla_expanded_kernel<kNope, kR, kV>, smem, allowed, "mla_expanded");
+  mla_expanded_kernel<kNope, kR, kV><<<dim3(static_cast<unsigned>(a.n_tiles), static_cast<unsigned>(a.hg)),
+                                       kMxThreads, smem, s>>>(a);
+}
+
+void mla_attention_expanded(const MlaExpandedArgs& a, void* stream) {
+  if (a.n_tiles <= 0 || a.hg <= 0) return;
+  if (a.nope == 128 && a.r == 64 && a.v == 128) launch_mla_expanded<128, 64, 128>(a, as_stream(stream));
+  else if (a.nope == 32 && a.r == 16 && a.v == 32) launch_mla_expanded<32, 16, 32>(a, as_stream(stream));
+  else throw std::runtime_error("mla_attention_expanded: widths not built (mla_expanded_shapes)");
+  check_launch("mla_attention_expanded");
+}
+
 }  // namespace dilu::cuda

@@ -191,6 +191,44 @@ constexpr int64_t kMlaSplitMinTokens = 32;
 bool mla_core_wgmma_fits(const MlaArgs& a);
 void mla_core_wgmma(const MlaArgs& a, int64_t splits, float* part_o, float* part_ml, void* stream);
 
+// ---- MLA prefill in the expanded form ----
+// Where a step's queries are most of their contexts (prefill), keys and values per context
+// position cost less than the absorbed form's per-query work: R1's scores are nope + R = 192 wide
+// and its outputs v = 128 wide, against C + R = 576 and C = 512 absorbed.
+// kv_b's expanded form: row i = [hi(W[i, :]) | lo(W[i, :])] of the F32 kv_b [rows, C], BF16
+// [rows, 2C] (W = hi + lo to 16 bits). Against [lat | lat] one BF16 GEMM gives the keys' nope
+// part and the values of a head to about 2^-16 of F32.
+void mla_kv_b_expand(const float* w, int64_t rows, int64_t c, uint16_t* expand, void* stream);
+// The cache entries at slots [P] (cache [.., C + R] BF16): lat2 [P, 2C] = [lat | lat], rope [P, R].
+// C and R multiples of 8.
+void mla_gather_latent(const uint16_t* cache, int64_t c, int64_t r, const int32_t* slots, int64_t p, uint16_t* lat2,
+                       uint16_t* rope, void* stream);
+// Attention of expanded keys and values, heads h0 .. h0 + hg: a block per (tile, head). A tile is
+// up to kMlaExpandedRows query rows of one sequence: tiles [n_tiles, 4] = (first entry in rows,
+// row count, the sequence's first position in kv and rope, keys to read = its last row's
+// position + 1); rows lists token indices. Each row attends to the keys up to its own position.
+// The products run on BF16 tensor cores with both operands as hi + lo (F32 accuracy to about
+// 2^-16, as the absorbed cores).
+constexpr int64_t kMlaExpandedRows = 128;
+// BackendOptions::mla_prefill = auto takes the expanded form from this many tokens a step, where
+// the contexts to expand are at most kMlaExpandedMaxContext positions a token.
+constexpr int64_t kMlaExpandedMinTokens = 256;
+constexpr int64_t kMlaExpandedMaxContext = 4;
+struct MlaExpandedArgs {
+  const float* q = nullptr;          // [T, H, nope + R], rope applied
+  const float* kv = nullptr;         // [P, hg, nope + v] F32: keys' nope part, then values
+  const uint16_t* rope = nullptr;    // [P, R] BF16: the rope keys, shared by the heads
+  const int32_t* tiles = nullptr;    // [n_tiles, 4]
+  const int32_t* rows = nullptr;     // token indices
+  const int32_t* token_pos = nullptr;  // [T]
+  int64_t n_tiles = 0, h = 0, h0 = 0, hg = 0, nope = 0, r = 0, v = 0;
+  float scale = 1.0f;
+  float* out = nullptr;  // [T, H * v]
+};
+// The widths built: R1's (nope 128, R 64, v 128) and the golden models' (32, 16, 32), C % 8 == 0, sm_80+.
+bool mla_expanded_shapes(int64_t nope, int64_t r, int64_t v, int64_t c);
+void mla_attention_expanded(const MlaExpandedArgs& a, void* stream);
+
 // ---- MoE ----
 // Router choice from logits [T, E] (F32, before the sigmoid): noaux_tc with groups, as the CPU.
 void moe_select(const float* logits, const float* bias, int64_t t, int64_t e, int64_t k, int64_t n_group,

@@ -1084,14 +1084,19 @@ class CudaMla : public CudaOps, public ::testing::WithParamInterface<MlaCase> {
   void SetUp() override {
     CudaOps::SetUp();
     if (IsSkipped() || standin()) return;
-    for (const auto& [core, absorb] : {std::pair<const char*, const char*>{"wgmma", "f32"}, {"wgmma", "bf16x3"},
-                                       {"mma", "bf16x3"}}) {
+    struct Variant {
+      const char *core, *absorb, *prefill;
+    };
+    for (const Variant& v : {Variant{"wgmma", "f32", "absorbed"}, Variant{"wgmma", "bf16x3", "absorbed"},
+                             Variant{"mma", "bf16x3", "absorbed"}, Variant{"auto", "auto", "expanded"}}) {
       BackendOptions o;
       o.fp8_gemm = "soft";
       o.kernels = "fast";
-      o.mla_core = core;
-      o.mla_absorb = absorb;
-      gpus_.push_back({"soft", make_ops("cuda", o), std::string("fast, mla_core=") + core + ", mla_absorb=" + absorb});
+      o.mla_core = v.core;
+      o.mla_absorb = v.absorb;
+      o.mla_prefill = v.prefill;
+      gpus_.push_back({"soft", make_ops("cuda", o),
+                       std::string("fast, mla_core=") + v.core + ", mla_absorb=" + v.absorb + ", mla_prefill=" + v.prefill});
     }
   }
 };
@@ -1179,6 +1184,14 @@ TEST_P(CudaMla, MatchesWithinBf16CacheRounding) {
     }
     const bool splits = g.kernels.starts_with("fast") && g.kernels.find("mla_absorb=f32") == std::string::npos;
     EXPECT_EQ(w_gpu.split.defined(), splits && one_block) << "kv_b's split form";
+    // The expanded form exists for R1's widths and the golden models' with the fast kernels
+    // unless mla_prefill=absorbed. Forced (mla_prefill=expanded), it runs for every token of these
+    // cases: their scratch is within its floor of 64 MiB.
+    const bool expanded_widths = (nope == 128 && r == 64 && v == 128) || (nope == 32 && r == 16 && v == 32);
+    EXPECT_EQ(w_gpu.expand.defined(), g.kernels.starts_with("fast") &&
+                                          g.kernels.find("mla_prefill=absorbed") == std::string::npos &&
+                                          expanded_widths)
+        << "kv_b's expanded form";
     Tensor cache = ops.allocate_persistent(ops.cache_dtype(), cache_shape);
     poison(ops, cache);
     Tensor e = upload(ops, {n_entries, width}, ev);
@@ -1317,6 +1330,22 @@ std::vector<MlaCase> mla_cases() {
   std::vector<std::pair<int32_t, int32_t>> wide_q = last_tokens({72, 300});
   for (int32_t pos = 0; pos < 71; ++pos) wide_q.push_back({0, pos});
   cases.push_back({"R1_128_heads_prefill_73_rows", 128, 128, 64, 512, 128, 64, {72, 300}, wide_q, kR1SoftmaxScale,
+                   DType::F8E4M3, 128, 128});
+  // Whole prompts of 200 and 129 tokens (the expanded form's 64-row tiles, a partial last tile),
+  // in an interleaved token order.
+  std::vector<std::pair<int32_t, int32_t>> full_q;
+  for (int32_t pos = 0; pos < 200; ++pos) {
+    full_q.push_back({0, pos});
+    if (pos < 129) full_q.push_back({1, pos});
+  }
+  cases.push_back({"R1_prefill_200_and_129", 16, 128, 64, 512, 128, 64, {200, 129}, full_q, kR1SoftmaxScale,
+                   DType::F8E4M3, 128, 128});
+  // A prompt's second chunk (positions 100..249 over a context of 250 already cached) beside a
+  // whole prompt of 70.
+  std::vector<std::pair<int32_t, int32_t>> chunk_q;
+  for (int32_t pos = 100; pos < 250; ++pos) chunk_q.push_back({0, pos});
+  for (int32_t pos = 0; pos < 70; ++pos) chunk_q.push_back({1, pos});
+  cases.push_back({"R1_prefill_second_chunk", 16, 128, 64, 512, 128, 64, {250, 70}, chunk_q, kR1SoftmaxScale,
                    DType::F8E4M3, 128, 128});
   return cases;
 }
