@@ -3740,6 +3740,234 @@ __global__ void __launch_bounds__(kMxThreads, 1) mla_expanded_kernel(MlaExpanded
   }
 }
 
+// ---- The same attention on Hopper wgmma (R1's widths, sm_90a) ----
+// Block: the same tile of 128 query rows and one head, three warpgroups. Warpgroup 2 copies the
+// keys and values (F32 from the expansion, cut into hi + lo as it stores them; the rope keys as
+// they are) into a ring of kMxwStages stages with a "full" and an "empty" mbarrier each.
+// Warpgroups 0 and 1 each take 64 of the rows: scores by wgmma m64n32k16 with the queries and the
+// keys from shared memory (hi * hi + lo * hi + hi * lo: 32 a tile), the softmax in registers,
+// then the outputs by wgmma m64n128k16 with the probabilities (hi, lo) as A from registers and the
+// values (hi, lo) as an N-major B (6 a tile). The two multiplying warpgroups run apart; each
+// waits for its own products only.
+// Operands are in the no-swizzle core-matrix layout (8 rows x 16 bytes, 128 contiguous bytes):
+// element (row, k) of a matrix with C 8-column chunks at (row / 8) * C * 128 + (k / 8) * 128 +
+// (row % 8) * 16 + (k % 8) * 2.
+constexpr int kMxwKeys = 32, kMxwStages = 3, kMxwThreads = 384;
+constexpr uint32_t kMxwQGroup = 24 * 128, kMxwQBytes = 128 / 8 * kMxwQGroup;  // 192 dims; 128 rows
+constexpr uint32_t kMxwKhGroup = 24 * 128, kMxwNGroup = 16 * 128;             // keys 192 wide; 128 wide
+constexpr uint32_t kMxwKh = 0, kMxwKl = kMxwKh + 4 * kMxwKhGroup, kMxwVh = kMxwKl + 4 * kMxwNGroup,
+                   kMxwVl = kMxwVh + 4 * kMxwNGroup, kMxwStage = kMxwVl + 4 * kMxwNGroup;
+constexpr size_t kMxwSmem = 2 * kMxwQBytes + kMxwStages * kMxwStage + 2 * kMxwStages * 8;
+static_assert(kMxRows == 128 && kMxwKeys == kMxKeys, "two multiplying warpgroups of 64 rows; the same key tiles");
+
+// D (64 x 128, F32, +=) = A (64 x 16, BF16 from registers: mma.m16n8k16's A fragment for the
+// warp's 16 rows) . B (16 x 128, N-major in shared memory).
+__device__ __forceinline__ void wgmma_m64n128k16_rs_nt(float (&d)[64], const uint32_t (&a)[4], uint64_t db) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, %68, p, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+#endif
+}
+
+__global__ void __launch_bounds__(kMxwThreads, 1) mla_expanded_wgmma_kernel(MlaExpandedArgs a) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ __align__(128) unsigned char mxw_smem[];
+  const int tid = static_cast<int>(threadIdx.x), wg = tid >> 7, wq = (tid >> 5) & 3, lane = tid & 31;
+  const int gid = lane >> 2, quad = lane & 3;
+  const int4 tile = reinterpret_cast<const int4*>(a.tiles)[blockIdx.x];
+  const int row0 = tile.x, rows = tile.y, kv_len = tile.w;
+  const int64_t kv0 = tile.z;
+  const int64_t head = a.h0 + blockIdx.y, hg_col = static_cast<int64_t>(blockIdx.y) * 256, kv_ld = a.hg * 256;
+  const uint32_t q_hi = smem_u32(mxw_smem), q_lo = q_hi + kMxwQBytes, stages = q_hi + 2 * kMxwQBytes;
+  const uint32_t full = stages + kMxwStages * kMxwStage, empty = full + 8 * kMxwStages;
+  const int n_tiles = (kv_len + kMxwKeys - 1) / kMxwKeys;
+
+  // The queries, hi and lo: piece i (8 dims of a row) at byte 16 i, row 8 (i / 192) + i % 8.
+  for (int i = tid; i < 128 * 24; i += kMxwThreads) {
+    const int rest = i >> 3, row = (rest / 24) * 8 + (i & 7), chunk = rest % 24;
+    float4 x0 = make_float4(0.f, 0.f, 0.f, 0.f), x1 = x0;
+    if (row < rows) {
+      const float* src = a.q + (static_cast<int64_t>(a.rows[row0 + row]) * a.h + head) * 192 + 8 * chunk;
+      x0 = *reinterpret_cast<const float4*>(src);
+      x1 = *reinterpret_cast<const float4*>(src + 4);
+    }
+    uint4 hi, lo;
+    split_bf16x2(x0.x, x0.y, hi.x, lo.x);
+    split_bf16x2(x0.z, x0.w, hi.y, lo.y);
+    split_bf16x2(x1.x, x1.y, hi.z, lo.z);
+    split_bf16x2(x1.z, x1.w, hi.w, lo.w);
+    *reinterpret_cast<uint4*>(mxw_smem + 16 * i) = hi;
+    *reinterpret_cast<uint4*>(mxw_smem + kMxwQBytes + 16 * i) = lo;
+  }
+  if (tid == 0)
+    for (int i = 0; i < kMxwStages; ++i) {
+      mbar_init(full + 8 * i, 128);   // the copying warpgroup's threads
+      mbar_init(empty + 8 * i, 256);  // the multiplying warpgroups' threads
+    }
+  fence_proxy_async_smem();
+  __syncthreads();
+
+  if (wg == 2) {  // ---- copies
+    const int p = tid - 256;
+    for (int it = 0; it < n_tiles; ++it) {
+      const int sidx = it % kMxwStages, key0 = it * kMxwKeys;
+      if (it >= kMxwStages) mbar_wait(empty + 8 * sidx, static_cast<uint32_t>((it / kMxwStages - 1) & 1));
+      unsigned char* st = mxw_smem + 2 * kMxwQBytes + sidx * kMxwStage;
+      // Item i: 8 columns (chunk, 0..15 keys' nope part, 16..31 values) of key 8 grp + i % 8.
+      float4 x[8][2];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int i = p + 128 * j, rest = i >> 3, key = (rest & 3) * 8 + (i & 7), chunk = rest >> 2;
+        if (key0 + key < kv_len) {
+          const float* src = a.kv + (kv0 + key0 + key) * kv_ld + hg_col + 8 * chunk;
+          x[j][0] = *reinterpret_cast<const float4*>(src);
+          x[j][1] = *reinterpret_cast<const float4*>(src + 4);
+        } else {
+          x[j][0] = x[j][1] = make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+      }
+      uint4 rp[2];
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int i = p + 128 * j, rest = i >> 3, key = (rest & 3) * 8 + (i & 7), chunk = rest >> 2;
+        rp[j] = key0 + key < kv_len ? *reinterpret_cast<const uint4*>(a.rope + (kv0 + key0 + key) * 64 + 8 * chunk)
+                                    : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int i = p + 128 * j, rest = i >> 3, grp = rest & 3, chunk = rest >> 2, r8 = (i & 7) * 16;
+        uint4 hi, lo;
+        split_bf16x2(x[j][0].x, x[j][0].y, hi.x, lo.x);
+        split_bf16x2(x[j][0].z, x[j][0].w, hi.y, lo.y);
+        split_bf16x2(x[j][1].x, x[j][1].y, hi.z, lo.z);
+        split_bf16x2(x[j][1].z, x[j][1].w, hi.w, lo.w);
+        if (chunk < 16) {
+          *reinterpret_cast<uint4*>(st + kMxwKh + grp * kMxwKhGroup + chunk * 128 + r8) = hi;
+          *reinterpret_cast<uint4*>(st + kMxwKl + grp * kMxwNGroup + chunk * 128 + r8) = lo;
+        } else {
+          *reinterpret_cast<uint4*>(st + kMxwVh + grp * kMxwNGroup + (chunk - 16) * 128 + r8) = hi;
+          *reinterpret_cast<uint4*>(st + kMxwVl + grp * kMxwNGroup + (chunk - 16) * 128 + r8) = lo;
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int i = p + 128 * j, rest = i >> 3, grp = rest & 3, chunk = rest >> 2, r8 = (i & 7) * 16;
+        *reinterpret_cast<uint4*>(st + kMxwKh + grp * kMxwKhGroup + (16 + chunk) * 128 + r8) = rp[j];
+      }
+      fence_proxy_async_smem();
+      mbar_arrive(full + 8 * sidx);
+    }
+    return;
+  }
+
+  // ---- products: this warpgroup's rows 64 wg .. 64 wg + 63; this thread's r0 and r0 + 8
+  const int r0 = 64 * wg + 16 * wq + gid;
+  int pos[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) pos[i] = a.token_pos[a.rows[row0 + min(r0 + 8 * i, rows - 1)]];
+  // The tile's rows are in position order: the warpgroup's last row has its largest position.
+  const int wg_max = a.token_pos[a.rows[row0 + min(64 * wg + 63, rows - 1)]];
+  const bool any_rows = 64 * wg < rows;
+  const uint64_t dq_hi = wgmma_desc(q_hi + static_cast<uint32_t>(wg) * 8 * kMxwQGroup, 128, kMxwQGroup);
+  const uint64_t dq_lo = wgmma_desc(q_lo + static_cast<uint32_t>(wg) * 8 * kMxwQGroup, 128, kMxwQGroup);
+  const float scale_log2 = a.scale * 1.4426950408889634f;
+  float o[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) o[i] = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+  for (int it = 0; it < n_tiles; ++it) {
+    const int sidx = it % kMxwStages, key0 = it * kMxwKeys;
+    mbar_wait(full + 8 * sidx, static_cast<uint32_t>((it / kMxwStages) & 1));
+    const uint32_t st = stages + static_cast<uint32_t>(sidx) * kMxwStage;
+    if (any_rows && key0 <= wg_max) {  // else every key of the tile is past this warpgroup's rows
+      float sc[16];
+      {
+        const uint64_t dk_hi = wgmma_desc(st + kMxwKh, 128, kMxwKhGroup);
+        const uint64_t dk_lo = wgmma_desc(st + kMxwKl, 128, kMxwNGroup);
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < 12; ++ks) {
+          wgmma_m64n32k16_tn(sc, dq_hi + 16 * ks, dk_hi + 16 * ks, ks > 0 ? 1 : 0);
+          wgmma_m64n32k16_tn(sc, dq_lo + 16 * ks, dk_hi + 16 * ks, 1);
+          if (ks < 8) wgmma_m64n32k16_tn(sc, dq_hi + 16 * ks, dk_lo + 16 * ks, 1);
+        }
+        wgmma_commit();
+        wgmma_wait_all();
+        wgmma_settle(sc);
+      }
+      // sc[4j + 0, 1]: row r0, keys key0 + 8j + 2 quad (+1); sc[4j + 2, 3]: row r0 + 8.
+      float tmax[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int e = 0; e < 16; ++e) {
+        const int key = key0 + 8 * (e >> 2) + 2 * quad + (e & 1), i = (e >> 1) & 1;
+        const float x = key <= pos[i] ? sc[e] * scale_log2 : -INFINITY;
+        sc[e] = x;
+        tmax[i] = fmaxf(tmax[i], x);
+      }
+      float alpha[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        tmax[i] = fmaxf(tmax[i], __shfl_xor_sync(0xffffffffu, tmax[i], 1));
+        tmax[i] = fmaxf(tmax[i], __shfl_xor_sync(0xffffffffu, tmax[i], 2));
+        const float m_new = fmaxf(m_run[i], tmax[i]);  // finite: key 0 is in every row's first tile
+        alpha[i] = exp2f(m_run[i] - m_new);
+        m_run[i] = m_new;
+        l_run[i] *= alpha[i];
+      }
+#pragma unroll
+      for (int e = 0; e < 16; ++e) {
+        const float pe = exp2f(sc[e] - m_run[(e >> 1) & 1]);
+        sc[e] = pe;
+        l_run[(e >> 1) & 1] += pe;
+      }
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        o[4 * j] *= alpha[0];
+        o[4 * j + 1] *= alpha[0];
+        o[4 * j + 2] *= alpha[1];
+        o[4 * j + 3] *= alpha[1];
+      }
+      uint32_t ph[2][4], pl[2][4];
+#pragma unroll
+      for (int kk = 0; kk < 2; ++kk)
+#pragma unroll
+        for (int f = 0; f < 4; ++f) split_bf16x2(sc[8 * kk + 2 * f], sc[8 * kk + 2 * f + 1], ph[kk][f], pl[kk][f]);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < 2; ++kk) {
+        const uint32_t v = st + static_cast<uint32_t>(2 * kk) * kMxwNGroup;
+        const uint64_t dv_hi = wgmma_desc(v + kMxwVh, kMxwNGroup, 128), dv_lo = wgmma_desc(v + kMxwVl, kMxwNGroup, 128);
+        wgmma_m64n128k16_rs_nt(o, ph[kk], dv_hi);
+        wgmma_m64n128k16_rs_nt(o, ph[kk], dv_lo);
+        wgmma_m64n128k16_rs_nt(o, pl[kk], dv_hi);
+      }
+      wgmma_commit();
+      wgmma_wait_all();
+      wgmma_settle(o);
+    }
+    mbar_arrive(empty + 8 * sidx);
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 1);
+    l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 2);
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int row = r0 + 8 * i;
+    if (row >= rows) continue;
+    const float inv = 1.0f / l_run[i];
+    float* out = a.out + static_cast<int64_t>(a.rows[row0 + row]) * a.h * 128 + head * 128 + 2 * quad;
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+      *reinterpret_cast<float2*>(out + 8 * j) = make_float2(o[4 * j + 2 * i] * inv, o[4 * j + 2 * i + 1] * inv);
+  }
+#endif
+}
+
 void mla_kv_b_expand(const float* w, int64_t rows, int64_t c, uint16_t* expand, void* stream) {
   if (rows <= 0 || c <= 0) return;
   mla_kv_b_expand_kernel<<<grid_for(rows * c, 256), 256, 0, as_stream(stream)>>>(
@@ -3770,9 +3998,24 @@ void launch_mla_expanded(const MlaExpandedArgs& a, cudaStream_t s) {
                                        kMxThreads, smem, s>>>(a);
 }
 
+// DILU_MLA_EXPANDED=mma keeps R1's widths on the mma.sync kernel, for measuring.
+bool mla_expanded_wgmma_here(const MlaExpandedArgs& a) {
+  static const bool mma = [] {
+    const char* v = std::getenv("DILU_MLA_EXPANDED");
+    return v != nullptr && std::string(v) == "mma";
+  }();
+  return !mma && a.nope == 128 && a.r == 64 && a.v == 128 && wgmma_image_here() &&
+         kMxwSmem <= static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
+}
+
 void mla_attention_expanded(const MlaExpandedArgs& a, void* stream) {
   if (a.n_tiles <= 0 || a.hg <= 0) return;
-  if (a.nope == 128 && a.r == 64 && a.v == 128) launch_mla_expanded<128, 64, 128>(a, as_stream(stream));
+  if (mla_expanded_wgmma_here(a)) {
+    static size_t allowed[kMaxDevices] = {};
+    allow_dynamic_smem(mla_expanded_wgmma_kernel, kMxwSmem, allowed, "mla_expanded_wgmma");
+    mla_expanded_wgmma_kernel<<<dim3(static_cast<unsigned>(a.n_tiles), static_cast<unsigned>(a.hg)), kMxwThreads,
+                                kMxwSmem, as_stream(stream)>>>(a);
+  } else if (a.nope == 128 && a.r == 64 && a.v == 128) launch_mla_expanded<128, 64, 128>(a, as_stream(stream));
   else if (a.nope == 32 && a.r == 16 && a.v == 32) launch_mla_expanded<32, 16, 32>(a, as_stream(stream));
   else throw std::runtime_error("mla_attention_expanded: widths not built (mla_expanded_shapes)");
   check_launch("mla_attention_expanded");
