@@ -3755,11 +3755,24 @@ __global__ void __launch_bounds__(kMxThreads, 1) mla_expanded_kernel(MlaExpanded
 constexpr int kMxwKeys = 32, kMxwStages = 3, kMxwThreads = 384;
 constexpr uint32_t kMxwQGroup = 24 * 128, kMxwQBytes = 128 / 8 * kMxwQGroup;  // 192 dims; 128 rows
 constexpr uint32_t kMxwKhGroup = 24 * 128, kMxwNGroup = 16 * 128;             // keys 192 wide; 128 wide
-constexpr uint32_t kMxwKh = 0, kMxwKl = kMxwKh + 4 * kMxwKhGroup, kMxwVh = kMxwKl + 4 * kMxwNGroup,
+// The keys' lo parts (nope only) as 8-row groups of the same 192-wide pitch right after the hi
+// parts: rows 32..63 of one 64-row B, so that one m64n64k16 multiplies the queries' hi part with
+// both.
+constexpr uint32_t kMxwKh = 0, kMxwKl = kMxwKh + 4 * kMxwKhGroup, kMxwVh = kMxwKl + 4 * kMxwKhGroup,
                    kMxwVl = kMxwVh + 4 * kMxwNGroup, kMxwStage = kMxwVl + 4 * kMxwNGroup;
 constexpr size_t kMxwSmem = 2 * kMxwQBytes + kMxwStages * kMxwStage + 2 * kMxwStages * 8;
 static_assert(kMxRows == 128 && kMxwKeys == kMxKeys, "two multiplying warpgroups of 64 rows; the same key tiles");
 
+// D (64 x 64, F32, += unless !accumulate) = A (64 x 16) . B (16 x 64), both K-major in shared memory.
+__device__ __forceinline__ void wgmma_m64n64k16_tn(float (&d)[32], uint64_t da, uint64_t db, int accumulate) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(da), "l"(db), "r"(accumulate));
+#endif
+}
 // D (64 x 128, F32, +=) = A (64 x 16, BF16 from registers: mma.m16n8k16's A fragment for the
 // warp's 16 rows) . B (16 x 128, N-major in shared memory).
 __device__ __forceinline__ void wgmma_m64n128k16_rs_nt(float (&d)[64], const uint32_t (&a)[4], uint64_t db) {
@@ -3816,11 +3829,14 @@ __global__ void __launch_bounds__(kMxwThreads, 1) mla_expanded_wgmma_kernel(MlaE
       const int sidx = it % kMxwStages, key0 = it * kMxwKeys;
       if (it >= kMxwStages) mbar_wait(empty + 8 * sidx, static_cast<uint32_t>((it / kMxwStages - 1) & 1));
       unsigned char* st = mxw_smem + 2 * kMxwQBytes + sidx * kMxwStage;
-      // Item i: 8 columns (chunk, 0..15 keys' nope part, 16..31 values) of key 8 grp + i % 8.
+      // Item i: 8 columns (chunk, 0..15 keys' nope part, 16..31 values) of key 8 grp + i % 8; a
+      // warp's 32 items are 4 neighbouring chunks of 8 keys (8 rows of 128 bytes to load, 4 core
+      // matrices to store). With 32 keys a warp, each load instruction touched 32 rows: the L1's
+      // wavefronts were the limit (L1/TEX 85% busy).
       float4 x[8][2];
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        const int i = p + 128 * j, rest = i >> 3, key = (rest & 3) * 8 + (i & 7), chunk = rest >> 2;
+        const int i = p + 128 * j, h = i >> 5, key = (h & 3) * 8 + (i & 7), chunk = 4 * (h >> 2) + ((i >> 3) & 3);
         if (key0 + key < kv_len) {
           const float* src = a.kv + (kv0 + key0 + key) * kv_ld + hg_col + 8 * chunk;
           x[j][0] = *reinterpret_cast<const float4*>(src);
@@ -3832,13 +3848,13 @@ __global__ void __launch_bounds__(kMxwThreads, 1) mla_expanded_wgmma_kernel(MlaE
       uint4 rp[2];
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
-        const int i = p + 128 * j, rest = i >> 3, key = (rest & 3) * 8 + (i & 7), chunk = rest >> 2;
+        const int i = p + 128 * j, h = i >> 5, key = (h & 3) * 8 + (i & 7), chunk = 4 * (h >> 2) + ((i >> 3) & 3);
         rp[j] = key0 + key < kv_len ? *reinterpret_cast<const uint4*>(a.rope + (kv0 + key0 + key) * 64 + 8 * chunk)
                                     : make_uint4(0, 0, 0, 0);
       }
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        const int i = p + 128 * j, rest = i >> 3, grp = rest & 3, chunk = rest >> 2, r8 = (i & 7) * 16;
+        const int i = p + 128 * j, h = i >> 5, grp = h & 3, chunk = 4 * (h >> 2) + ((i >> 3) & 3), r8 = (i & 7) * 16;
         uint4 hi, lo;
         split_bf16x2(x[j][0].x, x[j][0].y, hi.x, lo.x);
         split_bf16x2(x[j][0].z, x[j][0].w, hi.y, lo.y);
@@ -3846,7 +3862,7 @@ __global__ void __launch_bounds__(kMxwThreads, 1) mla_expanded_wgmma_kernel(MlaE
         split_bf16x2(x[j][1].z, x[j][1].w, hi.w, lo.w);
         if (chunk < 16) {
           *reinterpret_cast<uint4*>(st + kMxwKh + grp * kMxwKhGroup + chunk * 128 + r8) = hi;
-          *reinterpret_cast<uint4*>(st + kMxwKl + grp * kMxwNGroup + chunk * 128 + r8) = lo;
+          *reinterpret_cast<uint4*>(st + kMxwKl + grp * kMxwKhGroup + chunk * 128 + r8) = lo;
         } else {
           *reinterpret_cast<uint4*>(st + kMxwVh + grp * kMxwNGroup + (chunk - 16) * 128 + r8) = hi;
           *reinterpret_cast<uint4*>(st + kMxwVl + grp * kMxwNGroup + (chunk - 16) * 128 + r8) = lo;
@@ -3854,7 +3870,7 @@ __global__ void __launch_bounds__(kMxwThreads, 1) mla_expanded_wgmma_kernel(MlaE
       }
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
-        const int i = p + 128 * j, rest = i >> 3, grp = rest & 3, chunk = rest >> 2, r8 = (i & 7) * 16;
+        const int i = p + 128 * j, h = i >> 5, grp = h & 3, chunk = 4 * (h >> 2) + ((i >> 3) & 3), r8 = (i & 7) * 16;
         *reinterpret_cast<uint4*>(st + kMxwKh + grp * kMxwKhGroup + (16 + chunk) * 128 + r8) = rp[j];
       }
       fence_proxy_async_smem();
@@ -3884,19 +3900,23 @@ __global__ void __launch_bounds__(kMxwThreads, 1) mla_expanded_wgmma_kernel(MlaE
     const uint32_t st = stages + static_cast<uint32_t>(sidx) * kMxwStage;
     if (any_rows && key0 <= wg_max) {  // else every key of the tile is past this warpgroup's rows
       float sc[16];
-      {
-        const uint64_t dk_hi = wgmma_desc(st + kMxwKh, 128, kMxwKhGroup);
-        const uint64_t dk_lo = wgmma_desc(st + kMxwKl, 128, kMxwNGroup);
+      {  // Two chains: the queries' hi part against the keys' hi and lo parts (nope, one
+         // m64n64k16 a step), and the rest (lo queries against hi keys, the rope steps).
+        float s2[32], s1[16];
+        const uint64_t dk = wgmma_desc(st + kMxwKh, 128, kMxwKhGroup);
         wgmma_fence();
 #pragma unroll
         for (int ks = 0; ks < 12; ++ks) {
-          wgmma_m64n32k16_tn(sc, dq_hi + 16 * ks, dk_hi + 16 * ks, ks > 0 ? 1 : 0);
-          wgmma_m64n32k16_tn(sc, dq_lo + 16 * ks, dk_hi + 16 * ks, 1);
-          if (ks < 8) wgmma_m64n32k16_tn(sc, dq_hi + 16 * ks, dk_lo + 16 * ks, 1);
+          if (ks < 8) wgmma_m64n64k16_tn(s2, dq_hi + 16 * ks, dk + 16 * ks, ks > 0 ? 1 : 0);
+          else wgmma_m64n32k16_tn(s1, dq_hi + 16 * ks, dk + 16 * ks, 1);
+          wgmma_m64n32k16_tn(s1, dq_lo + 16 * ks, dk + 16 * ks, ks > 0 ? 1 : 0);
         }
         wgmma_commit();
         wgmma_wait_all();
-        wgmma_settle(sc);
+        wgmma_settle(s2);
+        wgmma_settle(s1);
+#pragma unroll
+        for (int e = 0; e < 16; ++e) sc[e] = (s2[e] + s2[16 + e]) + s1[e];
       }
       // sc[4j + 0, 1]: row r0, keys key0 + 8j + 2 quad (+1); sc[4j + 2, 3]: row r0 + 8.
       float tmax[2] = {-INFINITY, -INFINITY};

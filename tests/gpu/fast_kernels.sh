@@ -5,7 +5,10 @@
 # golden continuations with fast, the MLA kernel bench, and `dilu bench` on R1 geometry.
 # golden-split: the golden continuations again with the split MLA absorptions forced
 # (DILU_MLA_ABSORB=bf16x3; the automatic choice takes them from 32 tokens).
-# Usage: tests/gpu/fast_kernels.sh BIN_DIR OUT [STAGES]   (STAGES: tests,memcheck,golden,golden-split,mla,bench)
+# golden-expanded: the golden continuations again with MLA's expanded prefill forced
+# (DILU_MLA_PREFILL=expanded; the automatic choice takes it from 256 tokens a step).
+# Usage: tests/gpu/fast_kernels.sh BIN_DIR OUT [STAGES]
+#   (STAGES: tests,memcheck,golden,golden-split,golden-expanded,mla,bench)
 set -uo pipefail
 bin=$(cd "$1" && pwd); out=$2; stages=${3:-tests,memcheck,golden,mla,bench}
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -22,13 +25,25 @@ if has memcheck; then
     --gtest_brief=1 --gtest_filter='*CudaMla*:*CudaMoeExperts*:*CudaMoeRoute*:*CudaLinear*:*CudaFp8Block*' > "$out/memcheck-fast.log" 2>&1 || status=1
   tail -5 "$out/memcheck-fast.log"
 fi
+# The loops below run in a pipeline's subshell: their failures are read back from their logs.
 if has golden; then
   for c in "$repo"/tests/golden/data/*/; do
     n=$(basename "$c")
     if NEAR_TIE=0.25 bash "$repo/tests/golden/run_golden_case.sh" "$bin/dilu" "$c" "/tmp/golden-fast-$n" \
          --set backend=cuda --set cuda.fp8_gemm=soft --set cuda.kernels=fast --overwrite > "$out/golden-fast-$n.log" 2>&1
-    then echo "golden fast $n: ok"; else echo "golden fast $n: FAILED"; tail -5 "$out/golden-fast-$n.log"; status=1; fi
+    then echo "golden fast $n: ok"; else echo "golden fast $n: FAILED"; tail -5 "$out/golden-fast-$n.log"; fi
   done 2>&1 | tee "$out/golden-fast.log"
+  grep -q FAILED "$out/golden-fast.log" && status=1
+fi
+if has golden-expanded; then
+  for c in "$repo"/tests/golden/data/*/; do
+    n=$(basename "$c")
+    if DILU_MLA_PREFILL=expanded NEAR_TIE=0.25 bash "$repo/tests/golden/run_golden_case.sh" "$bin/dilu" "$c" \
+         "/tmp/golden-expanded-$n" --set backend=cuda --set cuda.fp8_gemm=soft --set cuda.kernels=fast --overwrite \
+         > "$out/golden-expanded-$n.log" 2>&1
+    then echo "golden fast, expanded MLA prefill $n: ok"; else echo "golden fast, expanded MLA prefill $n: FAILED"; tail -5 "$out/golden-expanded-$n.log"; fi
+  done 2>&1 | tee "$out/golden-expanded.log"
+  grep -q FAILED "$out/golden-expanded.log" && status=1
 fi
 if has golden-split; then
   for c in "$repo"/tests/golden/data/*/; do
@@ -36,8 +51,9 @@ if has golden-split; then
     if DILU_MLA_ABSORB=bf16x3 NEAR_TIE=0.25 bash "$repo/tests/golden/run_golden_case.sh" "$bin/dilu" "$c" \
          "/tmp/golden-split-$n" --set backend=cuda --set cuda.fp8_gemm=soft --set cuda.kernels=fast --overwrite \
          > "$out/golden-split-$n.log" 2>&1
-    then echo "golden fast, split absorptions $n: ok"; else echo "golden fast, split absorptions $n: FAILED"; tail -5 "$out/golden-split-$n.log"; status=1; fi
+    then echo "golden fast, split absorptions $n: ok"; else echo "golden fast, split absorptions $n: FAILED"; tail -5 "$out/golden-split-$n.log"; fi
   done 2>&1 | tee "$out/golden-split.log"
+  grep -q FAILED "$out/golden-split.log" && status=1
 fi
 if has mla; then
   timeout 120 "$bin/dilu_mla_bench" 2>&1 | tee "$out/mla-bench.log" || status=1
@@ -46,7 +62,7 @@ if has bench; then
   for k in ${BENCH_KERNELS:-fast reference}; do
     timeout "${BENCH_TIMEOUT:-200}" "$bin/dilu" bench --model r1-geometry --random-weights --layers 4 \
       --batch-sizes "${BENCH_BATCHES:-1,2,4,8,16,32,64,128,256}" --input-len 1024 --output-len "${BENCH_OUTPUT:-128}" \
-      --set backend=cuda --set cuda.kernels=$k 2>&1 | tee "$out/bench-$k.log" || status=1
+      --set backend=cuda --set cuda.kernels="$k" 2>&1 | tee "$out/bench-$k.log" || status=1
   done
 fi
 exit $status
