@@ -21,7 +21,7 @@ if has tests; then
   grep -E "^\[  (PASSED|FAILED) |^\[  FAILED  \]" "$out/gpu-tests.log" | head -60; tail -3 "$out/gpu-tests.log"
 fi
 if has memcheck; then
-  timeout 280 compute-sanitizer --tool memcheck --error-exitcode 3 "$bin/dilu_gpu_tests" \
+  timeout 420 compute-sanitizer --tool memcheck --error-exitcode 3 "$bin/dilu_gpu_tests" \
     --gtest_brief=1 --gtest_filter='*CudaMla*:*CudaMoeExperts*:*CudaMoeRoute*:*CudaLinear*:*CudaFp8Block*' > "$out/memcheck-fast.log" 2>&1 || status=1
   tail -5 "$out/memcheck-fast.log"
 fi
