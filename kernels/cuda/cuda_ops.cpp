@@ -817,8 +817,49 @@ class CudaOps final : public Ops {
                  "block table too short for position ", layout.token_pos[static_cast<size_t>(i)]);
       for (int32_t b : blocks) DILU_CHECK(b >= 0 && b < cache.dim(0), "cache block ", b, " outside ", cache.dim(0));
     }
+    if (mla_fused_ && mla_prefill_ != "absorbed" && kv_b.expand.defined() && !capturing_) {
+      // Prompts (a sequence whose tokens in this step are at least a quarter of its context) in
+      // the expanded form; the other tokens (decode rows beside them) gathered, in the absorbed
+      // form, and scattered back. Forced (mla_prefill=expanded): every token expanded.
+      std::map<int32_t, std::pair<int64_t, int32_t>> seqs;  // seq -> (tokens, last position)
+      for (int64_t i = 0; i < t; ++i) {
+        auto& [n, last] = seqs.try_emplace(layout.token_seq[static_cast<size_t>(i)], 0, 0).first->second;
+        ++n;
+        last = std::max(last, layout.token_pos[static_cast<size_t>(i)]);
+      }
+      std::vector<int32_t> expanded, rest;
+      for (int64_t i = 0; i < t; ++i) {
+        const auto& [n, last] = seqs.at(layout.token_seq[static_cast<size_t>(i)]);
+        (mla_prefill_ == "expanded" || 4 * n >= last + 1 ? expanded : rest).push_back(static_cast<int32_t>(i));
+      }
+      if (!expanded.empty() && mla_expanded(q, kv_b, cache, layout, p, expanded, out)) {
+        if (rest.empty()) return;
+        AttentionLayout sub;
+        sub.block_size = bs;
+        sub.block_tables = layout.block_tables;
+        for (int32_t i : rest) {
+          sub.token_seq.push_back(layout.token_seq[static_cast<size_t>(i)]);
+          sub.token_pos.push_back(layout.token_pos[static_cast<size_t>(i)]);
+        }
+        const int64_t tr = static_cast<int64_t>(rest.size());
+        const Tensor d_rest = upload_cached(kUpMlaRest, rest.data(), rest.size() * sizeof(int32_t), DType::I32);
+        Tensor q_sub = empty(DType::F32, {tr, h, nope + r}), out_sub = empty(DType::F32, {tr, h * v});
+        cuda::gather_rows(q.data<float>(), h * (nope + r), d_rest.data<int32_t>(), tr, q_sub.data<float>(), stream_);
+        mla_absorbed(q_sub, kv_b, cache, sub, p, out_sub);
+        cuda::scatter_rows(out_sub.data<float>(), h * v, d_rest.data<int32_t>(), tr, out.data<float>(), stream_);
+        return;
+      }
+    }
+    mla_absorbed(q, kv_b, cache, layout, p, out);
+  }
+
+  // The absorbed form (the fast kernels' decode path, and the reference kernels').
+  void mla_absorbed(const Tensor& q, const MlaWeight& kv_b, const Tensor& cache, const AttentionLayout& layout,
+                    const MlaParams& p, Tensor& out) {
+    const Tensor& w_kv_b = kv_b.w;
+    const int64_t t = q.dim(0), h = p.num_heads, nope = p.qk_nope_head_dim, r = p.qk_rope_head_dim,
+                  c = p.kv_lora_rank, v = p.v_head_dim, bs = layout.block_size;
     const MlaLayout dev = mla_layout(layout);
-    if (mla_fused_ && mla_expanded(q, kv_b, cache, layout, p, dev.pos, out)) return;
     Tensor q_lat = empty(DType::F32, {t, h, c}), o_lat = empty(DType::F32, {t, h, c});
     const bool split_wanted =
         mla_fused_ && kv_b.split.defined() && (mla_absorb_ == "bf16x3" || t >= cuda::kMlaSplitMinTokens);
@@ -905,16 +946,14 @@ class CudaOps final : public Ops {
   // queries and outputs would take (2 T H C floats, which step_scratch_bytes counts), with at
   // least 64 MiB when forced. Returns false, having written nothing, where the absorbed form runs.
   bool mla_expanded(const Tensor& q, const MlaWeight& kv_b, const Tensor& cache, const AttentionLayout& layout,
-                    const MlaParams& p, const Tensor& dev_pos, Tensor& out) {
-    if (mla_prefill_ == "absorbed" || !kv_b.expand.defined() || capturing_) return false;
-    const int64_t t = q.dim(0), h = p.num_heads, nope = p.qk_nope_head_dim, r = p.qk_rope_head_dim,
-                  c = p.kv_lora_rank, v = p.v_head_dim, bs = layout.block_size;
+                    const MlaParams& p, std::span<const int32_t> tokens, Tensor& out) {
+    const int64_t t = static_cast<int64_t>(tokens.size()), h = p.num_heads, nope = p.qk_nope_head_dim,
+                  r = p.qk_rope_head_dim, c = p.kv_lora_rank, v = p.v_head_dim, bs = layout.block_size;
     if (mla_prefill_ == "auto" && t < cuda::kMlaExpandedMinTokens) return false;
     // Tokens by sequence, in position order; a sequence's context is up to its last query.
     std::map<int32_t, std::vector<std::pair<int32_t, int32_t>>> by_seq;  // seq -> (position, token)
-    for (int64_t i = 0; i < t; ++i)
-      by_seq[layout.token_seq[static_cast<size_t>(i)]].push_back(
-          {layout.token_pos[static_cast<size_t>(i)], static_cast<int32_t>(i)});
+    for (int32_t i : tokens)
+      by_seq[layout.token_seq[static_cast<size_t>(i)]].push_back({layout.token_pos[static_cast<size_t>(i)], i});
     int64_t positions = 0;
     for (auto& [seq, toks] : by_seq) {
       std::sort(toks.begin(), toks.end());
@@ -946,6 +985,8 @@ class CudaOps final : public Ops {
     const Tensor d_slots = upload_cached(kUpMlaSlots, slots.data(), slots.size() * sizeof(int32_t), DType::I32);
     const Tensor d_rows = upload_cached(kUpMlaRows, rows.data(), rows.size() * sizeof(int32_t), DType::I32);
     const Tensor d_tiles = upload_cached(kUpMlaTiles, tiles.data(), tiles.size() * sizeof(int32_t), DType::I32);
+    const Tensor d_pos = upload_cached(kUpMlaPos, layout.token_pos.data(), layout.token_pos.size() * sizeof(int32_t),
+                                       DType::I32);
     Tensor lat2 = empty(DType::BF16, {positions, 2 * c}), rope = empty(DType::BF16, {positions, r});
     Tensor kv = empty(DType::F32, {positions, hg * (nope + v)});
     cuda::mla_gather_latent(static_cast<const uint16_t*>(cache.raw()), c, r, d_slots.data<int32_t>(), positions,
@@ -956,7 +997,7 @@ class CudaOps final : public Ops {
     a.rope = static_cast<const uint16_t*>(rope.raw());
     a.tiles = d_tiles.data<int32_t>();
     a.rows = d_rows.data<int32_t>();
-    a.token_pos = dev_pos.data<int32_t>();
+    a.token_pos = d_pos.data<int32_t>();
     a.n_tiles = static_cast<int64_t>(tiles.size() / 4);
     a.h = h;
     a.hg = hg;
@@ -1424,6 +1465,8 @@ class CudaOps final : public Ops {
     kUpMlaSlots,
     kUpMlaRows,
     kUpMlaTiles,
+    kUpMlaPos,
+    kUpMlaRest,
     kUpSlotCount
   };
   struct CachedUpload {

@@ -980,6 +980,18 @@ void gather_rows(const float* x, int64_t width, const int32_t* rows, int64_t n, 
   check_launch("gather_rows");
 }
 
+__global__ void scatter_rows_kernel(const float* __restrict__ x, int64_t width, const int32_t* __restrict__ rows,
+                                    float* __restrict__ out) {
+  float* dst = out + static_cast<int64_t>(rows[blockIdx.x]) * width;
+  for (int64_t i = threadIdx.x; i < width; i += blockDim.x) dst[i] = x[blockIdx.x * width + i];
+}
+
+void scatter_rows(const float* x, int64_t width, const int32_t* rows, int64_t n, float* out, void* stream) {
+  if (n <= 0) return;
+  scatter_rows_kernel<<<static_cast<unsigned>(n), 256, 0, as_stream(stream)>>>(x, width, rows, out);
+  check_launch("scatter_rows");
+}
+
 void add(float* x, const float* y, int64_t n, void* stream) {
   if (n <= 0) return;
   launch_chained(add_kernel, grid_for(n, 256), 256, 0, as_stream(stream), x, y, n);

@@ -36,6 +36,8 @@ void embedding(const void* table, int table_type, int64_t rows, int64_t dim, con
 void rms_norm(float* x, const float* residual, const float* w, int64_t rows, int64_t width, int64_t d, float eps,
               float* out, void* stream);
 void gather_rows(const float* x, int64_t width, const int32_t* rows, int64_t n, float* out, void* stream);
+// out[rows[i]] = x[i] for i < n, rows of width floats.
+void scatter_rows(const float* x, int64_t width, const int32_t* rows, int64_t n, float* out, void* stream);
 void add(float* x, const float* y, int64_t n, void* stream);
 void silu_mul(const float* gate, const float* up, int64_t n, float* out, void* stream);
 // Interleaved rotation of columns [offset, offset + 2 * half) of x [t, heads, width].

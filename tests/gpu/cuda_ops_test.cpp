@@ -1347,6 +1347,14 @@ std::vector<MlaCase> mla_cases() {
   for (int32_t pos = 0; pos < 70; ++pos) chunk_q.push_back({1, pos});
   cases.push_back({"R1_prefill_second_chunk", 16, 128, 64, 512, 128, 64, {250, 70}, chunk_q, kR1SoftmaxScale,
                    DType::F8E4M3, 128, 128});
+  // A 300-token prompt beside three decode rows: with mla_prefill=auto (the plain fast variants)
+  // the prompt runs expanded and the decode rows absorbed, gathered and scattered back.
+  std::vector<std::pair<int32_t, int32_t>> mixed_q = {{1, 999}};
+  for (int32_t pos = 0; pos < 300; ++pos) mixed_q.push_back({0, pos});
+  mixed_q.push_back({2, 499});
+  mixed_q.push_back({3, 64});
+  cases.push_back({"R1_prefill_beside_decode_rows", 16, 128, 64, 512, 128, 64, {300, 1000, 500, 65}, mixed_q,
+                   kR1SoftmaxScale, DType::F8E4M3, 128, 128});
   return cases;
 }
 
