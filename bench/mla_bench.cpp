@@ -30,15 +30,29 @@ struct Timing {
   double us = 0;
 };
 
-double time_mla(Ops& ops, const MlaBenchShape& s, int reps) {
-  const int64_t h = s.heads, nope = 128, r = 64, c = 512, v = 128, bs = 64, width = c + r;
+// R1's MLA widths for `h` heads.
+MlaParams r1_mla(int64_t h) {
   MlaParams p;
   p.num_heads = h;
-  p.qk_nope_head_dim = nope;
-  p.qk_rope_head_dim = r;
-  p.kv_lora_rank = c;
-  p.v_head_dim = v;
+  p.qk_nope_head_dim = 128;
+  p.qk_rope_head_dim = 64;
+  p.kv_lora_rank = 512;
+  p.v_head_dim = 128;
   p.softmax_scale = 0.1f;
+  return p;
+}
+
+// kv_b as R1 stores it: FP8 with 128 x 128 block scales, placed as the model places it.
+MlaWeight r1_kv_b(Ops& ops, const MlaParams& p) {
+  const int64_t rows = p.num_heads * (p.qk_nope_head_dim + p.v_head_dim), c = p.kv_lora_rank;
+  const Tensor wq = ops.random_fill(DType::F8E4M3, {rows, c}, 12, 0.0f, 448.0f);
+  const Tensor sq = ops.random_fill(DType::F32, {rows / 128, c / 128}, 14, 0.05f / 448.0f, 0.0f);
+  return ops.place_mla_kv_b(ops.place_linear(wq, sq, 128, 128), p);
+}
+
+double time_mla(Ops& ops, const MlaBenchShape& s, int reps) {
+  const int64_t h = s.heads, nope = 128, r = 64, c = 512, v = 128, bs = 64, width = c + r;
+  const MlaParams p = r1_mla(h);
   AttentionLayout layout;
   layout.block_size = bs;
   const int64_t blocks_per_seq = (s.context + bs - 1) / bs;
@@ -51,10 +65,7 @@ double time_mla(Ops& ops, const MlaBenchShape& s, int reps) {
     layout.token_slot.push_back(i * blocks_per_seq * bs + s.context - 1);
   }
   Tensor cache = ops.random_fill(ops.cache_dtype(), {s.batch * blocks_per_seq, bs, width}, 11, 0.0f, 1.0f);
-  // kv_b as R1 stores it: FP8 with 128 x 128 block scales, placed as the model places it.
-  const Tensor wq = ops.random_fill(DType::F8E4M3, {h * (nope + v), c}, 12, 0.0f, 448.0f);
-  const Tensor sq = ops.random_fill(DType::F32, {h * (nope + v) / 128, c / 128}, 14, 0.05f / 448.0f, 0.0f);
-  const MlaWeight kv_b = ops.place_mla_kv_b(ops.place_linear(wq, sq, 128, 128), p);
+  const MlaWeight kv_b = r1_kv_b(ops, p);
   Tensor q = ops.random_fill(DType::F32, {s.batch, h, nope + r}, 13, 0.0f, 1.0f);
   Tensor out = ops.empty(DType::F32, {s.batch, h * v});
   ops.mla_attention(q, kv_b, cache, layout, p, out);  // warm-up (algorithm choice, shared memory opt-in)
@@ -69,13 +80,7 @@ double time_mla(Ops& ops, const MlaBenchShape& s, int reps) {
 // prompts' entries). Microseconds per call.
 double time_mla_prefill(Ops& ops, int64_t batch, int64_t len, int reps) {
   const int64_t h = 128, nope = 128, r = 64, c = 512, v = 128, bs = 64, width = c + r;
-  MlaParams p;
-  p.num_heads = h;
-  p.qk_nope_head_dim = nope;
-  p.qk_rope_head_dim = r;
-  p.kv_lora_rank = c;
-  p.v_head_dim = v;
-  p.softmax_scale = 0.1f;
+  const MlaParams p = r1_mla(h);
   AttentionLayout layout;
   layout.block_size = bs;
   const int64_t blocks_per_seq = (len + bs - 1) / bs;
@@ -91,9 +96,7 @@ double time_mla_prefill(Ops& ops, int64_t batch, int64_t len, int reps) {
   }
   const int64_t t = batch * len;
   Tensor cache = ops.random_fill(ops.cache_dtype(), {batch * blocks_per_seq, bs, width}, 11, 0.0f, 1.0f);
-  const Tensor wq = ops.random_fill(DType::F8E4M3, {h * (nope + v), c}, 12, 0.0f, 448.0f);
-  const Tensor sq = ops.random_fill(DType::F32, {h * (nope + v) / 128, c / 128}, 14, 0.05f / 448.0f, 0.0f);
-  const MlaWeight kv_b = ops.place_mla_kv_b(ops.place_linear(wq, sq, 128, 128), p);
+  const MlaWeight kv_b = r1_kv_b(ops, p);
   Tensor q = ops.random_fill(DType::F32, {t, h, nope + r}, 13, 0.0f, 1.0f);
   Tensor out = ops.empty(DType::F32, {t, h * v});
   ops.mla_attention(q, kv_b, cache, layout, p, out);

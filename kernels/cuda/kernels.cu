@@ -3508,6 +3508,60 @@ __global__ void mla_gather_latent_kernel(const uint4* cache, int64_t c, int64_t 
   }
 }
 
+// The online softmax of a 16-row x 32-key score tile held as four m16n8 accumulator tiles:
+// x[4n + e] is row r0 + 8 ((e >> 1) & 1) (pos[that]), key key0 + 8n + 2 quad + (e & 1). Masks the
+// keys past each row's position, scales into log2 units, and leaves the probabilities in x, the
+// rows' running maxima and (this thread's partial) sums updated, and the factors alpha by which
+// the outputs must be rescaled.
+__device__ __forceinline__ void mx_softmax_tile(float (&x)[16], int key0, int quad, const int (&pos)[2],
+                                                float scale_log2, float (&m_run)[2], float (&l_run)[2],
+                                                float (&alpha)[2]) {
+  float tmax[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int e = 0; e < 16; ++e) {
+    const int key = key0 + 8 * (e >> 2) + 2 * quad + (e & 1), i = (e >> 1) & 1;
+    x[e] = key <= pos[i] ? x[e] * scale_log2 : -INFINITY;
+    tmax[i] = fmaxf(tmax[i], x[e]);
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    tmax[i] = fmaxf(tmax[i], __shfl_xor_sync(0xffffffffu, tmax[i], 1));
+    tmax[i] = fmaxf(tmax[i], __shfl_xor_sync(0xffffffffu, tmax[i], 2));
+    const float m_new = fmaxf(m_run[i], tmax[i]);  // finite: key 0 is in every row's first tile
+    alpha[i] = exp2f(m_run[i] - m_new);
+    m_run[i] = m_new;
+    l_run[i] *= alpha[i];
+  }
+#pragma unroll
+  for (int e = 0; e < 16; ++e) {
+    x[e] = exp2f(x[e] - m_run[(e >> 1) & 1]);
+    l_run[(e >> 1) & 1] += x[e];
+  }
+}
+
+// The end of a tile of rows: each row's output (this thread's columns 8j + 2 quad, + 1 of rows
+// r0 and r0 + 8, as m16n8 accumulator tiles o[4j + e]) over its softmax sum, for the rows < rows.
+template <int kV>
+__device__ __forceinline__ void mx_store_rows(const float (&o)[kV / 2], float (&l_run)[2], int r0, int rows,
+                                              const int32_t* tile_rows, int64_t h, int64_t head, int quad,
+                                              float* out) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 1);
+    l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 2);
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int row = r0 + 8 * i;
+    if (row >= rows) continue;
+    const float inv = 1.0f / l_run[i];
+    float* dst = out + static_cast<int64_t>(tile_rows[row]) * h * kV + head * kV + 2 * quad;
+#pragma unroll
+    for (int j = 0; j < kV / 8; ++j)
+      *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[4 * j + 2 * i] * inv, o[4 * j + 2 * i + 1] * inv);
+  }
+}
+
 // One block: up to kMxRows query rows of one sequence (a tile: MlaExpandedArgs::tiles) and one
 // head; a warp per 16 rows. Keys and values come kMxKeys positions a tile: loaded as F32 into
 // registers a tile ahead, cut into BF16 hi + lo and stored to the other of two shared-memory
@@ -3616,9 +3670,9 @@ __global__ void __launch_bounds__(kMxThreads, 1) mla_expanded_kernel(MlaExpanded
   };
 
   constexpr int kOT = kV / 8;  // output n-tiles
-  float o[kOT][4];
+  float o[4 * kOT];  // m16n8 accumulator tiles: o[4n + e]
 #pragma unroll
-  for (int n = 0; n < kOT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  for (int i = 0; i < 4 * kOT; ++i) o[i] = 0.f;
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
   const float scale_log2 = a.scale * 1.4426950408889634f;
 
@@ -3643,10 +3697,10 @@ __global__ void __launch_bounds__(kMxThreads, 1) mla_expanded_kernel(MlaExpanded
     const uint32_t boff = static_cast<uint32_t>((it & 1) * L::kBuf * 2);
     if (it + 1 < n_tiles) load_tile(key0 + kMxKeys);
     if (key0 <= warp_max) {  // else every key of this tile is past the warp's rows
-      // Scores: 16 rows x 32 keys.
-      float s[4][4];
+      // Scores: 16 rows x 32 keys, s[4n + e] as m16n8 accumulator tile n.
+      float s[16];
 #pragma unroll
-      for (int n = 0; n < 4; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+      for (int e = 0; e < 16; ++e) s[e] = 0.f;
 #pragma unroll 2
       for (int ks = 0; ks < kQk / 16; ++ks) {
         uint32_t ah[4], al[4];
@@ -3654,78 +3708,48 @@ __global__ void __launch_bounds__(kMxThreads, 1) mla_expanded_kernel(MlaExpanded
         ldmatrix_x4<false>(ql_s + ks * 32, al[0], al[1], al[2], al[3]);
 #pragma unroll
         for (int np = 0; np < 2; ++np) {
+          float* s0 = s + 8 * np;
+          float* s1 = s0 + 4;
           uint32_t bh[4];
           ldmatrix_x4<false>(kh_s + boff + static_cast<uint32_t>((np * 16 * L::kQkP + ks * 16) * 2), bh[0], bh[1],
                              bh[2], bh[3]);
-          mma_bf16_16816(s[2 * np], ah[0], ah[1], ah[2], ah[3], bh[0], bh[1]);
-          mma_bf16_16816(s[2 * np + 1], ah[0], ah[1], ah[2], ah[3], bh[2], bh[3]);
-          mma_bf16_16816(s[2 * np], al[0], al[1], al[2], al[3], bh[0], bh[1]);
-          mma_bf16_16816(s[2 * np + 1], al[0], al[1], al[2], al[3], bh[2], bh[3]);
+          mma_bf16_16816(s0, ah[0], ah[1], ah[2], ah[3], bh[0], bh[1]);
+          mma_bf16_16816(s1, ah[0], ah[1], ah[2], ah[3], bh[2], bh[3]);
+          mma_bf16_16816(s0, al[0], al[1], al[2], al[3], bh[0], bh[1]);
+          mma_bf16_16816(s1, al[0], al[1], al[2], al[3], bh[2], bh[3]);
           if (ks < kNope / 16) {
             uint32_t bl[4];
             ldmatrix_x4<false>(kl_s + boff + static_cast<uint32_t>((np * 16 * L::kNopeP + ks * 16) * 2), bl[0], bl[1],
                                bl[2], bl[3]);
-            mma_bf16_16816(s[2 * np], ah[0], ah[1], ah[2], ah[3], bl[0], bl[1]);
-            mma_bf16_16816(s[2 * np + 1], ah[0], ah[1], ah[2], ah[3], bl[2], bl[3]);
+            mma_bf16_16816(s0, ah[0], ah[1], ah[2], ah[3], bl[0], bl[1]);
+            mma_bf16_16816(s1, ah[0], ah[1], ah[2], ah[3], bl[2], bl[3]);
           }
         }
       }
-      // Mask (keys past a row's position), scale, online softmax.
-      float tmax[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-      for (int n = 0; n < 4; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int key = key0 + n * 8 + 2 * t4 + (e & 1), i = e >> 1;
-          const float x = key <= pos[i] ? s[n][e] * scale_log2 : -INFINITY;
-          s[n][e] = x;
-          tmax[i] = fmaxf(tmax[i], x);
-        }
       float alpha[2];
+      mx_softmax_tile(s, key0, t4, pos, scale_log2, m_run, l_run, alpha);
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        tmax[i] = fmaxf(tmax[i], __shfl_xor_sync(0xffffffffu, tmax[i], 1));
-        tmax[i] = fmaxf(tmax[i], __shfl_xor_sync(0xffffffffu, tmax[i], 2));
-        const float m_new = fmaxf(m_run[i], tmax[i]);  // finite: key 0 is in every row's first tile
-        alpha[i] = exp2f(m_run[i] - m_new);
-        m_run[i] = m_new;
-        l_run[i] *= alpha[i];
-      }
-#pragma unroll
-      for (int n = 0; n < 4; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float pe = exp2f(s[n][e] - m_run[e >> 1]);
-          s[n][e] = pe;
-          l_run[e >> 1] += pe;
-        }
-#pragma unroll
-      for (int n = 0; n < kOT; ++n) {
-        o[n][0] *= alpha[0];
-        o[n][1] *= alpha[0];
-        o[n][2] *= alpha[1];
-        o[n][3] *= alpha[1];
-      }
+      for (int i = 0; i < 4 * kOT; ++i) o[i] *= alpha[(i >> 1) & 1];
       // Outputs: probabilities (A, from the score registers) times values, 16 keys a step.
 #pragma unroll
       for (int kk = 0; kk < kMxKeys / 16; ++kk) {
         uint32_t ph[4], pl[4];
-        split_bf16x2(s[2 * kk][0], s[2 * kk][1], ph[0], pl[0]);
-        split_bf16x2(s[2 * kk][2], s[2 * kk][3], ph[1], pl[1]);
-        split_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1], ph[2], pl[2]);
-        split_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3], ph[3], pl[3]);
+#pragma unroll
+        for (int f = 0; f < 4; ++f) split_bf16x2(s[8 * kk + 2 * f], s[8 * kk + 2 * f + 1], ph[f], pl[f]);
 #pragma unroll
         for (int np = 0; np < kOT / 2; ++np) {
           const uint32_t off = static_cast<uint32_t>((kk * 16 * L::kVP + np * 16) * 2);
           uint32_t bh[4], bl[4];
           ldmatrix_x4<true>(vh_s + boff + off, bh[0], bh[1], bh[2], bh[3]);
           ldmatrix_x4<true>(vl_s + boff + off, bl[0], bl[1], bl[2], bl[3]);
-          mma_bf16_16816(o[2 * np], ph[0], ph[1], ph[2], ph[3], bh[0], bh[1]);
-          mma_bf16_16816(o[2 * np + 1], ph[0], ph[1], ph[2], ph[3], bh[2], bh[3]);
-          mma_bf16_16816(o[2 * np], ph[0], ph[1], ph[2], ph[3], bl[0], bl[1]);
-          mma_bf16_16816(o[2 * np + 1], ph[0], ph[1], ph[2], ph[3], bl[2], bl[3]);
-          mma_bf16_16816(o[2 * np], pl[0], pl[1], pl[2], pl[3], bh[0], bh[1]);
-          mma_bf16_16816(o[2 * np + 1], pl[0], pl[1], pl[2], pl[3], bh[2], bh[3]);
+          float* o0 = o + 8 * np;
+          float* o1 = o0 + 4;
+          mma_bf16_16816(o0, ph[0], ph[1], ph[2], ph[3], bh[0], bh[1]);
+          mma_bf16_16816(o1, ph[0], ph[1], ph[2], ph[3], bh[2], bh[3]);
+          mma_bf16_16816(o0, ph[0], ph[1], ph[2], ph[3], bl[0], bl[1]);
+          mma_bf16_16816(o1, ph[0], ph[1], ph[2], ph[3], bl[2], bl[3]);
+          mma_bf16_16816(o0, pl[0], pl[1], pl[2], pl[3], bh[0], bh[1]);
+          mma_bf16_16816(o1, pl[0], pl[1], pl[2], pl[3], bh[2], bh[3]);
         }
       }
     }
@@ -3734,22 +3758,7 @@ __global__ void __launch_bounds__(kMxThreads, 1) mla_expanded_kernel(MlaExpanded
     if (it + 1 < n_tiles) store_tile((it + 1) & 1);
     __syncthreads();
   }
-  // Row sums over the quad, then the outputs of the tile's rows.
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 1);
-    l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 2);
-  }
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int row = warp * 16 + g + 8 * i;
-    if (row >= rows) continue;
-    const float inv = 1.0f / l_run[i];
-    float* out = a.out + static_cast<int64_t>(a.rows[row0 + row]) * a.h * kV + head * kV + 2 * t4;
-#pragma unroll
-    for (int n = 0; n < kOT; ++n)
-      *reinterpret_cast<float2*>(out + n * 8) = make_float2(o[n][2 * i] * inv, o[n][2 * i + 1] * inv);
-  }
+  mx_store_rows<kV>(o, l_run, warp * 16 + g, rows, a.rows + row0, a.h, head, t4, a.out);
 }
 
 // ---- The same attention on Hopper wgmma (R1's widths, sm_90a) ----
@@ -3931,30 +3940,8 @@ __global__ void __launch_bounds__(kMxwThreads, 1) mla_expanded_wgmma_kernel(MlaE
         for (int e = 0; e < 16; ++e) sc[e] = (s2[e] + s2[16 + e]) + s1[e];
       }
       // sc[4j + 0, 1]: row r0, keys key0 + 8j + 2 quad (+1); sc[4j + 2, 3]: row r0 + 8.
-      float tmax[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-      for (int e = 0; e < 16; ++e) {
-        const int key = key0 + 8 * (e >> 2) + 2 * quad + (e & 1), i = (e >> 1) & 1;
-        const float x = key <= pos[i] ? sc[e] * scale_log2 : -INFINITY;
-        sc[e] = x;
-        tmax[i] = fmaxf(tmax[i], x);
-      }
       float alpha[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        tmax[i] = fmaxf(tmax[i], __shfl_xor_sync(0xffffffffu, tmax[i], 1));
-        tmax[i] = fmaxf(tmax[i], __shfl_xor_sync(0xffffffffu, tmax[i], 2));
-        const float m_new = fmaxf(m_run[i], tmax[i]);  // finite: key 0 is in every row's first tile
-        alpha[i] = exp2f(m_run[i] - m_new);
-        m_run[i] = m_new;
-        l_run[i] *= alpha[i];
-      }
-#pragma unroll
-      for (int e = 0; e < 16; ++e) {
-        const float pe = exp2f(sc[e] - m_run[(e >> 1) & 1]);
-        sc[e] = pe;
-        l_run[(e >> 1) & 1] += pe;
-      }
+      mx_softmax_tile(sc, key0, quad, pos, scale_log2, m_run, l_run, alpha);
 #pragma unroll
       for (int j = 0; j < 16; ++j) {
         o[4 * j] *= alpha[0];
@@ -3982,21 +3969,7 @@ __global__ void __launch_bounds__(kMxwThreads, 1) mla_expanded_wgmma_kernel(MlaE
     }
     mbar_arrive(empty + 8 * sidx);
   }
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 1);
-    l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 2);
-  }
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int row = r0 + 8 * i;
-    if (row >= rows) continue;
-    const float inv = 1.0f / l_run[i];
-    float* out = a.out + static_cast<int64_t>(a.rows[row0 + row]) * a.h * 128 + head * 128 + 2 * quad;
-#pragma unroll
-    for (int j = 0; j < 16; ++j)
-      *reinterpret_cast<float2*>(out + 8 * j) = make_float2(o[4 * j + 2 * i] * inv, o[4 * j + 2 * i + 1] * inv);
-  }
+  mx_store_rows<128>(o, l_run, r0, rows, a.rows + row0, a.h, head, quad, a.out);
 #endif
 }
 

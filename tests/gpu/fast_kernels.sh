@@ -25,36 +25,22 @@ if has memcheck; then
     --gtest_brief=1 --gtest_filter='*CudaMla*:*CudaMoeExperts*:*CudaMoeRoute*:*CudaLinear*:*CudaFp8Block*' > "$out/memcheck-fast.log" 2>&1 || status=1
   tail -5 "$out/memcheck-fast.log"
 fi
-# The loops below run in a pipeline's subshell: their failures are read back from their logs.
-if has golden; then
+# golden_stage NAME LABEL [VAR=VALUE ...]: the golden continuations with the fast kernels, the
+# variables set; its loop runs in a pipeline's subshell, so failures are read back from its log.
+golden_stage() {
+  local name=$1 label=$2
+  shift 2
   for c in "$repo"/tests/golden/data/*/; do
     n=$(basename "$c")
-    if NEAR_TIE=0.25 bash "$repo/tests/golden/run_golden_case.sh" "$bin/dilu" "$c" "/tmp/golden-fast-$n" \
-         --set backend=cuda --set cuda.fp8_gemm=soft --set cuda.kernels=fast --overwrite > "$out/golden-fast-$n.log" 2>&1
-    then echo "golden fast $n: ok"; else echo "golden fast $n: FAILED"; tail -5 "$out/golden-fast-$n.log"; fi
-  done 2>&1 | tee "$out/golden-fast.log"
-  grep -q FAILED "$out/golden-fast.log" && status=1
-fi
-if has golden-expanded; then
-  for c in "$repo"/tests/golden/data/*/; do
-    n=$(basename "$c")
-    if DILU_MLA_PREFILL=expanded NEAR_TIE=0.25 bash "$repo/tests/golden/run_golden_case.sh" "$bin/dilu" "$c" \
-         "/tmp/golden-expanded-$n" --set backend=cuda --set cuda.fp8_gemm=soft --set cuda.kernels=fast --overwrite \
-         > "$out/golden-expanded-$n.log" 2>&1
-    then echo "golden fast, expanded MLA prefill $n: ok"; else echo "golden fast, expanded MLA prefill $n: FAILED"; tail -5 "$out/golden-expanded-$n.log"; fi
-  done 2>&1 | tee "$out/golden-expanded.log"
-  grep -q FAILED "$out/golden-expanded.log" && status=1
-fi
-if has golden-split; then
-  for c in "$repo"/tests/golden/data/*/; do
-    n=$(basename "$c")
-    if DILU_MLA_ABSORB=bf16x3 NEAR_TIE=0.25 bash "$repo/tests/golden/run_golden_case.sh" "$bin/dilu" "$c" \
-         "/tmp/golden-split-$n" --set backend=cuda --set cuda.fp8_gemm=soft --set cuda.kernels=fast --overwrite \
-         > "$out/golden-split-$n.log" 2>&1
-    then echo "golden fast, split absorptions $n: ok"; else echo "golden fast, split absorptions $n: FAILED"; tail -5 "$out/golden-split-$n.log"; fi
-  done 2>&1 | tee "$out/golden-split.log"
-  grep -q FAILED "$out/golden-split.log" && status=1
-fi
+    if env "$@" NEAR_TIE=0.25 bash "$repo/tests/golden/run_golden_case.sh" "$bin/dilu" "$c" "/tmp/$name-$n" \
+         --set backend=cuda --set cuda.fp8_gemm=soft --set cuda.kernels=fast --overwrite > "$out/$name-$n.log" 2>&1
+    then echo "$label $n: ok"; else echo "$label $n: FAILED"; tail -5 "$out/$name-$n.log"; fi
+  done 2>&1 | tee "$out/$name.log"
+  grep -q FAILED "$out/$name.log" && status=1
+}
+has golden && golden_stage golden-fast "golden fast"
+has golden-split && golden_stage golden-split "golden fast, split absorptions" DILU_MLA_ABSORB=bf16x3
+has golden-expanded && golden_stage golden-expanded "golden fast, expanded MLA prefill" DILU_MLA_PREFILL=expanded
 if has mla; then
   timeout 120 "$bin/dilu_mla_bench" 2>&1 | tee "$out/mla-bench.log" || status=1
 fi
