@@ -208,7 +208,8 @@ class CudaOps final : public Ops {
     const char* prefill_env = std::getenv("DILU_MLA_PREFILL");
     mla_prefill_ = prefill_env && *prefill_env ? prefill_env : o.mla_prefill;
     DILU_USER_CHECK(mla_prefill_ == "auto" || mla_prefill_ == "absorbed" || mla_prefill_ == "expanded",
-                    "MLA's prefill form (", prefill_env && *prefill_env ? "DILU_MLA_PREFILL" : "BackendOptions::mla_prefill",
+                    "MLA's prefill form (",
+                    prefill_env && *prefill_env ? "DILU_MLA_PREFILL" : "BackendOptions::mla_prefill",
                     ") must be auto, absorbed or expanded, got '", mla_prefill_,
                     "'; unset DILU_MLA_PREFILL for the automatic choice");
     if (mla_fused_) {
@@ -818,9 +819,11 @@ class CudaOps final : public Ops {
       for (int32_t b : blocks) DILU_CHECK(b >= 0 && b < cache.dim(0), "cache block ", b, " outside ", cache.dim(0));
     }
     if (mla_fused_ && mla_prefill_ != "absorbed" && kv_b.expand.defined() && !capturing_) {
-      // Prompts (a sequence whose tokens in this step are at least a quarter of its context) in
-      // the expanded form; the other tokens (decode rows beside them) gathered, in the absorbed
-      // form, and scattered back. Forced (mla_prefill=expanded): every token expanded.
+      // Prompts (a sequence with two or more tokens in this step, at least a quarter of its
+      // context) in the expanded form; the other tokens (decode rows beside them) gathered, in the
+      // absorbed form, and scattered back. Forced (mla_prefill=expanded): every token expanded.
+      // (Decode steps, one token a sequence, stay absorbed even at tiny contexts: their replays
+      // from a CUDA graph, which never expand, then match their eager first run.)
       std::map<int32_t, std::pair<int64_t, int32_t>> seqs;  // seq -> (tokens, last position)
       for (int64_t i = 0; i < t; ++i) {
         auto& [n, last] = seqs.try_emplace(layout.token_seq[static_cast<size_t>(i)], 0, 0).first->second;
@@ -830,7 +833,8 @@ class CudaOps final : public Ops {
       std::vector<int32_t> expanded, rest;
       for (int64_t i = 0; i < t; ++i) {
         const auto& [n, last] = seqs.at(layout.token_seq[static_cast<size_t>(i)]);
-        (mla_prefill_ == "expanded" || 4 * n >= last + 1 ? expanded : rest).push_back(static_cast<int32_t>(i));
+        const bool prompt = n >= 2 && 4 * n >= last + 1;
+        (mla_prefill_ == "expanded" || prompt ? expanded : rest).push_back(static_cast<int32_t>(i));
       }
       if (!expanded.empty() && mla_expanded(q, kv_b, cache, layout, p, expanded, out)) {
         if (rest.empty()) return;
