@@ -833,7 +833,7 @@ class CudaOps final : public Ops {
       std::vector<int32_t> expanded, rest;
       for (int64_t i = 0; i < t; ++i) {
         const auto& [n, last] = seqs.at(layout.token_seq[static_cast<size_t>(i)]);
-        const bool prompt = n >= 2 && 4 * n >= last + 1;
+        const bool prompt = n >= 2 && cuda::kMlaExpandedMaxContext * n >= last + 1;
         (mla_prefill_ == "expanded" || prompt ? expanded : rest).push_back(static_cast<int32_t>(i));
       }
       if (!expanded.empty() && mla_expanded(q, kv_b, cache, layout, p, expanded, out)) {
@@ -963,7 +963,6 @@ class CudaOps final : public Ops {
       std::sort(toks.begin(), toks.end());
       positions += toks.back().first + 1;
     }
-    if (mla_prefill_ == "auto" && positions > cuda::kMlaExpandedMaxContext * t) return false;
     // Scratch: lat2 and rope per position, then hg heads' keys and values per position.
     const int64_t budget = std::max<int64_t>(2 * t * h * c * 4, mla_prefill_ == "expanded" ? int64_t{64} << 20 : 0);
     const int64_t fixed = positions * (2 * c + r) * 2, per_head = positions * (nope + v) * 4;

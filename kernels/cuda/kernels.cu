@@ -3473,7 +3473,6 @@ void mla_absorb_v_split(const MlaArgs& a, const uint16_t* split, const float* sp
   check_launch("mla_absorb_v_split");
 }
 
-
 // ---- MLA prefill in the expanded form ---------------------------------------------------------
 // Keys and values per context position (k = [W_UK lat | rope key], v = W_UV lat), then attention
 // with nope + R = 192 wide scores and 128 wide outputs (R1): 320 multiply-adds per head and

@@ -212,8 +212,9 @@ void mla_gather_latent(const uint16_t* cache, int64_t c, int64_t r, const int32_
 // The products run on BF16 tensor cores with both operands as hi + lo (F32 accuracy to about
 // 2^-16, as the absorbed cores).
 constexpr int64_t kMlaExpandedRows = 128;
-// BackendOptions::mla_prefill = auto takes the expanded form from this many tokens a step, where
-// the contexts to expand are at most kMlaExpandedMaxContext positions a token.
+// BackendOptions::mla_prefill = auto takes the expanded form for the sequences with two or more
+// tokens in a step and a context of at most kMlaExpandedMaxContext positions a token, from
+// kMlaExpandedMinTokens such tokens a step.
 constexpr int64_t kMlaExpandedMinTokens = 256;
 constexpr int64_t kMlaExpandedMaxContext = 4;
 struct MlaExpandedArgs {
