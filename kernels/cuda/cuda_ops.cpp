@@ -1249,28 +1249,15 @@ class CudaOps final : public Ops {
     };
     const uint8_t* xq_p = fp8 ? xq.data<uint8_t>() : nullptr;
     const float* xsc_p = fp8 ? xsc.data<float>() : nullptr;
-    const int32_t* x_rows = rows.data<int32_t>();
     // Decode batches (at most 16 rows an expert on average): gate and up in one launch.
     cuda::GroupedGemm shape;
     shape.rows = pairs;
     shape.groups = local;
-    Tensor xq_rows, xsc_rows;
-    if (fp8 && !cuda::grouped_fp8_pairs(shape) && cuda::grouped_fp8_multicast(pairs, local, f, d)) {
-      // Prefill: the pairs' input rows copied out in group order, for the kernel that shares each
-      // stage's rows between two blocks (it reads them contiguous).
-      xq_rows = empty(DType::U8, {pairs, d});
-      xsc_rows = empty(DType::F32, {pairs, d / 128});
-      cuda::gather_fp8_rows(xq_p, xsc_p, d, d / 128, x_rows, pairs, xq_rows.data<uint8_t>(), xsc_rows.data<float>(),
-                            stream_);
-      xq_p = xq_rows.data<uint8_t>();
-      xsc_p = xsc_rows.data<float>();
-      x_rows = nullptr;
-    }
     if (fp8 && cuda::grouped_fp8_pairs(shape)) {
-      run(x.data<float>(), d, x_rows, 0, f, d, g.data<float>(), xq_p, xsc_p, u.data<float>());
+      run(x.data<float>(), d, rows.data<int32_t>(), 0, f, d, g.data<float>(), xq_p, xsc_p, u.data<float>());
     } else {
-      run(x.data<float>(), d, x_rows, 0, f, d, g.data<float>(), xq_p, xsc_p);
-      run(x.data<float>(), d, x_rows, 1, f, d, u.data<float>(), xq_p, xsc_p);
+      run(x.data<float>(), d, rows.data<int32_t>(), 0, f, d, g.data<float>(), xq_p, xsc_p);
+      run(x.data<float>(), d, rows.data<int32_t>(), 1, f, d, u.data<float>(), xq_p, xsc_p);
     }
     if (fp8) {
       hq = empty(DType::U8, {pairs, f});

@@ -5,8 +5,6 @@
 #include "kernels/cuda/kernels.h"
 #include "kernels/random_fill.h"
 
-#include <cuda.h>
-#include <cudaTypedefs.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
@@ -992,27 +990,6 @@ void scatter_rows(const float* x, int64_t width, const int32_t* rows, int64_t n,
   if (n <= 0) return;
   scatter_rows_kernel<<<static_cast<unsigned>(n), 256, 0, as_stream(stream)>>>(x, width, rows, out);
   check_launch("scatter_rows");
-}
-
-// One block per output row: its `width` bytes as 16-byte pieces, then its `scales` floats.
-__global__ void gather_fp8_rows_kernel(const uint4* __restrict__ q, const float* __restrict__ s, int64_t width16,
-                                       int64_t scales, const int32_t* __restrict__ rows, uint4* __restrict__ out_q,
-                                       float* __restrict__ out_s) {
-  pdl_enter();
-  const int64_t src = rows[blockIdx.x], dst = blockIdx.x;
-  for (int64_t i = threadIdx.x; i < width16; i += blockDim.x) out_q[dst * width16 + i] = q[src * width16 + i];
-  for (int64_t i = threadIdx.x; i < scales; i += blockDim.x) out_s[dst * scales + i] = s[src * scales + i];
-}
-
-void gather_fp8_rows(const uint8_t* q, const float* scale, int64_t width, int64_t scales, const int32_t* rows, int64_t n,
-                     uint8_t* out_q, float* out_scale, void* stream) {
-  if (n <= 0) return;
-  if (width % 16 != 0 || reinterpret_cast<uintptr_t>(q) % 16 != 0 || reinterpret_cast<uintptr_t>(out_q) % 16 != 0)
-    throw std::runtime_error("gather_fp8_rows: rows of " + std::to_string(width) + " bytes not in 16-byte pieces");
-  launch_chained(gather_fp8_rows_kernel, static_cast<unsigned>(n), 128, 0, as_stream(stream),
-                 reinterpret_cast<const uint4*>(q), scale, width / 16, scales, rows, reinterpret_cast<uint4*>(out_q),
-                 out_scale);
-  check_launch("gather_fp8_rows");
 }
 
 void add(float* x, const float* y, int64_t n, void* stream) {
@@ -3115,66 +3092,6 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
 #endif
 }
 
-// ---- clusters and the tensor memory accelerator (sm_90), for the expert GEMM's shared stages
-__device__ __forceinline__ uint32_t cluster_rank() {
-  uint32_t r = 0;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-#endif
-  return r;
-}
-// Every thread of the cluster's blocks: what each did before is seen by all after.
-__device__ __forceinline__ void cluster_sync() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-#endif
-}
-// Barrier initializations made visible to the cluster (before the cluster_sync that publishes them).
-__device__ __forceinline__ void fence_mbar_init() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-#endif
-}
-// Arrives at the barrier at the same shared-memory offset in the cluster's block `rank`.
-__device__ __forceinline__ void mbar_arrive_remote(uint32_t bar, uint32_t rank) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile(
-      "{\n.reg .b32 r;\nmapa.shared::cluster.u32 r, %0, %1;\n"
-      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [r];\n}\n" ::"r"(bar),
-      "r"(rank)
-      : "memory");
-#endif
-}
-// Waits as mbar_wait, acquiring what other blocks of the cluster released by arriving.
-__device__ __forceinline__ void mbar_wait_cluster(uint32_t bar, uint32_t parity) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile(
-      "{\n.reg .pred done;\nwait_%=:\n"
-      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra wait_%=;\n}\n" ::"r"(bar),
-      "r"(parity)
-      : "memory");
-#endif
-}
-// Arrives at the barrier and adds `bytes` to the transfers its phase waits for.
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-#endif
-}
-// A box of a 2-D tensor (coordinates c0 innermost) to shared offset `dst` of every block of the
-// cluster in `mask`, each block's barrier at offset `bar` counting its bytes.
-__device__ __forceinline__ void tma_load_2d_multicast(uint32_t dst, const CUtensorMap* map, int c0, int c1,
-                                                      uint32_t bar, uint16_t mask) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.multicast::cluster"
-      " [%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar), "h"(mask)
-      : "memory");
-#endif
-}
-
 // D (64 x N, F32, += unless !accumulate) = A (64 x 32) . B (32 x N), e4m3, both K-major in
 // shared memory.
 template <int N>
@@ -3200,9 +3117,9 @@ __device__ __forceinline__ void wgmma_fp8<128>(float (&d)[64], uint64_t da, uint
 #endif
 }
 
-template <int BN, bool kMc>
+template <int BN>
 __global__ void __launch_bounds__(kF8wThreads, 1)
-    grouped_fp8_wgmma_kernel(GroupedGemm g, int64_t k_chunk, float* partial, const __grid_constant__ CUtensorMap xmap) {
+    grouped_fp8_wgmma_kernel(GroupedGemm g, int64_t k_chunk, float* partial) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int S = fp8_wgmma_stages<BN>(), kAcc = BN / 2;
   constexpr uint32_t kWBytes = kF8wCols * 128;
@@ -3249,18 +3166,13 @@ __global__ void __launch_bounds__(kF8wThreads, 1)
     }
     if (tid == 0) {
       for (int i = 0; i < S; ++i) {
-        // The copying warpgroup's threads (and with kMc the one that expects the rows' bytes); the
-        // multiplying warpgroups' threads (with kMc their warps, of both blocks).
-        mbar_init(full + 8 * i, kMc ? 129 : 128);
-        mbar_init(empty + 8 * i, kMc ? 16 : 256);
+        mbar_init(full + 8 * i, 128);   // the copying warpgroup's threads
+        mbar_init(empty + 8 * i, 256);  // the multiplying warpgroups' threads
       }
-      if (kMc) fence_mbar_init();
     }
   }
   __syncthreads();
-  if (tile[0] < 0) return;  // the cluster's two blocks share blockIdx.y: both return
-  if (kMc) cluster_sync();  // the peer's barriers are initialized before any copy or arrival reaches them
-  const uint32_t rank = kMc ? cluster_rank() : 0;
+  if (tile[0] < 0) return;
   const int64_t group = tile[0], row_begin = tile[1], row_end = tile[2] < row_begin + BN ? tile[2] : row_begin + BN;
 
   if (wg == 2) {  // ---- copies
@@ -3286,34 +3198,19 @@ __global__ void __launch_bounds__(kF8wThreads, 1)
     const uint8_t* xq = g.xq + k_begin;
     for (int st = 0; st < static_cast<int>(stages); ++st) {
       const int slot = st % S;
-      if (st >= S) {
-        if (kMc) mbar_wait_cluster(empty + 8 * slot, static_cast<uint32_t>((st / S - 1) & 1));
-        else mbar_wait(empty + 8 * slot, static_cast<uint32_t>((st / S - 1) & 1));
-      }
+      if (st >= S) mbar_wait(empty + 8 * slot, static_cast<uint32_t>((st / S - 1) & 1));
       const int k0 = 128 * st;
       const uint32_t sw = base + slot * kStage, sx = sw + kWBytes;
 #pragma unroll
       for (int j = 0; j < kF8wCols / 16; ++j)
         cp_async16_s(sw + poff + j * 2048, 16 * j < w_rows ? wrow + j * w_step + k0 : wrow, 16 * j < w_rows);
-      if constexpr (kMc) {
-        // The tile's rows: this block's half to both blocks (the full barrier of each counts both
-        // halves' bytes). Rows past the group's end are another group's or, past g.rows, zeros:
-        // their sums are never stored.
-        if (p == 0) {
-          mbar_arrive_expect_tx(full + 8 * slot, BN * 128);
-          tma_load_2d_multicast(sx + rank * (BN / 2) * 128, &xmap, static_cast<int>(k_begin) + k0,
-                                static_cast<int>(row_begin) + static_cast<int>(rank) * (BN / 2), full + 8 * slot, 3);
-        }
-      } else {
 #pragma unroll
-        for (int j = 0; j < BN / 16; ++j)
-          cp_async16_s(sx + poff + j * 2048, xq + (xoff[j] < 0 ? 0 : xoff[j] + k0), xoff[j] >= 0);
-      }
+      for (int j = 0; j < BN / 16; ++j)
+        cp_async16_s(sx + poff + j * 2048, xq + (xoff[j] < 0 ? 0 : xoff[j] + k0), xoff[j] >= 0);
       if (p < BN) cp_async4_ca(scales_smem + slot * BN + p, g.xscale + (soff < 0 ? 0 : soff + st), soff >= 0);
       mbar_arrive_cp_async(full + 8 * slot);
     }
     cp_async_wait<0>();
-    if (kMc) cluster_sync();  // the peer's last arrivals at this block's barriers have landed
     return;
   }
 
@@ -3349,15 +3246,7 @@ __global__ void __launch_bounds__(kF8wThreads, 1)
     float2 sc[BN / 8];
 #pragma unroll
     for (int j = 0; j < BN / 8; ++j) sc[j] = *reinterpret_cast<const float2*>(xs + 8 * j + 2 * quad);
-    if constexpr (kMc) {  // the slot is free in both blocks once both blocks' warps are done with it
-      __syncwarp();
-      if (lane == 0) {
-        mbar_arrive(empty + 8 * slot);
-        mbar_arrive_remote(empty + 8 * slot, rank ^ 1u);
-      }
-    } else {
-      mbar_arrive(empty + 8 * slot);
-    }
+    mbar_arrive(empty + 8 * slot);
 #pragma unroll
     for (int j = 0; j < BN / 8; ++j) {
       const float s0 = ws * sc[j].x, s1 = ws * sc[j].y;
@@ -3413,7 +3302,6 @@ __global__ void __launch_bounds__(kF8wThreads, 1)
       *reinterpret_cast<float4*>(out + (row_begin + r) * ldo + n_wg + 4 * c4) =
           *reinterpret_cast<const float4*>(tile_out + r * kPad + 4 * c4);
   }
-  if (kMc) cluster_sync();
 #endif
 }
 
@@ -3427,101 +3315,21 @@ static bool grouped_fp8_wgmma_fits(const GroupedGemm& g) {
          fp8_wgmma_smem<128>() <= static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
 }
 
-// cuTensorMapEncodeTiled from the driver, found once (null where the driver has none).
-static PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &found) !=
-            cudaSuccess ||
-        found != cudaDriverEntryPointSuccess)
-      f = nullptr;
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
-  }();
-  return fn;
-}
-
-// DILU_F8W_MULTICAST=0 keeps every prefill expert launch on the single-block form (for measuring).
-static bool fp8_wgmma_multicast_allowed() {
-  static const bool on = [] {
-    const char* e = std::getenv("DILU_F8W_MULTICAST");
-    return e == nullptr || std::string(e) != "0";
-  }();
-  return on && tensor_map_encoder() != nullptr;
-}
-
-// The multicast form's shapes: contiguous input rows (no x_rows), an even count of 128-column
-// blocks (a cluster is two of them), rows and K within the tensor map's 32-bit coordinates.
-static bool fp8_wgmma_multicast_fits(const GroupedGemm& g) {
-  return fp8_wgmma_multicast_allowed() && g.x_rows == nullptr && g.n % (2 * kF8wCols) == 0 &&
-         g.rows < (int64_t{1} << 31) && g.k < (int64_t{1} << 31);
-}
-
-bool grouped_fp8_multicast(int64_t rows, int64_t groups, int64_t n, int64_t k) {
-  if (rows <= 16 * groups || rows <= 0) return false;
-  GroupedGemm g;
-  g.rows = rows;
-  g.groups = groups;
-  g.n = n;
-  g.k = k;
-  return !fp8_wide_mma_forced() && wgmma_image_here() && fp8_wgmma_multicast_fits(g);
-}
-
-// The input rows as a 2-D tensor of bytes ({K, rows}, rows g.ldx apart) in boxes of 128 x box_rows,
-// in the 128-byte swizzle that the kernel's operands use.
-static CUtensorMap fp8_rows_tensor_map(const GroupedGemm& g, int box_rows) {
-  CUtensorMap map{};
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(g.k), static_cast<cuuint64_t>(g.rows)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(g.ldx)};
-  const cuuint32_t box[2] = {128, static_cast<cuuint32_t>(box_rows)};
-  const cuuint32_t element_strides[2] = {1, 1};
-  const CUresult rc = tensor_map_encoder()(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<uint8_t*>(g.xq), dims,
-                                           strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                                           CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                                           CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (rc != CUDA_SUCCESS)
-    throw std::runtime_error("grouped_fp8: cuTensorMapEncodeTiled failed (" + std::to_string(static_cast<int>(rc)) +
-                             ") for " + std::to_string(g.rows) + " rows of " + std::to_string(g.k) + " bytes");
-  return map;
-}
-
-template <int BN, bool kMc>
+template <int BN>
 void launch_fp8_wgmma(const GroupedGemm& g, cudaStream_t s, int64_t splits, int64_t k_chunk, float* part) {
   constexpr size_t smem = fp8_wgmma_smem<BN>();
   static size_t allowed[kMaxDevices] = {};
-  allow_dynamic_smem(grouped_fp8_wgmma_kernel<BN, kMc>, smem, allowed, "grouped_fp8");
-  const CUtensorMap map = kMc ? fp8_rows_tensor_map(g, BN / 2) : CUtensorMap{};
-  cudaLaunchConfig_t config = {};
+  allow_dynamic_smem(grouped_fp8_wgmma_kernel<BN>, smem, allowed, "grouped_fp8");
   // y: an upper bound of the groups' BN-row tiles (the kernel finds its own).
-  config.gridDim = dim3(static_cast<unsigned>((g.n + kF8wCols - 1) / kF8wCols),
-                        static_cast<unsigned>((g.rows + BN - 1) / BN + g.groups), static_cast<unsigned>(splits));
-  config.blockDim = dim3(kF8wThreads);
-  config.dynamicSmemBytes = smem;
-  config.stream = s;
-  cudaLaunchAttribute attr[1] = {};
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = 2;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  config.attrs = attr;
-  config.numAttrs = kMc ? 1 : 0;
-  const cudaError_t rc = cudaLaunchKernelEx(&config, grouped_fp8_wgmma_kernel<BN, kMc>, g, k_chunk, part, map);
-  if (rc != cudaSuccess) throw std::runtime_error(std::string("grouped_fp8: launch failed: ") + cudaGetErrorString(rc));
+  const dim3 grid(static_cast<unsigned>((g.n + kF8wCols - 1) / kF8wCols),
+                  static_cast<unsigned>((g.rows + BN - 1) / BN + g.groups), static_cast<unsigned>(splits));
+  grouped_fp8_wgmma_kernel<BN><<<grid, kF8wThreads, smem, s>>>(g, k_chunk, part);
 }
 
-// Groups of more than 64 rows on average take 128-row passes; fewer, 64-row ones. Contiguous rows
-// (and an even count of column blocks) take the multicast form: two blocks of neighbouring columns
-// share each stage's input rows, each copying half of them to both (one read from L2 where each
-// block read them all).
+// Groups of more than 64 rows on average take 128-row passes; fewer, 64-row ones.
 static void grouped_fp8_wgmma(const GroupedGemm& g, cudaStream_t s, int64_t splits, int64_t k_chunk, float* part) {
-  const bool mc = fp8_wgmma_multicast_fits(g);
-  if (g.rows > 64 * g.groups) {
-    if (mc) launch_fp8_wgmma<128, true>(g, s, splits, k_chunk, part);
-    else launch_fp8_wgmma<128, false>(g, s, splits, k_chunk, part);
-  } else {
-    if (mc) launch_fp8_wgmma<64, true>(g, s, splits, k_chunk, part);
-    else launch_fp8_wgmma<64, false>(g, s, splits, k_chunk, part);
-  }
+  if (g.rows > 64 * g.groups) launch_fp8_wgmma<128>(g, s, splits, k_chunk, part);
+  else launch_fp8_wgmma<64>(g, s, splits, k_chunk, part);
 }
 
 void moe_select(const float* logits, const float* bias, int64_t t, int64_t e, int64_t k, int64_t n_group,

@@ -36,10 +36,6 @@ void embedding(const void* table, int table_type, int64_t rows, int64_t dim, con
 void rms_norm(float* x, const float* residual, const float* w, int64_t rows, int64_t width, int64_t d, float eps,
               float* out, void* stream);
 void gather_rows(const float* x, int64_t width, const int32_t* rows, int64_t n, float* out, void* stream);
-// FP8 rows and their scales: out row i = row rows[i] (width bytes, a multiple of 16, and `scales`
-// floats a row).
-void gather_fp8_rows(const uint8_t* q, const float* scale, int64_t width, int64_t scales, const int32_t* rows,
-                     int64_t n, uint8_t* out_q, float* out_scale, void* stream);
 // out[rows[i]] = x[i] for i < n, rows of width floats.
 void scatter_rows(const float* x, int64_t width, const int32_t* rows, int64_t n, float* out, void* stream);
 void add(float* x, const float* y, int64_t n, void* stream);
@@ -120,10 +116,6 @@ void grouped_mma(const GroupedGemm& g, void* stream, int64_t splits = 1, float* 
 bool grouped_fp8_fits(const GroupedGemm& g);
 // Whether grouped_fp8 takes a second matrix (n2 > 0) for these rows: at most 16 a group.
 bool grouped_fp8_pairs(const GroupedGemm& g);
-// Whether grouped_fp8 runs `rows` rows in `groups` groups of an n x k product on the Hopper form
-// whose pairs of blocks share each stage's input rows: it needs those rows contiguous (x_rows
-// null), so a caller with gathered rows may copy them out first (gather_fp8_rows).
-bool grouped_fp8_multicast(int64_t rows, int64_t groups, int64_t n, int64_t k);
 // Split count for grouped_fp8; `partial` then holds splits x rows x (n + n2) floats.
 int64_t grouped_fp8_splits(const GroupedGemm& g, int sms);
 void grouped_fp8(const GroupedGemm& g, void* stream, int64_t splits = 1, float* partial = nullptr);
