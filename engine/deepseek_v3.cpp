@@ -496,8 +496,7 @@ void DeepseekV3::mlp(const LayerWeights& lw, const Tensor& x, Tensor& out) {
     const int64_t f = e.gate.out_features();
     Tensor g = ops_.empty(act, {t_count, f}), u = ops_.empty(act, {t_count, f});
     ops_.linear2(x, e.gate, g, e.up, u);
-    ops_.silu_mul(g, u, g);
-    ops_.linear(g, e.down, dst);
+    ops_.silu_mul_linear(g, u, e.down, dst);
   };
   if (!lw.is_moe) {
     swiglu(lw.mlp, out);

@@ -173,6 +173,13 @@ class Ops {
   }
   // out = silu(gate) * up, all [T, F]
   virtual void silu_mul(const Tensor& gate, const Tensor& up, Tensor& out) = 0;
+  // out = (silu(gate) * up) @ W^T, as silu_mul() and then linear() compute it; gate may be
+  // overwritten. A backend may fuse the two (the CUDA one past decode sizes: silu(gate) * up
+  // quantized for the FP8 product without being written out).
+  virtual void silu_mul_linear(Tensor& gate, const Tensor& up, const LinearWeight& w, Tensor& out) {
+    silu_mul(gate, up, gate);
+    linear(gate, w, out);
+  }
   // Rotates interleaved pairs (x[2i], x[2i+1]) of columns [offset, offset + 2*inv_freq.size()) of
   // every row of x [T, N, W] by angle pos[t] * inv_freq[i], scaling cos and sin by attention_factor.
   virtual void rope(Tensor& x, int64_t offset, std::span<const int32_t> pos, std::span<const float> inv_freq,

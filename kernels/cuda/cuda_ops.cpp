@@ -642,20 +642,11 @@ class CudaOps final : public Ops {
       // padded to a multiple of 4 floats; the activations' scales [K/128, T], T fastest. Token
       // counts that are not a multiple of 8 gave wrong results (1, 2, 3, 5, 6, 7, 33 did; 40 and
       // 64 did not), so the activations are padded with zero rows to a multiple of 8.
-      const int64_t kb = in / 128, t8 = (t + 7) / 8 * 8;
+      const int64_t kb = in / 128;
       DILU_CHECK(w.scale_inv.dim(1) == (kb + 3) / 4 * 4, "FP8 scales not placed by this backend");
       if (fp8_small(x, w, out, nullptr, nullptr)) return;
-      Tensor xq = empty(DType::U8, {t8, in});
-      Tensor xs = empty(DType::F32, {kb, t8});
-      cuda::quantize_fp8_per_token_128(x.data<float>(), t, t8, in, xq.data<uint8_t>(), xs.data<float>(), 1, t8,
-                                       stream_);
-      Tensor padded_out = t8 == t ? out : empty(DType::F32, {t8, n_out});
-      if (lt_matmul(CUDA_R_8F_E4M3, w.weight.raw(), w.scale_inv.data<float>(), xq.raw(), xs.data<float>(),
-                    padded_out.raw(), n_out, t8, in)) {
-        if (t8 != t)
-          DILU_CU(cudaMemcpyAsync(out.raw(), padded_out.raw(), out.nbytes(), cudaMemcpyDeviceToDevice, stream_));
-        return;
-      }
+      const Fp8Rows q = quantize_rows(x);
+      if (fp8_lt_linear(q, w, out)) return;
     }
     // BF16 math in the tiled kernel: FP8 weights dequantized in its tile loader (soft FP8), and
     // whatever cuBLASLt declined.
@@ -675,6 +666,42 @@ class CudaOps final : public Ops {
     g.out = out.data<float>();
     g.ldo = n_out;
     gemm(g, t, kGemvDenseTokens);
+  }
+
+  // Activations quantized for cuBLASLt's block-scaled FP8 product: rows padded with zeros to a
+  // multiple of 8 (t8), per-token scales per 128 channels as [K/128, t8].
+  struct Fp8Rows {
+    Tensor q, scales;
+    int64_t t = 0, t8 = 0;
+  };
+  Fp8Rows quantize_rows(const Tensor& x) {
+    Fp8Rows r;
+    const int64_t in = x.dim(1);
+    r.t = x.dim(0);
+    r.t8 = (r.t + 7) / 8 * 8;
+    r.q = empty(DType::U8, {r.t8, in});
+    r.scales = empty(DType::F32, {in / 128, r.t8});
+    cuda::quantize_fp8_per_token_128(x.data<float>(), r.t, r.t8, in, r.q.data<uint8_t>(), r.scales.data<float>(), 1,
+                                     r.t8, stream_);
+    return r;
+  }
+  // cuBLASLt's block-scaled FP8 product of quantized rows; false (nothing queued) if it declines.
+  bool fp8_lt_linear(const Fp8Rows& q, const LinearWeight& w, Tensor& out) {
+    const int64_t n_out = w.out_features();
+    Tensor padded_out = q.t8 == q.t ? out : empty(DType::F32, {q.t8, n_out});
+    if (!lt_matmul(CUDA_R_8F_E4M3, w.weight.raw(), w.scale_inv.data<float>(), q.q.raw(), q.scales.data<float>(),
+                   padded_out.raw(), n_out, q.t8, w.in_features()))
+      return false;
+    if (q.t8 != q.t)
+      DILU_CU(cudaMemcpyAsync(out.raw(), padded_out.raw(), out.nbytes(), cudaMemcpyDeviceToDevice, stream_));
+    return true;
+  }
+  // Whether linear() takes w on cuBLASLt's block-scaled FP8 product for rows of x.
+  bool fp8_lt_eligible(const Tensor& x, const LinearWeight& w) const {
+    const int64_t in = w.in_features();
+    return w.weight.dtype() == DType::F8E4M3 && fp8_block_ && w.block_out == 128 && w.block_in == 128 &&
+           in % 128 == 0 && w.out_features() % 16 == 0 && x.dim(1) == in && w.scale_inv.rank() == 2 &&
+           w.scale_inv.dim(1) == (in / 128 + 3) / 4 * 4;
   }
 
   // Few tokens (decode): the block-scaled FP8 product on FP8 tensor cores (grouped_fp8), weights
@@ -729,8 +756,41 @@ class CudaOps final : public Ops {
     const bool shapes = x.dim(1) == a.in_features() && x.dim(1) == b.in_features() && out_a.dim(0) == t &&
                         out_b.dim(0) == t && out_a.dim(1) == a.out_features() && out_b.dim(1) == b.out_features();
     if (shapes && t > 0 && !a.weight.is_cpu() && !b.weight.is_cpu() && fp8_small(x, a, out_a, &b, &out_b)) return;
+    // More rows (prefill, large decode batches): x quantized once for both cuBLASLt products.
+    // (linear() makes the same products of the same quantized rows, bit for bit.)
+    if (shapes && (!fast_ || t > kFp8SmallTokens) && fp8_lt_eligible(x, a) && fp8_lt_eligible(x, b)) {
+      check_device(a.weight, "linear weight");
+      check_device(b.weight, "linear weight");
+      const Fp8Rows q = quantize_rows(x);
+      if (!fp8_lt_linear(q, a, out_a)) linear(x, a, out_a);
+      if (!fp8_lt_linear(q, b, out_b)) linear(x, b, out_b);
+      return;
+    }
     linear(x, a, out_a);
     linear(x, b, out_b);
+  }
+
+  void silu_mul_linear(Tensor& gate, const Tensor& up, const LinearWeight& w, Tensor& out) override {
+    check_f32(gate, "silu_mul gate");
+    check_f32(up, "silu_mul up");
+    check_f32(out, "linear output");
+    const int64_t t = gate.dim(0), f = gate.dim(1);
+    // Past decode sizes, cuBLASLt's FP8 product (as linear() takes it) of silu(gate) * up quantized
+    // straight from gate and up: the same bytes as silu_mul() then linear()'s quantization.
+    if (t > 0 && up.numel() == gate.numel() && out.dim(0) == t && out.dim(1) == w.out_features() &&
+        (!fast_ || t > kFp8SmallTokens) && fp8_lt_eligible(gate, w) && !w.weight.is_cpu()) {
+      check_device(w.weight, "linear weight");
+      Fp8Rows q;
+      q.t = t;
+      q.t8 = (t + 7) / 8 * 8;
+      q.q = empty(DType::U8, {q.t8, f});
+      q.scales = empty(DType::F32, {f / 128, q.t8});
+      cuda::silu_mul_quantize_fp8(gate.data<float>(), up.data<float>(), t, q.t8, f, q.q.data<uint8_t>(),
+                                  q.scales.data<float>(), 1, q.t8, stream_);
+      if (fp8_lt_linear(q, w, out)) return;
+    }
+    silu_mul(gate, up, gate);
+    linear(gate, w, out);
   }
 
   // The grouped GEMM of a step of `tokens` tokens. With cuda.kernels=fast: tensor cores where the

@@ -201,9 +201,12 @@ __device__ __forceinline__ float quantize_128(const float (&v)[4], __nv_fp8_e4m3
   return s;
 }
 
-// One warp per (row, 128-channel group).
+__device__ __forceinline__ float silu_times(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
+// One warp per (row, 128-channel group). With `up`: the rows of silu(x) * up (silu_times, as
+// silu_mul_kernel writes them) quantized without being written out.
 __global__ void quantize_fp8_kernel(const float* x, int64_t rows, int64_t out_rows, int64_t cols, __nv_fp8_e4m3* q,
-                                    float* scale, int64_t row_stride, int64_t group_stride) {
+                                    float* scale, int64_t row_stride, int64_t group_stride, const float* up) {
   pdl_enter();
   const int64_t groups = cols / 128;
   const int64_t warp = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5;
@@ -213,6 +216,8 @@ __global__ void quantize_fp8_kernel(const float* x, int64_t rows, int64_t out_ro
   const float* src = x + row * cols + g * 128;
   float v[4];
   for (int i = 0; i < 4; ++i) v[i] = row < rows ? src[lane + 32 * i] : 0.0f;
+  if (up != nullptr && row < rows)
+    for (int i = 0; i < 4; ++i) v[i] = silu_times(v[i], up[row * cols + g * 128 + lane + 32 * i]);
   const float s = quantize_128(v, q + row * cols + g * 128, lane);
   if (lane == 0) scale[row * row_stride + g * group_stride] = s;
 }
@@ -299,7 +304,6 @@ __global__ void add_kernel(float* x, const float* y, int64_t n) {
     x[i] += y[i];
 }
 
-__device__ __forceinline__ float silu_times(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 
 __global__ void silu_mul_kernel(const float* gate, const float* up, int64_t n, float* out) {
   pdl_enter();
@@ -953,8 +957,18 @@ void quantize_fp8_per_token_128(const float* x, int64_t rows, int64_t out_rows, 
   const int64_t warps = out_rows * (cols / 128);
   if (warps <= 0) return;
   launch_chained(quantize_fp8_kernel, static_cast<int>((warps * 32 + 255) / 256), 256, 0, as_stream(stream), 
-      x, rows, out_rows, cols, reinterpret_cast<__nv_fp8_e4m3*>(q), scale, row_stride, group_stride);
+      x, rows, out_rows, cols, reinterpret_cast<__nv_fp8_e4m3*>(q), scale, row_stride, group_stride,
+      static_cast<const float*>(nullptr));
   check_launch("quantize_fp8");
+}
+
+void silu_mul_quantize_fp8(const float* gate, const float* up, int64_t rows, int64_t out_rows, int64_t cols,
+                           uint8_t* q, float* scale, int64_t row_stride, int64_t group_stride, void* stream) {
+  const int64_t warps = out_rows * (cols / 128);
+  if (warps <= 0) return;
+  launch_chained(quantize_fp8_kernel, static_cast<int>((warps * 32 + 255) / 256), 256, 0, as_stream(stream), gate,
+                 rows, out_rows, cols, reinterpret_cast<__nv_fp8_e4m3*>(q), scale, row_stride, group_stride, up);
+  check_launch("silu_mul_quantize_fp8");
 }
 
 void embedding(const void* table, int table_type, int64_t rows, int64_t dim, const int32_t* ids, int64_t n,

@@ -24,6 +24,9 @@ void dequantize_to_f32(const void* w, WeightType type, const float* scale_inv, i
 // (row, group g) at scale[row * row_stride + g * group_stride].
 void quantize_fp8_per_token_128(const float* x, int64_t rows, int64_t out_rows, int64_t cols, uint8_t* q,
                                 float* scale, int64_t row_stride, int64_t group_stride, void* stream);
+// The same quantization of silu(gate) * up (as silu_mul computes it), without writing it out.
+void silu_mul_quantize_fp8(const float* gate, const float* up, int64_t rows, int64_t out_rows, int64_t cols,
+                           uint8_t* q, float* scale, int64_t row_stride, int64_t group_stride, void* stream);
 void bf16_to_f32(const uint16_t* x, float* out, int64_t n, void* stream);
 
 // ---- elementwise and row ops (F32 activations) ----

@@ -1846,7 +1846,8 @@ TEST(CudaFp8Block, MatchesTheCpuWithTheSameRounding) {
 }
 
 // linear2 (two weights of one input; on the GPU at decode sizes one quantization and one launch
-// whose blocks cover both matrices, split sums included) against the CPU's two linear() calls.
+// whose blocks cover both matrices, split sums included; at more rows one quantization for two
+// cuBLASLt products) against the CPU's two linear() calls, and bit for bit against the GPU's.
 TEST(CudaFp8Block, Linear2MatchesTwoLinears) {
   const std::string why = no_cuda_device();
   if (!why.empty()) GTEST_SKIP() << "no CUDA device: " << why;
@@ -1857,9 +1858,9 @@ TEST(CudaFp8Block, Linear2MatchesTwoLinears) {
   std::mt19937 rng(77);
   std::uniform_real_distribution<float> u(-1.0f, 1.0f);
   // R1's q_a and kv_a (576 rows: a scale block half used), split and unsplit K, a ragged second
-  // matrix, 16 rows, and 20 rows (past the decode kernel: two linears).
+  // matrix, 16 rows, and 20 and 64 rows (past the decode kernel: cuBLASLt, 20 rows padded to 24).
   for (const Case c : {Case{1, 1536, 576, 7168}, Case{3, 256, 144, 512}, Case{16, 512, 512, 384},
-                       Case{2, 144, 2048, 256}, Case{20, 256, 144, 256}}) {
+                       Case{2, 144, 2048, 256}, Case{20, 256, 144, 256}, Case{64, 512, 1536, 1024}}) {
     SCOPED_TRACE("T " + std::to_string(c.t) + ", N " + std::to_string(c.na) + " + " + std::to_string(c.nb) + ", K " +
                  std::to_string(c.k));
     const int64_t sc = (c.k + 127) / 128;
@@ -1878,10 +1879,10 @@ TEST(CudaFp8Block, Linear2MatchesTwoLinears) {
     random_weight(c.nb, wb, sb);
     std::vector<float> x(static_cast<size_t>(c.t * c.k));
     for (float& v : x) v = u(rng) * 4.0f;
-    std::vector<float> out[2][2];
-    Ops* both[2] = {cpu.get(), gpu.get()};
-    for (int side = 0; side < 2; ++side) {
-      Ops& ops = *both[side];
+    std::vector<float> out[3][2];
+    Ops* sides[3] = {cpu.get(), gpu.get(), gpu.get()};  // CPU linear() twice, GPU linear2, GPU linear() twice
+    for (int side = 0; side < 3; ++side) {
+      Ops& ops = *sides[side];
       const LinearWeight la = ops.place_linear(wa, sa, 128, 128), lb = ops.place_linear(wb, sb, 128, 128);
       Tensor xt = ops.empty(DType::F32, {c.t, c.k}), oa = ops.empty(DType::F32, {c.t, c.na}),
              ob = ops.empty(DType::F32, {c.t, c.nb});
@@ -1890,11 +1891,11 @@ TEST(CudaFp8Block, Linear2MatchesTwoLinears) {
           nan_b(static_cast<size_t>(c.t * c.nb), std::numeric_limits<float>::quiet_NaN());
       ops.copy_from_host(nan_a.data(), oa);
       ops.copy_from_host(nan_b.data(), ob);
-      if (side == 0) {
+      if (side == 1) {
+        ops.linear2(xt, la, oa, lb, ob);
+      } else {
         ops.linear(xt, la, oa);
         ops.linear(xt, lb, ob);
-      } else {
-        ops.linear2(xt, la, oa, lb, ob);
       }
       out[side][0].resize(nan_a.size());
       out[side][1].resize(nan_b.size());
@@ -1924,6 +1925,58 @@ TEST(CudaFp8Block, Linear2MatchesTwoLinears) {
         }
     }
     EXPECT_EQ(bad, 0);
+    for (int m = 0; m < 2; ++m) {
+      ASSERT_EQ(out[1][m].size(), out[2][m].size());
+      EXPECT_EQ(0, std::memcmp(out[1][m].data(), out[2][m].data(), out[1][m].size() * sizeof(float)))
+          << "matrix " << m << ": linear2 differs from two linear() calls on the GPU";
+    }
+  }
+}
+
+// silu_mul_linear (the CUDA backend past decode sizes: silu(gate) * up quantized for cuBLASLt's FP8
+// product without being written out) against silu_mul() then linear() on the GPU, bit for bit, at
+// decode and prefill row counts (20 rows are padded to 24 for cuBLASLt).
+TEST(CudaFp8Block, SiluMulLinearMatchesTheTwoOps) {
+  const std::string why = no_cuda_device();
+  if (!why.empty()) GTEST_SKIP() << "no CUDA device: " << why;
+  BackendOptions o;
+  o.fp8_gemm = "block";
+  std::unique_ptr<Ops> gpu = make_ops("cuda", o);
+  std::mt19937 rng(78);
+  std::uniform_real_distribution<float> u(-3.0f, 3.0f);
+  const int64_t f = 512, n = 384;
+  Tensor w = Tensor::host(DType::F8E4M3, {n, f}), scale = Tensor::host(DType::F32, {(n + 127) / 128, f / 128});
+  for (int64_t i = 0; i < n * f; ++i) {
+    uint8_t b = static_cast<uint8_t>(rng());
+    if ((b & 0x7f) == 0x7f) b = 0x30;  // no NaN codes
+    w.data<uint8_t>()[i] = b;
+  }
+  for (int64_t i = 0; i < scale.numel(); ++i) scale.data<float>()[i] = std::ldexp(1.0f, static_cast<int>(rng() % 7) - 9);
+  const LinearWeight lw = gpu->place_linear(w, scale, 128, 128);
+  for (const int64_t t : {int64_t{3}, int64_t{20}, int64_t{64}}) {
+    SCOPED_TRACE("T " + std::to_string(t));
+    std::vector<float> gv(static_cast<size_t>(t * f)), uv(gv.size());
+    for (float& v : gv) v = u(rng);
+    for (float& v : uv) v = u(rng);
+    std::vector<float> out[2];
+    for (int side = 0; side < 2; ++side) {
+      Tensor g = gpu->empty(DType::F32, {t, f}), up = gpu->empty(DType::F32, {t, f});
+      Tensor res = gpu->empty(DType::F32, {t, n});
+      gpu->copy_from_host(gv.data(), g);
+      gpu->copy_from_host(uv.data(), up);
+      if (side == 0) {
+        gpu->silu_mul_linear(g, up, lw, res);
+      } else {
+        gpu->silu_mul(g, up, g);
+        gpu->linear(g, lw, res);
+      }
+      out[side].resize(static_cast<size_t>(t * n));
+      gpu->copy_to_host(res, out[side].data());
+    }
+    EXPECT_EQ(0, std::memcmp(out[0].data(), out[1].data(), out[0].size() * sizeof(float)));
+    bool finite = true;
+    for (float v : out[0]) finite = finite && std::isfinite(v);
+    EXPECT_TRUE(finite);
   }
 }
 
