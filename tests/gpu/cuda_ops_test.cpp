@@ -1951,7 +1951,8 @@ TEST(CudaFp8Block, SiluMulLinearMatchesTheTwoOps) {
     if ((b & 0x7f) == 0x7f) b = 0x30;  // no NaN codes
     w.data<uint8_t>()[i] = b;
   }
-  for (int64_t i = 0; i < scale.numel(); ++i) scale.data<float>()[i] = std::ldexp(1.0f, static_cast<int>(rng() % 7) - 9);
+  for (int64_t i = 0; i < scale.numel(); ++i)
+    scale.data<float>()[i] = std::ldexp(1.0f, static_cast<int>(rng() % 7) - 9);
   const LinearWeight lw = gpu->place_linear(w, scale, 128, 128);
   for (const int64_t t : {int64_t{3}, int64_t{20}, int64_t{64}}) {
     SCOPED_TRACE("T " + std::to_string(t));
