@@ -1847,7 +1847,8 @@ TEST(CudaFp8Block, MatchesTheCpuWithTheSameRounding) {
 
 // linear2 (two weights of one input; on the GPU at decode sizes one quantization and one launch
 // whose blocks cover both matrices, split sums included; at more rows one quantization for two
-// cuBLASLt products) against the CPU's two linear() calls, and bit for bit against the GPU's.
+// cuBLASLt products) against the CPU's two linear() calls, and there bit for bit against the GPU's
+// (at decode sizes the one launch may split K otherwise than two would: within the bound only).
 TEST(CudaFp8Block, Linear2MatchesTwoLinears) {
   const std::string why = no_cuda_device();
   if (!why.empty()) GTEST_SKIP() << "no CUDA device: " << why;
@@ -1925,7 +1926,7 @@ TEST(CudaFp8Block, Linear2MatchesTwoLinears) {
         }
     }
     EXPECT_EQ(bad, 0);
-    for (int m = 0; m < 2; ++m) {
+    for (int m = 0; m < 2 && c.t > 16; ++m) {
       ASSERT_EQ(out[1][m].size(), out[2][m].size());
       EXPECT_EQ(0, std::memcmp(out[1][m].data(), out[2][m].data(), out[1][m].size() * sizeof(float)))
           << "matrix " << m << ": linear2 differs from two linear() calls on the GPU";
