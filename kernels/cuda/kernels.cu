@@ -3795,11 +3795,6 @@ constexpr uint32_t kMxwKhGroup = 24 * 128, kMxwNGroup = 16 * 128;             //
 constexpr uint32_t kMxwKh = 0, kMxwKl = kMxwKh + 4 * kMxwKhGroup, kMxwVh = kMxwKl + 4 * kMxwKhGroup,
                    kMxwVl = kMxwVh + 4 * kMxwNGroup, kMxwStage = kMxwVl + 4 * kMxwNGroup;
 constexpr size_t kMxwSmem = 2 * kMxwQBytes + kMxwStages * kMxwStage + 2 * kMxwStages * 8;
-// setmaxnreg budgets: the copying warpgroup gives registers back, the multiplying ones take them
-// (the queries' hi part, 48 a thread, stays in registers); within what ptxas gives 384 threads.
-constexpr int kMxwCopyRegs = 104, kMxwMathRegs = 192;
-static_assert(128 * kMxwCopyRegs + 256 * kMxwMathRegs <= kMxwThreads * (65536 / kMxwThreads / 8 * 8),
-              "warpgroup register budgets within the block's registers");
 static_assert(kMxRows == 128 && kMxwKeys == kMxKeys, "two multiplying warpgroups of 64 rows; the same key tiles");
 
 // D (64 x 64, F32, += unless !accumulate) = A (64 x 16) . B (16 x 64), both K-major in shared memory.
@@ -3810,28 +3805,6 @@ __device__ __forceinline__ void wgmma_m64n64k16_tn(float (&d)[32], uint64_t da, 
       "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
       : "l"(da), "l"(db), "r"(accumulate));
-#endif
-}
-// The same two with A (64 x 16, BF16) from registers, mma.m16n8k16's A fragment for the warp's 16
-// rows; B K-major in shared memory.
-__device__ __forceinline__ void wgmma_m64n64k16_rs_tn(float (&d)[32], const uint32_t (&a)[4], uint64_t db,
-                                                      int accumulate) {
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p, 1, 1, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate));
-#endif
-}
-__device__ __forceinline__ void wgmma_m64n32k16_rs_tn(float (&d)[16], const uint32_t (&a)[4], uint64_t db,
-                                                      int accumulate) {
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, {%16,%17,%18,%19}, %20, p, 1, 1, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate));
 #endif
 }
 // D (64 x 128, F32, +=) = A (64 x 16, BF16 from registers: mma.m16n8k16's A fragment for the
@@ -3885,7 +3858,6 @@ __global__ void __launch_bounds__(kMxwThreads, 1) mla_expanded_wgmma_kernel(MlaE
   __syncthreads();
 
   if (wg == 2) {  // ---- copies
-    setmaxnreg_dec<kMxwCopyRegs>();
     const int p = tid - 256;
     for (int it = 0; it < n_tiles; ++it) {
       const int sidx = it % kMxwStages, key0 = it * kMxwKeys;
@@ -3942,25 +3914,14 @@ __global__ void __launch_bounds__(kMxwThreads, 1) mla_expanded_wgmma_kernel(MlaE
   }
 
   // ---- products: this warpgroup's rows 64 wg .. 64 wg + 63; this thread's r0 and r0 + 8
-  setmaxnreg_inc<kMxwMathRegs>();
   const int r0 = 64 * wg + 16 * wq + gid;
-  // The queries' hi part in registers for every tile (wgmma's A from registers, not re-read from
-  // shared memory a tile): k-step ks's A fragment, rows r0 and r0 + 8, dims 16 ks + 2 quad (+1, +8, +9).
-  uint32_t qa[12][4];
-#pragma unroll
-  for (int ks = 0; ks < 12; ++ks)
-#pragma unroll
-    for (int f = 0; f < 4; ++f) {
-      const int row = r0 + 8 * (f & 1), chunk = 2 * ks + (f >> 1);
-      qa[ks][f] = *reinterpret_cast<const uint32_t*>(mxw_smem + (row >> 3) * kMxwQGroup + chunk * 128 + (row & 7) * 16 +
-                                                     4 * quad);
-    }
   int pos[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) pos[i] = a.token_pos[a.rows[row0 + min(r0 + 8 * i, rows - 1)]];
   // The tile's rows are in position order: the warpgroup's last row has its largest position.
   const int wg_max = a.token_pos[a.rows[row0 + min(64 * wg + 63, rows - 1)]];
   const bool any_rows = 64 * wg < rows;
+  const uint64_t dq_hi = wgmma_desc(q_hi + static_cast<uint32_t>(wg) * 8 * kMxwQGroup, 128, kMxwQGroup);
   const uint64_t dq_lo = wgmma_desc(q_lo + static_cast<uint32_t>(wg) * 8 * kMxwQGroup, 128, kMxwQGroup);
   const float scale_log2 = a.scale * 1.4426950408889634f;
   float o[64];
@@ -3980,8 +3941,8 @@ __global__ void __launch_bounds__(kMxwThreads, 1) mla_expanded_wgmma_kernel(MlaE
         wgmma_fence();
 #pragma unroll
         for (int ks = 0; ks < 12; ++ks) {
-          if (ks < 8) wgmma_m64n64k16_rs_tn(s2, qa[ks], dk + 16 * ks, ks > 0 ? 1 : 0);
-          else wgmma_m64n32k16_rs_tn(s1, qa[ks], dk + 16 * ks, 1);
+          if (ks < 8) wgmma_m64n64k16_tn(s2, dq_hi + 16 * ks, dk + 16 * ks, ks > 0 ? 1 : 0);
+          else wgmma_m64n32k16_tn(s1, dq_hi + 16 * ks, dk + 16 * ks, 1);
           wgmma_m64n32k16_tn(s1, dq_lo + 16 * ks, dk + 16 * ks, ks > 0 ? 1 : 0);
         }
         wgmma_commit();
