@@ -522,11 +522,9 @@ void DeepseekV3::mlp(const LayerWeights& lw, const Tensor& x, Tensor& out) {
     if (side) ops_.end_side();
   }
   ops_.moe_route(x, lw.router, lw.router_bias, rp, ids, weights);
-  ops_.moe_experts(x, lw.experts, ids, weights, out, first_expert_);
-  if (lw.shared_expert) {
-    if (side) ops_.join_side();
-    ops_.add(out, shared);
-  }
+  // The shared expert's output is added by the routed experts' combine (as add() would).
+  if (lw.shared_expert && side) ops_.join_side();
+  ops_.moe_experts(x, lw.experts, ids, weights, out, first_expert_, lw.shared_expert ? &shared : nullptr);
 }
 
 }  // namespace dilu

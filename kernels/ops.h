@@ -198,8 +198,10 @@ class Ops {
                          Tensor& ids, Tensor& weights) = 0;
   // out [T, D] = sum_k weights[t,k] * expert_{ids[t,k]}(x[t]), summed in ascending expert order,
   // over the experts this rank holds: experts[i] is expert first_expert + i; others are skipped.
+  // With `addend` [T, D] (the shared expert's output), out = that sum + addend, as add() would make it.
   virtual void moe_experts(const Tensor& x, std::span<const ExpertWeights> experts, const Tensor& ids,
-                           const Tensor& weights, Tensor& out, int64_t first_expert = 0) = 0;
+                           const Tensor& weights, Tensor& out, int64_t first_expert = 0,
+                           const Tensor* addend = nullptr) = 0;
   // Called once per MoE layer after its experts are placed (before any step), so that a backend
   // can build what moe_experts() needs for them without allocating inside the step loop.
   virtual void prepare_experts(std::span<const ExpertWeights> experts) { (void)experts; }

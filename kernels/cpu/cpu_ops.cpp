@@ -384,9 +384,13 @@ class CpuOps final : public Ops {
   }
 
   void moe_experts(const Tensor& x, std::span<const ExpertWeights> experts, const Tensor& ids, const Tensor& weights,
-                   Tensor& out, int64_t first_expert) override {
+                   Tensor& out, int64_t first_expert, const Tensor* addend) override {
     check_f32(x, "experts input");
     check_f32(out, "experts output");
+    if (addend) {
+      check_f32(*addend, "experts addend");
+      DILU_CHECK(addend->numel() == out.numel(), "moe_experts addend shape");
+    }
     const int64_t t_count = x.dim(0), d = x.dim(1), k = ids.dim(1);
     std::fill(out.data<float>(), out.data<float>() + out.numel(), 0.0f);
     // Tokens routed to each expert, in token order.
@@ -418,6 +422,8 @@ class CpuOps final : public Ops {
         for (int64_t c = 0; c < d; ++c) o[c] += yr[c] * wgt;
       }
     }
+    if (addend)
+      for (int64_t i = 0; i < out.numel(); ++i) out.data<float>()[i] += addend->data<float>()[i];
   }
 
   void concat_columns(const Tensor& parts, Tensor& out) override {

@@ -1225,15 +1225,22 @@ class CudaOps final : public Ops {
   }
 
   void moe_experts(const Tensor& x, std::span<const ExpertWeights> experts, const Tensor& ids, const Tensor& weights,
-                   Tensor& out, int64_t first_expert) override {
+                   Tensor& out, int64_t first_expert, const Tensor* addend) override {
     check_f32(x, "experts input");
     check_f32(out, "experts output");
     const int64_t t = x.dim(0), d = x.dim(1), k = ids.dim(1), local = static_cast<int64_t>(experts.size());
     DILU_CHECK(out.dim(0) == t && out.dim(1) == d && ids.dtype() == DType::I32 && weights.dim(1) == k,
                "moe_experts shapes");
+    if (addend) {
+      check_f32(*addend, "experts addend");
+      DILU_CHECK(addend->numel() == out.numel(), "moe_experts addend shape");
+    }
     if (t == 0) return;
     if (local == 0) {
-      DILU_CU(cudaMemsetAsync(out.raw(), 0, out.nbytes(), stream_));
+      if (addend)
+        DILU_CU(cudaMemcpyAsync(out.raw(), addend->raw(), out.nbytes(), cudaMemcpyDeviceToDevice, stream_));
+      else
+        DILU_CU(cudaMemsetAsync(out.raw(), 0, out.nbytes(), stream_));
       return;
     }
     const ExpertTable& table = expert_table(experts);
@@ -1330,7 +1337,7 @@ class CudaOps final : public Ops {
     run(g.data<float>(), f, nullptr, 2, d, f, y.data<float>(), fp8 ? hq.data<uint8_t>() : nullptr,
         fp8 ? hsc.data<float>() : nullptr);
     cuda::moe_combine(y.data<float>(), ids.data<int32_t>(), weights.data<float>(), pair_row.data<int32_t>(), t, k, d,
-                      out.data<float>(), stream_);
+                      out.data<float>(), addend ? addend->data<float>() : nullptr, stream_);
   }
 
   void prepare_experts(std::span<const ExpertWeights> experts) override {

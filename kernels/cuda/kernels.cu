@@ -851,7 +851,7 @@ __global__ void moe_silu_mul_fp8_kernel(const float* gate, const float* up, cons
 // (d % 4 == 0), so a block covers 4 x blockDim columns.
 template <bool kVec>
 __global__ void moe_combine_kernel(const float* y, const int32_t* ids, const float* weights, const int32_t* pair_row,
-                                   int64_t k, int64_t d, float* out) {
+                                   int64_t k, int64_t d, float* out, const float* addend) {
   pdl_enter();
   constexpr int kMaxK = 64;
   __shared__ int32_t s_id[kMaxK];
@@ -892,6 +892,13 @@ __global__ void moe_combine_kernel(const float* y, const int32_t* ids, const flo
       acc.z += v.z * w;
       acc.w += v.w * w;
     }
+    if (addend) {
+      const float4 a = *reinterpret_cast<const float4*>(addend + t * d + c);
+      acc.x += a.x;
+      acc.y += a.y;
+      acc.z += a.z;
+      acc.w += a.w;
+    }
     *reinterpret_cast<float4*>(out + t * d + c) = acc;
   } else {
     const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
@@ -902,7 +909,7 @@ __global__ void moe_combine_kernel(const float* y, const int32_t* ids, const flo
       const int32_t r = pair_row[t * k + pick];
       if (r >= 0) acc += y[static_cast<int64_t>(r) * d + c] * weights[t * k + pick];
     }
-    out[t * d + c] = acc;
+    out[t * d + c] = addend ? acc + addend[t * d + c] : acc;
   }
 }
 
@@ -3400,14 +3407,15 @@ void moe_silu_mul_fp8(const float* gate, const float* up, const int32_t* offsets
 }
 
 void moe_combine(const float* y, const int32_t* ids, const float* weights, const int32_t* pair_row, int64_t t,
-                 int64_t k, int64_t d, float* out, void* stream) {
+                 int64_t k, int64_t d, float* out, const float* addend, void* stream) {
   if (t <= 0) return;
   if (k > 64) throw std::runtime_error("moe_combine: more than 64 experts per token");
-  const bool vec = d % 4 == 0 && reinterpret_cast<uintptr_t>(y) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
+  const bool vec = d % 4 == 0 && reinterpret_cast<uintptr_t>(y) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(addend) % 16 == 0;
   const int64_t per_block = vec ? 4 * 256 : 256;
   const dim3 grid(static_cast<unsigned>(t), static_cast<unsigned>((d + per_block - 1) / per_block));
   const auto kernel = vec ? moe_combine_kernel<true> : moe_combine_kernel<false>;
-  launch_chained(kernel, grid, 256, 0, as_stream(stream), y, ids, weights, pair_row, k, d, out);
+  launch_chained(kernel, grid, 256, 0, as_stream(stream), y, ids, weights, pair_row, k, d, out, addend);
   check_launch("moe_combine");
 }
 

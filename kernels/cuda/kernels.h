@@ -255,9 +255,10 @@ void moe_silu_mul(float* gate, const float* up, const int32_t* offsets, int64_t 
 // does (q [rows, f], scale [rows, f / 128]) for grouped_fp8; f % 128 == 0.
 void moe_silu_mul_fp8(const float* gate, const float* up, const int32_t* offsets, int64_t local, int64_t max_rows,
                       int64_t f, uint8_t* q, float* scale, void* stream);
-// out[t] = sum over its pairs in ascending expert id of weight * y[pair_row] (zero when none).
+// out[t] = sum over its pairs in ascending expert id of weight * y[pair_row] (zero when none), then
+// + addend[t] unless addend is null.
 void moe_combine(const float* y, const int32_t* ids, const float* weights, const int32_t* pair_row, int64_t t,
-                 int64_t k, int64_t d, float* out, void* stream);
+                 int64_t k, int64_t d, float* out, const float* addend, void* stream);
 
 // Ops::random_fill on the device: dtype 0 F32, 1 BF16, 2 F8E4M3 (kernels/random_fill.h's values).
 void random_fill(void* out, int dtype, int64_t n, uint64_t key, float center, float half_width, void* stream);

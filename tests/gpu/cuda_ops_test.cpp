@@ -188,7 +188,7 @@ class EmulatedCudaOps final : public Ops {
   }
 
   void moe_experts(const Tensor& x, std::span<const ExpertWeights> experts, const Tensor& ids, const Tensor& weights,
-                   Tensor& out, int64_t first_expert) override {
+                   Tensor& out, int64_t first_expert, const Tensor* addend) override {
     const int64_t t_count = x.dim(0), d = x.dim(1), k = ids.dim(1);
     std::fill(out.data<float>(), out.data<float>() + out.numel(), 0.0f);
     for (size_t e = 0; e < experts.size(); ++e) {
@@ -212,6 +212,7 @@ class EmulatedCudaOps final : public Ops {
           out.data<float>()[toks[static_cast<size_t>(i)].first * d + c] +=
               y.data<float>()[i * d + c] * toks[static_cast<size_t>(i)].second;
     }
+    if (addend) cpu_->add(out, *addend);
   }
 
  private:
@@ -1537,11 +1538,25 @@ TEST_P(CudaMoeExperts, MatchesWithinTwoGemmLayers) {
     return download<float>(ops, out);
   };
   const std::vector<float> want = run(cpu());
+  // The same with an addend (the shared expert's output): out + addend as add() makes it, bit for bit.
+  const std::vector<float> addv = uniform(rng_, static_cast<size_t>(t_count * d), -2.0f, 2.0f);
+  auto run_added = [&](Ops& ops, const std::vector<float>& plain) {
+    std::vector<ExpertWeights> placed;
+    for (const auto& e : experts) placed.push_back({place(ops, e[0]), place(ops, e[1]), place(ops, e[2])});
+    Tensor x = upload(ops, {t_count, d}, xv), ids = upload_i32(ops, {t_count, k}, idv), w = upload(ops, {t_count, k}, wv);
+    Tensor add = upload(ops, {t_count, d}, addv), out = poisoned(ops, DType::F32, {t_count, d});
+    ops.moe_experts(x, placed, ids, w, out, mc.first, &add);
+    Tensor sum = upload(ops, {t_count, d}, plain);
+    ops.add(sum, add);
+    expect_equal(download<float>(ops, out), download<float>(ops, sum), "moe_experts with an addend");
+  };
+  run_added(cpu(), want);
 
   for (Gpu& g : gpus_) {
     SCOPED_TRACE("fp8_gemm=" + g.mode + ", kernels=" + g.kernels);
     const std::vector<float> got = run(*g.ops);
     ASSERT_EQ(got.size(), want.size());
+    run_added(*g.ops, got);
     if (t_count == 0) continue;
     // Bound through the two layers, per token t and output o, summed over the token's local
     // experts with |weight|:
@@ -1752,7 +1767,7 @@ TEST_F(CudaOps, EmptyBatchesAreNoOps) {
   }
 }
 
-// With no routed expert on this rank, moe_experts writes zeros (the shared expert is added after).
+// With no routed expert on this rank, moe_experts writes zeros, or its addend when given one.
 TEST_F(CudaOps, MoeExpertsWithNoLocalExpertsWritesZeros) {
   const int64_t t = 3, d = 144, k = 2;
   const std::vector<int32_t> idv = {0, 1, 2, 3, 4, 5};
@@ -1763,6 +1778,9 @@ TEST_F(CudaOps, MoeExpertsWithNoLocalExpertsWritesZeros) {
     Tensor out = poisoned(ops, DType::F32, {t, d});
     ops.moe_experts(x, std::span<const ExpertWeights>(), ids, w, out, 0);
     expect_equal(download<float>(ops, out), std::vector<float>(static_cast<size_t>(t * d), 0.0f), "no local experts");
+    Tensor add = upload(ops, {t, d}, xv);
+    ops.moe_experts(x, std::span<const ExpertWeights>(), ids, w, out, 0, &add);
+    expect_equal(download<float>(ops, out), xv, "no local experts, an addend");
   }
 }
 

@@ -454,6 +454,12 @@ TEST_F(CpuOpsTest, MoeExpertsSumsWeightedSwigluExperts) {
   std::copy(idv.begin(), idv.end(), ids.data<int32_t>());
   Tensor weights = f32({tokens, k}, wv), x = f32({tokens, d}, xv), out = poisoned({tokens, d});
   ops->moe_experts(x, experts, ids, weights, out);
+  {  // With an addend (the shared expert's output): the same sums, then + addend as add() makes it.
+    Tensor add = f32({tokens, d}, xv), added = poisoned({tokens, d});
+    ops->moe_experts(x, experts, ids, weights, added, 0, &add);
+    for (int64_t i = 0; i < tokens * d; ++i)
+      ASSERT_EQ(added.data<float>()[i], out.data<float>()[i] + add.data<float>()[i]) << "element " << i;
+  }
 
   for (int64_t t = 0; t < tokens; ++t) {
     std::vector<double> ref(static_cast<size_t>(d), 0.0), mag(static_cast<size_t>(d), 0.0);
