@@ -669,20 +669,25 @@ class CudaOps final : public Ops {
   }
 
   // Activations quantized for cuBLASLt's block-scaled FP8 product: rows padded with zeros to a
-  // multiple of 8 (t8), per-token scales per 128 channels as [K/128, t8].
+  // multiple of 8 (t8), per-token scales per 128 channels as [K/128, t8]. With `up`, the rows of
+  // silu(x) * up (as silu_mul computes them).
   struct Fp8Rows {
     Tensor q, scales;
     int64_t t = 0, t8 = 0;
   };
-  Fp8Rows quantize_rows(const Tensor& x) {
+  Fp8Rows quantize_rows(const Tensor& x, const Tensor* up = nullptr) {
     Fp8Rows r;
     const int64_t in = x.dim(1);
     r.t = x.dim(0);
     r.t8 = (r.t + 7) / 8 * 8;
     r.q = empty(DType::U8, {r.t8, in});
     r.scales = empty(DType::F32, {in / 128, r.t8});
-    cuda::quantize_fp8_per_token_128(x.data<float>(), r.t, r.t8, in, r.q.data<uint8_t>(), r.scales.data<float>(), 1,
-                                     r.t8, stream_);
+    if (up)
+      cuda::silu_mul_quantize_fp8(x.data<float>(), up->data<float>(), r.t, r.t8, in, r.q.data<uint8_t>(),
+                                  r.scales.data<float>(), 1, r.t8, stream_);
+    else
+      cuda::quantize_fp8_per_token_128(x.data<float>(), r.t, r.t8, in, r.q.data<uint8_t>(), r.scales.data<float>(),
+                                       1, r.t8, stream_);
     return r;
   }
   // cuBLASLt's block-scaled FP8 product of quantized rows; false (nothing queued) if it declines.
@@ -774,20 +779,13 @@ class CudaOps final : public Ops {
     check_f32(gate, "silu_mul gate");
     check_f32(up, "silu_mul up");
     check_f32(out, "linear output");
-    const int64_t t = gate.dim(0), f = gate.dim(1);
+    const int64_t t = gate.dim(0);
     // Past decode sizes, cuBLASLt's FP8 product (as linear() takes it) of silu(gate) * up quantized
     // straight from gate and up: the same bytes as silu_mul() then linear()'s quantization.
     if (t > 0 && up.numel() == gate.numel() && out.dim(0) == t && out.dim(1) == w.out_features() &&
         (!fast_ || t > kFp8SmallTokens) && fp8_lt_eligible(gate, w) && !w.weight.is_cpu()) {
       check_device(w.weight, "linear weight");
-      Fp8Rows q;
-      q.t = t;
-      q.t8 = (t + 7) / 8 * 8;
-      q.q = empty(DType::U8, {q.t8, f});
-      q.scales = empty(DType::F32, {f / 128, q.t8});
-      cuda::silu_mul_quantize_fp8(gate.data<float>(), up.data<float>(), t, q.t8, f, q.q.data<uint8_t>(),
-                                  q.scales.data<float>(), 1, q.t8, stream_);
-      if (fp8_lt_linear(q, w, out)) return;
+      if (fp8_lt_linear(quantize_rows(gate, &up), w, out)) return;
     }
     silu_mul(gate, up, gate);
     linear(gate, w, out);
