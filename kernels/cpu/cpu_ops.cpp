@@ -422,8 +422,7 @@ class CpuOps final : public Ops {
         for (int64_t c = 0; c < d; ++c) o[c] += yr[c] * wgt;
       }
     }
-    if (addend)
-      for (int64_t i = 0; i < out.numel(); ++i) out.data<float>()[i] += addend->data<float>()[i];
+    if (addend) add(out, *addend);
   }
 
   void concat_columns(const Tensor& parts, Tensor& out) override {

@@ -787,8 +787,7 @@ class CudaOps final : public Ops {
       check_device(w.weight, "linear weight");
       if (fp8_lt_linear(quantize_rows(gate, &up), w, out)) return;
     }
-    silu_mul(gate, up, gate);
-    linear(gate, w, out);
+    Ops::silu_mul_linear(gate, up, w, out);
   }
 
   // The grouped GEMM of a step of `tokens` tokens. With cuda.kernels=fast: tensor cores where the

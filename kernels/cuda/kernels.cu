@@ -304,7 +304,6 @@ __global__ void add_kernel(float* x, const float* y, int64_t n) {
     x[i] += y[i];
 }
 
-
 __global__ void silu_mul_kernel(const float* gate, const float* up, int64_t n, float* out) {
   pdl_enter();
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
@@ -959,23 +958,24 @@ void dequantize_to_f32(const void* w, WeightType type, const float* scale_inv, i
   check_launch("dequantize");
 }
 
-void quantize_fp8_per_token_128(const float* x, int64_t rows, int64_t out_rows, int64_t cols, uint8_t* q,
-                                float* scale, int64_t row_stride, int64_t group_stride, void* stream) {
+// quantize_fp8_kernel's launch, with or without `up`.
+static void launch_quantize_fp8(const float* x, const float* up, int64_t rows, int64_t out_rows, int64_t cols,
+                                uint8_t* q, float* scale, int64_t row_stride, int64_t group_stride, void* stream) {
   const int64_t warps = out_rows * (cols / 128);
   if (warps <= 0) return;
-  launch_chained(quantize_fp8_kernel, static_cast<int>((warps * 32 + 255) / 256), 256, 0, as_stream(stream), 
-      x, rows, out_rows, cols, reinterpret_cast<__nv_fp8_e4m3*>(q), scale, row_stride, group_stride,
-      static_cast<const float*>(nullptr));
-  check_launch("quantize_fp8");
+  launch_chained(quantize_fp8_kernel, static_cast<int>((warps * 32 + 255) / 256), 256, 0, as_stream(stream), x,
+                 rows, out_rows, cols, reinterpret_cast<__nv_fp8_e4m3*>(q), scale, row_stride, group_stride, up);
+  check_launch(up ? "silu_mul_quantize_fp8" : "quantize_fp8");
+}
+
+void quantize_fp8_per_token_128(const float* x, int64_t rows, int64_t out_rows, int64_t cols, uint8_t* q,
+                                float* scale, int64_t row_stride, int64_t group_stride, void* stream) {
+  launch_quantize_fp8(x, nullptr, rows, out_rows, cols, q, scale, row_stride, group_stride, stream);
 }
 
 void silu_mul_quantize_fp8(const float* gate, const float* up, int64_t rows, int64_t out_rows, int64_t cols,
                            uint8_t* q, float* scale, int64_t row_stride, int64_t group_stride, void* stream) {
-  const int64_t warps = out_rows * (cols / 128);
-  if (warps <= 0) return;
-  launch_chained(quantize_fp8_kernel, static_cast<int>((warps * 32 + 255) / 256), 256, 0, as_stream(stream), gate,
-                 rows, out_rows, cols, reinterpret_cast<__nv_fp8_e4m3*>(q), scale, row_stride, group_stride, up);
-  check_launch("silu_mul_quantize_fp8");
+  launch_quantize_fp8(gate, up, rows, out_rows, cols, q, scale, row_stride, group_stride, stream);
 }
 
 void embedding(const void* table, int table_type, int64_t rows, int64_t dim, const int32_t* ids, int64_t n,
