@@ -176,6 +176,11 @@ int main(int argc, char** argv) {
         o.mla_absorb = absorb;
         fast.push_back({core, absorb, make_ops("cuda", o)});
       }
+    {  // The automatic choices (at most 8 tokens: the absorptions as GEMVs over the split form).
+      BackendOptions o;
+      o.kernels = "fast";
+      fast.push_back({"auto", "auto", make_ops("cuda", o)});
+    }
     const double bw = ref->measure_copy_bandwidth(size_t{1} << 30);
     std::printf("dilu_mla_bench on %s: copy bandwidth %.0f GB/s; R1 MLA (C 512 + R 64, BF16 cache, FP8 kv_b)\n",
                 ref->device().str().c_str(), bw / 1e9);

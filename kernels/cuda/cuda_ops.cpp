@@ -924,7 +924,7 @@ class CudaOps final : public Ops {
     Tensor q_lat = empty(DType::F32, {t, h, c}), o_lat = empty(DType::F32, {t, h, c});
     const bool split_wanted =
         mla_fused_ && kv_b.split.defined() && (mla_absorb_ == "bf16x3" || t >= cuda::kMlaSplitMinTokens);
-    if (split_wanted)
+    if (mla_fused_ && kv_b.split.defined())
       DILU_CHECK(kv_b.split.numel() == w_kv_b.numel() && kv_b.split_scale.numel() == h * 2 * c,
                  "mla kv_b split form ", shape_str(kv_b.split.shape()), " for ", shape_str(w_kv_b.shape()));
     cuda::MlaArgs a;
@@ -957,7 +957,13 @@ class CudaOps final : public Ops {
     //   split (cuda::mla_kv_b_split): q_lat without W_UK's scales, which the core applies.
     const bool split = split_wanted && cuda::mla_split_fits(a);
     const uint16_t* w_split = split ? static_cast<const uint16_t*>(kv_b.split.raw()) : nullptr;
-    if (split) {
+    // A few tokens (decode), automatic choice: GEMVs over the split form, which reads half the
+    // F32 form's bytes and joins the chain of programmatic launches (cuBLAS breaks it).
+    const bool gemv = mla_absorb_ == "auto" && kv_b.split.defined() && cuda::mla_absorb_gemv_fits(a);
+    if (gemv) {
+      cuda::mla_absorb_q_gemv(a, static_cast<const uint16_t*>(kv_b.split.raw()), kv_b.split_scale.data<float>(),
+                              stream_);
+    } else if (split) {
       cuda::mla_absorb_q_split(a, w_split, stream_);
       a.q_scale = kv_b.split_scale.data<float>();
     } else if (!lt_sgemm_batched(false, c, t, nope, a.kv_b, c, (nope + v) * c, a.q, h * (nope + r), nope + r, a.q_lat,
@@ -992,7 +998,10 @@ class CudaOps final : public Ops {
     else cuda::mla_core_fused(a, splits, part_o, part_ml, stream_);
     //   out[t, h*v + i] = o_lat[t, h, :] . W_UV[h][i, :]: column-major v x T = (C x v)^T (C x T)
     //   split: (o_lat * W_UV's scales) against W_UV's stored values.
-    if (split) {
+    if (gemv) {
+      cuda::mla_absorb_v_gemv(a, static_cast<const uint16_t*>(kv_b.split.raw()), kv_b.split_scale.data<float>(),
+                              stream_);
+    } else if (split) {
       cuda::mla_absorb_v_split(a, w_split, kv_b.split_scale.data<float>(), stream_);
     } else if (!lt_sgemm_batched(true, v, t, c, a.kv_b + nope * c, c, (nope + v) * c, a.o_lat, h * c, c, a.out, h * v,
                                  v, h)) {
@@ -1212,9 +1221,12 @@ class CudaOps final : public Ops {
     g.round_bf16 = false;
     g.out = logits.data<float>();
     g.ldo = e;
-    // fast: cuBLASLt's FP32 GEMM (a GEMV at decode, which the tiled kernels run on a few blocks).
+    // fast: at a few tokens a GEMV in the chain of programmatic launches (cuda::router_gemv), else
+    // cuBLASLt's FP32 GEMM (the tiled kernels would run a GEMV on a few blocks).
     //   logits: column-major E x T = (D x E)^T (D x T)
-    if (!fast_ || !lt_sgemm_batched(true, e, t, d, gate.data<float>(), d, 0, x.data<float>(), d, 0, g.out, e, 0, 1))
+    if (fast_ && cuda::router_gemv_fits(t, d, g.x, gate.data<float>()))
+      cuda::router_gemv(g.x, t, d, gate.data<float>(), e, g.out, stream_);
+    else if (!fast_ || !lt_sgemm_batched(true, e, t, d, gate.data<float>(), d, 0, x.data<float>(), d, 0, g.out, e, 0, 1))
       gemm(g, t, kGemvDenseTokens);
     const float* bp = bias.defined() && bias.numel() > 0 ? bias.data<float>() : nullptr;
     cuda::moe_select(logits.data<float>(), bp, t, e, k, p.n_group, p.topk_group, p.norm_topk_prob,

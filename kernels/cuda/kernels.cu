@@ -2117,6 +2117,7 @@ __global__ void __launch_bounds__(kMlaFusedWarps * 32)
 // One block per (token, head): the first warp turns the (at most 32) splits' statistics into
 // factors e^(m_s - M) once, then every thread merges its float4 columns (scalar when C % 4 != 0).
 __global__ void mla_combine_kernel(MlaArgs a, int64_t splits, const float* part_o, const float* part_ml) {
+  pdl_enter();
   const int64_t th = blockIdx.x, rows = a.t * a.h;  // rows: one split's (token, head) count
   __shared__ float factor[kMlaMaxSplits];
   __shared__ float inv_denom;
@@ -2171,7 +2172,8 @@ static dim3 mla_grid(const MlaArgs& a, int64_t splits) {
 static void mla_combine(const MlaArgs& a, int64_t splits, const float* part_o, const float* part_ml, void* stream) {
   if (splits <= 1) return;
   if (splits > kMlaMaxSplits) throw std::runtime_error("mla_combine: more than 32 context splits");
-  mla_combine_kernel<<<static_cast<unsigned>(a.t * a.h), 128, 0, as_stream(stream)>>>(a, splits, part_o, part_ml);
+  launch_chained(mla_combine_kernel, static_cast<unsigned>(a.t * a.h), 128, 0, as_stream(stream), a, splits, part_o,
+                 part_ml);
   check_launch("mla_combine");
 }
 
@@ -2408,6 +2410,7 @@ void launch_split_gemm(const SplitGemm& g, int64_t batch, cudaStream_t stream) {
 
 __global__ void __launch_bounds__(kMlaMmaWarps * 32, 2)
     mla_core_mma_kernel(MlaArgs a, int64_t splits, float* part_o, float* part_ml) {
+  pdl_enter();
   const int64_t groups = (a.h + kMlaFusedHeads - 1) / kMlaFusedHeads;
   const int64_t t = blockIdx.x / groups, group = blockIdx.x % groups, split = blockIdx.y;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, quad = lane & 3;
@@ -2637,7 +2640,8 @@ void mla_core_mma(const MlaArgs& a, int64_t splits, float* part_o, float* part_m
   const size_t smem = mla_core_mma_smem(a.c + a.r);
   static size_t allowed[kMaxDevices] = {};
   allow_dynamic_smem(mla_core_mma_kernel, smem, allowed, "mla_core_mma");
-  mla_core_mma_kernel<<<mla_grid(a, splits), kMlaMmaWarps * 32, smem, as_stream(stream)>>>(a, splits, part_o, part_ml);
+  launch_chained(mla_core_mma_kernel, mla_grid(a, splits), kMlaMmaWarps * 32, smem, as_stream(stream), a, splits, part_o,
+                 part_ml);
   check_launch("mla_core_mma");
   mla_combine(a, splits, part_o, part_ml, stream);
 }
@@ -3353,6 +3357,64 @@ static void grouped_fp8_wgmma(const GroupedGemm& g, cudaStream_t s, int64_t spli
   else launch_fp8_wgmma<64>(g, s, splits, k_chunk, part);
 }
 
+// The router's logits at a few tokens: logits[t, e] = x[t, :] . gate[e, :], F32. A block per
+// expert: its 8 warps each hold an eighth of the row in registers (requested before the previous
+// kernel's results are waited for), then dot it with every token's x and sum across the warps.
+constexpr int kRouterWarps = 8, kRouterMaxF4 = 8;  // d <= 8 warps x 32 lanes x 8 float4 = 8192
+__global__ void __launch_bounds__(kRouterWarps * 32) router_gemv_kernel(const float* x, int64_t t_count, int64_t d,
+                                                                       const float* gate, int64_t e_count,
+                                                                       float* logits) {
+  __shared__ float part[kRouterWarps];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t e = blockIdx.x;
+  const int n4 = static_cast<int>(d / 4);  // float4s a row
+  const float4* w = reinterpret_cast<const float4*>(gate + e * d);
+  float4 wr[kRouterMaxF4];
+#pragma unroll
+  for (int i = 0; i < kRouterMaxF4; ++i) {
+    const int j = (i * kRouterWarps + warp) * 32 + lane;
+    wr[i] = j < n4 ? __ldg(w + j) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  }
+  pdl_enter();
+#pragma unroll 1
+  for (int64_t t = 0; t < t_count; ++t) {
+    const float4* xr = reinterpret_cast<const float4*>(x + t * d);
+    float s = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kRouterMaxF4; ++i) {
+      const int j = (i * kRouterWarps + warp) * 32 + lane;
+      if (j < n4) {
+        const float4 xv = xr[j];
+        s = fmaf(wr[i].x, xv.x, fmaf(wr[i].y, xv.y, fmaf(wr[i].z, xv.z, fmaf(wr[i].w, xv.w, s))));
+      }
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
+    if (lane == 0) part[warp] = s;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float sum = 0.0f;
+#pragma unroll
+      for (int i = 0; i < kRouterWarps; ++i) sum += part[i];
+      logits[t * e_count + e] = sum;
+    }
+    __syncthreads();
+  }
+}
+
+bool router_gemv_fits(int64_t t, int64_t d, const float* x, const float* gate) {
+  auto al16 = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  return t >= 1 && t <= kRouterGemvMaxTokens && d % 4 == 0 && d <= 4 * 32 * kRouterWarps * kRouterMaxF4 && al16(x) &&
+         al16(gate);
+}
+
+void router_gemv(const float* x, int64_t t, int64_t d, const float* gate, int64_t e, float* logits, void* stream) {
+  if (!router_gemv_fits(t, d, x, gate)) throw std::runtime_error("router_gemv: shapes it does not take");
+  launch_chained(router_gemv_kernel, static_cast<unsigned>(e), kRouterWarps * 32, 0, as_stream(stream), x, t, d, gate,
+                 e, logits);
+  check_launch("router_gemv");
+}
+
 void moe_select(const float* logits, const float* bias, int64_t t, int64_t e, int64_t k, int64_t n_group,
                 int64_t topk_group, bool norm_topk_prob, float routed_scaling_factor, int32_t* ids, float* weights,
                 void* stream) {
@@ -3493,6 +3555,116 @@ void mla_absorb_v_split(const MlaArgs& a, const uint16_t* split, const float* sp
   g.k = a.c;
   launch_split_gemm(g, a.h, as_stream(stream));
   check_launch("mla_absorb_v_split");
+}
+
+// The absorptions at a few tokens (at most kMlaGemvMaxTokens) as GEMVs over kv_b's split form:
+// each weight row is read once into registers and dotted with every token's activations, where
+// the F32 GEMMs read kv_b in F32 (twice the bytes) and the split GEMMs' tiles are mostly empty.
+// kLanes lanes hold a row, 8 BF16 values (16 bytes) per chunk, kChunks chunks; a group of lanes
+// takes kRows rows and a block's rows lie in one head.
+//   kV false: q_lat[t, h, j] = s_k[h, j] * sum_i W_UK^T[h][j, i] q[t, h, i]  (C rows a head, nope long)
+//   kV true:  out[t, h v + i] = sum_j W_UV[h][i, j] (o_lat[t, h, j] s_v[h, j])  (v rows a head, C long)
+// The weights are requested before the previous kernel's results are waited for.
+template <bool kV, int kLanes, int kChunks, int kRows>
+__global__ void __launch_bounds__(256, kChunks > 1 ? 3 : 4) mla_absorb_gemv_kernel(MlaArgs a, const uint4* split, const float* scale) {
+  constexpr int kGroups = 256 / kLanes;
+  const int lane = static_cast<int>(threadIdx.x) % kLanes, group = static_cast<int>(threadIdx.x) / kLanes;
+  const int rows_per_head = static_cast<int>(kV ? a.v : a.c), len = static_cast<int>(kV ? a.c : a.nope);
+  const int block_row = static_cast<int>(blockIdx.x) * kGroups * kRows;
+  const int head = block_row / rows_per_head;
+  const int row0 = block_row % rows_per_head + group * kRows;
+  // The head's W_UK^T [C, nope], then its W_UV [v, C], in 16-byte chunks.
+  const uint4* w = split + (static_cast<int64_t>(head) * (a.nope + a.v) * a.c + (kV ? a.c * a.nope : 0)) / 8;
+  uint4 wr[kRows][kChunks];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r)
+#pragma unroll
+    for (int m = 0; m < kChunks; ++m) wr[r][m] = __ldg(w + (static_cast<int64_t>(row0 + r) * len) / 8 + lane + kLanes * m);
+  pdl_enter();
+#pragma unroll 1
+  for (int64_t t = 0; t < a.t; ++t) {
+    const float* x = kV ? a.o_lat + (t * a.h + head) * a.c : a.q + (t * a.h + head) * (a.nope + a.r);
+    float acc[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) acc[r] = 0.0f;
+#pragma unroll
+    for (int m = 0; m < kChunks; ++m) {
+      const int col = (lane + kLanes * m) * 8;
+      const float4 lo = *reinterpret_cast<const float4*>(x + col), hi = *reinterpret_cast<const float4*>(x + col + 4);
+      float xv[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+      if (kV) {  // W_UV's scales per column, applied to o_lat as it is loaded
+        const float* sp = scale + (2 * head + 1) * a.c + col;
+        asm volatile("" : "+l"(sp));  // loaded per token, not held in registers across the loop
+        const float4 slo = __ldg(reinterpret_cast<const float4*>(sp)), shi = __ldg(reinterpret_cast<const float4*>(sp + 4));
+        const float sc[8] = {slo.x, slo.y, slo.z, slo.w, shi.x, shi.y, shi.z, shi.w};
+#pragma unroll
+        for (int e = 0; e < 8; ++e) xv[e] *= sc[e];
+      }
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        uint32_t u[4] = {wr[r][m].x, wr[r][m].y, wr[r][m].z, wr[r][m].w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          // Opaque to the compiler, so the values are widened per token, not held widened in
+          // registers across the loop (twice the registers: spills, fewer blocks an SM).
+          asm volatile("" : "+r"(u[e]));
+          acc[r] = fmaf(__uint_as_float(u[e] << 16), xv[2 * e], acc[r]);
+          acc[r] = fmaf(__uint_as_float(u[e] & 0xffff0000u), xv[2 * e + 1], acc[r]);
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      float s = acc[r];
+#pragma unroll
+      for (int off = kLanes / 2; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
+      if (lane == 0) {
+        const int row = row0 + r;
+        if (kV) a.out[t * a.h * a.v + static_cast<int64_t>(head) * a.v + row] = s;
+        else a.q_lat[(t * a.h + head) * a.c + row] = s * __ldg(scale + 2 * head * a.c + row);
+      }
+    }
+  }
+}
+
+// The rows of one chunk of lanes: a row of `len` values in kLanes * kChunks chunks of 8.
+template <bool kV, int kRows>
+static bool launch_absorb_gemv(const MlaArgs& a, const uint16_t* split, const float* scale, int64_t len,
+                               int64_t rows_per_head, cudaStream_t s) {
+  const auto* w = reinterpret_cast<const uint4*>(split);
+  auto go = [&](auto kernel, int64_t lanes) {
+    const int64_t rows_per_block = 256 / lanes * kRows;
+    if (rows_per_head % rows_per_block != 0) return false;
+    launch_chained(kernel, static_cast<unsigned>(a.h * rows_per_head / rows_per_block), 256, 0, s, a, w, scale);
+    check_launch(kV ? "mla_absorb_v_gemv" : "mla_absorb_q_gemv");
+    return true;
+  };
+  switch (len) {
+    case 64: return go(mla_absorb_gemv_kernel<kV, 8, 1, kRows>, 8);
+    case 128: return go(mla_absorb_gemv_kernel<kV, 16, 1, kRows>, 16);
+    case 256: return go(mla_absorb_gemv_kernel<kV, 32, 1, kRows>, 32);
+    case 512: return go(mla_absorb_gemv_kernel<kV, 32, 2, kRows>, 32);
+    default: return false;
+  }
+}
+
+bool mla_absorb_gemv_fits(const MlaArgs& a) {
+  auto rows_ok = [](int64_t len, int64_t rows, int64_t k_rows) {
+    const int64_t lanes = std::min<int64_t>(32, len / 8);
+    return (len == 64 || len == 128 || len == 256 || len == 512) && rows % (256 / lanes * k_rows) == 0;
+  };
+  return a.t >= 1 && a.t <= kMlaGemvMaxTokens && mla_split_fits(a) && a.h * std::max(a.c, a.v) < (int64_t{1} << 30) &&
+         rows_ok(a.nope, a.c, 4) && rows_ok(a.c, a.v, 2);
+}
+
+void mla_absorb_q_gemv(const MlaArgs& a, const uint16_t* split, const float* split_scale, void* stream) {
+  if (!mla_absorb_gemv_fits(a) || !launch_absorb_gemv<false, 4>(a, split, split_scale, a.nope, a.c, as_stream(stream)))
+    throw std::runtime_error("mla_absorb_q_gemv: shapes it does not take (check mla_absorb_gemv_fits)");
+}
+
+void mla_absorb_v_gemv(const MlaArgs& a, const uint16_t* split, const float* split_scale, void* stream) {
+  if (!mla_absorb_gemv_fits(a) || !launch_absorb_gemv<true, 2>(a, split, split_scale, a.c, a.v, as_stream(stream)))
+    throw std::runtime_error("mla_absorb_v_gemv: shapes it does not take (check mla_absorb_gemv_fits)");
 }
 
 // ---- MLA prefill in the expanded form ---------------------------------------------------------

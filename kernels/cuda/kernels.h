@@ -168,6 +168,14 @@ bool mla_split_shapes(int64_t c, int64_t v, int64_t nope, int64_t r);
 bool mla_split_fits(const MlaArgs& a);
 void mla_absorb_q_split(const MlaArgs& a, const uint16_t* split, void* stream);
 void mla_absorb_v_split(const MlaArgs& a, const uint16_t* split, const float* split_scale, void* stream);
+// The absorptions at a few tokens (decode): GEMVs over the split form, each weight row read once
+// for all the tokens, in F32 arithmetic; q_lat complete (W_UK's scales applied, q_scale unused).
+// mla_absorb_gemv_fits: at most kMlaGemvMaxTokens tokens, mla_split_fits, nope and C each 64,
+// 128, 256 or 512, and C and v multiples of the kernels' rows a block (R1's: 64 and 16).
+constexpr int64_t kMlaGemvMaxTokens = 8;
+bool mla_absorb_gemv_fits(const MlaArgs& a);
+void mla_absorb_q_gemv(const MlaArgs& a, const uint16_t* split, const float* split_scale, void* stream);
+void mla_absorb_v_gemv(const MlaArgs& a, const uint16_t* split, const float* split_scale, void* stream);
 // The core alone: o_lat from q_lat, the rope part of q and the cache, one block per (token, head).
 void mla_core_reference(const MlaArgs& a, void* stream);
 
@@ -237,6 +245,12 @@ void mla_attention_expanded(const MlaExpandedArgs& a, void* stream);
 
 // ---- MoE ----
 // Router choice from logits [T, E] (F32, before the sigmoid): noaux_tc with groups, as the CPU.
+// The router's F32 logits [t, e] = x [t, d] . gate [e, d]^T at a few tokens (decode), a block per
+// expert, in the chain of programmatic launches. router_gemv_fits: 1..kRouterGemvMaxTokens tokens,
+// d a multiple of 4 up to 8192, x and gate 16-byte aligned.
+constexpr int64_t kRouterGemvMaxTokens = 8;
+bool router_gemv_fits(int64_t t, int64_t d, const float* x, const float* gate);
+void router_gemv(const float* x, int64_t t, int64_t d, const float* gate, int64_t e, float* logits, void* stream);
 void moe_select(const float* logits, const float* bias, int64_t t, int64_t e, int64_t k, int64_t n_group,
                 int64_t topk_group, bool norm_topk_prob, float routed_scaling_factor, int32_t* ids, float* weights,
                 void* stream);

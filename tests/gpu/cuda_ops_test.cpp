@@ -1311,6 +1311,13 @@ std::vector<MlaCase> mla_cases() {
   const std::vector<int64_t> batch_lens = {1500, 1000, 257, 64, 33, 1};
   cases.push_back({"R1_128_heads_decode_batch", 128, 128, 64, 512, 128, 64, batch_lens, last_tokens(batch_lens),
                    kR1SoftmaxScale, DType::F8E4M3, 128, 128});
+  // Eight decode rows, the most that the automatic choice takes as GEMVs (cuda::kMlaGemvMaxTokens),
+  // and nine, the fewest it takes as F32 GEMMs.
+  const std::vector<int64_t> lens8 = {300, 1, 64, 65, 129, 7, 200, 33}, lens9 = {300, 1, 64, 65, 129, 7, 200, 33, 2};
+  cases.push_back({"R1_decode_8_rows", 16, 128, 64, 512, 128, 64, lens8, last_tokens(lens8), kR1SoftmaxScale,
+                   DType::F8E4M3, 128, 128});
+  cases.push_back({"R1_decode_9_rows", 16, 128, 64, 512, 128, 64, lens9, last_tokens(lens9), kR1SoftmaxScale,
+                   DType::F8E4M3, 128, 128});
   // bench/mla_bench.cpp's shapes, two sequences each (the full and half context).
   for (const MlaBenchShape& s : kMlaBenchShapes) {
     const std::vector<int64_t> lens = {s.context, s.context / 2};
@@ -1477,6 +1484,9 @@ INSTANTIATE_TEST_SUITE_P(
         // R1: 256 experts, 8 groups of 32, top-4 groups, 8 per token, D = 7168, BF16 router weight.
         RouteCase{"R1", 64, 7168, 256, 8, 8, 4, true, true, 2.5f, DType::BF16},
         RouteCase{"R1_T1", 1, 7168, 256, 8, 8, 4, true, true, 2.5f, DType::BF16},
+        // The most tokens of the fast kernels' router GEMV (cuda::kRouterGemvMaxTokens), and a narrow D.
+        RouteCase{"R1_T8", 8, 7168, 256, 8, 8, 4, true, true, 2.5f, DType::BF16},
+        RouteCase{"narrow_T8", 8, 36, 16, 4, 4, 2, true, true, 2.5f, DType::F32},
         RouteCase{"grouped_16", 24, 32, 16, 4, 4, 2, true, true, 2.5f, DType::F32},
         RouteCase{"two_per_group", 24, 32, 16, 3, 8, 3, true, true, 1.0f, DType::F32},
         RouteCase{"ungrouped_no_norm", 24, 144, 12, 3, 1, 1, false, true, 2.5f, DType::BF16},
