@@ -1265,10 +1265,6 @@ class CudaOps final : public Ops {
       group_list = empty(DType::I32, {slots});
       list = group_list.data<int32_t>();
     }
-    cuda::moe_group(ids.data<int32_t>(), t, k, first_expert, local, counters.data<int32_t>(), offsets.data<int32_t>(),
-                    rows.data<int32_t>(), pair_row.data<int32_t>(), list, slots, stream_);
-    cuda::count_routed_experts(offsets.data<int32_t>(), local,
-                               static_cast<unsigned long long*>(routed_counter_.raw()), stream_);
     Tensor g = empty(DType::F32, {pairs, f}), u = empty(DType::F32, {pairs, f}), y = empty(DType::F32, {pairs, d});
     // fp8_gemm=block: the experts' inputs quantized per token per 128 channels, as the block-scaled
     // linears' (and the CPU block path's, whose experts run through linear()), on FP8 tensor cores.
@@ -1278,8 +1274,21 @@ class CudaOps final : public Ops {
     if (fp8) {
       xq = empty(DType::U8, {t, d});
       xsc = empty(DType::F32, {t, d / 128});
-      cuda::quantize_fp8_per_token_128(x.data<float>(), t, t, d, xq.data<uint8_t>(), xsc.data<float>(), d / 128, 1,
-                                       stream_);
+    }
+    // Decode's few pairs (fast kernels): grouped, counted and (FP8) the inputs quantized by one
+    // block in one launch.
+    auto* routed = static_cast<unsigned long long*>(routed_counter_.raw());
+    cuda::MoeGroupQuantize quant;
+    if (fp8) quant = {x.data<float>(), d, xq.data<uint8_t>(), xsc.data<float>()};
+    if (!fast_ || !cuda::moe_group_small(ids.data<int32_t>(), t, k, first_expert, local, offsets.data<int32_t>(),
+                                         rows.data<int32_t>(), pair_row.data<int32_t>(), list, slots, routed, quant,
+                                         stream_)) {
+      cuda::moe_group(ids.data<int32_t>(), t, k, first_expert, local, counters.data<int32_t>(),
+                      offsets.data<int32_t>(), rows.data<int32_t>(), pair_row.data<int32_t>(), list, slots, stream_);
+      cuda::count_routed_experts(offsets.data<int32_t>(), local, routed, stream_);
+      if (fp8)
+        cuda::quantize_fp8_per_token_128(x.data<float>(), t, t, d, xq.data<uint8_t>(), xsc.data<float>(), d / 128, 1,
+                                         stream_);
     }
     // With `dst2`, projection 1 (up) too, as grouped_fp8's second matrix of the same rows.
     auto run = [&](const float* in, int64_t ldx, const int32_t* in_rows, int proj, int64_t n_out, int64_t k_in,

@@ -762,9 +762,10 @@ __global__ void moe_count_kernel(const int32_t* ids, int64_t pairs, int64_t firs
 // Single block of 1024 threads: exclusive scan of the counts into offsets, counters reset to the
 // offsets. Chunks of 1024 experts, each scanned across warps in shared memory. With group_list,
 // the non-empty experts' ids in order (a ballot per warp gives each its rank), then -1 to the end.
-__global__ void moe_scan_kernel(int32_t* counters, int64_t local, int32_t* offsets, int32_t* group_list,
-                                int64_t group_slots) {
-  pdl_enter();
+// The scan of moe_scan_kernel, by the whole block, over counters in global or shared memory.
+// Returns (to thread 0) the number of non-empty groups.
+__device__ int32_t moe_scan_block(int32_t* counters, int64_t local, int32_t* offsets, int32_t* group_list,
+                                  int64_t group_slots) {
   __shared__ int32_t warp_total[32], warp_live[32];
   __shared__ int32_t carry_s, live_s;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
@@ -803,6 +804,57 @@ __global__ void moe_scan_kernel(int32_t* counters, int64_t local, int32_t* offse
   if (threadIdx.x == 0) offsets[local] = carry_s;
   if (group_list)
     for (int64_t i = live_s + threadIdx.x; i < group_slots; i += blockDim.x) group_list[i] = -1;
+  return live_s;
+}
+
+__global__ void moe_scan_kernel(int32_t* counters, int64_t local, int32_t* offsets, int32_t* group_list,
+                                int64_t group_slots) {
+  pdl_enter();
+  moe_scan_block(counters, local, offsets, group_list, group_slots);
+}
+
+// moe_group and count_routed_kernel in one block, the counters in shared memory: at most
+// kMoeGroupSmallPairs pairs and kMoeGroupSmallLocal experts (decode). The scatter's order within
+// an expert's rows is that of shared-memory atomics, as moe_scatter_kernel's is of global ones.
+constexpr int64_t kMoeGroupSmallPairs = 1024, kMoeGroupSmallLocal = 4096;
+__global__ void __launch_bounds__(1024)
+    moe_group_small_kernel(const int32_t* ids, int64_t pairs, int64_t k, int64_t first, int64_t local,
+                           int32_t* offsets, int32_t* rows, int32_t* pair_row, int32_t* group_list,
+                           int64_t group_slots, unsigned long long* routed, int64_t t, MoeGroupQuantize quant) {
+  __shared__ int32_t cnt[kMoeGroupSmallLocal];
+  __shared__ int32_t pair_e[kMoeGroupSmallPairs];
+  for (int64_t e = threadIdx.x; e < local; e += blockDim.x) cnt[e] = 0;
+  pdl_enter();
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < pairs; i += blockDim.x) {
+    const int64_t e = ids[i] - first;
+    const bool mine = e >= 0 && e < local;
+    pair_e[i] = mine ? static_cast<int32_t>(e) : -1;
+    if (mine) atomicAdd(&cnt[e], 1);
+  }
+  __syncthreads();
+  const int32_t live = moe_scan_block(cnt, local, offsets, group_list, group_slots);
+  for (int64_t i = threadIdx.x; i < pairs; i += blockDim.x) {
+    const int32_t e = pair_e[i];
+    if (e >= 0) {
+      const int32_t at = atomicAdd(&cnt[e], 1);
+      rows[at] = static_cast<int32_t>(i / k);
+      pair_row[i] = at;
+    } else {
+      pair_row[i] = -1;
+    }
+  }
+  if (routed && threadIdx.x == 0) atomicAdd(routed, static_cast<unsigned long long>(live));
+  if (quant.x == nullptr) return;
+  const int64_t groups = quant.d / 128;
+  const int lane = threadIdx.x & 31;
+  for (int64_t w = threadIdx.x >> 5; w < t * groups; w += blockDim.x >> 5) {  // as quantize_fp8_kernel
+    const int64_t row = w / groups, g = w % groups;
+    float v[4];
+    for (int i = 0; i < 4; ++i) v[i] = quant.x[row * quant.d + g * 128 + lane + 32 * i];
+    const float sc = quantize_128(v, reinterpret_cast<__nv_fp8_e4m3*>(quant.q) + row * quant.d + g * 128, lane);
+    if (lane == 0) quant.scale[row * groups + g] = sc;
+  }
 }
 
 __global__ void moe_scatter_kernel(const int32_t* ids, int64_t pairs, int64_t k, int64_t first, int64_t local,
@@ -3449,6 +3501,18 @@ void moe_group(const int32_t* ids, int64_t t, int64_t k, int64_t first, int64_t 
     launch_chained(moe_scatter_kernel, grid_for(pairs, 256), 256, 0, s, ids, pairs, k, first, local, counters, rows, pair_row);
     check_launch("moe_scatter");
   }
+}
+
+bool moe_group_small(const int32_t* ids, int64_t t, int64_t k, int64_t first, int64_t local, int32_t* offsets,
+                     int32_t* rows, int32_t* pair_row, int32_t* group_list, int64_t group_slots,
+                     unsigned long long* routed, const MoeGroupQuantize& quant, void* stream) {
+  const int64_t pairs = t * k;
+  if (pairs > kMoeGroupSmallPairs || local > kMoeGroupSmallLocal || local <= 0 || (quant.x && quant.d % 128 != 0))
+    return false;
+  launch_chained(moe_group_small_kernel, 1, 1024, 0, as_stream(stream), ids, pairs, k, first, local, offsets, rows,
+                 pair_row, group_list, group_slots, routed, t, quant);
+  check_launch("moe_group_small");
+  return true;
 }
 
 void moe_silu_mul(float* gate, const float* up, const int32_t* offsets, int64_t local, int64_t max_rows, int64_t f,

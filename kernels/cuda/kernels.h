@@ -262,6 +262,20 @@ void moe_select(const float* logits, const float* bias, int64_t t, int64_t e, in
 void moe_group(const int32_t* ids, int64_t t, int64_t k, int64_t first, int64_t local, int32_t* counters,
                int32_t* offsets, int32_t* rows, int32_t* pair_row, int32_t* group_list, int64_t group_slots,
                void* stream);
+// moe_group, count_routed_experts (routed may be null) and, with quant.x, the experts' inputs
+// quantized as quantize_fp8_per_token_128(x, t, t, d, q, scale, d / 128, 1) does, in one launch of
+// one block, where the pairs (T * K) are at most 1024 and the local experts at most 4096; false,
+// having launched nothing, otherwise. The rows come out grouped the same way (their order within
+// a group, as moe_group's, is the atomics' order; no result depends on it).
+struct MoeGroupQuantize {
+  const float* x = nullptr;  // [T, d], d % 128 == 0
+  int64_t d = 0;
+  uint8_t* q = nullptr;  // [T, d] FP8 e4m3
+  float* scale = nullptr;  // [T, d / 128]
+};
+bool moe_group_small(const int32_t* ids, int64_t t, int64_t k, int64_t first, int64_t local, int32_t* offsets,
+                     int32_t* rows, int32_t* pair_row, int32_t* group_list, int64_t group_slots,
+                     unsigned long long* routed, const MoeGroupQuantize& quant, void* stream);
 // gate <- silu(gate) * up for the first offsets[local] rows of width f.
 void moe_silu_mul(float* gate, const float* up, const int32_t* offsets, int64_t local, int64_t max_rows, int64_t f,
                   void* stream);
