@@ -1226,7 +1226,8 @@ class CudaOps final : public Ops {
     //   logits: column-major E x T = (D x E)^T (D x T)
     if (fast_ && cuda::router_gemv_fits(t, d, g.x, gate.data<float>()))
       cuda::router_gemv(g.x, t, d, gate.data<float>(), e, g.out, stream_);
-    else if (!fast_ || !lt_sgemm_batched(true, e, t, d, gate.data<float>(), d, 0, x.data<float>(), d, 0, g.out, e, 0, 1))
+    else if (!fast_ ||
+             !lt_sgemm_batched(true, e, t, d, gate.data<float>(), d, 0, x.data<float>(), d, 0, g.out, e, 0, 1))
       gemm(g, t, kGemvDenseTokens);
     const float* bp = bias.defined() && bias.numel() > 0 ? bias.data<float>() : nullptr;
     cuda::moe_select(logits.data<float>(), bp, t, e, k, p.n_group, p.topk_group, p.norm_topk_prob,

@@ -759,11 +759,11 @@ __global__ void moe_count_kernel(const int32_t* ids, int64_t pairs, int64_t firs
   }
 }
 
-// Single block of 1024 threads: exclusive scan of the counts into offsets, counters reset to the
-// offsets. Chunks of 1024 experts, each scanned across warps in shared memory. With group_list,
-// the non-empty experts' ids in order (a ballot per warp gives each its rank), then -1 to the end.
-// The scan of moe_scan_kernel, by the whole block, over counters in global or shared memory.
-// Returns (to thread 0) the number of non-empty groups.
+// By a whole block (moe_scan_kernel: one block of 1024 threads): exclusive scan of the counts
+// into offsets, counters (global or shared memory) reset to the offsets. Chunks of blockDim
+// experts, each scanned across warps in shared memory. With group_list, the non-empty experts'
+// ids in order (a ballot per warp gives each its rank), then -1 to the end. Returns (to thread 0)
+// the number of non-empty groups.
 __device__ int32_t moe_scan_block(int32_t* counters, int64_t local, int32_t* offsets, int32_t* group_list,
                                   int64_t group_slots) {
   __shared__ int32_t warp_total[32], warp_live[32];
@@ -2692,8 +2692,8 @@ void mla_core_mma(const MlaArgs& a, int64_t splits, float* part_o, float* part_m
   const size_t smem = mla_core_mma_smem(a.c + a.r);
   static size_t allowed[kMaxDevices] = {};
   allow_dynamic_smem(mla_core_mma_kernel, smem, allowed, "mla_core_mma");
-  launch_chained(mla_core_mma_kernel, mla_grid(a, splits), kMlaMmaWarps * 32, smem, as_stream(stream), a, splits, part_o,
-                 part_ml);
+  launch_chained(mla_core_mma_kernel, mla_grid(a, splits), kMlaMmaWarps * 32, smem, as_stream(stream), a, splits,
+                 part_o, part_ml);
   check_launch("mla_core_mma");
   mla_combine(a, splits, part_o, part_ml, stream);
 }
@@ -3630,7 +3630,8 @@ void mla_absorb_v_split(const MlaArgs& a, const uint16_t* split, const float* sp
 //   kV true:  out[t, h v + i] = sum_j W_UV[h][i, j] (o_lat[t, h, j] s_v[h, j])  (v rows a head, C long)
 // The weights are requested before the previous kernel's results are waited for.
 template <bool kV, int kLanes, int kChunks, int kRows>
-__global__ void __launch_bounds__(256, kChunks > 1 ? 3 : 4) mla_absorb_gemv_kernel(MlaArgs a, const uint4* split, const float* scale) {
+__global__ void __launch_bounds__(256, kChunks > 1 ? 3 : 4)
+    mla_absorb_gemv_kernel(MlaArgs a, const uint4* split, const float* scale) {
   constexpr int kGroups = 256 / kLanes;
   const int lane = static_cast<int>(threadIdx.x) % kLanes, group = static_cast<int>(threadIdx.x) / kLanes;
   const int rows_per_head = static_cast<int>(kV ? a.v : a.c), len = static_cast<int>(kV ? a.c : a.nope);
@@ -3643,7 +3644,8 @@ __global__ void __launch_bounds__(256, kChunks > 1 ? 3 : 4) mla_absorb_gemv_kern
 #pragma unroll
   for (int r = 0; r < kRows; ++r)
 #pragma unroll
-    for (int m = 0; m < kChunks; ++m) wr[r][m] = __ldg(w + (static_cast<int64_t>(row0 + r) * len) / 8 + lane + kLanes * m);
+    for (int m = 0; m < kChunks; ++m)
+      wr[r][m] = __ldg(w + (static_cast<int64_t>(row0 + r) * len) / 8 + lane + kLanes * m);
   pdl_enter();
 #pragma unroll 1
   for (int64_t t = 0; t < a.t; ++t) {
@@ -3659,7 +3661,8 @@ __global__ void __launch_bounds__(256, kChunks > 1 ? 3 : 4) mla_absorb_gemv_kern
       if (kV) {  // W_UV's scales per column, applied to o_lat as it is loaded
         const float* sp = scale + (2 * head + 1) * a.c + col;
         asm volatile("" : "+l"(sp));  // loaded per token, not held in registers across the loop
-        const float4 slo = __ldg(reinterpret_cast<const float4*>(sp)), shi = __ldg(reinterpret_cast<const float4*>(sp + 4));
+        const float4 slo = __ldg(reinterpret_cast<const float4*>(sp));
+        const float4 shi = __ldg(reinterpret_cast<const float4*>(sp + 4));
         const float sc[8] = {slo.x, slo.y, slo.z, slo.w, shi.x, shi.y, shi.z, shi.w};
 #pragma unroll
         for (int e = 0; e < 8; ++e) xv[e] *= sc[e];
