@@ -474,10 +474,7 @@ void DeepseekV3::attention(int64_t layer, const Tensor& x, const StepInput& step
   ops_.cache_write(cache.layer(layer), entry, step.layout);
   if (side) ops_.end_side();
 
-  if (w.q_a_proj) {
-    ops_.rms_norm(q_lat, w.q_a_layernorm, eps, q_lat);
-    ops_.linear(q_lat, w.q_b_proj, q);
-  }
+  if (w.q_a_proj) ops_.rms_norm_linear(q_lat, w.q_a_layernorm, eps, q_lat, w.q_b_proj, q);
   Tensor q3 = q.view({t_count, h, qk});
   ops_.rope(q3, c.qk_nope_head_dim, step.layout.token_pos, rope_.inv_freq, rope_.attention_factor);
   if (side) ops_.join_side();

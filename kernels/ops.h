@@ -154,6 +154,14 @@ class Ops {
   // Normalizes the first d = w.numel() columns of each row of x [N, W] (W >= d):
   // out[:, :d] = x * rsqrt(mean(x^2) + eps) * w. Other columns of out are untouched; out may alias x.
   virtual void rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& out) = 0;
+  // out = rms_norm(x) @ W^T, as rms_norm() into `normed` and then linear() compute them (normed
+  // holds the norm afterwards). A backend may fuse the two (the CUDA one at decode sizes: the norm
+  // quantized for the FP8 product in the same kernel).
+  virtual void rms_norm_linear(const Tensor& x, const Tensor& norm_w, float eps, Tensor& normed, const LinearWeight& w,
+                               Tensor& out) {
+    rms_norm(x, norm_w, eps, normed);
+    linear(normed, w, out);
+  }
   // x += y, then out = rms_norm(x) (the residual add fused into the norm where the backend can).
   virtual void add_rms_norm(Tensor& x, const Tensor& y, const Tensor& w, float eps, Tensor& out) {
     add(x, y);
@@ -174,8 +182,8 @@ class Ops {
   // out = silu(gate) * up, all [T, F]
   virtual void silu_mul(const Tensor& gate, const Tensor& up, Tensor& out) = 0;
   // out = (silu(gate) * up) @ W^T, as silu_mul() and then linear() compute it; gate may be
-  // overwritten. A backend may fuse the two (the CUDA one past decode sizes: silu(gate) * up
-  // quantized for the FP8 product without being written out).
+  // overwritten. A backend may fuse the two (the CUDA one: silu(gate) * up quantized for the FP8
+  // product without being written out).
   virtual void silu_mul_linear(Tensor& gate, const Tensor& up, const LinearWeight& w, Tensor& out) {
     silu_mul(gate, up, gate);
     linear(gate, w, out);

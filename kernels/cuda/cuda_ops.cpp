@@ -713,7 +713,16 @@ class CudaOps final : public Ops {
   // read once at close to bandwidth, where cuBLASLt reads them at about half of it (H100, M = 1).
   // x is quantized once for both products when a second weight is given (linear2), and one
   // launch covers both. False (nothing queued) when the operands are outside that kernel.
-  bool fp8_small(const Tensor& x, const LinearWeight& w, Tensor& out, const LinearWeight* w2, Tensor* out2) {
+  // With `up`: the product of silu(x) * up (silu_mul_quantize_fp8: the bytes silu_mul() then the
+  // quantization give). With `norm`: of rms_norm(x) (rms_norm_quantize, which also writes the norm
+  // to norm->out).
+  struct NormInput {
+    const Tensor* w = nullptr;
+    float eps = 0.0f;
+    Tensor* out = nullptr;
+  };
+  bool fp8_small(const Tensor& x, const LinearWeight& w, Tensor& out, const LinearWeight* w2, Tensor* out2,
+                 const Tensor* up = nullptr, const NormInput* norm = nullptr) {
     const int64_t t = x.dim(0), in = w.in_features(), kb = in / 128;
     const auto blocked = [&](const LinearWeight& v) {
       return v.weight.dtype() == DType::F8E4M3 && v.block_out == 128 && v.block_in == 128 && v.in_features() == in &&
@@ -748,7 +757,17 @@ class CudaOps final : public Ops {
     g.xq = xq.data<uint8_t>();
     g.xscale = xs.data<float>();
     if (!cuda::grouped_fp8_fits(g) || (w2 && !cuda::grouped_fp8_pairs(g))) return false;
-    cuda::quantize_fp8_per_token_128(x.data<float>(), t, t, in, xq.data<uint8_t>(), xs.data<float>(), kb, 1, stream_);
+    if (norm) {
+      if (!cuda::rms_norm_quantize(x.data<float>(), norm->w->data<float>(), t, in, norm->eps, norm->out->data<float>(),
+                                   xq.data<uint8_t>(), xs.data<float>(), stream_))
+        return false;
+    } else if (up) {
+      cuda::silu_mul_quantize_fp8(x.data<float>(), up->data<float>(), t, t, in, xq.data<uint8_t>(), xs.data<float>(),
+                                  kb, 1, stream_);
+    } else {
+      cuda::quantize_fp8_per_token_128(x.data<float>(), t, t, in, xq.data<uint8_t>(), xs.data<float>(), kb, 1,
+                                       stream_);
+    }
     fp8_gemm(g);
     return true;
   }
@@ -787,7 +806,27 @@ class CudaOps final : public Ops {
       check_device(w.weight, "linear weight");
       if (fp8_lt_linear(quantize_rows(gate, &up), w, out)) return;
     }
+    // Decode sizes: the small-batch kernel's input quantized from gate and up the same way.
+    if (t > 0 && up.numel() == gate.numel() && gate.dim(1) == w.in_features() && out.dim(0) == t &&
+        out.dim(1) == w.out_features() && !w.weight.is_cpu() && fp8_small(gate, w, out, nullptr, nullptr, &up))
+      return;
     Ops::silu_mul_linear(gate, up, w, out);
+  }
+
+  void rms_norm_linear(const Tensor& x, const Tensor& norm_w, float eps, Tensor& normed, const LinearWeight& w,
+                       Tensor& out) override {
+    check_f32(x, "rms_norm input");
+    check_f32(norm_w, "rms_norm weight");
+    check_f32(normed, "rms_norm output");
+    check_f32(out, "linear output");
+    const int64_t t = x.dim(0);
+    const NormInput norm{&norm_w, eps, &normed};
+    // Decode sizes: the norm and the small-batch kernel's input quantization in one kernel.
+    if (t > 0 && x.rank() == 2 && norm_w.numel() == x.dim(1) && normed.numel() == x.numel() &&
+        x.dim(1) == w.in_features() && out.dim(0) == t && out.dim(1) == w.out_features() && !w.weight.is_cpu() &&
+        fp8_small(x, w, out, nullptr, nullptr, nullptr, &norm))
+      return;
+    Ops::rms_norm_linear(x, norm_w, eps, normed, w, out);
   }
 
   // The grouped GEMM of a step of `tokens` tokens. With cuda.kernels=fast: tensor cores where the

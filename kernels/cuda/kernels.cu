@@ -243,8 +243,11 @@ __global__ void embedding_kernel(const void* table, int table_type, int64_t rows
 // Rows of up to kNormPer values a thread are held in registers: every load of the row is issued
 // before the first store (x and out may alias), instead of one dependent load-store pair at a time.
 constexpr int kNormPer = 8;
+// With q (rms_norm_quantize: no residual, d == width, at most kNormPer values a thread): the
+// normalized row is also quantized as quantize_fp8_kernel would quantize `out` (q [rows, d], scale
+// [rows, d / 128]), through a copy of the row in shared memory (d floats).
 __global__ void rms_norm_kernel(float* x, const float* __restrict__ residual, const float* __restrict__ w, int64_t width,
-                                int64_t d, float eps, float* out) {
+                                int64_t d, float eps, float* out, __nv_fp8_e4m3* q = nullptr, float* q_scale = nullptr) {
   pdl_enter();
   float* xr = x + blockIdx.x * width;
   float* orow = out + blockIdx.x * width;
@@ -270,10 +273,24 @@ __global__ void rms_norm_kernel(float* x, const float* __restrict__ residual, co
     }
     ss = block_sum(ss);
     const float inv = 1.0f / sqrtf(ss / static_cast<float>(d) + eps);
+    extern __shared__ float norm_row[];
 #pragma unroll
     for (int j = 0; j < kNormPer; ++j) {
       const int64_t i = threadIdx.x + static_cast<int64_t>(j) * blockDim.x;
-      if (i < d) orow[i] = w[i] * (v[j] * inv);
+      if (i >= d) continue;
+      const float o = w[i] * (v[j] * inv);
+      orow[i] = o;
+      if (q) norm_row[i] = o;
+    }
+    if (q == nullptr) return;
+    __syncthreads();
+    const int lane = threadIdx.x & 31;
+    const int64_t groups = d / 128;
+    for (int64_t g = threadIdx.x >> 5; g < groups; g += blockDim.x >> 5) {
+      float qv[4];
+      for (int i = 0; i < 4; ++i) qv[i] = norm_row[g * 128 + lane + 32 * i];
+      const float sc = quantize_128(qv, q + blockIdx.x * d + g * 128, lane);
+      if (lane == 0) q_scale[blockIdx.x * groups + g] = sc;
     }
     return;
   }
@@ -1042,9 +1059,21 @@ void rms_norm(float* x, const float* residual, const float* w, int64_t rows, int
               float* out, void* stream) {
   if (rows <= 0) return;
   // Wide rows take 1024 threads: each thread's loop is a chain of dependent loads.
-  launch_chained(rms_norm_kernel, static_cast<unsigned>(rows), d >= 2048 ? 1024 : 256, 0, as_stream(stream), x, residual, w, width,
-                                                                                              d, eps, out);
+  launch_chained(rms_norm_kernel, static_cast<unsigned>(rows), d >= 2048 ? 1024 : 256, 0, as_stream(stream), x,
+                 residual, w, width, d, eps, out, static_cast<__nv_fp8_e4m3*>(nullptr), static_cast<float*>(nullptr));
   check_launch("rms_norm");
+}
+
+bool rms_norm_quantize(const float* x, const float* w, int64_t rows, int64_t d, float eps, float* out, uint8_t* q,
+                       float* scale, void* stream) {
+  const int threads = d >= 2048 ? 1024 : 256;  // as rms_norm
+  if (rows <= 0 || d <= 0 || d % 128 != 0 || d > kNormPer * threads) return false;
+  // x is only written with a residual, which this has not.
+  launch_chained(rms_norm_kernel, static_cast<unsigned>(rows), threads, static_cast<size_t>(d) * sizeof(float),
+                 as_stream(stream), const_cast<float*>(x), static_cast<const float*>(nullptr), w, d, d, eps, out,
+                 reinterpret_cast<__nv_fp8_e4m3*>(q), scale);
+  check_launch("rms_norm_quantize");
+  return true;
 }
 
 void gather_rows(const float* x, int64_t width, const int32_t* rows, int64_t n, float* out, void* stream) {

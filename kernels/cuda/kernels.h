@@ -38,6 +38,11 @@ void embedding(const void* table, int table_type, int64_t rows, int64_t dim, con
 // non-null, first x += residual (all `width` columns... only the first d: d == width there).
 void rms_norm(float* x, const float* residual, const float* w, int64_t rows, int64_t width, int64_t d, float eps,
               float* out, void* stream);
+// rms_norm (no residual, d == width) whose rows are also quantized for the FP8 products as
+// quantize_fp8_per_token_128(out, rows, rows, d, q, scale, d / 128, 1) would: the same bytes in one
+// launch. False, having launched nothing, unless d is a multiple of 128 up to 8192.
+bool rms_norm_quantize(const float* x, const float* w, int64_t rows, int64_t d, float eps, float* out, uint8_t* q,
+                       float* scale, void* stream);
 void gather_rows(const float* x, int64_t width, const int32_t* rows, int64_t n, float* out, void* stream);
 // out[rows[i]] = x[i] for i < n, rows of width floats.
 void scatter_rows(const float* x, int64_t width, const int32_t* rows, int64_t n, float* out, void* stream);

@@ -1962,9 +1962,10 @@ TEST(CudaFp8Block, Linear2MatchesTwoLinears) {
   }
 }
 
-// silu_mul_linear (the CUDA backend past decode sizes: silu(gate) * up quantized for cuBLASLt's FP8
-// product without being written out) against silu_mul() then linear() on the GPU, bit for bit, at
-// decode and prefill row counts (20 rows are padded to 24 for cuBLASLt).
+// silu_mul_linear (the CUDA backend: silu(gate) * up quantized for the FP8 product without being
+// written out, for the small-batch kernel at decode sizes and for cuBLASLt past them) against
+// silu_mul() then linear() on the GPU, bit for bit, at decode and prefill row counts (20 rows are
+// padded to 24 for cuBLASLt).
 TEST(CudaFp8Block, SiluMulLinearMatchesTheTwoOps) {
   const std::string why = no_cuda_device();
   if (!why.empty()) GTEST_SKIP() << "no CUDA device: " << why;
@@ -1983,7 +1984,7 @@ TEST(CudaFp8Block, SiluMulLinearMatchesTheTwoOps) {
   for (int64_t i = 0; i < scale.numel(); ++i)
     scale.data<float>()[i] = std::ldexp(1.0f, static_cast<int>(rng() % 7) - 9);
   const LinearWeight lw = gpu->place_linear(w, scale, 128, 128);
-  for (const int64_t t : {int64_t{3}, int64_t{20}, int64_t{64}}) {
+  for (const int64_t t : {int64_t{1}, int64_t{3}, int64_t{20}, int64_t{64}}) {
     SCOPED_TRACE("T " + std::to_string(t));
     std::vector<float> gv(static_cast<size_t>(t * f)), uv(gv.size());
     for (float& v : gv) v = u(rng);
@@ -2007,6 +2008,60 @@ TEST(CudaFp8Block, SiluMulLinearMatchesTheTwoOps) {
     bool finite = true;
     for (float v : out[0]) finite = finite && std::isfinite(v);
     EXPECT_TRUE(finite);
+  }
+}
+
+// rms_norm_linear against rms_norm then linear(), bit for bit: at decode sizes (the norm and the
+// quantization in one kernel, d = 1536 as R1's q_a norm and d = 7168 on 1024 threads, x aliasing
+// the norm's output as the model calls it) and past them (the two ops).
+TEST(CudaFp8Block, RmsNormLinearMatchesTheTwoOps) {
+  const std::string why = no_cuda_device();
+  if (!why.empty()) GTEST_SKIP() << "no CUDA device: " << why;
+  BackendOptions o;
+  o.fp8_gemm = "block";
+  std::unique_ptr<Ops> gpu = make_ops("cuda", o);
+  std::mt19937 rng(79);
+  std::uniform_real_distribution<float> u(-3.0f, 3.0f), wu(0.5f, 1.5f);
+  const int64_t n = 256;
+  for (const int64_t d : {int64_t{1536}, int64_t{7168}}) {
+    Tensor w = Tensor::host(DType::F8E4M3, {n, d}), scale = Tensor::host(DType::F32, {n / 128, d / 128});
+    for (int64_t i = 0; i < n * d; ++i) {
+      uint8_t b = static_cast<uint8_t>(rng());
+      if ((b & 0x7f) == 0x7f) b = 0x30;  // no NaN codes
+      w.data<uint8_t>()[i] = b;
+    }
+    for (int64_t i = 0; i < scale.numel(); ++i)
+      scale.data<float>()[i] = std::ldexp(1.0f, static_cast<int>(rng() % 7) - 9);
+    const LinearWeight lw = gpu->place_linear(w, scale, 128, 128);
+    std::vector<float> nv(static_cast<size_t>(d));
+    for (float& v : nv) v = wu(rng);
+    Tensor norm_w = gpu->empty(DType::F32, {d});
+    gpu->copy_from_host(nv.data(), norm_w);
+    for (const int64_t t : {int64_t{1}, int64_t{5}, int64_t{16}, int64_t{20}}) {
+      SCOPED_TRACE("d " + std::to_string(d) + ", T " + std::to_string(t));
+      std::vector<float> xv(static_cast<size_t>(t * d));
+      for (float& v : xv) v = u(rng);
+      std::vector<float> out[2], normed[2];
+      for (int side = 0; side < 2; ++side) {
+        Tensor x = gpu->empty(DType::F32, {t, d}), res = gpu->empty(DType::F32, {t, n});
+        gpu->copy_from_host(xv.data(), x);
+        if (side == 0) {
+          gpu->rms_norm_linear(x, norm_w, 1e-6f, x, lw, res);
+        } else {
+          gpu->rms_norm(x, norm_w, 1e-6f, x);
+          gpu->linear(x, lw, res);
+        }
+        out[side].resize(static_cast<size_t>(t * n));
+        normed[side].resize(xv.size());
+        gpu->copy_to_host(res, out[side].data());
+        gpu->copy_to_host(x, normed[side].data());
+      }
+      EXPECT_EQ(0, std::memcmp(normed[0].data(), normed[1].data(), normed[0].size() * sizeof(float)));
+      EXPECT_EQ(0, std::memcmp(out[0].data(), out[1].data(), out[0].size() * sizeof(float)));
+      bool finite = true;
+      for (float v : out[0]) finite = finite && std::isfinite(v);
+      EXPECT_TRUE(finite);
+    }
   }
 }
 
