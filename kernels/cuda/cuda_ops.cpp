@@ -835,6 +835,8 @@ class CudaOps final : public Ops {
   // small-batch GEMV up to `gemv_tokens` tokens. Otherwise, and for what neither takes, the tiled
   // FP32 kernel.
   static constexpr int64_t kGemvDenseTokens = 32, kGemvExpertTokens = 256;
+  // The most tokens whose experts' inputs moe_group_small quantizes in its one block.
+  static constexpr int64_t kGroupQuantizeTokens = 8;
   // Block-scaled FP8 linears of at most this many tokens run on grouped_fp8, not cuBLASLt.
   static constexpr int64_t kFp8SmallTokens = 16;
   void gemm(const cuda::GroupedGemm& g, int64_t tokens, int64_t gemv_tokens) {
@@ -1315,21 +1317,23 @@ class CudaOps final : public Ops {
       xq = empty(DType::U8, {t, d});
       xsc = empty(DType::F32, {t, d / 128});
     }
-    // Decode's few pairs (fast kernels): grouped, counted and (FP8) the inputs quantized by one
-    // block in one launch.
+    // Decode's few pairs (fast kernels): grouped and counted by one block in one launch, which
+    // also quantizes the inputs of at most kGroupQuantizeTokens tokens (more are too many bytes
+    // for one SM: batches of 64 and 128 lost 2-3% a step).
     auto* routed = static_cast<unsigned long long*>(routed_counter_.raw());
     cuda::MoeGroupQuantize quant;
-    if (fp8) quant = {x.data<float>(), d, xq.data<uint8_t>(), xsc.data<float>()};
-    if (!fast_ || !cuda::moe_group_small(ids.data<int32_t>(), t, k, first_expert, local, offsets.data<int32_t>(),
-                                         rows.data<int32_t>(), pair_row.data<int32_t>(), list, slots, routed, quant,
-                                         stream_)) {
+    if (fp8 && t <= kGroupQuantizeTokens) quant = {x.data<float>(), d, xq.data<uint8_t>(), xsc.data<float>()};
+    const bool small = fast_ && cuda::moe_group_small(ids.data<int32_t>(), t, k, first_expert, local,
+                                                      offsets.data<int32_t>(), rows.data<int32_t>(),
+                                                      pair_row.data<int32_t>(), list, slots, routed, quant, stream_);
+    if (!small) {
       cuda::moe_group(ids.data<int32_t>(), t, k, first_expert, local, counters.data<int32_t>(),
                       offsets.data<int32_t>(), rows.data<int32_t>(), pair_row.data<int32_t>(), list, slots, stream_);
       cuda::count_routed_experts(offsets.data<int32_t>(), local, routed, stream_);
-      if (fp8)
-        cuda::quantize_fp8_per_token_128(x.data<float>(), t, t, d, xq.data<uint8_t>(), xsc.data<float>(), d / 128, 1,
-                                         stream_);
     }
+    if (fp8 && !(small && quant.x))
+      cuda::quantize_fp8_per_token_128(x.data<float>(), t, t, d, xq.data<uint8_t>(), xsc.data<float>(), d / 128, 1,
+                                       stream_);
     // With `dst2`, projection 1 (up) too, as grouped_fp8's second matrix of the same rows.
     auto run = [&](const float* in, int64_t ldx, const int32_t* in_rows, int proj, int64_t n_out, int64_t k_in,
                    float* dst, const uint8_t* q = nullptr, const float* qs = nullptr, float* dst2 = nullptr) {
