@@ -247,7 +247,7 @@ constexpr int kNormPer = 8;
 // normalized row is also quantized as quantize_fp8_kernel would quantize `out` (q [rows, d], scale
 // [rows, d / 128]), through a copy of the row in shared memory (d floats).
 __global__ void rms_norm_kernel(float* x, const float* __restrict__ residual, const float* __restrict__ w, int64_t width,
-                                int64_t d, float eps, float* out, __nv_fp8_e4m3* q = nullptr, float* q_scale = nullptr) {
+                                int64_t d, float eps, float* out, __nv_fp8_e4m3* q, float* q_scale) {
   pdl_enter();
   float* xr = x + blockIdx.x * width;
   float* orow = out + blockIdx.x * width;

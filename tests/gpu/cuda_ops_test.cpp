@@ -1962,6 +1962,19 @@ TEST(CudaFp8Block, Linear2MatchesTwoLinears) {
   }
 }
 
+// An FP8 weight [n, k] of random codes (no NaN) with power-of-two 128 x 128 block scales, placed.
+LinearWeight random_fp8_linear(Ops& ops, std::mt19937& rng, int64_t n, int64_t k) {
+  Tensor w = Tensor::host(DType::F8E4M3, {n, k}), scale = Tensor::host(DType::F32, {(n + 127) / 128, k / 128});
+  for (int64_t i = 0; i < n * k; ++i) {
+    uint8_t b = static_cast<uint8_t>(rng());
+    if ((b & 0x7f) == 0x7f) b = 0x30;  // no NaN codes
+    w.data<uint8_t>()[i] = b;
+  }
+  for (int64_t i = 0; i < scale.numel(); ++i)
+    scale.data<float>()[i] = std::ldexp(1.0f, static_cast<int>(rng() % 7) - 9);
+  return ops.place_linear(w, scale, 128, 128);
+}
+
 // silu_mul_linear (the CUDA backend: silu(gate) * up quantized for the FP8 product without being
 // written out, for the small-batch kernel at decode sizes and for cuBLASLt past them) against
 // silu_mul() then linear() on the GPU, bit for bit, at decode and prefill row counts (20 rows are
@@ -1975,15 +1988,7 @@ TEST(CudaFp8Block, SiluMulLinearMatchesTheTwoOps) {
   std::mt19937 rng(78);
   std::uniform_real_distribution<float> u(-3.0f, 3.0f);
   const int64_t f = 512, n = 384;
-  Tensor w = Tensor::host(DType::F8E4M3, {n, f}), scale = Tensor::host(DType::F32, {(n + 127) / 128, f / 128});
-  for (int64_t i = 0; i < n * f; ++i) {
-    uint8_t b = static_cast<uint8_t>(rng());
-    if ((b & 0x7f) == 0x7f) b = 0x30;  // no NaN codes
-    w.data<uint8_t>()[i] = b;
-  }
-  for (int64_t i = 0; i < scale.numel(); ++i)
-    scale.data<float>()[i] = std::ldexp(1.0f, static_cast<int>(rng() % 7) - 9);
-  const LinearWeight lw = gpu->place_linear(w, scale, 128, 128);
+  const LinearWeight lw = random_fp8_linear(*gpu, rng, n, f);
   for (const int64_t t : {int64_t{1}, int64_t{3}, int64_t{20}, int64_t{64}}) {
     SCOPED_TRACE("T " + std::to_string(t));
     std::vector<float> gv(static_cast<size_t>(t * f)), uv(gv.size());
@@ -2024,15 +2029,7 @@ TEST(CudaFp8Block, RmsNormLinearMatchesTheTwoOps) {
   std::uniform_real_distribution<float> u(-3.0f, 3.0f), wu(0.5f, 1.5f);
   const int64_t n = 256;
   for (const int64_t d : {int64_t{1536}, int64_t{7168}}) {
-    Tensor w = Tensor::host(DType::F8E4M3, {n, d}), scale = Tensor::host(DType::F32, {n / 128, d / 128});
-    for (int64_t i = 0; i < n * d; ++i) {
-      uint8_t b = static_cast<uint8_t>(rng());
-      if ((b & 0x7f) == 0x7f) b = 0x30;  // no NaN codes
-      w.data<uint8_t>()[i] = b;
-    }
-    for (int64_t i = 0; i < scale.numel(); ++i)
-      scale.data<float>()[i] = std::ldexp(1.0f, static_cast<int>(rng() % 7) - 9);
-    const LinearWeight lw = gpu->place_linear(w, scale, 128, 128);
+    const LinearWeight lw = random_fp8_linear(*gpu, rng, n, d);
     std::vector<float> nv(static_cast<size_t>(d));
     for (float& v : nv) v = wu(rng);
     Tensor norm_w = gpu->empty(DType::F32, {d});
