@@ -997,13 +997,12 @@ class CudaOps final : public Ops {
     //   q_lat[t, h, :] = q[t, h, :nope] @ W_UK[h]: column-major C x T = (C x nope) (nope x T)
     //   split (cuda::mla_kv_b_split): q_lat without W_UK's scales, which the core applies.
     const bool split = split_wanted && cuda::mla_split_fits(a);
-    const uint16_t* w_split = split ? static_cast<const uint16_t*>(kv_b.split.raw()) : nullptr;
+    const uint16_t* w_split = kv_b.split.defined() ? static_cast<const uint16_t*>(kv_b.split.raw()) : nullptr;
     // A few tokens (decode), automatic choice: GEMVs over the split form, which reads half the
     // F32 form's bytes and joins the chain of programmatic launches (cuBLAS breaks it).
     const bool gemv = mla_absorb_ == "auto" && kv_b.split.defined() && cuda::mla_absorb_gemv_fits(a);
     if (gemv) {
-      cuda::mla_absorb_q_gemv(a, static_cast<const uint16_t*>(kv_b.split.raw()), kv_b.split_scale.data<float>(),
-                              stream_);
+      cuda::mla_absorb_q_gemv(a, w_split, kv_b.split_scale.data<float>(), stream_);
     } else if (split) {
       cuda::mla_absorb_q_split(a, w_split, stream_);
       a.q_scale = kv_b.split_scale.data<float>();
@@ -1040,8 +1039,7 @@ class CudaOps final : public Ops {
     //   out[t, h*v + i] = o_lat[t, h, :] . W_UV[h][i, :]: column-major v x T = (C x v)^T (C x T)
     //   split: (o_lat * W_UV's scales) against W_UV's stored values.
     if (gemv) {
-      cuda::mla_absorb_v_gemv(a, static_cast<const uint16_t*>(kv_b.split.raw()), kv_b.split_scale.data<float>(),
-                              stream_);
+      cuda::mla_absorb_v_gemv(a, w_split, kv_b.split_scale.data<float>(), stream_);
     } else if (split) {
       cuda::mla_absorb_v_split(a, w_split, kv_b.split_scale.data<float>(), stream_);
     } else if (!lt_sgemm_batched(true, v, t, c, a.kv_b + nope * c, c, (nope + v) * c, a.o_lat, h * c, c, a.out, h * v,
@@ -1296,7 +1294,7 @@ class CudaOps final : public Ops {
     }
     const ExpertTable& table = expert_table(experts);
     const int64_t f = experts[0].gate.out_features(), pairs = t * k;
-    Tensor counters = empty(DType::I32, {local}), offsets = empty(DType::I32, {local + 1});
+    Tensor offsets = empty(DType::I32, {local + 1});
     Tensor rows = empty(DType::I32, {pairs}), pair_row = empty(DType::I32, {pairs});
     // Fewer pairs than experts (decode's small batches): the expert GEMMs' grids cover only the
     // experts selected, listed on the device, instead of every expert with most blocks idle.
@@ -1327,6 +1325,7 @@ class CudaOps final : public Ops {
                                                       offsets.data<int32_t>(), rows.data<int32_t>(),
                                                       pair_row.data<int32_t>(), list, slots, routed, quant, stream_);
     if (!small) {
+      Tensor counters = empty(DType::I32, {local});
       cuda::moe_group(ids.data<int32_t>(), t, k, first_expert, local, counters.data<int32_t>(),
                       offsets.data<int32_t>(), rows.data<int32_t>(), pair_row.data<int32_t>(), list, slots, stream_);
       cuda::count_routed_experts(offsets.data<int32_t>(), local, routed, stream_);
