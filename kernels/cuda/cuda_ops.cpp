@@ -11,6 +11,7 @@
 #include <array>
 #include <bit>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <iostream>
 #include <map>
@@ -242,6 +243,9 @@ class CudaOps final : public Ops {
     cudaFree(lt_workspace_side_);
     cublasLtDestroy(lt_);
     for (cudaEvent_t e : {fork_event_, join_event_, upload_event_}) cudaEventDestroy(e);
+    for (auto& set : step_ev_)
+      for (cudaEvent_t e : set)
+        if (e) cudaEventDestroy(e);
     cudaStreamDestroy(side_stream_);
     cudaStreamDestroy(stream_);
   }
@@ -469,9 +473,15 @@ class CudaOps final : public Ops {
       DILU_CU(cudaMemcpyAsync(dst.raw(), src.raw(), src.nbytes(), cudaMemcpyDeviceToDevice, stream_));
   }
 
+  // Polls the stream, yielding the core between polls for the first kSpin of a wait and sleeping
+  // 50 us between them after that; the wait checks run every millisecond. A decode step ends in
+  // this wait (the sampled tokens), so its wake-up is on every step's path: sleeping from 200 us
+  // on, as before, woke the host 50-100 us after a 2 ms step ended (the OS's timer slack).
   void synchronize() override {
     using namespace std::chrono;
-    auto spin_until = steady_clock::now() + microseconds(200);
+    constexpr auto kSpin = milliseconds(20), kCheckEvery = milliseconds(1);
+    const auto start = steady_clock::now();
+    auto next_check = start;
     for (;;) {
       const cudaError_t rc = cudaStreamQuery(stream_);
       if (rc == cudaSuccess) return;
@@ -480,8 +490,13 @@ class CudaOps final : public Ops {
         throw std::runtime_error(std::string("CUDA error on ") + props_.name + " (device " + std::to_string(device_) +
                                  "): " + cudaGetErrorString(rc));
       }
-      for (auto& check : wait_checks_) check();
-      if (steady_clock::now() > spin_until) std::this_thread::sleep_for(microseconds(50));
+      const auto now = steady_clock::now();
+      if (now >= next_check) {
+        for (auto& check : wait_checks_) check();
+        next_check = now + kCheckEvery;
+      }
+      if (now - start < kSpin) std::this_thread::yield();
+      else std::this_thread::sleep_for(microseconds(50));
     }
   }
 
@@ -504,6 +519,7 @@ class CudaOps final : public Ops {
   uint64_t stage_step(std::span<const int32_t> token_ids, const AttentionLayout& layout,
                       std::span<const int32_t> logit_rows) override {
     DILU_CHECK(!capturing_, "stage_step() inside a capture");
+    step_event(0);
     const size_t t = token_ids.size();
     DILU_CHECK(layout.token_pos.size() == t && layout.token_seq.size() == t && layout.token_slot.size() == t,
                "step layout of ", layout.token_pos.size(), " tokens for ", t);
@@ -560,7 +576,9 @@ class CudaOps final : public Ops {
 
   void replay(const std::shared_ptr<void>& graph) override {
     DILU_CHECK(graph != nullptr && !capturing_, "replay() of no graph, or inside a capture");
+    step_event(1);
     DILU_CU(cudaGraphLaunch(static_cast<cudaGraphExec_t>(graph.get()), stream_));
+    step_event(2);
   }
 
   void* native_stream() const override { return stream_; }
@@ -1489,6 +1507,7 @@ class CudaOps final : public Ops {
                       reinterpret_cast<cuda::SampleRowResult*>(dev_results.raw()), rows, ws.raw(), ws_bytes, stream_);
     std::vector<cuda::SampleRowResult> host(specs.size());
     copy_to_host(dev_results, host.data());
+    step_event(3);
     for (size_t i = 0; i < specs.size(); ++i) {
       DILU_CHECK(host[i].token >= 0, "logits row ", specs[i].row, " is NaN or all -inf: no token can be chosen");
       result[i].token = host[i].token;
@@ -1764,6 +1783,48 @@ class CudaOps final : public Ops {
   cublasLtHandle_t lt_ = nullptr;
   void* lt_workspace_ = nullptr;
   void* lt_workspace_side_ = nullptr;
+  // DILU_STEP_EVENTS=1 (a switch for measuring): the phases of replayed steps on the GPU's clock,
+  // their means printed to stderr every 32 steps. upload: stage_step() to the graph's launch;
+  // graph: its launch to its end; sample: its end to the sampled tokens on the host; gap: from
+  // there to the next stage_step() (the host's own work between steps). Events 0-3 mark them;
+  // two sets alternate, so a step's are read once the next has begun.
+  bool step_events_on_ = std::getenv("DILU_STEP_EVENTS") != nullptr;
+  cudaEvent_t step_ev_[2][4] = {};
+  int step_cur_ = 0, step_have_[2] = {};  // step_have_: bit i set once event i of the set is recorded
+  int64_t step_n_ = 0;
+  double step_sum_[4] = {};
+  void step_event(int i) {
+    if (!step_events_on_ || capturing_) return;
+    if (!step_ev_[0][0])
+      for (auto& set : step_ev_)
+        for (auto& e : set) DILU_CU(cudaEventCreate(&e));
+    if (i > 0) {
+      DILU_CU(cudaEventRecord(step_ev_[step_cur_][i], stream_));
+      step_have_[step_cur_] |= 1 << i;
+      return;
+    }
+    const int prev = step_cur_;
+    step_cur_ ^= 1;
+    DILU_CU(cudaEventRecord(step_ev_[step_cur_][0], stream_));
+    step_have_[step_cur_] = 1;
+    if (step_have_[prev] != 15) return;  // an eager step, or the first
+    DILU_CU(cudaEventSynchronize(step_ev_[step_cur_][0]));
+    const cudaEvent_t marks[5] = {step_ev_[prev][0], step_ev_[prev][1], step_ev_[prev][2], step_ev_[prev][3],
+                                  step_ev_[step_cur_][0]};
+    for (int k = 0; k < 4; ++k) {
+      float ms = 0;
+      DILU_CU(cudaEventElapsedTime(&ms, marks[k], marks[k + 1]));
+      step_sum_[k] += ms;
+    }
+    if (++step_n_ < 32) return;
+    const double us = 1e3 / static_cast<double>(step_n_);
+    std::fprintf(stderr, "dilu: step phases over %lld steps (DILU_STEP_EVENTS): upload %.1f, graph %.1f, sample %.1f, "
+                 "gap %.1f us\n", static_cast<long long>(step_n_), us * step_sum_[0], us * step_sum_[1],
+                 us * step_sum_[2], us * step_sum_[3]);
+    for (double& v : step_sum_) v = 0;
+    step_n_ = 0;
+  }
+
   void* staging_ = nullptr;
   size_t staging_bytes_ = size_t{16} << 20;
   std::shared_ptr<Arena> arena_;

@@ -456,11 +456,35 @@ __global__ void __launch_bounds__(kThreads, 1)
   SampleRowResult& out = results[blockIdx.x];
 
   ArgMax best{0u, INT32_MAX, 0};
-  for (int i = tid; i < vocab; i += kThreads) {
-    const uint32_t key = order_key(x[i]);
+  const auto visit = [&](float v, int i) {
+    const uint32_t key = order_key(v);
     best.bad |= key < kKeyNegInf || key > kKeyPosInf ? 1 : 0;
     if (key > best.key) best = ArgMax{key, i, best.bad};
+  };
+  // A row on 16 bytes (R1's 129280 logits): float4 loads, kLoads of them issued before any is
+  // compared, each thread's ids still in increasing order. One load at a time, a row of 129280
+  // waited on L2 126 times a thread: 25-31 us a row (Nsight Compute).
+  constexpr int kLoads = 4;
+  int done = 0;
+  if (reinterpret_cast<uintptr_t>(x) % 16 == 0) {
+    const float4* x4 = reinterpret_cast<const float4*>(x);
+    const int quads = vocab / 4;
+    for (int base = 0; base + kLoads * kThreads <= quads; base += kLoads * kThreads) {
+      float4 v[kLoads];
+#pragma unroll
+      for (int j = 0; j < kLoads; ++j) v[j] = x4[base + j * kThreads + tid];
+#pragma unroll
+      for (int j = 0; j < kLoads; ++j) {
+        const int i = 4 * (base + j * kThreads + tid);
+        visit(v[j].x, i);
+        visit(v[j].y, i + 1);
+        visit(v[j].z, i + 2);
+        visit(v[j].w, i + 3);
+      }
+      done = 4 * (base + kLoads * kThreads);
+    }
   }
+  for (int i = done + tid; i < vocab; i += kThreads) visit(x[i], i);
   best = block_reduce(best, ArgMaxOp{});
   if (best.bad != 0 || best.key == kKeyNegInf) {
     // A NaN (the host aborts) or nothing but -inf: no token. The caller checks for -1.
