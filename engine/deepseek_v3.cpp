@@ -519,9 +519,10 @@ void DeepseekV3::mlp(const LayerWeights& lw, const Tensor& x, Tensor& out) {
     if (side) ops_.end_side();
   }
   ops_.moe_route(x, lw.router, lw.router_bias, rp, ids, weights);
-  // The shared expert's output is added by the routed experts' combine (as add() would).
-  if (lw.shared_expert && side) ops_.join_side();
+  // The shared expert's output is added by the routed experts' combine (as add() would), which
+  // waits for the side work itself: the routed experts' products start once the routing is done.
   ops_.moe_experts(x, lw.experts, ids, weights, out, first_expert_, lw.shared_expert ? &shared : nullptr);
+  if (lw.shared_expert && side) ops_.join_side();
 }
 
 }  // namespace dilu

@@ -207,6 +207,9 @@ class Ops {
   // out [T, D] = sum_k weights[t,k] * expert_{ids[t,k]}(x[t]), summed in ascending expert order,
   // over the experts this rank holds: experts[i] is expert first_expert + i; others are skipped.
   // With `addend` [T, D] (the shared expert's output), out = that sum + addend, as add() would make it.
+  // The addend may come from side work that has ended but is not joined yet (end_side() before,
+  // join_side() after this call): the backend waits for it just before reading it, so the routed
+  // experts' products need not wait for the shared expert.
   virtual void moe_experts(const Tensor& x, std::span<const ExpertWeights> experts, const Tensor& ids,
                            const Tensor& weights, Tensor& out, int64_t first_expert = 0,
                            const Tensor* addend = nullptr) = 0;

@@ -284,6 +284,11 @@ class CudaOps final : public Ops {
     for (Arena* a : {arena_.get(), graph_arena_.get()})
       if (a) a->unhold();
   }
+  // The main stream waits for side work that has ended but is not yet joined (Ops::moe_experts'
+  // addend may come from it); join_side() still follows, and waits again at no cost.
+  void wait_side_work() {
+    if (side_enabled_ && side_state_ == 2) DILU_CU(cudaStreamWaitEvent(main_stream_, join_event_, 0));
+  }
   // After an exception inside side work (a failed capture): back to the main stream.
   void reset_side() {
     if (side_state_ == 0) return;
@@ -1304,6 +1309,7 @@ class CudaOps final : public Ops {
     }
     if (t == 0) return;
     if (local == 0) {
+      if (addend) wait_side_work();
       if (addend)
         DILU_CU(cudaMemcpyAsync(out.raw(), addend->raw(), out.nbytes(), cudaMemcpyDeviceToDevice, stream_));
       else
@@ -1415,6 +1421,7 @@ class CudaOps final : public Ops {
     }
     run(g.data<float>(), f, nullptr, 2, d, f, y.data<float>(), fp8 ? hq.data<uint8_t>() : nullptr,
         fp8 ? hsc.data<float>() : nullptr);
+    if (addend) wait_side_work();
     cuda::moe_combine(y.data<float>(), ids.data<int32_t>(), weights.data<float>(), pair_row.data<int32_t>(), t, k, d,
                       out.data<float>(), addend ? addend->data<float>() : nullptr, stream_);
   }

@@ -689,6 +689,15 @@ __global__ void moe_select_kernel(const float* logits, const float* bias, int64_
   }
 }
 
+// better_pick's order of values as unsigned keys: larger is better; -0 ranks as +0; NaN below
+// every number (at 1, above the 0 that marks no expert).
+__device__ __forceinline__ uint32_t pick_order(float v) {
+  if (v != v) return 1u;
+  uint32_t b = __float_as_uint(v);
+  if (b == 0x80000000u) b = 0;
+  return b & 0x80000000u ? ~b : b | 0x80000000u;
+}
+
 // The same choice by one warp per token (at most 256 experts, at most 32 groups): lane l holds
 // experts l + 32 i in registers; group scores by the lanes of the first n_group, the kept groups
 // by rank (the better score first, the lower index on a tie: the order of the block kernel's
@@ -706,15 +715,24 @@ __global__ void __launch_bounds__(kSelectWarps * 32)
   float* scores = sel_sm + static_cast<int64_t>(warp) * 2 * e_count;
   float* choice = scores + e_count;
   __shared__ float group_score[kSelectWarps][32];
-  float val[kSelectPer];
+  // Every logit and bias load issued before the first is used (from addresses clamped into the
+  // row): guarded one by one, each waited on L2 in turn.
+  float val[kSelectPer], logit[kSelectPer], shift[kSelectPer];
+  const float* row = logits + t * e_count;
+#pragma unroll
+  for (int i = 0; i < kSelectPer; ++i) {
+    const int64_t e = lane + 32 * i < e_count ? lane + 32 * i : e_count - 1;
+    logit[i] = row[e];
+    shift[i] = bias ? bias[e] : 0.0f;
+  }
 #pragma unroll
   for (int i = 0; i < kSelectPer; ++i) {
     const int64_t e = lane + 32 * i;
     val[i] = 0.0f;
     if (e < e_count) {
-      const float sc = 1.0f / (1.0f + expf(-logits[t * e_count + e]));
+      const float sc = 1.0f / (1.0f + expf(-logit[i]));
       scores[e] = sc;
-      val[i] = sc + (bias ? bias[e] : 0.0f);
+      val[i] = sc + shift[i];
       choice[e] = val[i];
     }
   }
@@ -734,33 +752,45 @@ __global__ void __launch_bounds__(kSelectWarps * 32)
     keep_group = better < topk_group;
   }
   const unsigned kept = __ballot_sync(0xffffffffu, keep_group);
-  unsigned taken = 0;  // bit i: expert lane + 32 i chosen
 #pragma unroll
   for (int i = 0; i < kSelectPer; ++i) {
     const int e = lane + 32 * i;
     if (e < e_count && !(kept >> (e / per_group) & 1u)) val[i] = -INFINITY;
   }
+  // k rounds of a warp argmax by better_pick's order, as keys: the value's order (-0 as +0, NaN
+  // below every number) above the complement of the expert id, so that the larger key is the
+  // better pick; 0 for no expert. A round is the lane's best key, two warp max-reductions (its
+  // upper then lower half) and the winner clearing its key. (Compared one by one, the lanes' 8
+  // candidates and the 5 shuffle steps took about 230 instructions a round, most of a one-token
+  // call's 12.7 us.)
+  uint64_t key[kSelectPer];
+#pragma unroll
+  for (int i = 0; i < kSelectPer; ++i) {
+    const int e = lane + 32 * i;
+    key[i] = e < e_count ? static_cast<uint64_t>(pick_order(val[i])) << 32 | (0xffffffffu - static_cast<uint32_t>(e))
+                         : 0;
+  }
+  __syncwarp();  // every lane's group scores are read: `choice` now holds the picks
+  int32_t* picked = reinterpret_cast<int32_t*>(choice);
   float sum = 0.0f;
   for (int64_t j = 0; j < k; ++j) {
-    float bv = 0.0f;
-    int bi = -1;
+    uint64_t best = key[0];
 #pragma unroll
-    for (int i = 0; i < kSelectPer; ++i) {
-      const int e = lane + 32 * i;
-      if (e >= e_count || (taken >> i & 1u)) continue;
-      if (better_pick(val[i], e, bv, bi)) {
-        bv = val[i];
-        bi = e;
-      }
-    }
-    warp_best_pick(bv, bi);
-    if (bi >= 0 && (bi & 31) == lane) taken |= 1u << (bi >> 5);
+    for (int i = 1; i < kSelectPer; ++i) best = key[i] > best ? key[i] : best;
+    const uint32_t hi = static_cast<uint32_t>(best >> 32), lo = static_cast<uint32_t>(best);
+    const uint32_t top_hi = __reduce_max_sync(0xffffffffu, hi);
+    const uint32_t top_lo = __reduce_max_sync(0xffffffffu, hi == top_hi ? lo : 0u);
+    const int bi = top_hi == 0 ? -1 : static_cast<int>(0xffffffffu - top_lo);
+    const int mine = bi >= 0 && (bi & 31) == lane ? bi >> 5 : -1;  // the winner's slot, in its lane
+#pragma unroll
+    for (int i = 0; i < kSelectPer; ++i) key[i] = i == mine ? 0 : key[i];
     if (bi >= 0) sum += scores[bi];
-    if (lane == 0) ids[t * k + j] = bi;
+    if (lane == 0) picked[j] = bi;
   }
   __syncwarp();
   for (int64_t j = lane; j < k; j += 32) {
-    const int bi = ids[t * k + j];
+    const int bi = picked[j];
+    ids[t * k + j] = bi;
     float w = bi >= 0 ? scores[bi] : 0.0f;
     if (norm) w /= (sum + 1e-20f);
     weights[t * k + j] = w * factor;
