@@ -439,12 +439,15 @@ Tensor DeepseekV3::head(const Tensor& x, const StepInput& step) {
   return logits;
 }
 
-// Whether a step's independent chains run as side work (Ops::begin_side): for one token only.
-// Measured on an H100 (docs/perf/r1-geometry-h100-side.md): a step of one token gained 3% with
-// both side sections (the cache entry's and the shared expert's), steps of 2 and 4 tokens lost
-// 2-3%, and 8-256 tokens moved within noise.
+// Whether a step's independent chains run as side work (Ops::begin_side): up to 8 tokens.
+// Measured on an H100 (docs/perf/r1-geometry-h100-side.md): with the shared expert joined before
+// the routed experts, a step of one token gained 3% and steps of 2 and 4 tokens lost 2-3%. Since
+// moe_experts waits for the shared expert only before its combine (session 29,
+// docs/perf/r1-geometry-h100-host-phases.md), steps of 2, 4 and 8 tokens gain 2% with both side
+// sections, and 16 tokens moved within noise.
 namespace {
-bool side_work(int64_t tokens) { return tokens == 1; }
+constexpr int64_t kSideWorkMaxTokens = 8;
+bool side_work(int64_t tokens) { return tokens <= kSideWorkMaxTokens; }
 }  // namespace
 
 void DeepseekV3::attention(int64_t layer, const Tensor& x, const StepInput& step, KvCache& cache, Tensor& out) {
