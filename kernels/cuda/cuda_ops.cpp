@@ -1309,11 +1309,12 @@ class CudaOps final : public Ops {
     }
     if (t == 0) return;
     if (local == 0) {
-      if (addend) wait_side_work();
-      if (addend)
+      if (addend) {
+        wait_side_work();
         DILU_CU(cudaMemcpyAsync(out.raw(), addend->raw(), out.nbytes(), cudaMemcpyDeviceToDevice, stream_));
-      else
+      } else {
         DILU_CU(cudaMemsetAsync(out.raw(), 0, out.nbytes(), stream_));
+      }
       return;
     }
     const ExpertTable& table = expert_table(experts);
