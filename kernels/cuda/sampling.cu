@@ -446,9 +446,69 @@ __device__ int draw_token(const float* x, int vocab, const SampleRowParams& p, f
   return sh.token;
 }
 
+// The first maximum of a few rows, spread over many blocks (sample_rows' first pass where the rows
+// alone would leave most SMs idle): block (part, r) scans logits [part * kPartSpan, + kPartSpan) of
+// row r, as sample_rows_kernel's scan does, into parts[r * gridDim.x + part]. One 1024-thread
+// block a row read R1's 129280 logits in 17.5 us (Nsight Compute): one SM's share of bandwidth.
+constexpr int kPartThreads = 256;
+constexpr int kPartSpan = 4 * 4 * kPartThreads;  // four float4 loads a thread
+constexpr int64_t kSplitMaxRows = 32;             // more rows fill the GPU on their own
+
+__device__ __forceinline__ void visit_logit(ArgMax& best, float v, int i) {
+  const uint32_t key = order_key(v);
+  best.bad |= key < kKeyNegInf || key > kKeyPosInf ? 1 : 0;
+  if (key > best.key) best = ArgMax{key, i, best.bad};
+}
+
+__global__ void __launch_bounds__(kPartThreads)
+    argmax_parts_kernel(const float* __restrict__ logits, int vocab, const SampleRowParams* __restrict__ params,
+                        ArgMax* __restrict__ parts) {
+  const int tid = static_cast<int>(threadIdx.x), lane = tid % 32, warp = tid / 32;
+  const float* x = logits + static_cast<int64_t>(params[blockIdx.y].row) * vocab;
+  const int begin = static_cast<int>(blockIdx.x) * kPartSpan, end = min(begin + kPartSpan, vocab);
+  ArgMax best{0u, INT32_MAX, 0};
+  int done = begin;
+  if (reinterpret_cast<uintptr_t>(x) % 16 == 0) {  // begin is a multiple of 4: quads stay aligned
+    const float4* x4 = reinterpret_cast<const float4*>(x);
+    const int q_end = end / 4;
+    float4 v[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int q = begin / 4 + j * kPartThreads + tid;
+      v[j] = q < q_end ? x4[q] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int q = begin / 4 + j * kPartThreads + tid;
+      if (q >= q_end) break;
+      visit_logit(best, v[j].x, 4 * q);
+      visit_logit(best, v[j].y, 4 * q + 1);
+      visit_logit(best, v[j].z, 4 * q + 2);
+      visit_logit(best, v[j].w, 4 * q + 3);
+    }
+    done = 4 * q_end;
+  }
+  for (int i = done + tid; i < end; i += kPartThreads) visit_logit(best, x[i], i);
+  // Max key, then lowest index, with the NaN flags or'ed: the same answer in any order.
+  for (int m = 16; m > 0; m >>= 1) {
+    const ArgMax o{__shfl_xor_sync(kFullMask, best.key, m), __shfl_xor_sync(kFullMask, best.index, m),
+                   __shfl_xor_sync(kFullMask, best.bad, m)};
+    best = ArgMaxOp{}(best, o);
+  }
+  __shared__ ArgMax warp_best[kPartThreads / 32];
+  if (lane == 0) warp_best[warp] = best;
+  __syncthreads();
+  if (tid == 0) {
+    for (int w = 1; w < kPartThreads / 32; ++w) best = ArgMaxOp{}(best, warp_best[w]);
+    parts[static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x] = best;
+  }
+}
+
+// `parts` (num_parts a row, from argmax_parts_kernel) when the row's maximum was found in a first
+// pass; null: this kernel scans the row.
 __global__ void __launch_bounds__(kThreads, 1)
     sample_rows_kernel(const float* __restrict__ logits, int vocab, const SampleRowParams* __restrict__ params,
-                       SampleRowResult* __restrict__ results) {
+                       SampleRowResult* __restrict__ results, const ArgMax* __restrict__ parts, int num_parts) {
   __shared__ Shared sh;
   const int tid = static_cast<int>(threadIdx.x), lane = tid % 32;
   const SampleRowParams p = params[blockIdx.x];
@@ -456,18 +516,17 @@ __global__ void __launch_bounds__(kThreads, 1)
   SampleRowResult& out = results[blockIdx.x];
 
   ArgMax best{0u, INT32_MAX, 0};
-  const auto visit = [&](float v, int i) {
-    const uint32_t key = order_key(v);
-    best.bad |= key < kKeyNegInf || key > kKeyPosInf ? 1 : 0;
-    if (key > best.key) best = ArgMax{key, i, best.bad};
-  };
+  const auto visit = [&](float v, int i) { visit_logit(best, v, i); };
   // A row on 16 bytes (R1's 129280 logits): float4 loads, kLoads of them issued before any is
   // compared (R1's row in 4 such rounds), each thread's ids still in increasing order. One load
   // at a time, a row of 129280 waited on memory 126 times a thread: 25-31 us a row (Nsight
   // Compute); 17.5 us with a scalar tail after whole rounds of 4 float4 loads.
   constexpr int kLoads = 8;
   int done = 0;
-  if (reinterpret_cast<uintptr_t>(x) % 16 == 0) {
+  if (parts != nullptr) {
+    if (tid < num_parts) best = parts[static_cast<int64_t>(blockIdx.x) * num_parts + tid];
+    done = vocab;
+  } else if (reinterpret_cast<uintptr_t>(x) % 16 == 0) {
     const float4* x4 = reinterpret_cast<const float4*>(x);
     const int quads = vocab / 4;
     for (int base = 0; base < quads; base += kLoads * kThreads) {
@@ -557,11 +616,16 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 }  // namespace
 
+// Parts a row when the row's maximum is found by argmax_parts_kernel first, else 0.
+static int64_t argmax_parts(int64_t rows, int64_t vocab) {
+  const int64_t parts = (vocab + kPartSpan - 1) / kPartSpan;
+  return rows <= kSplitMaxRows && parts >= 2 && parts <= kThreads ? parts : 0;
+}
+
 size_t sample_rows_workspace_bytes(int64_t rows, int64_t vocab) {
-  // None: every pass re-reads the row's logits (from L2 for batches whose logits fit there).
-  (void)rows;
-  (void)vocab;
-  return 0;
+  // The first pass's maxima; the later passes re-read the row's logits (from L2 for batches
+  // whose logits fit there).
+  return static_cast<size_t>(rows * argmax_parts(rows, vocab)) * sizeof(ArgMax);
 }
 
 void sample_rows(const float* logits, int64_t vocab, const SampleRowParams* params, SampleRowResult* results,
@@ -569,10 +633,17 @@ void sample_rows(const float* logits, int64_t vocab, const SampleRowParams* para
   DILU_CHECK(vocab > 0 && vocab < (int64_t{1} << 30), "sample_rows: vocab ", vocab, " out of range");
   DILU_CHECK(rows >= 0 && rows <= INT32_MAX, "sample_rows: ", rows, " rows");
   DILU_CHECK(workspace_bytes >= sample_rows_workspace_bytes(rows, vocab), "sample_rows: workspace too small");
-  (void)workspace;
   if (rows == 0) return;
-  sample_rows_kernel<<<static_cast<unsigned>(rows), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-      logits, static_cast<int>(vocab), params, results);
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const int64_t num_parts = argmax_parts(rows, vocab);
+  ArgMax* parts = num_parts > 0 ? static_cast<ArgMax*>(workspace) : nullptr;
+  if (parts != nullptr) {
+    argmax_parts_kernel<<<dim3(static_cast<unsigned>(num_parts), static_cast<unsigned>(rows)), kPartThreads, 0, s>>>(
+        logits, static_cast<int>(vocab), params, parts);
+    DILU_CUDA_CHECK(cudaGetLastError());
+  }
+  sample_rows_kernel<<<static_cast<unsigned>(rows), kThreads, 0, s>>>(logits, static_cast<int>(vocab), params, results,
+                                                                      parts, static_cast<int>(num_parts));
   DILU_CUDA_CHECK(cudaGetLastError());
 }
 

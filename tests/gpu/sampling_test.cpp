@@ -377,6 +377,47 @@ TEST(CudaSampling, NaNOrAllMaskedRowsGiveNoToken) {
   }
 }
 
+// Few rows find their maximum in a first pass over parts of each row (sample_rows_workspace_bytes
+// > 0). An odd vocabulary puts rows off 16 bytes and leaves a scalar tail; the parts must keep the
+// first of tied maxima, a NaN in the last part's tail, a row of -inf, and a maximum at the end.
+TEST(CudaSampling, FirstPassOverPartsOfFewRows) {
+  DILU_SKIP_WITHOUT_DEVICE();
+  for (const int64_t vocab : {int64_t{10001}, int64_t{12288}}) {
+    SCOPED_TRACE(vocab);
+    constexpr int64_t kRows = 5;
+    ASSERT_GT(cuda::sample_rows_workspace_bytes(kRows, vocab), 0u) << "the first pass does not run";
+    const Stream stream;
+    std::mt19937 rng(11);
+    std::vector<float> logits(kRows * vocab);
+    for (int64_t r = 0; r < kRows; ++r)
+      fill_row(std::span(logits).subspan(static_cast<size_t>(r * vocab), static_cast<size_t>(vocab)), 0, rng);
+    const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+    for (const int64_t i : {int64_t{9000}, int64_t{100}, int64_t{5000}}) logits[static_cast<size_t>(i)] = 1e30f;
+    logits[static_cast<size_t>(1 * vocab + vocab - 2)] = nan;
+    std::fill_n(logits.begin() + 2 * vocab, vocab, -inf);
+    logits[static_cast<size_t>(3 * vocab + vocab - 1)] = 1e30f;
+    logits[static_cast<size_t>(4 * vocab + 4097)] = inf;
+    DeviceArray<float> d_logits(logits.size());
+    expect_cuda(cudaMemcpy(d_logits.get(), logits.data(), logits.size() * sizeof(float), cudaMemcpyHostToDevice),
+                "copy logits");
+    const Config c{0.0f, 0, 1.0f, 0.0f, true, 3};
+    std::vector<SampleRowParams> params;
+    for (int32_t r = 0; r < kRows; ++r) params.push_back(device_params(c, r, 0.5));
+    const std::vector<SampleRowResult> device = run_device(d_logits.get(), vocab, params, stream.get());
+    EXPECT_EQ(device[0].token, 100);
+    EXPECT_EQ(device[1].token, -1) << "a NaN in the last part";
+    EXPECT_EQ(device[2].token, -1) << "a row of -inf";
+    EXPECT_EQ(device[3].token, vocab - 1);
+    EXPECT_EQ(device[4].token, 4097);
+    for (const int64_t r : {0, 3}) {
+      const std::span<const float> row(logits.data() + r * vocab, static_cast<size_t>(vocab));
+      const SampleResult h = sample(row, host_params(c), 1, r, 0);
+      EXPECT_EQ(device[static_cast<size_t>(r)].token, h.token) << "row " << r;
+      for (size_t j = 0; j < h.top.size(); ++j) EXPECT_EQ(device[static_cast<size_t>(r)].top_ids[j], h.top[j].first);
+    }
+  }
+}
+
 TEST(CudaSampling, NoRowsLaunchNothing) {
   DILU_SKIP_WITHOUT_DEVICE();
   cuda::sample_rows(nullptr, 256, nullptr, nullptr, 0, nullptr, cuda::sample_rows_workspace_bytes(0, 256), nullptr);
