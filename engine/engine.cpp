@@ -2,7 +2,10 @@
 #include "engine/engine.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <iostream>
+#include <string>
 
 #include "engine/byte_io.h"
 #include "engine/tokenizer.h"
@@ -16,6 +19,8 @@ struct Engine::SequenceState {
   SampleOutput out;
   size_t stop_scan_from = 0;  // text before this offset was searched for stop strings already
   bool done = false;
+  // Its last token is a placeholder for a draw of the queued step not read yet (overlapped steps).
+  bool placeholder = false;
 };
 
 struct Engine::RequestState {
@@ -235,6 +240,17 @@ std::vector<SampleResult> run_pipeline_step(DeepseekV3& model, Ops& ops, KvCache
   return results;
 }
 
+// DILU_STEP_OVERLAP: 0 off, host the host-filled form, else as configured.
+StepOverlap overlap_from_env(StepOverlap configured) {
+  const char* e = std::getenv("DILU_STEP_OVERLAP");
+  if (e == nullptr || *e == '\0') return configured;
+  const std::string v = e;
+  if (v == "0" || v == "off") return StepOverlap::off;
+  if (v == "host") return StepOverlap::host;
+  DILU_USER_CHECK(v == "1" || v == "auto", "DILU_STEP_OVERLAP must be 0, 1, auto or host, got '", v, "'");
+  return StepOverlap::automatic;
+}
+
 std::vector<uint8_t> encode_message(const StepInput& in, const std::vector<std::pair<int32_t, int32_t>>& copies,
                                     const std::vector<DrawSpec>& draws, const StepCounts& counts) {
   std::vector<uint8_t> b = encode_step(in, copies);
@@ -286,9 +302,36 @@ Engine::Engine(DeepseekV3& model, Ops& ops, KvCache& cache, EngineOptions option
       comms_(comms),
       scheduler_(options_.limits, cache.num_blocks()) {
   DILU_CHECK(options_.limits.block_size == cache.block_size(), "scheduler and cache block sizes differ");
+  const bool one_rank = comms_.pp_size == 1 && !(comms_.replica && comms_.replica->size() > 1);
+  const StepOverlap want = overlap_from_env(options_.overlap);
+  if (one_rank && want == StepOverlap::host) overlap_ = StepOverlap::host;
+  if (one_rank && want == StepOverlap::automatic && ops_.has_token_feed()) overlap_ = StepOverlap::automatic;
 }
 
-Engine::~Engine() = default;
+// A step queued on the backend: its draws (the sequence and its logits row) and what the host
+// needs to read them.
+struct Engine::Launched {
+  std::vector<std::pair<Sequence*, size_t>> draws;
+  std::vector<uint8_t> dropped;  // draw i's sequence stopped before this step's draws were read
+  std::vector<Draw> specs;       // host draws (no device sampling begun)
+  Tensor logits;                 // for the host draws
+  bool sampling = false;         // Ops::begin_sample() was called
+  bool have_results = false;
+  std::vector<SampleResult> results;
+  StepStats stats;
+  StepCounts counts;
+};
+
+Engine::~Engine() {
+  if (!inflight_) return;
+  try {  // the backend's begun sample must finish before the next engine's
+    collect(*inflight_);
+  } catch (const std::exception& e) {
+    std::cerr << "dilu: a queued step failed while the engine closed: " << e.what() << "\n";
+  }
+}
+
+bool Engine::overlapping() const { return overlap_ != StepOverlap::off; }
 
 int64_t Engine::blocks_needed(const EngineRequest& r) const {
   const int64_t len = std::min<int64_t>(static_cast<int64_t>(r.prompt.size()) + r.sampling.max_tokens, options_.max_seq_len);
@@ -397,38 +440,47 @@ void Engine::finish(Sequence* seq, std::vector<EngineResult>& done) {
   }
 }
 
-std::vector<EngineResult> Engine::step() {
-  std::vector<EngineResult> done = std::move(ready_);
-  ready_.clear();
-  last_ = {};
-  if (scheduler_.idle()) return done;
-  if (trace_) trace_->begin_step();
+std::unique_ptr<Engine::Launched> Engine::launch(Launched* prev) {
   StepPlan plan = scheduler_.schedule();
+  if (plan.empty() && prev != nullptr) return nullptr;
   DILU_CHECK(!plan.empty(), "the scheduler made no progress with ", scheduler_.num_running(), " running and ",
              scheduler_.num_waiting(), " waiting sequences");
+  auto l = std::make_unique<Launched>();
   if (!plan.block_copies.empty()) cache_.copy_blocks(ops_, plan.block_copies);
 
-  // Step input: every chunk's tokens, each sequence reading its own blocks.
+  // Step input: every chunk's tokens, each sequence reading its own blocks. A placeholder (the
+  // last token of a sequence that prev draws for) is fed from prev's draw.
+  std::map<const Sequence*, int32_t> prev_draw;
+  if (prev != nullptr)
+    for (size_t i = 0; i < prev->draws.size(); ++i) prev_draw[prev->draws[i].first] = static_cast<int32_t>(i);
+  std::vector<TokenFeed> feed;
   StepInput in;
   in.layout.block_size = cache_.block_size();
   const int64_t bs = cache_.block_size();
+  StepStats& st = l->stats;
   for (size_t i = 0; i < plan.chunks.size(); ++i) {
     const ScheduledChunk& c = plan.chunks[i];
+    const bool fed_last = seqs_.at(c.seq)->placeholder;
     in.layout.block_tables.push_back(c.seq->block_table);
     for (int64_t p = c.start; p < c.start + c.count; ++p) {
-      in.token_ids.push_back(c.seq->tokens[static_cast<size_t>(p)]);
+      const bool fed = fed_last && p + 1 == static_cast<int64_t>(c.seq->tokens.size());
+      if (fed) {
+        DILU_CHECK(prev_draw.count(c.seq), "a placeholder token of a sequence the queued step does not draw for");
+        feed.push_back({static_cast<int32_t>(in.token_ids.size()), prev_draw.at(c.seq)});
+      }
+      in.token_ids.push_back(fed ? 0 : c.seq->tokens[static_cast<size_t>(p)]);
       in.layout.token_seq.push_back(static_cast<int32_t>(i));
       in.layout.token_pos.push_back(static_cast<int32_t>(p));
       in.layout.token_slot.push_back(static_cast<int64_t>(c.seq->block_table[static_cast<size_t>(p / bs)]) * bs + p % bs);
     }
     if (c.wants_logits) in.logit_rows.push_back(static_cast<int32_t>(in.token_ids.size() - 1));
-    (c.count == 1 && c.start >= c.seq->prompt_len ? last_.decode_tokens : last_.prefill_tokens) += c.count;
+    (c.count == 1 && c.start >= c.seq->prompt_len ? st.decode_tokens : st.prefill_tokens) += c.count;
   }
-  last_.sequences = static_cast<int64_t>(plan.chunks.size());
+  st.sequences = static_cast<int64_t>(plan.chunks.size());
 
   // Which sequences draw from which logits row (the forks of a prompt share its row). The
   // bookkeeping comes first so that a pipeline's last stage can be told every draw with the step.
-  std::vector<std::pair<Sequence*, size_t>> draws;
+  std::vector<std::pair<Sequence*, size_t>>& draws = l->draws;
   size_t row = 0;
   for (const ScheduledChunk& c : plan.chunks) {
     scheduler_.completed(c);
@@ -445,11 +497,11 @@ std::vector<EngineResult> Engine::step() {
     }
     ++row;
   }
-  last_.tokens_generated = static_cast<int64_t>(draws.size());
-  const StepCounts counts{last_.prefill_tokens, last_.decode_tokens, last_.sequences, last_.tokens_generated,
-                          scheduler_.blocks().num_used()};
-  if (trace_) trace_->host_done();
-  std::vector<SampleResult> results(draws.size());
+  l->dropped.assign(draws.size(), 0);
+  st.tokens_generated = static_cast<int64_t>(draws.size());
+  l->counts = StepCounts{st.prefill_tokens, st.decode_tokens, st.sequences, st.tokens_generated,
+                         scheduler_.blocks().num_used()};
+  if (trace_ && prev == nullptr) trace_->host_done();
   if (comms_.pp_size > 1) {
     std::vector<DrawSpec> specs;
     for (const auto& [s, r] : draws) {
@@ -458,34 +510,117 @@ std::vector<EngineResult> Engine::step() {
       specs.push_back({static_cast<int32_t>(r), p.temperature, p.top_p, p.min_p, p.top_k, p.top_logprobs, s->sample,
                        s->num_generated(), rs.req.seed, static_cast<uint8_t>(p.logprobs)});
     }
-    std::vector<uint8_t> msg = encode_message(in, plan.block_copies, specs, counts);
+    std::vector<uint8_t> msg = encode_message(in, plan.block_copies, specs, l->counts);
     comms_.replica->broadcast(msg, 0);
-    results = run_pipeline_step(model_, ops_, cache_, comms_, in, specs);
-  } else {
-    if (comms_.replica && comms_.replica->size() > 1) {
-      std::vector<uint8_t> msg = encode_message(in, plan.block_copies, {}, counts);
-      comms_.replica->broadcast(msg, 0);
-    }
-    Tensor logits_dev = model_.forward(in, cache_);
-    std::vector<Draw> here(draws.size());
-    for (size_t i = 0; i < draws.size(); ++i) {
-      Sequence* s = draws[i].first;
-      const RequestState& rs = *requests_.at(s->request);
-      here[i] = {static_cast<int64_t>(draws[i].second), rs.req.sampling, rs.req.seed, s->sample, s->num_generated()};
-    }
-    results = draw_tokens(ops_, logits_dev, here);
+    l->results = run_pipeline_step(model_, ops_, cache_, comms_, in, specs);
+    l->have_results = true;
+    return l;
   }
+  if (comms_.replica && comms_.replica->size() > 1) {
+    std::vector<uint8_t> msg = encode_message(in, plan.block_copies, {}, l->counts);
+    comms_.replica->broadcast(msg, 0);
+  }
+  l->specs.resize(draws.size());
+  for (size_t i = 0; i < draws.size(); ++i) {
+    Sequence* s = draws[i].first;
+    const RequestState& rs = *requests_.at(s->request);
+    l->specs[i] = {static_cast<int64_t>(draws[i].second), rs.req.sampling, rs.req.seed, s->sample, s->num_generated()};
+  }
+  if (prev != nullptr && overlap_ == StepOverlap::host) {
+    // The host form: prev's tokens are drawn before this step runs (its logits may share
+    // prev's buffers) and written where the device would read them.
+    collect(*prev);
+    for (const TokenFeed& f : feed)
+      in.token_ids[static_cast<size_t>(f.token)] = prev->results[static_cast<size_t>(f.draw)].token;
+    feed.clear();
+  }
+  ops_.set_token_feed(feed);
+  Tensor logits_dev = model_.forward(in, cache_);
+  if (ops_.has_token_feed() && overlapping() && !draws.empty()) {
+    std::vector<SampleSpec> specs(draws.size());
+    for (size_t i = 0; i < draws.size(); ++i) {
+      const Draw& d = l->specs[i];
+      specs[i] = SampleSpec{static_cast<int32_t>(d.row), d.params.temperature, d.params.top_p, d.params.top_k,
+                            d.params.min_p, sample_uniform(d.seed, d.sample, d.position), d.params.logprobs,
+                            d.params.top_logprobs};
+    }
+    ops_.begin_sample(logits_dev, specs);
+    l->sampling = true;
+  } else {
+    l->logits = logits_dev;
+  }
+  return l;
+}
+
+void Engine::collect(Launched& l) {
+  if (l.have_results) return;
+  if (l.sampling) {
+    const std::vector<SampleOut> out = ops_.finish_sample();
+    DILU_CHECK(out.size() == l.draws.size(), "a begun sample returned ", out.size(), " draws for ", l.draws.size());
+    l.results.resize(out.size());
+    for (size_t i = 0; i < out.size(); ++i) {
+      l.results[i].token = out[i].token;
+      l.results[i].logprob = out[i].logprob;
+      l.results[i].top = out[i].top;
+    }
+  } else {
+    l.results = draw_tokens(ops_, l.logits, l.specs);
+  }
+  l.logits = Tensor();
+  l.have_results = true;
+}
+
+std::vector<EngineResult> Engine::step() {
+  std::vector<EngineResult> done = std::move(ready_);
+  ready_.clear();
+  last_ = {};
+  if (!inflight_ && scheduler_.idle()) return done;
+  if (trace_) trace_->begin_step();
+  std::unique_ptr<Launched> cur = std::move(inflight_);
+  if (!cur) cur = launch(nullptr);
+
+  // Overlapped: the next step is queued before cur's tokens are read. Every sequence cur draws
+  // for that may go on holds a placeholder for its draw; one that stops after all wastes its row.
+  if (overlapping()) {
+    for (size_t i = 0; i < cur->draws.size(); ++i) {
+      if (cur->dropped[i]) continue;  // its sequence is gone
+      Sequence* s = cur->draws[i].first;
+      SequenceState& ss = *seqs_.at(s);
+      const RequestState& rs = *requests_.at(ss.handle);
+      if (ss.placeholder || s->num_generated() + 1 >= rs.max_tokens) continue;  // ends by length
+      s->tokens.push_back(0);
+      ss.placeholder = true;
+    }
+    inflight_ = launch(cur.get());
+    if (trace_) trace_->host_done();
+  }
+  collect(*cur);
   if (trace_) trace_->compute_done();
+
   const auto now = std::chrono::steady_clock::now();
   std::vector<Sequence*> finished;
-  for (size_t i = 0; i < draws.size(); ++i) {
-    RequestState& rs = *requests_.at(draws[i].first->request);
+  for (size_t i = 0; i < cur->draws.size(); ++i) {
+    if (cur->dropped[i]) continue;
+    Sequence* s = cur->draws[i].first;
+    SequenceState& ss = *seqs_.at(s);
+    if (ss.placeholder) {  // the draw takes its place
+      s->tokens.pop_back();
+      ss.placeholder = false;
+    }
+    RequestState& rs = *requests_.at(s->request);
     if (rs.first_token == std::chrono::steady_clock::time_point{}) rs.first_token = now;
-    accept(draws[i].first, results[i]);
-    if (seqs_.at(draws[i].first)->done) finished.push_back(draws[i].first);
+    accept(s, cur->results[i]);
+    if (ss.done) finished.push_back(s);
   }
-  for (Sequence* s : finished) finish(s, done);
-  if (trace_) trace_->end_step(counts);
+  for (Sequence* s : finished) {
+    if (inflight_) {  // the queued step computed a row for it in vain
+      for (size_t i = 0; i < inflight_->draws.size(); ++i)
+        if (inflight_->draws[i].first == s) inflight_->dropped[i] = 1;
+    }
+    finish(s, done);
+  }
+  last_ = cur->stats;
+  if (trace_) trace_->end_step(cur->counts);
   return done;
 }
 

@@ -47,10 +47,23 @@ struct EngineResult {
   std::chrono::steady_clock::time_point first_token{};  // its first token was drawn
 };
 
+// Whether step N + 1 is queued before step N's tokens reach the host (docs/engine.md, "Overlapped
+// steps"). Each sequence that may go on gets a placeholder for the token step N draws; the
+// backend reads that token on the device (Ops::set_token_feed); a sequence that stops at step N
+// wastes its row of step N + 1, whose draw is dropped.
+enum class StepOverlap {
+  automatic,  // where the backend feeds tokens on the device and the replica is one rank
+  off,
+  host,       // the same bookkeeping with the tokens filled in on the host (tests, CPU backend)
+};
+
 struct EngineOptions {
   SchedulerLimits limits;
   int64_t max_seq_len = 0;                 // prompt + completion tokens at most
   std::vector<int32_t> eos_token_ids;      // config.json eos_token_id
+  // DILU_STEP_OVERLAP=0 / host in the environment overrides automatic (a switch for measuring
+  // and testing).
+  StepOverlap overlap = StepOverlap::automatic;
 };
 
 struct StepStats {
@@ -76,9 +89,11 @@ class Engine {
   int64_t blocks_needed(const EngineRequest& r) const;
   int64_t num_blocks() const { return scheduler_.num_blocks(); }
   void submit(EngineRequest r);
-  bool idle() const { return requests_.empty(); }
+  // No request left, and no step queued whose draws are still to be read.
+  bool idle() const { return requests_.empty() && !inflight_; }
   int64_t num_requests() const { return static_cast<int64_t>(requests_.size()); }
-  // Runs one model step; returns the requests that finished in it.
+  // Runs one model step; returns the requests that finished in it. With overlapped steps it first
+  // queues the next step, then waits for this one's tokens.
   std::vector<EngineResult> step();
   const StepStats& last_step() const { return last_; }
   int64_t num_preemptions() const { return scheduler_.num_preemptions(); }
@@ -88,6 +103,14 @@ class Engine {
  private:
   struct SequenceState;
   struct RequestState;
+  struct Launched;
+  // Schedules and queues a step. With `prev` (a step queued before, whose draws are not read),
+  // the placeholders of prev's sequences take prev's tokens; returns null when nothing could be
+  // scheduled then.
+  std::unique_ptr<Launched> launch(Launched* prev);
+  // Waits for (or draws) a queued step's tokens.
+  void collect(Launched& l);
+  bool overlapping() const;
   // Appends the sampled token and decides whether the sequence is done.
   void accept(Sequence* seq, const SampleResult& s);
   void finish(Sequence* seq, std::vector<EngineResult>& done);
@@ -104,6 +127,8 @@ class Engine {
   std::vector<EngineResult> ready_;                                 // finished without a step (max_tokens 0)
   StepStats last_;
   TraceRecorder* trace_ = nullptr;
+  std::unique_ptr<Launched> inflight_;  // queued, draws not read yet
+  StepOverlap overlap_ = StepOverlap::off;  // resolved at construction
 };
 
 // The loop of a rank that does not schedule: receives each step from the replica's root,

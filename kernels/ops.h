@@ -101,6 +101,13 @@ struct SampleOut {
   std::vector<std::pair<int32_t, float>> top;  // top_logprobs best, best first (when logprobs)
 };
 
+// A token id of the next step that the last begun sample draws (Ops::set_token_feed): step
+// token `token` is the token of spec `draw` of that sample.
+struct TokenFeed {
+  int32_t token = 0;
+  int32_t draw = 0;
+};
+
 class Ops {
  public:
   virtual ~Ops() = default;
@@ -270,7 +277,9 @@ class Ops {
   // Every backend makes the same bits (random weights for benchmarks without a checkpoint file).
   virtual Tensor random_fill(DType dtype, Shape shape, uint64_t key, float center, float half_width) = 0;
   // Experts that received at least one token, summed over moe_experts() calls since the last
-  // call (the routed-expert bytes of a step's roofline). Waits for queued work.
+  // call (the routed-expert bytes of a step's roofline). Waits for queued work; while a begun
+  // sample is not finished, counts only the steps up to the last finished sample (a step's count
+  // ends with its sample) and does not wait.
   virtual int64_t take_routed_expert_count() = 0;
   // Memory bandwidth in bytes/s (read + write) of a copy of `bytes` within this device's memory.
   virtual double measure_copy_bandwidth(size_t bytes) = 0;
@@ -284,6 +293,28 @@ class Ops {
     (void)specs;
     DILU_CHECK(false, "backend ", name(), " has no device sampler");
     return {};
+  }
+
+  // ---- overlapped steps: the next step queued before this one's tokens reach the host ----
+  // True when this backend implements the three calls below (the CUDA one): sample() in two
+  // halves, and the next step's token ids read on the device from the sample begun last.
+  virtual bool has_token_feed() const { return false; }
+  // Queues sample() and returns at once; finish_sample() waits for the draws. At most two samples
+  // are begun and not finished; they finish in the order they began.
+  virtual void begin_sample(const Tensor& logits, std::span<const SampleSpec> specs) {
+    (void)logits;
+    (void)specs;
+    DILU_CHECK(false, "backend ", name(), " cannot overlap steps");
+  }
+  virtual std::vector<SampleOut> finish_sample() {
+    DILU_CHECK(false, "backend ", name(), " cannot overlap steps");
+    return {};
+  }
+  // The next step's token ids at these indices (whatever the host passes there) are the draws of
+  // the last begun sample: embedding() and stage_step() read them on the device. Holds until the
+  // next begin_sample().
+  virtual void set_token_feed(std::span<const TokenFeed> feed) {
+    DILU_CHECK(feed.empty(), "backend ", name(), " cannot overlap steps");
   }
 };
 
