@@ -13,6 +13,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <deque>
 #include <iostream>
 #include <map>
 #include <mutex>
@@ -239,6 +240,10 @@ class CudaOps final : public Ops {
     cudaStreamSynchronize(stream_);
     arena_.reset();
     cudaFreeHost(staging_);
+    for (SampleSlot& sl : sample_slots_) {
+      if (sl.host) cudaFreeHost(sl.host);
+      if (sl.done) cudaEventDestroy(sl.done);
+    }
     cudaFree(lt_workspace_);
     cudaFree(lt_workspace_side_);
     cublasLtDestroy(lt_);
@@ -483,12 +488,17 @@ class CudaOps final : public Ops {
   // this wait (the sampled tokens), so its wake-up is on every step's path: sleeping from 200 us
   // on, as before, woke the host 50-100 us after a 2 ms step ended (the OS's timer slack).
   void synchronize() override {
+    wait_for([&] { return cudaStreamQuery(stream_); });
+  }
+  // The wait of synchronize() for any completion query (a stream's, an event's).
+  template <class Query>
+  void wait_for(const Query& query) {
     using namespace std::chrono;
     constexpr auto kSpin = milliseconds(20), kCheckEvery = milliseconds(1);
     const auto start = steady_clock::now();
     auto next_check = start;
     for (;;) {
-      const cudaError_t rc = cudaStreamQuery(stream_);
+      const cudaError_t rc = query();
       if (rc == cudaSuccess) return;
       if (rc != cudaErrorNotReady) {
         cudaGetLastError();
@@ -529,7 +539,7 @@ class CudaOps final : public Ops {
     DILU_CHECK(layout.token_pos.size() == t && layout.token_seq.size() == t && layout.token_slot.size() == t,
                "step layout of ", layout.token_pos.size(), " tokens for ", t);
     // The uploads embedding, rope, cache_write, mla_attention and gather_rows make.
-    upload_cached(kUpIds, token_ids.data(), t * sizeof(int32_t), DType::I32);
+    stage_ids(token_ids);
     upload_cached(kUpRopePos, layout.token_pos.data(), t * sizeof(int32_t), DType::I32);
     upload_cached(kUpSlots, layout.token_slot.data(), t * sizeof(int64_t), DType::I64);
     const MlaLayout m = mla_layout(layout);
@@ -594,7 +604,7 @@ class CudaOps final : public Ops {
     const int64_t d = table.dim(1), n = static_cast<int64_t>(ids.size());
     DILU_CHECK(out.dim(0) == n && out.dim(1) == d, "embedding shapes");
     if (n == 0) return;
-    Tensor dev_ids = upload_cached(kUpIds, ids.data(), ids.size() * sizeof(int32_t), DType::I32);
+    Tensor dev_ids = stage_ids(ids);
     cuda::embedding(table.raw(), table_type(table.dtype()), table.dim(0), d, dev_ids.data<int32_t>(), n, first_id,
                     out.data<float>(), stream_);
   }
@@ -1460,11 +1470,13 @@ class CudaOps final : public Ops {
   }
 
   int64_t take_routed_expert_count() override {
+    // A begun sample's step is still running: its count comes with its sample.
+    if (!pending_samples_.empty()) return std::exchange(routed_done_, 0);
     unsigned long long n = 0;
     Tensor view(routed_counter_.raw(), DType::U8, {8}, device(), nullptr);
     copy_to_host(view, &n);
     DILU_CU(cudaMemsetAsync(routed_counter_.raw(), 0, 8, stream_));
-    return static_cast<int64_t>(n);
+    return static_cast<int64_t>(n) + std::exchange(routed_done_, 0);
   }
 
   double measure_copy_bandwidth(size_t bytes) override {
@@ -1493,10 +1505,21 @@ class CudaOps final : public Ops {
   bool has_device_sampler() const override { return true; }
 
   std::vector<SampleOut> sample(const Tensor& logits, std::span<const SampleSpec> specs) override {
+    DILU_CHECK(pending_samples_.empty(), "sample() while a begun sample is not finished");
+    begin_sample(logits, specs);
+    return finish_sample();
+  }
+
+  bool has_token_feed() const override { return true; }
+
+  // The draws go to a persistent device buffer (which the next step's token feed reads) and from
+  // there to one of two page-locked host buffers, with the step's routed-expert count; an event
+  // marks their arrival. Two begun samples use different host buffers.
+  void begin_sample(const Tensor& logits, std::span<const SampleSpec> specs) override {
     check_f32(logits, "logits");
+    DILU_CHECK(!capturing_, "begin_sample() inside a capture");
+    DILU_CHECK(pending_samples_.size() < 2, "a third sample begun before the first finished");
     const int64_t rows = static_cast<int64_t>(specs.size()), vocab = logits.dim(1);
-    std::vector<SampleOut> result(specs.size());
-    if (rows == 0) return result;
     std::vector<cuda::SampleRowParams> params(specs.size());
     for (size_t i = 0; i < specs.size(); ++i) {
       const SampleSpec& s = specs[i];
@@ -1506,26 +1529,72 @@ class CudaOps final : public Ops {
                                         static_cast<int32_t>(s.top_k), static_cast<float>(s.min_p), s.uniform,
                                         s.logprobs ? 1 : 0, static_cast<int32_t>(s.top_logprobs)};
     }
-    Tensor dev_params = empty(DType::U8, {static_cast<int64_t>(params.size() * sizeof(cuda::SampleRowParams))});
-    copy_from_host(params.data(), dev_params);
-    Tensor dev_results = empty(DType::U8, {static_cast<int64_t>(specs.size() * sizeof(cuda::SampleRowResult))});
-    const size_t ws_bytes = cuda::sample_rows_workspace_bytes(rows, vocab);
-    Tensor ws = empty(DType::U8, {static_cast<int64_t>(std::max<size_t>(ws_bytes, 1))});
-    cuda::sample_rows(logits.data<float>(), vocab, reinterpret_cast<const cuda::SampleRowParams*>(dev_params.raw()),
-                      reinterpret_cast<cuda::SampleRowResult*>(dev_results.raw()), rows, ws.raw(), ws_bytes, stream_);
-    std::vector<cuda::SampleRowResult> host(specs.size());
-    copy_to_host(dev_results, host.data());
+    const size_t result_bytes = specs.size() * sizeof(cuda::SampleRowResult);
+    if (sample_dev_rows_ < rows) {
+      const int64_t cap = std::max<int64_t>(256, static_cast<int64_t>(std::bit_ceil(static_cast<uint64_t>(rows))));
+      sample_dev_ = allocate_persistent(DType::U8, {cap * static_cast<int64_t>(sizeof(cuda::SampleRowResult))});
+      sample_dev_rows_ = cap;
+    }
+    auto* dev_results = static_cast<cuda::SampleRowResult*>(sample_dev_.raw());
+    if (rows > 0) {
+      Tensor dev_params = empty(DType::U8, {static_cast<int64_t>(params.size() * sizeof(cuda::SampleRowParams))});
+      copy_from_host(params.data(), dev_params);
+      const size_t ws_bytes = cuda::sample_rows_workspace_bytes(rows, vocab);
+      Tensor ws = empty(DType::U8, {static_cast<int64_t>(std::max<size_t>(ws_bytes, 1))});
+      cuda::sample_rows(logits.data<float>(), vocab, reinterpret_cast<const cuda::SampleRowParams*>(dev_params.raw()),
+                        dev_results, rows, ws.raw(), ws_bytes, stream_);
+    }
+    PendingSample ps;
+    ps.slot = next_sample_slot_;
+    next_sample_slot_ ^= 1;
+    ps.specs.assign(specs.begin(), specs.end());
+    SampleSlot& sl = sample_slots_[static_cast<size_t>(ps.slot)];
+    const size_t need = result_bytes + sizeof(unsigned long long);
+    if (sl.bytes < need) {  // not in use: at most two are begun, and they alternate
+      if (sl.host) DILU_CU(cudaFreeHost(sl.host));
+      sl.host = nullptr;
+      sl.bytes = std::max<size_t>(need, 64 * 1024);
+      DILU_CU(cudaHostAlloc(&sl.host, sl.bytes, cudaHostAllocDefault));
+    }
+    if (!sl.done) DILU_CU(cudaEventCreateWithFlags(&sl.done, cudaEventDisableTiming));
+    auto* host = static_cast<uint8_t*>(sl.host);
+    if (result_bytes > 0)
+      DILU_CU(cudaMemcpyAsync(host, dev_results, result_bytes, cudaMemcpyDeviceToHost, stream_));
+    // The step's routed experts end with its sample (take_routed_expert_count).
+    DILU_CU(cudaMemcpyAsync(host + result_bytes, routed_counter_.raw(), sizeof(unsigned long long),
+                            cudaMemcpyDeviceToHost, stream_));
+    DILU_CU(cudaMemsetAsync(routed_counter_.raw(), 0, sizeof(unsigned long long), stream_));
+    DILU_CU(cudaEventRecord(sl.done, stream_));
     step_event(3);
-    for (size_t i = 0; i < specs.size(); ++i) {
-      DILU_CHECK(host[i].token >= 0, "logits row ", specs[i].row, " is NaN or all -inf: no token can be chosen");
+    feed_.clear();
+    last_sample_rows_ = rows;
+    pending_samples_.push_back(std::move(ps));
+  }
+
+  std::vector<SampleOut> finish_sample() override {
+    DILU_CHECK(!pending_samples_.empty(), "finish_sample() with no sample begun");
+    const PendingSample ps = std::move(pending_samples_.front());
+    pending_samples_.pop_front();
+    const SampleSlot& sl = sample_slots_[static_cast<size_t>(ps.slot)];
+    wait_for([&] { return cudaEventQuery(sl.done); });
+    const auto* host = static_cast<const cuda::SampleRowResult*>(sl.host);
+    unsigned long long routed = 0;
+    std::memcpy(&routed, static_cast<const uint8_t*>(sl.host) + ps.specs.size() * sizeof(cuda::SampleRowResult),
+                sizeof routed);
+    routed_done_ += static_cast<int64_t>(routed);
+    std::vector<SampleOut> result(ps.specs.size());
+    for (size_t i = 0; i < ps.specs.size(); ++i) {
+      DILU_CHECK(host[i].token >= 0, "logits row ", ps.specs[i].row, " is NaN or all -inf: no token can be chosen");
       result[i].token = host[i].token;
-      if (!specs[i].logprobs) continue;
+      if (!ps.specs[i].logprobs) continue;
       result[i].logprob = host[i].logprob;
-      for (int64_t j = 0; j < specs[i].top_logprobs; ++j)
+      for (int64_t j = 0; j < ps.specs[i].top_logprobs; ++j)
         result[i].top.push_back({host[i].top_ids[j], host[i].top_logprobs[j]});
     }
     return result;
   }
+
+  void set_token_feed(std::span<const TokenFeed> feed) override { feed_.assign(feed.begin(), feed.end()); }
 
  private:
   struct ExpertTable {
@@ -1661,6 +1730,35 @@ class CudaOps final : public Ops {
                   std::make_shared<Tensor>(c.buffer));
   }
 
+  // The step's token ids on the device (slot kUpIds), with the token feed (set_token_feed) applied
+  // outside a capture: the fed buffer no longer holds its host bytes, so the next upload of equal
+  // bytes is not skipped. A capture records the embedding's read of the buffer stage_step() fed.
+  Tensor stage_ids(std::span<const int32_t> ids) {
+    if (ids_fed_ && !capturing_) {
+      uploads_[kUpIds].valid = false;
+      ids_fed_ = false;
+    }
+    Tensor dev = upload_cached(kUpIds, ids.data(), ids.size() * sizeof(int32_t), DType::I32);
+    if (feed_.empty() || capturing_) return dev;
+    std::vector<int32_t> pairs;
+    for (const TokenFeed& f : feed_) {
+      DILU_CHECK(f.token >= 0 && static_cast<size_t>(f.token) < ids.size() && f.draw >= 0 && f.draw < last_sample_rows_,
+                 "token feed (", f.token, " <- draw ", f.draw, ") outside a step of ", ids.size(), " tokens and ",
+                 last_sample_rows_, " draws");
+      pairs.push_back(f.token);
+      pairs.push_back(f.draw);
+    }
+    if (feed_dev_.numel() < static_cast<int64_t>(pairs.size()))
+      feed_dev_ = allocate_persistent(DType::I32,
+                                      {std::max<int64_t>(512, static_cast<int64_t>(std::bit_ceil(pairs.size())))});
+    DILU_CU(cudaMemcpyAsync(feed_dev_.raw(), pairs.data(), pairs.size() * sizeof(int32_t), cudaMemcpyHostToDevice,
+                            stream_));
+    cuda::feed_tokens(dev.data<int32_t>(), feed_dev_.data<int32_t>(), static_cast<int64_t>(feed_.size()),
+                      static_cast<const cuda::SampleRowResult*>(sample_dev_.raw()), stream_);
+    ids_fed_ = true;
+    return dev;
+  }
+
   // The attention layout on the device: each token's sequence and position, and the block tables
   // padded to one stride, rounded up to 16 blocks so that the stride (which a captured step keeps)
   // changes seldom as the contexts grow.
@@ -1794,11 +1892,12 @@ class CudaOps final : public Ops {
   // DILU_STEP_EVENTS=1 (a switch for measuring): the phases of replayed steps on the GPU's clock,
   // their means printed to stderr every 32 steps. upload: stage_step() to the graph's launch;
   // graph: its launch to its end; sample: its end to the sampled tokens on the host; gap: from
-  // there to the next stage_step() (the host's own work between steps). Events 0-3 mark them;
-  // two sets alternate, so a step's are read once the next has begun.
+  // there to the next stage_step() (the host's own work between steps; with overlapped steps
+  // the next step is queued already). Events 0-3 mark them; three sets rotate, so a step's are
+  // read when the step after next begins, with no wait on a step still queued.
   bool step_events_on_ = std::getenv("DILU_STEP_EVENTS") != nullptr;
-  cudaEvent_t step_ev_[2][4] = {};
-  int step_cur_ = 0, step_have_[2] = {};  // step_have_: bit i set once event i of the set is recorded
+  cudaEvent_t step_ev_[3][4] = {};
+  int step_cur_ = 0, step_have_[3] = {};  // step_have_: bit i set once event i of the set is recorded
   int64_t step_n_ = 0;
   double step_sum_[4] = {};
   void step_event(int i) {
@@ -1811,14 +1910,14 @@ class CudaOps final : public Ops {
       step_have_[step_cur_] |= 1 << i;
       return;
     }
-    const int prev = step_cur_;
-    step_cur_ ^= 1;
+    step_cur_ = (step_cur_ + 1) % 3;
     DILU_CU(cudaEventRecord(step_ev_[step_cur_][0], stream_));
     step_have_[step_cur_] = 1;
-    if (step_have_[prev] != 15) return;  // an eager step, or the first
-    DILU_CU(cudaEventSynchronize(step_ev_[step_cur_][0]));
-    const cudaEvent_t marks[5] = {step_ev_[prev][0], step_ev_[prev][1], step_ev_[prev][2], step_ev_[prev][3],
-                                  step_ev_[step_cur_][0]};
+    const int a = (step_cur_ + 1) % 3, b = (step_cur_ + 2) % 3;  // the step before last, the last
+    if (step_have_[a] != 15 || (step_have_[b] & 1) == 0) return;  // an eager step, or the first
+    step_have_[a] = 0;
+    DILU_CU(cudaEventSynchronize(step_ev_[b][0]));
+    const cudaEvent_t marks[5] = {step_ev_[a][0], step_ev_[a][1], step_ev_[a][2], step_ev_[a][3], step_ev_[b][0]};
     for (int k = 0; k < 4; ++k) {
       float ms = 0;
       DILU_CU(cudaEventElapsedTime(&ms, marks[k], marks[k + 1]));
@@ -1832,6 +1931,27 @@ class CudaOps final : public Ops {
     for (double& v : step_sum_) v = 0;
     step_n_ = 0;
   }
+
+  // Samples (begin_sample/finish_sample) and the token feed.
+  struct SampleSlot {
+    void* host = nullptr;  // page-locked: the draws, then the step's routed-expert count
+    size_t bytes = 0;
+    cudaEvent_t done = nullptr;
+  };
+  struct PendingSample {
+    int slot = 0;
+    std::vector<SampleSpec> specs;
+  };
+  std::array<SampleSlot, 2> sample_slots_;
+  int next_sample_slot_ = 0;
+  std::deque<PendingSample> pending_samples_;
+  Tensor sample_dev_;  // the last sample's draws (cuda::SampleRowResult), which a feed reads
+  int64_t sample_dev_rows_ = 0;
+  int64_t last_sample_rows_ = 0;
+  int64_t routed_done_ = 0;  // routed experts of the steps whose samples finished, not yet taken
+  std::vector<TokenFeed> feed_;
+  Tensor feed_dev_;  // I32 pairs (token, draw)
+  bool ids_fed_ = false;  // the kUpIds buffer holds fed tokens, not its host bytes
 
   void* staging_ = nullptr;
   size_t staging_bytes_ = size_t{16} << 20;

@@ -614,6 +614,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
+__global__ void feed_tokens_kernel(int32_t* __restrict__ ids, const int32_t* __restrict__ feed, int64_t n,
+                                   const SampleRowResult* __restrict__ results) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    ids[feed[2 * i]] = results[feed[2 * i + 1]].token;
+}
+
 }  // namespace
 
 // Parts a row when the row's maximum is found by argmax_parts_kernel first, else 0.
@@ -644,6 +651,14 @@ void sample_rows(const float* logits, int64_t vocab, const SampleRowParams* para
   }
   sample_rows_kernel<<<static_cast<unsigned>(rows), kThreads, 0, s>>>(logits, static_cast<int>(vocab), params, results,
                                                                       parts, static_cast<int>(num_parts));
+  DILU_CUDA_CHECK(cudaGetLastError());
+}
+
+void feed_tokens(int32_t* ids, const int32_t* feed, int64_t n, const SampleRowResult* results, void* stream) {
+  if (n <= 0) return;
+  const int64_t blocks = (n + 255) / 256;
+  const unsigned grid = static_cast<unsigned>(blocks < 1024 ? blocks : 1024);
+  feed_tokens_kernel<<<grid, 256, 0, static_cast<cudaStream_t>(stream)>>>(ids, feed, n, results);
   DILU_CUDA_CHECK(cudaGetLastError());
 }
 

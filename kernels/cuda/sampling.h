@@ -40,4 +40,8 @@ size_t sample_rows_workspace_bytes(int64_t rows, int64_t vocab);
 void sample_rows(const float* logits, int64_t vocab, const SampleRowParams* params, SampleRowResult* results,
                  int64_t rows, void* workspace, size_t workspace_bytes, void* stream);
 
+// The next step's token ids from a sample's results: ids[feed[2i]] = results[feed[2i + 1]].token
+// for i < n (device arrays; Ops::set_token_feed). Enqueued on `stream`.
+void feed_tokens(int32_t* ids, const int32_t* feed, int64_t n, const SampleRowResult* results, void* stream);
+
 }  // namespace dilu::cuda

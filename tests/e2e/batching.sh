@@ -14,7 +14,8 @@ for case_dir in "$golden"/data/*/; do
   while read -r name overlap settings; do
     out="$scratch/$case-$name.jsonl"
     # shellcheck disable=SC2086  # settings is a list of --set arguments
-    DILU_STEP_OVERLAP=$overlap "$dilu" run --model "$case_dir/model" --input "$case_dir/input.jsonl" --output "$out" $settings \
+    DILU_STEP_OVERLAP=$overlap "$dilu" run --model "$case_dir/model" --input "$case_dir/input.jsonl" --output "$out" \
+      $settings \
       >"$scratch/$case-$name.stdout" 2>"$scratch/$case-$name.stderr" ||
       fail "$case/$name: dilu run failed: $(tail -3 "$scratch/$case-$name.stderr")"
     python3 "$golden/check_golden.py" "$out" "$case_dir/expected.jsonl" >/dev/null ||
@@ -74,7 +75,8 @@ with open(sys.argv[2], "w") as f:
 PY
   for overlap in 0 host; do
     DILU_STEP_OVERLAP=$overlap "$dilu" run --model "$case_dir/model" --input "$scratch/$case-n3-in.jsonl" \
-      --output "$scratch/$case-n3.jsonl" --set kv.block_size=4 >/dev/null 2>&1 || fail "$case/n3 ($overlap): dilu run failed"
+      --output "$scratch/$case-n3.jsonl" --set kv.block_size=4 >/dev/null 2>&1 ||
+      fail "$case/n3 ($overlap): dilu run failed"
     python3 - "$scratch/$case-n3.jsonl" "$case_dir/expected.jsonl" <<'PY' || fail "$case/n3 ($overlap): samples differ"
 import json, sys
 want = {r["id"]: r for r in map(json.loads, open(sys.argv[2]))}
