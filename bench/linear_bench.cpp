@@ -1,7 +1,8 @@
 // The decode step's FP8 products on the GPU, on DeepSeek-R1's shapes (128 x 128 weight blocks):
 // each block linear at 1, 4 and 16 rows, and the routed experts (gate, up, SiLU . mul, down,
-// weighted sum) for 1, 4, 16 and 256 tokens of 8 experts each. For each case: microseconds per
-// call (replayed from a CUDA graph, as a decode step runs), the weight bytes a call must read, the
+// weighted sum) for 1, 4, 16 and 256 tokens of 8 experts each, and the BF16 lm_head at 1, 2 and 4
+// rows. For each case: microseconds per call (replayed from a CUDA graph, as a decode step runs),
+// the weight bytes a call must read, the
 // rate that makes, and its ratio to the device copy bandwidth measured in the same run (the
 // ceiling of a memory-bound kernel, and the bandwidth of `dilu bench`'s roofline).
 // Usage: dilu_linear_bench [--reps N] [--kernels fast|reference] [--filter SUBSTRING]
@@ -99,6 +100,19 @@ int main(int argc, char** argv) {
         Tensor y = ops->empty(DType::F32, {rows, c.n});
         const double us = time_us(*ops, [&] { ops->linear(x, w, y); }, reps);
         report(std::string(c.name) + " rows " + std::to_string(rows), us, static_cast<double>(c.n * c.k), bw);
+      }
+    }
+    if (wanted("lm_head")) {
+      // R1's lm_head, BF16 [129280, 7168]: the decode kernel (cuda::bf16_gemv) unless
+      // DILU_BF16_GEMV=0 keeps cuBLASLt.
+      constexpr int64_t kVocab = 129280;
+      const Tensor w = ops->random_fill(DType::BF16, {kVocab, kHidden}, key += 2, 0.0f, 0.05f);
+      const LinearWeight lw = ops->place_linear(w, Tensor(), 0, 0);
+      for (int64_t rows : {1, 2, 4}) {
+        const Tensor x = ops->random_fill(DType::F32, {rows, kHidden}, ++key, 0.0f, 1.0f);
+        Tensor y = ops->empty(DType::F32, {rows, kVocab});
+        const double us = time_us(*ops, [&] { ops->linear(x, lw, y); }, reps);
+        report("lm_head rows " + std::to_string(rows), us, 2.0 * static_cast<double>(kVocab * kHidden), bw);
       }
     }
     if (wanted("experts")) {

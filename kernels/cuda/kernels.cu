@@ -103,7 +103,13 @@ void launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, c
   config.attrs = attr;
   config.numAttrs = !off && device_attribute(cudaDevAttrComputeCapabilityMajor) >= 9 ? 1 : 0;
   const cudaError_t rc = cudaLaunchKernelEx(&config, kernel, args...);
-  if (rc != cudaSuccess) throw std::runtime_error(std::string("kernel launch failed: ") + cudaGetErrorString(rc));
+  if (rc != cudaSuccess) {
+    cudaGetLastError();  // a failed launch leaves no error for the next check_launch()
+    throw std::runtime_error(std::string("kernel launch failed (grid ") + std::to_string(grid.x) + "x" +
+                             std::to_string(grid.y) + "x" + std::to_string(grid.z) + ", block " +
+                             std::to_string(block.x) + ", " + std::to_string(smem) +
+                             " bytes of shared memory): " + cudaGetErrorString(rc));
+  }
 }
 
 // The small kernels' launch (pdl_enter): launch_pdl unless DILU_PDL is 0 or `gemv`.
@@ -1295,6 +1301,145 @@ void grouped_gemv(const GroupedGemm& g, void* stream) {
   const dim3 grid(static_cast<unsigned>((g.n + cols_per_block - 1) / cols_per_block), static_cast<unsigned>(grid_groups(g)));
   grouped_gemv_kernel<<<grid, kGvWarps * 32, 0, as_stream(stream)>>>(g);
   check_launch("grouped_gemv");
+}
+
+// ---------------------------------------------------------------- BF16 GEMV (lm_head at decode)
+
+// A warp takes one weight row at a time (rows strided over the grid's warps), its lanes reading
+// 16 contiguous bytes each, kBgLoads such loads in flight before any is used; x sits in shared
+// memory as BF16. Three or four 8-warp blocks an SM keep about 86 KB of weights in flight an SM.
+constexpr int kBgWarps = 8;
+constexpr int kBgLoads = 7;  // R1's K = 7168 is 896 pieces of 16 bytes: 4 rounds of 7 a lane
+
+__device__ __forceinline__ uint4 load_stream16(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+__device__ __forceinline__ float bf16_lo(uint32_t v) { return __uint_as_float(v << 16); }
+__device__ __forceinline__ float bf16_hi(uint32_t v) { return __uint_as_float(v & 0xffff0000u); }
+__device__ __forceinline__ float dot8_bf16(const uint4& a, const uint4& b, float acc) {
+  acc = fmaf(bf16_lo(a.x), bf16_lo(b.x), acc);
+  acc = fmaf(bf16_hi(a.x), bf16_hi(b.x), acc);
+  acc = fmaf(bf16_lo(a.y), bf16_lo(b.y), acc);
+  acc = fmaf(bf16_hi(a.y), bf16_hi(b.y), acc);
+  acc = fmaf(bf16_lo(a.z), bf16_lo(b.z), acc);
+  acc = fmaf(bf16_hi(a.z), bf16_hi(b.z), acc);
+  acc = fmaf(bf16_lo(a.w), bf16_lo(b.w), acc);
+  return fmaf(bf16_hi(a.w), bf16_hi(b.w), acc);
+}
+__device__ __forceinline__ uint32_t bf16_pair(float lo, float hi) {
+  return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(lo))) |
+         static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(hi))) << 16;
+}
+
+template <int NT>
+__global__ void __launch_bounds__(kBgWarps * 32)
+    bf16_gemv_kernel(const float* __restrict__ x, int64_t ldx, int rows, const uint4* __restrict__ w, int64_t n,
+                     int64_t k, float* __restrict__ out, int64_t ldo) {
+  extern __shared__ uint4 xs[];  // NT rows of k / 8 pieces (8 BF16 each)
+  const int64_t pieces = k / 8;
+  const int lane = static_cast<int>(threadIdx.x & 31), warp = static_cast<int>(threadIdx.x >> 5);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kBgWarps;
+  int64_t row = static_cast<int64_t>(blockIdx.x) * kBgWarps + warp;
+  uint4 v[kBgLoads];
+  const auto issue = [&](int64_t r, int64_t p0) {
+    const uint4* wr = w + r * pieces;
+#pragma unroll
+    for (int u = 0; u < kBgLoads; ++u) {
+      const int64_t p = p0 + u * 32 + lane;
+      v[u] = p < pieces ? load_stream16(wr + p) : make_uint4(0u, 0u, 0u, 0u);
+    }
+  };
+  // The first row's weights (no kernel of a step writes them) are requested before the wait for
+  // the kernel that wrote x.
+  if (row < n) issue(row, 0);
+  pdl_enter();
+  for (int64_t i = threadIdx.x; i < NT * pieces; i += blockDim.x) {
+    const int64_t t = i / pieces, p = i % pieces;
+    uint4 q = make_uint4(0u, 0u, 0u, 0u);
+    if (t < rows) {
+      const float* src = x + t * ldx + p * 8;
+      q = make_uint4(bf16_pair(src[0], src[1]), bf16_pair(src[2], src[3]), bf16_pair(src[4], src[5]),
+                     bf16_pair(src[6], src[7]));
+    }
+    xs[i] = q;
+  }
+  __syncthreads();
+  while (row < n) {
+    float acc[NT];
+#pragma unroll
+    for (int t = 0; t < NT; ++t) acc[t] = 0.0f;
+    for (int64_t p0 = 0; p0 < pieces; p0 += 32 * kBgLoads) {
+      if (p0 > 0) issue(row, p0);
+#pragma unroll
+      for (int u = 0; u < kBgLoads; ++u) {
+        const int64_t p = p0 + u * 32 + lane;
+        if (p < pieces) {
+#pragma unroll
+          for (int t = 0; t < NT; ++t) acc[t] = dot8_bf16(v[u], xs[t * pieces + p], acc[t]);
+        }
+      }
+    }
+    const int64_t next = row + stride;
+    if (next < n) issue(next, 0);  // in flight while this row's sums are reduced
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+      const float sum = warp_sum(acc[t]);
+      if (lane == 0 && t < rows) out[t * ldo + row] = sum;
+    }
+    row = next;
+  }
+}
+
+// One instantiation's launch: its shared-memory opt-in and its resident blocks an SM (per device
+// and size: an occupancy query per call would cost host time on every eager step).
+template <int NT>
+void launch_bf16_gemv(const float* x, int64_t ldx, int64_t rows, const uint16_t* w, int64_t n, int64_t k, float* out,
+                      int64_t ldo, cudaStream_t s) {
+  const size_t smem = static_cast<size_t>(NT * k) * sizeof(uint16_t);
+  static size_t allowed[kMaxDevices] = {};
+  allow_dynamic_smem(bf16_gemv_kernel<NT>, smem, allowed, "bf16_gemv");
+  static std::mutex mu;
+  static std::map<std::pair<int, size_t>, int> per_sm;
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) throw std::runtime_error("bf16_gemv: no current device");
+  int resident = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = per_sm.find({dev, smem});
+    if (it == per_sm.end()) {
+      if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, bf16_gemv_kernel<NT>, kBgWarps * 32, smem) !=
+          cudaSuccess) {
+        cudaGetLastError();
+        resident = 1;
+      }
+      it = per_sm.emplace(std::make_pair(dev, smem), resident < 1 ? 1 : resident).first;
+    }
+    resident = it->second;
+  }
+  const int64_t wanted = (n + kBgWarps - 1) / kBgWarps;
+  const int64_t fill = static_cast<int64_t>(device_attribute(cudaDevAttrMultiProcessorCount)) * resident;
+  const unsigned blocks = static_cast<unsigned>(wanted < fill ? wanted : fill);
+  launch_pdl(bf16_gemv_kernel<NT>, dim3(blocks), dim3(kBgWarps * 32), smem, s, x, ldx, static_cast<int>(rows),
+             reinterpret_cast<const uint4*>(w), n, k, out, ldo);
+}
+
+bool bf16_gemv(const float* x, int64_t ldx, int64_t rows, const uint16_t* w, int64_t n, int64_t k, float* out,
+               int64_t ldo, void* stream) {
+  if (rows < 1 || rows > kBf16GemvMaxRows || n < 1 || k < 8 || k % 8 != 0 || ldx < k ||
+      reinterpret_cast<uintptr_t>(w) % 16 != 0)
+    return false;
+  const int nt = rows == 1 ? 1 : rows == 2 ? 2 : 4;
+  if (static_cast<size_t>(nt * k) * sizeof(uint16_t) > 96 * 1024) return false;
+  const cudaStream_t s = as_stream(stream);
+  if (nt == 1) launch_bf16_gemv<1>(x, ldx, rows, w, n, k, out, ldo, s);
+  else if (nt == 2) launch_bf16_gemv<2>(x, ldx, rows, w, n, k, out, ldo, s);
+  else launch_bf16_gemv<4>(x, ldx, rows, w, n, k, out, ldo, s);
+  check_launch("bf16_gemv");
+  return true;
 }
 
 // ---------------------------------------------------------------- grouped GEMM on tensor cores

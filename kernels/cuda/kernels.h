@@ -106,6 +106,15 @@ void grouped_gemm(const GroupedGemm& g, void* stream);
 // blocks of whole quads): grouped_gemv_fits().
 bool grouped_gemv_fits(const GroupedGemm& g);
 void grouped_gemv(const GroupedGemm& g, void* stream);
+
+// out[t, n] = sum_k bf16(x[t, k]) * w[n, k] for up to kBf16GemvMaxRows rows of x (F32, row stride
+// ldx) against a BF16 weight [n, k] (row-major, 16-byte aligned), F32 sums: the BF16 linear's
+// arithmetic (x rounded to BF16, as for cuBLASLt) in a kernel that streams the weight once at
+// close to copy bandwidth (R1's 1.85 GB lm_head at decode). False, launching nothing, for shapes
+// it does not take (k not a multiple of 8, too many rows, x too large for shared memory).
+constexpr int64_t kBf16GemvMaxRows = 4;
+bool bf16_gemv(const float* x, int64_t ldx, int64_t rows, const uint16_t* w, int64_t n, int64_t k, float* out,
+               int64_t ldo, void* stream);
 // The same product on tensor cores (mma.sync BF16, sm_80+): for BF16 math (round_bf16) with FP8
 // or BF16 weights, K % 64 == 0, FP8 scale blocks of whole 64-wide chunks and 16-row tiles, x and
 // its rows 16-byte aligned: grouped_mma_fits(). Any number of rows per group; each weight is read

@@ -633,6 +633,10 @@ INSTANTIATE_TEST_SUITE_P(
         LinearCase{DType::BF16, 0, 64, 129, 0, 0}, LinearCase{DType::BF16, 4, 1536, 7168, 0, 0},
         LinearCase{DType::BF16, 2, 2000, 7168, 0, 0}, LinearCase{DType::BF16, 64, 256, 512, 0, 0},
         LinearCase{DType::BF16, 40, 200, 512, 0, 0}, LinearCase{DType::F8E4M3, 70, 1000, 256, 128, 128},
+        // BF16 at up to 4 rows with K a multiple of 8 (cuda::bf16_gemv): one row, a partial last
+        // round of loads (K = 1032), three rows in the 4-row form, one 16-byte piece a row.
+        LinearCase{DType::BF16, 1, 4001, 7168, 0, 0}, LinearCase{DType::BF16, 3, 37, 1032, 0, 0},
+        LinearCase{DType::BF16, 2, 5, 8, 0, 0},
         // F32 (tensor-parallel slices dequantized on the host).
         LinearCase{DType::F32, 5, 23, 37, 0, 0}, LinearCase{DType::F32, 2, 300, 576, 0, 0},
         LinearCase{DType::F32, 0, 23, 37, 0, 0}, LinearCase{DType::F32, 1, 1, 1, 0, 0}),
