@@ -43,6 +43,7 @@
 #include "engine/model_config.h"
 #include "kernels/dtype.h"
 #include "kernels/ops.h"
+#include "tests/gpu/cuda_device.h"
 #include "tests/gpu/linear_bench_shapes.h"
 #include "tests/gpu/mla_bench_shapes.h"
 
@@ -221,17 +222,7 @@ class EmulatedCudaOps final : public Ops {
 };
 
 // Why the GPU tests cannot run here ("" when a device is visible).
-std::string no_cuda_device() {
-  if (standin()) return "";
-  int n = 0;
-  const cudaError_t rc = cudaGetDeviceCount(&n);
-  if (rc != cudaSuccess) {
-    cudaGetLastError();
-    return std::string("cudaGetDeviceCount: ") + cudaGetErrorString(rc);
-  }
-  if (n == 0) return "cudaGetDeviceCount found 0 devices";
-  return "";
-}
+std::string no_cuda_device() { return standin() ? std::string() : missing_cuda_device(); }
 
 struct Gpu {
   std::string mode;  // BackendOptions::fp8_gemm

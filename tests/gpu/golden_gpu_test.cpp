@@ -45,6 +45,7 @@
 #include "engine/request.h"
 #include "engine/safetensors.h"
 #include "kernels/ops.h"
+#include "tests/gpu/cuda_device.h"
 
 namespace dilu {
 namespace {
@@ -302,23 +303,12 @@ struct GoldenPath {
   bool set_aside_worst_percent = false;  // bound the p99 statistic (see p99()) instead of the max
 };
 
-std::string no_cuda_device() {
-  int n = 0;
-  const cudaError_t rc = cudaGetDeviceCount(&n);
-  if (rc != cudaSuccess) {
-    cudaGetLastError();
-    return std::string("cudaGetDeviceCount: ") + cudaGetErrorString(rc);
-  }
-  if (n == 0) return "cudaGetDeviceCount found 0 devices";
-  return "";
-}
-
 class GoldenTeacherForced : public ::testing::TestWithParam<GoldenPath> {};
 
 TEST_P(GoldenTeacherForced, AgreesWithTransformers) {
   const GoldenPath path = GetParam();
   if (path.backend == "cuda") {
-    const std::string why = no_cuda_device();
+    const std::string why = missing_cuda_device();
     if (!why.empty()) GTEST_SKIP() << "no CUDA device: " << why;
   }
   BackendOptions options;
@@ -385,7 +375,7 @@ INSTANTIATE_TEST_SUITE_P(
 // and transformers, which the path must follow as closely as that rounding itself allows (the CPU
 // emulation's agreement, less one point).
 TEST(GoldenFp8Block, MatchesTheCpuWithTheSameRoundingAndTransformersAsCloselyAsIt) {
-  const std::string why = no_cuda_device();
+  const std::string why = missing_cuda_device();
   if (!why.empty()) GTEST_SKIP() << "no CUDA device: " << why;
   BackendOptions options;
   options.fp8_gemm = "block";

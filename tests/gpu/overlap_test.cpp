@@ -18,19 +18,10 @@
 #include "engine/make_model.h"
 #include "engine/safetensors.h"
 #include "kernels/ops.h"
+#include "tests/gpu/cuda_device.h"
 
 namespace dilu {
 namespace {
-
-std::string missing_device() {
-  int count = 0;
-  const cudaError_t rc = cudaGetDeviceCount(&count);
-  if (rc != cudaSuccess) {
-    cudaGetLastError();
-    return cudaGetErrorString(rc);
-  }
-  return count > 0 ? std::string() : std::string("cudaGetDeviceCount found 0 devices");
-}
 
 // Token ids per (request, sample) from one engine over its own backend.
 std::map<std::pair<int64_t, int64_t>, std::vector<int32_t>> run_engine(StepOverlap overlap, bool graphs,
@@ -87,7 +78,7 @@ std::map<std::pair<int64_t, int64_t>, std::vector<int32_t>> run_engine(StepOverl
 }
 
 void compare(bool graphs) {
-  const std::string why = missing_device();
+  const std::string why = missing_cuda_device();
   if (!why.empty()) GTEST_SKIP() << "no CUDA device: " << why;
   int64_t steps_off = 0, steps_on = 0;
   const auto off = run_engine(StepOverlap::off, graphs, &steps_off);

@@ -17,6 +17,7 @@
 
 #include "engine/sampler.h"
 #include "kernels/cuda/sampling.h"
+#include "tests/gpu/cuda_device.h"
 
 namespace dilu {
 namespace {
@@ -41,20 +42,9 @@ constexpr double kUniformNudge = 1e-9;
 // step (a flip nudging u cannot see) is rarer still: ~1e-12 / (mass of the crossing token).
 constexpr double kMinSameFraction = 0.995;
 
-// Why no device is visible; empty when one is.
-std::string missing_device() {
-  int count = 0;
-  const cudaError_t rc = cudaGetDeviceCount(&count);
-  if (rc != cudaSuccess) {
-    cudaGetLastError();  // clear the sticky error
-    return cudaGetErrorString(rc);
-  }
-  return count > 0 ? std::string() : std::string("cudaGetDeviceCount found 0 devices");
-}
-
 #define DILU_SKIP_WITHOUT_DEVICE()                                              \
   do {                                                                          \
-    const std::string dilu_why = missing_device();                              \
+    const std::string dilu_why = missing_cuda_device();                              \
     if (!dilu_why.empty()) GTEST_SKIP() << "no CUDA device: " << dilu_why;      \
   } while (0)
 

@@ -17,19 +17,10 @@
 #include "engine/make_model.h"
 #include "engine/safetensors.h"
 #include "kernels/ops.h"
+#include "tests/gpu/cuda_device.h"
 
 namespace dilu {
 namespace {
-
-std::string missing_device() {
-  int count = 0;
-  const cudaError_t rc = cudaGetDeviceCount(&count);
-  if (rc != cudaSuccess) {
-    cudaGetLastError();
-    return cudaGetErrorString(rc);
-  }
-  return count > 0 ? std::string() : std::string("cudaGetDeviceCount found 0 devices");
-}
 
 // One model on its own backend instance, with or without graphs.
 struct Side {
@@ -85,7 +76,7 @@ std::vector<float> host_logits(Side& s, const StepInput& in) {
 }
 
 void run_decode(const std::string& kernels) {
-  const std::string why = missing_device();
+  const std::string why = missing_cuda_device();
   if (!why.empty()) GTEST_SKIP() << "no CUDA device: " << why;
   const ModelConfig mc = preset_config("tiny");
   constexpr int64_t kBs = 4, kSeqs = 5, kBlocksPerSeq = 40;
