@@ -99,27 +99,34 @@ struct Draw {
   int64_t position = 0;
 };
 
+// The backend sampler's form of draws (Ops::sample, Ops::begin_sample).
+std::vector<SampleSpec> sample_specs(const std::vector<Draw>& draws) {
+  std::vector<SampleSpec> specs(draws.size());
+  for (size_t i = 0; i < draws.size(); ++i) {
+    const Draw& d = draws[i];
+    specs[i] = SampleSpec{static_cast<int32_t>(d.row), d.params.temperature, d.params.top_p, d.params.top_k,
+                          d.params.min_p, sample_uniform(d.seed, d.sample, d.position), d.params.logprobs,
+                          d.params.top_logprobs};
+  }
+  return specs;
+}
+
+std::vector<SampleResult> results_of(const std::vector<SampleOut>& out) {
+  std::vector<SampleResult> results(out.size());
+  for (size_t i = 0; i < out.size(); ++i) {
+    results[i].token = out[i].token;
+    results[i].logprob = out[i].logprob;
+    results[i].top = out[i].top;
+  }
+  return results;
+}
+
 // Draws the tokens where the logits are: on the device when the backend samples (only the
 // tokens and logprobs come back), else on the host from the copied logits. Same semantics.
 std::vector<SampleResult> draw_tokens(Ops& ops, const Tensor& logits_dev, const std::vector<Draw>& draws) {
   std::vector<SampleResult> results(draws.size());
   if (draws.empty()) return results;
-  if (ops.has_device_sampler()) {
-    std::vector<SampleSpec> specs(draws.size());
-    for (size_t i = 0; i < draws.size(); ++i) {
-      const Draw& d = draws[i];
-      specs[i] = SampleSpec{static_cast<int32_t>(d.row), d.params.temperature, d.params.top_p, d.params.top_k,
-                            d.params.min_p, sample_uniform(d.seed, d.sample, d.position), d.params.logprobs,
-                            d.params.top_logprobs};
-    }
-    const std::vector<SampleOut> out = ops.sample(logits_dev, specs);
-    for (size_t i = 0; i < draws.size(); ++i) {
-      results[i].token = out[i].token;
-      results[i].logprob = out[i].logprob;
-      results[i].top = out[i].top;
-    }
-    return results;
-  }
+  if (ops.has_device_sampler()) return results_of(ops.sample(logits_dev, sample_specs(draws)));
   const int64_t vocab = logits_dev.dim(1);
   std::vector<float> logits(static_cast<size_t>(logits_dev.numel()));
   ops.copy_to_host(logits_dev, logits.data());
@@ -537,14 +544,7 @@ std::unique_ptr<Engine::Launched> Engine::launch(Launched* prev) {
   ops_.set_token_feed(feed);
   Tensor logits_dev = model_.forward(in, cache_);
   if (ops_.has_token_feed() && overlapping() && !draws.empty()) {
-    std::vector<SampleSpec> specs(draws.size());
-    for (size_t i = 0; i < draws.size(); ++i) {
-      const Draw& d = l->specs[i];
-      specs[i] = SampleSpec{static_cast<int32_t>(d.row), d.params.temperature, d.params.top_p, d.params.top_k,
-                            d.params.min_p, sample_uniform(d.seed, d.sample, d.position), d.params.logprobs,
-                            d.params.top_logprobs};
-    }
-    ops_.begin_sample(logits_dev, specs);
+    ops_.begin_sample(logits_dev, sample_specs(l->specs));
     l->sampling = true;
   } else {
     l->logits = logits_dev;
@@ -555,14 +555,9 @@ std::unique_ptr<Engine::Launched> Engine::launch(Launched* prev) {
 void Engine::collect(Launched& l) {
   if (l.have_results) return;
   if (l.sampling) {
-    const std::vector<SampleOut> out = ops_.finish_sample();
-    DILU_CHECK(out.size() == l.draws.size(), "a begun sample returned ", out.size(), " draws for ", l.draws.size());
-    l.results.resize(out.size());
-    for (size_t i = 0; i < out.size(); ++i) {
-      l.results[i].token = out[i].token;
-      l.results[i].logprob = out[i].logprob;
-      l.results[i].top = out[i].top;
-    }
+    l.results = results_of(ops_.finish_sample());
+    DILU_CHECK(l.results.size() == l.draws.size(), "a begun sample returned ", l.results.size(), " draws for ",
+               l.draws.size());
   } else {
     l.results = draw_tokens(ops_, l.logits, l.specs);
   }
